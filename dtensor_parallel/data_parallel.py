@@ -1,0 +1,60 @@
+"""Data parallelism through FSDP2 (``fully_shard``): FSDP, HSDP and DDP on one code path.
+
+=========  ==========================  =============================================
+degrees    mesh given to fully_shard   behaviour
+=========  ==========================  =============================================
+FSDP       (dp_shard_cp,)              params Shard(0): all-gather in forward and
+                                       backward, reduce-scatter of gradients (ZeRO-3)
+HSDP       (dp_replicate, dp_shard_cp) shard inside a group, all-reduce across groups
+DDP        (dp_replicate, 1)           the HSDP path with a shard group of one: the
+                                       gather is a no-op, gradients are all-reduced
+=========  ==========================  =============================================
+
+DDP goes through FSDP2 rather than ``DistributedDataParallel`` because FSDP2 is the one
+that composes with TP's DTensor parameters on the same mesh (DDP does not take DTensors).
+
+Gradients are *summed* over data-parallel ranks (``set_gradient_divide_factor(1.0)``):
+each rank's loss is already divided by the global token count, so the sum is the
+gradient of the global mean loss, exactly as on one device, however uneven the number of
+valid tokens per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from .mesh import ParallelDims, submesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | None:
+    if dims.dp_cp == 1:
+        return None
+    if dims.dp_replicate > 1:
+        return submesh(mesh, "dp_replicate", "dp_shard_cp")
+    return submesh(mesh, "dp_shard_cp")
+
+
+def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh,
+                        *, mixed_precision: str, reshard_after_forward: bool | None) -> None:
+    """Wrap each block, then the root (which takes the remaining parameters: embedding,
+    final norm, head), with ``fully_shard``."""
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
+        reduce_dtype=torch.float32)
+    shard_size = dp_mesh.size(-1) if dp_mesh.ndim == 2 else dp_mesh.size()
+    if reshard_after_forward is None:
+        reshard_after_forward = shard_size > 1  # nothing to free when the shard group is 1 rank
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again at the start of backward: keep them gathered.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            # a plain SUM collective (a factor of 1 would otherwise become NCCL's
+            # PREMUL_SUM, which gloo lacks)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)

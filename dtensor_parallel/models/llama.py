@@ -1,0 +1,253 @@
+"""Llama 3 reference model, the whole of it in one file.
+
+RMSNorm, rotary embeddings with the Llama 3.1 frequency scaling, grouped-query attention,
+SwiGLU feed-forward, untied output head. Flavours follow the published shapes
+(Llama 3 paper, Table 3; Meta's ``params.json``).
+
+Parallel-friendly by construction:
+
+- build on the meta device (``with torch.device("meta")``), parallelize, then call
+  :meth:`Llama.init_weights` so each rank initializes only its shards;
+- the local head count is read from the tensor shape (``view(b, s, -1, head_dim)``), never
+  from a global constant, so tensor parallelism needs no model change;
+- layers live in a ``ModuleDict`` keyed by layer index, so a pipeline stage can drop
+  layers and keep the original parameter names;
+- :meth:`Llama.parallel_defaults` gives the blocks and TP rules, so
+  ``parallelize(llama, mesh, ParallelPlan(sequence_parallel=True))`` needs no rules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    multiple_of: int = 1024
+    ffn_dim_multiplier: float | None = 1.3
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama 3.1 rope scaling (factor 8, low 1, high 4, original context 8192); None = off
+    rope_scaling_factor: float | None = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    max_seq_len: int = 8192
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size as in Meta's reference: 2/3 of 4*dim, scaled, rounded up."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def num_params(self) -> int:
+        d, hd, f = self.dim, self.head_dim, self.ffn_hidden_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        block = attn + 3 * d * f + 2 * d
+        return self.n_layers * block + 2 * self.vocab_size * d + d
+
+
+LLAMA3_FLAVOURS: dict[str, ModelArgs] = {
+    "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048,
+                       multiple_of=64, ffn_dim_multiplier=None, rope_theta=10000.0,
+                       rope_scaling_factor=None, max_seq_len=2048),
+    "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                    ffn_dim_multiplier=1.3, max_seq_len=131072),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                     ffn_dim_multiplier=1.3, max_seq_len=131072),
+    "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
+                      ffn_dim_multiplier=1.2, max_seq_len=131072),
+}
+
+
+def llama3_args(flavour: str, **overrides) -> ModelArgs:
+    if flavour not in LLAMA3_FLAVOURS:
+        raise ValueError(f"unknown Llama 3 flavour {flavour!r}; choose one of {list(LLAMA3_FLAVOURS)}")
+    return replace(LLAMA3_FLAVOURS[flavour], **overrides)
+
+
+def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """(max_seq_len, head_dim/2, 2) table of cos and sin, with Llama 3.1 frequency scaling.
+
+    Scaling (Llama 3.1): wavelengths shorter than original_len/high_freq_factor keep their
+    frequency, longer than original_len/low_freq_factor are divided by ``factor``, and the
+    band between is interpolated smoothly.
+    """
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float64) / hd))
+    if args.rope_scaling_factor is not None:
+        factor = args.rope_scaling_factor
+        low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
+        high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
+        wavelen = 2 * math.pi / freqs
+        smooth = (args.rope_original_max_len / wavelen - args.rope_low_freq_factor) / (
+            args.rope_high_freq_factor - args.rope_low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, freqs / factor, freqs)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        freqs = torch.where(mid, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
+    t = torch.arange(args.max_seq_len, device=device, dtype=torch.float64)
+    angles = torch.outer(t, freqs)  # (s, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (s, hd/2, 2)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as in Meta's reference. x: (b, s, h, d)."""
+    b, s, h, d = x.shape
+    xp = x.float().reshape(b, s, h, d // 2, 2)  # (b, s, h, d/2, 2)
+    cos = cache[:s, None, :, 0]  # (s, 1, d/2)
+    sin = cache[:s, None, :, 1]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (b, s, h, d/2, 2)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)  # (b, s, local heads, d)
+        k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, local kv heads, d)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        n_rep = q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, s, d)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Llama 3. ``forward(tokens (b, s)) -> logits (b, s, vocab)``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope", rope_cache(args), persistent=False)
+
+    @classmethod
+    def from_flavour(cls, flavour: str, **overrides) -> "Llama":
+        return cls(llama3_args(flavour, **overrides))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initialize every parameter in place; works on sharded (DTensor) parameters.
+
+        Depth-scaled init of the output projections (std 0.02 / sqrt(2 (layer+1))), as in
+        TorchTitan and GPT-2. Call with the same seed on every rank.
+        """
+        device = buffer_device or next((b.device for b in self.buffers()), None)
+        if device is None or torch.device(device).type == "meta":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.rope = rope_cache(self.args, device=device)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        for layer in self.layers.values():
+            std_out = 0.02 / math.sqrt(2 * (layer.layer_id + 1))
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1):
+                nn.init.normal_(lin.weight, std=0.02)
+            for lin in (layer.attention.wo, layer.feed_forward.w2, layer.feed_forward.w3):
+                nn.init.normal_(lin.weight, std=std_out)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=self.args.dim ** -0.5)
+
+    def parallel_defaults(self) -> dict:
+        """Blocks and TP rules for ParallelPlan fields the user leaves as None."""
+        return {
+            "blocks": "layers.*",
+            "rules": {
+                "tok_embeddings": "embedding",
+                "layers.*.attention_norm": "norm",
+                "layers.*.attention.wq": "colwise",
+                "layers.*.attention.wk": "colwise",
+                "layers.*.attention.wv": "colwise",
+                "layers.*.attention.wo": "rowwise",
+                "layers.*.ffn_norm": "norm",
+                "layers.*.feed_forward.w1": "colwise",
+                "layers.*.feed_forward.w3": "colwise",
+                "layers.*.feed_forward.w2": "rowwise",
+                "norm": "norm",
+                "output": "head",
+            },
+            "num_heads": self.args.n_heads,
+            "num_kv_heads": self.args.n_kv_heads,
+        }

@@ -1,0 +1,122 @@
+"""ParallelPlan: everything about a parallel layout that is not a degree.
+
+Degrees live on the mesh (:func:`dtensor_parallel.build_mesh`); the plan says how the
+model is cut (``blocks``, ``rules``) and which optional behaviours are on. A built-in model
+brings its own ``blocks`` and ``rules``; a user's transformer names them here::
+
+    ParallelPlan(
+        blocks="blocks.*",
+        rules={"blocks.*.attn.q": "colwise", "blocks.*.attn.o": "rowwise",
+               "blocks.*.ln*": "norm", "embed": "embedding", "lm_head": "head"},
+        sequence_parallel=True,
+    )
+
+Every field is checked in ``__post_init__``; errors name the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+KERNEL_BACKENDS = ("torch", "triton", "auto")
+KERNEL_FAMILIES = ("attention", "sp_reduce_scatter", "moe_dispatch")
+MIXED_PRECISION = ("fp32", "bf16")
+
+
+@dataclass
+class ParallelPlan:
+    """How to parallelize a model on a mesh (the mesh carries the degrees).
+
+    Args:
+        blocks: glob of the repeated blocks (``"layers.*"``): FSDP units, recompute units
+            and pipeline split points. ``None`` takes the model's own.
+        rules: module-name glob -> TP style (``"colwise"``, ``"rowwise"``, ``"embedding"``,
+            ``"head"``, ``"norm"`` or a style object). ``None`` takes the model's own.
+        sequence_parallel: shard activations between blocks on the sequence dim over tp
+            (Megatron's ``--sequence-parallel``). Needs tp > 1.
+        recompute: ``"none"``, ``"selective"`` (keep matmul/attention outputs, recompute the
+            cheap element-wise ops) or ``"full"`` (keep only each block's input).
+        recompute_method / recompute_num_layers: Megatron's ``--recompute-method`` and
+            ``--recompute-num-layers`` for ``recompute="full"``: ``"block"`` recomputes the
+            first N blocks only; ``"uniform"`` recomputes every block.
+        compile: ``torch.compile`` each block.
+        kernels: ``"torch"``, ``"triton"``, ``"auto"`` or ``{family: backend}``.
+        micro_batch_size / global_batch_size: sequences per forward per data-parallel rank,
+            and per optimizer step over all data-parallel ranks; their ratio over dp is the
+            number of accumulated micro-batches.
+        mixed_precision: ``"bf16"`` computes in bf16 with fp32 master weights and fp32
+            gradient reduction; ``"fp32"`` computes in fp32.
+        reshard_after_forward: FSDP frees gathered parameters after forward (ZeRO-3) when
+            True; keeps them to backward (ZeRO-2-like) when False. ``None``: FSDP default.
+        num_heads / num_kv_heads: for a user's model, so TP degrees are checked against
+            them (built-in models know their own).
+    """
+
+    blocks: str | None = None
+    rules: dict[str, Any] | None = None
+    sequence_parallel: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int | None = None
+    compile: bool = False
+    kernels: str | dict[str, str] = "torch"
+    micro_batch_size: int | None = None
+    global_batch_size: int | None = None
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    reshard_after_forward: bool | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={self.recompute!r}: choose one of {RECOMPUTE_MODES}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ValueError(
+                f"recompute_method={self.recompute_method!r}: choose one of {RECOMPUTE_METHODS}")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ValueError(f"recompute_num_layers={self.recompute_num_layers} must be >= 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
+        self.kernels = _normalize_kernels(self.kernels)
+        for name in ("micro_batch_size", "global_batch_size", "num_heads", "num_kv_heads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive int or None")
+        if (self.micro_batch_size and self.global_batch_size
+                and self.global_batch_size % self.micro_batch_size):
+            raise ValueError(
+                f"global_batch_size({self.global_batch_size}) is not a multiple of "
+                f"micro_batch_size({self.micro_batch_size})")
+        if self.rules is not None and not isinstance(self.rules, dict):
+            raise TypeError(f"rules must be a dict of module-name glob -> style, got {type(self.rules)}")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise TypeError(f"blocks must be a glob string such as 'layers.*', got {self.blocks!r}")
+
+    def kernel_backend(self, family: str) -> str:
+        """The backend chosen for one kernel family."""
+        if family not in KERNEL_FAMILIES:
+            raise KeyError(f"unknown kernel family {family!r}; families: {KERNEL_FAMILIES}")
+        return self.kernels[family]  # type: ignore[index]
+
+
+def _normalize_kernels(kernels: str | dict[str, str]) -> dict[str, str]:
+    if isinstance(kernels, str):
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {KERNEL_BACKENDS} or a dict per family")
+        return {f: kernels for f in KERNEL_FAMILIES}
+    if not isinstance(kernels, dict):
+        raise TypeError(f"kernels must be a str or a dict {{family: backend}}, got {kernels!r}")
+    unknown = set(kernels) - set(KERNEL_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}; families: {KERNEL_FAMILIES}")
+    out = {f: "torch" for f in KERNEL_FAMILIES}
+    for fam, backend in kernels.items():
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels[{fam!r}]={backend!r}: choose one of {KERNEL_BACKENDS}")
+        out[fam] = backend
+    return out

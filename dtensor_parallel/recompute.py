@@ -1,0 +1,63 @@
+"""Activation recompute (checkpointing) per block.
+
+- ``full``: keep only each block's input; the whole block reruns in backward.
+- ``selective``: keep the outputs of the expensive ops (matmuls, attention, and the
+  reduce-scatters of sequence parallelism, which would otherwise rerun communication) and
+  recompute the cheap element-wise ones (norms, rotary, SwiGLU's activation). This is the
+  op-level form of Megatron's selective recompute: with flash attention there is no
+  s x s score matrix to drop, so the memory worth saving is the element-wise activations.
+
+Megatron's ``--recompute-method block --recompute-num-layers N`` recomputes only the first N
+blocks; ``uniform`` recomputes every block (our unit is one block; Megatron's
+``uniform`` with N > 1 groups N blocks per checkpoint, which trades a little more
+recompute for fewer saved inputs).
+
+The block's ``forward`` is wrapped in place rather than the block being replaced by a
+wrapper module, so parameter names stay those of the user's model and FSDP's hooks (on
+the block's ``__call__``) still run around the checkpointed region.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+_SAVE_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.linear.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._grouped_mm.default if hasattr(_aten, "_grouped_mm") else _aten.mm.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed_forward(forward, selective: bool, *args, **kwargs):
+    context_fn = (partial(create_selective_checkpoint_contexts, _selective_policy)
+                  if selective else None)
+    if context_fn is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def apply_recompute(blocks: list[nn.Module], mode: str, method: str = "uniform",
+                    num_layers: int | None = None) -> None:
+    if mode == "none":
+        return
+    chosen = blocks
+    if mode == "full" and method == "block" and num_layers is not None:
+        chosen = blocks[:num_layers]
+    for block in chosen:
+        block.forward = partial(_checkpointed_forward, block.forward, mode == "selective")

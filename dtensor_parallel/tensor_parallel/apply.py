@@ -1,0 +1,84 @@
+"""Match module-name globs to modules, check degrees, and apply TP/SP styles.
+
+Globs match dot-separated names segment by segment (``layers.*.attention.wq`` matches
+``layers.3.attention.wq`` but not ``layers.3.attention.wq.lora``), so a ``*`` never
+crosses a dot. Every check here is local: it runs before any collective, so a bad plan is
+the same ``ValueError`` on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+from .styles import TPStyle, resolve_style, style_from_rule
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(fnmatchcase(a, b) for a, b in zip(n, p))
+
+
+def match_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and glob_match(pattern, n)]
+
+
+def _near_names(model: nn.Module, pattern: str, k: int = 6) -> str:
+    depth = len(pattern.split("."))
+    names = [n for n, _ in model.named_modules() if n and len(n.split(".")) == depth]
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
+
+
+def resolve_rules(model: nn.Module, rules: dict[str, object]) -> dict[str, TPStyle | ParallelStyle]:
+    """{module name: style} for every module the rules match. Raises on a rule that matches
+    nothing or on a module matched by two rules."""
+    out: dict[str, TPStyle | ParallelStyle] = {}
+    owner: dict[str, str] = {}
+    for pattern, rule in rules.items():
+        style = style_from_rule(rule)
+        matched = match_modules(model, pattern)
+        if not matched:
+            raise ValueError(
+                f"TP rule {pattern!r} matches no module of {type(model).__name__}; module names at "
+                f"that depth are: {_near_names(model, pattern) or '(none)'}. Fix the glob or drop the rule")
+        for name, module in matched:
+            if name in out:
+                raise ValueError(f"module {name!r} is matched by two TP rules, {owner[name]!r} and "
+                                 f"{pattern!r}: make the globs disjoint")
+            if isinstance(style, TPStyle) and not isinstance(module, style.module_types):
+                raise ValueError(
+                    f"TP rule {pattern!r} gives style {type(style).__name__} to {name!r}, a "
+                    f"{type(module).__name__}; it needs a {' or '.join(t.__name__ for t in style.module_types)}")
+            out[name], owner[name] = style, pattern
+    return out
+
+
+def check_tp_divisibility(model: nn.Module, styles: dict[str, TPStyle | ParallelStyle], tp: int,
+                          num_heads: int | None, num_kv_heads: int | None) -> None:
+    """Every sharded size must divide by tp: heads, kv heads, hidden sizes, vocab."""
+    if tp == 1:
+        return
+    for what, n in (("attention heads", num_heads), ("kv heads", num_kv_heads)):
+        if n is not None and n % tp:
+            raise ValueError(f"tp={tp} does not divide the {n} {what}: choose a tp that divides {n}")
+    modules = dict(model.named_modules())
+    for name, style in styles.items():
+        feature = getattr(style, "sharded_feature", None)
+        if feature is None:
+            continue
+        size = getattr(modules[name], feature)
+        if size % tp:
+            kind = "vocab" if feature == "num_embeddings" or type(style).__name__ == "VocabHead" else "hidden"
+            raise ValueError(
+                f"tp={tp} does not divide {name}.{feature}={size} (the {kind} size): choose a tp that "
+                f"divides {size}{' or pad the vocabulary to a multiple of tp' if kind == 'vocab' else ''}")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
+                          styles: dict[str, TPStyle | ParallelStyle], sequence_parallel: bool) -> None:
+    """Distribute each matched module over ``tp_mesh`` with its resolved style."""
+    plan = {name: resolve_style(style, sequence_parallel) for name, style in styles.items()}
+    parallelize_module(model, tp_mesh, plan)

@@ -1,0 +1,197 @@
+"""Tensor- and sequence-parallel styles: small classes with keyword-only layouts.
+
+Each style resolves, for a given ``sequence_parallel`` setting, to a
+``torch.distributed.tensor.parallel.ParallelStyle`` that distributes one module's
+parameters over the tp mesh and converts its inputs and outputs. Placements (Megatron-LM
+paper, Shoeybi et al. 2019; SP: Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models"):
+
+========== ==================== ========================== ==================================
+style      weight               input -> output            communication (forward / backward)
+========== ==================== ========================== ==================================
+colwise    Shard(0) (out dim)   Replicate -> Shard(-1)     none / all-reduce of the input grad
+rowwise    Shard(1) (in dim)    Shard(-1) -> Replicate     all-reduce / none
+           (SP)                 Shard(-1) -> Shard(1)      reduce-scatter / all-gather
+embedding  Shard(0) (vocab)     Replicate -> Replicate     all-reduce / none
+           (SP)                 Replicate -> Shard(1)      reduce-scatter / all-gather
+head       Shard(0) (vocab)     Replicate -> Shard(-1)     logits stay vocab-sharded for the
+                                                           loss-parallel cross entropy
+norm       Replicate            Shard(1) -> Replicate      all-gather / reduce-scatter (SP)
+           (no SP)              Replicate -> Replicate     none; the output is a DTensor so the
+                                                           q/k/v (or w1/w3) input grads are
+                                                           summed before one all-reduce
+========== ==================== ========================== ==================================
+
+The norm gathers its output (instead of each following column-parallel layer gathering
+its own input) so a block does one all-gather per norm however many projections read it,
+as Megatron does with its fused QKV projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor.placement_types import Placement
+
+SEQ_DIM = 1
+
+
+class TPStyle:
+    """Base of our styles: ``resolve(sequence_parallel)`` gives the torch ParallelStyle."""
+
+    #: which module attribute must divide by tp (checked before any collective)
+    sharded_feature: str | None = None
+    module_types: tuple[type, ...] = (nn.Linear,)
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        raise NotImplementedError
+
+
+def _seq_or_replicate(sequence_parallel: bool) -> Placement:
+    return Shard(SEQ_DIM) if sequence_parallel else Replicate()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Colwise(TPStyle):
+    """Column-parallel linear. ``input_layout=None``: Shard(1) under SP (a local input is
+    then sequence-sharded and gathered here), Replicate otherwise."""
+
+    input_layout: Placement | None = None
+    output_layout: Placement = Shard(-1)
+    use_local_output: bool = True
+    sharded_feature = "out_features"
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return ColwiseParallel(
+            input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
+            output_layouts=self.output_layout, use_local_output=self.use_local_output)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rowwise(TPStyle):
+    """Row-parallel linear. ``output_layout=None``: Shard(1) under SP (reduce-scatter),
+    Replicate otherwise (all-reduce)."""
+
+    input_layout: Placement = Shard(-1)
+    output_layout: Placement | None = None
+    use_local_output: bool = True
+    sharded_feature = "in_features"
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return RowwiseParallel(
+            input_layouts=self.input_layout,
+            output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
+            use_local_output=self.use_local_output)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabEmbedding(TPStyle):
+    """Vocab-parallel embedding: rows (tokens) sharded; out-of-shard tokens give zeros and
+    the partial sums are reduced (scattered on the sequence under SP)."""
+
+    output_layout: Placement | None = None
+    sharded_feature = "num_embeddings"
+    module_types = (nn.Embedding,)
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return RowwiseParallel(
+            input_layouts=Replicate(),
+            output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
+            use_local_output=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabHead(TPStyle):
+    """Vocab-parallel output head: logits stay ``Shard(-1)`` DTensors for the
+    loss-parallel cross entropy (no gather of the full vocabulary)."""
+
+    input_layout: Placement | None = None
+    sharded_feature = "out_features"
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return ColwiseParallel(
+            input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
+            output_layouts=Shard(-1), use_local_output=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Norm(TPStyle):
+    """A norm (or any parameter-replicated module) on the residual stream.
+
+    Under SP it runs on the sequence shard and all-gathers its output; with
+    ``gather_output=False`` the output stays sequence-sharded (a post-norm model whose norm
+    output is the residual stream).
+    """
+
+    gather_output: bool = True
+    sequence_dim: int = SEQ_DIM
+    module_types = (nn.Module,)
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return _NormParallel(sequence_parallel=sequence_parallel,
+                             sequence_dim=self.sequence_dim, gather_output=self.gather_output)
+
+
+class _NormParallel(ParallelStyle):
+    def __init__(self, *, sequence_parallel: bool, sequence_dim: int, gather_output: bool):
+        super().__init__()
+        self.input_layout = Shard(sequence_dim) if sequence_parallel else Replicate()
+        self.gather_output = gather_output
+
+    @staticmethod
+    def _replicate_params(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for p_name, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(p_name, nn.Parameter(distribute_tensor(p, mesh, [Replicate()])))
+
+    def _prepare_input(self, mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x, *rest = inputs
+        if isinstance(x, DTensor):
+            if x.placements != (self.input_layout,):
+                x = x.redistribute(placements=[self.input_layout])
+        else:
+            x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
+        return (x, *rest)
+
+    def _prepare_output(self, mod: nn.Module, out: DTensor, mesh: DeviceMesh):
+        if self.gather_output:
+            return out.redistribute(placements=[Replicate()])  # stays a DTensor
+        return out.to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._replicate_params,
+                                 self._prepare_input, self._prepare_output)
+
+
+STYLE_NAMES: dict[str, type[TPStyle]] = {
+    "colwise": Colwise,
+    "rowwise": Rowwise,
+    "embedding": VocabEmbedding,
+    "head": VocabHead,
+    "norm": Norm,
+}
+
+
+def style_from_rule(rule: str | TPStyle | ParallelStyle) -> TPStyle | ParallelStyle:
+    """A rule value (a style name or a style object) as a style object."""
+    if isinstance(rule, str):
+        if rule not in STYLE_NAMES:
+            raise ValueError(f"unknown style {rule!r}: use one of {sorted(STYLE_NAMES)} or a style object")
+        return STYLE_NAMES[rule]()
+    if isinstance(rule, (TPStyle, ParallelStyle)):
+        return rule
+    raise TypeError(f"a rule maps to a style name or a style object, got {rule!r}")
+
+
+def resolve_style(style: TPStyle | ParallelStyle, sequence_parallel: bool) -> ParallelStyle:
+    return style.resolve(sequence_parallel) if isinstance(style, TPStyle) else style
+
+
+def is_tensor_parallel_head(style: TPStyle | ParallelStyle) -> bool:
+    return isinstance(style, VocabHead)
+
+
+__all__ = ["Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "TPStyle",
+           "STYLE_NAMES", "style_from_rule", "resolve_style"]

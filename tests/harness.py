@@ -1,0 +1,112 @@
+"""Run a function on N gloo ranks, reusing the worker processes across test cases.
+
+Starting a process group costs seconds (spawn + ``import torch`` per rank), so one pool of
+``world_size`` workers lives for the whole pytest session and runs case after case. The
+function runs on every rank; it must be defined at module level (it is pickled by name).
+Any rank's exception fails the call with that rank's traceback; a rank that does not
+answer within the timeout (a hang) fails it too, and the pool is torn down and rebuilt.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+_POOLS: dict[int, "_Pool"] = {}
+CASE_TIMEOUT_S = float(os.environ.get("DTP_TEST_TIMEOUT", "300"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args, kwargs = item
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - report every failure to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        port = _free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results),
+                                  daemon=True) for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable, args: tuple, kwargs: dict) -> list[Any]:
+        for q in self.tasks:
+            q.put((fn, args, kwargs))
+        out: dict[int, Any] = {}
+        failures: list[str] = []
+        while len(out) + len(failures) < self.world_size:
+            timeout = 10.0 if failures else CASE_TIMEOUT_S
+            try:
+                rank, ok, value = self.results.get(timeout=timeout)
+            except queue.Empty:
+                self.close(force=True)
+                missing = sorted(set(range(self.world_size)) - set(out))
+                if failures:
+                    raise AssertionError("rank failed (others then hung):\n" + failures[0]) from None
+                raise TimeoutError(f"ranks {missing} did not finish {fn.__name__} in {timeout}s (hang)")
+            if ok:
+                out[rank] = value
+            else:
+                failures.append(f"[rank {rank}]\n{value}")
+        if failures:
+            raise AssertionError("\n".join(failures[:2]))
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        _POOLS.pop(self.world_size, None)
+        for p, q in zip(self.procs, self.tasks):
+            if not force and p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
+
+
+def run_distributed(world_size: int, fn: Callable, *args, **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on every rank of a gloo group; return each rank's result."""
+    pool = _POOLS.get(world_size)
+    if pool is None or not all(p.is_alive() for p in pool.procs):
+        if pool is not None:
+            pool.close(force=True)
+        pool = _POOLS[world_size] = _Pool(world_size)
+    return pool.run(fn, args, kwargs)
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
