@@ -16,7 +16,7 @@ Every field is checked in ``__post_init__``; errors name the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -69,7 +69,6 @@ class ParallelPlan:
     reshard_after_forward: bool | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -96,6 +95,17 @@ class ParallelPlan:
             raise TypeError(f"rules must be a dict of module-name glob -> style, got {type(self.rules)}")
         if self.blocks is not None and not isinstance(self.blocks, str):
             raise TypeError(f"blocks must be a glob string such as 'layers.*', got {self.blocks!r}")
+
+    @classmethod
+    def from_megatron(cls, argv: list[str] | str, **plan_fields: Any) -> "ParallelPlan":
+        """A plan from a Megatron-Core launch line (``--sequence-parallel``,
+        ``--recompute-granularity``, ``--micro-batch-size`` ...). The degrees from the same
+        line: :func:`dtensor_parallel.megatron_args.plan_and_degrees_from_megatron`."""
+        from .megatron_args import plan_and_degrees_from_megatron
+
+        _, plan = plan_and_degrees_from_megatron(argv, blocks=plan_fields.pop("blocks", None),
+                                                 rules=plan_fields.pop("rules", None))
+        return replace(plan, **plan_fields) if plan_fields else plan
 
     def kernel_backend(self, family: str) -> str:
         """The backend chosen for one kernel family."""

@@ -54,6 +54,42 @@ def _seq_or_replicate(sequence_parallel: bool) -> Placement:
     return Shard(SEQ_DIM) if sequence_parallel else Replicate()
 
 
+class _ColwiseParallel(ColwiseParallel):
+    """torch's ColwiseParallel, but a DTensor input already in the desired layout is used
+    as is. torch compares the *annotated* input layout with the desired one and calls
+    ``redistribute`` even when the DTensor is already replicated; that no-op's backward
+    then all-reduces each projection's input gradient separately (q, k and v: three
+    all-reduces). Skipping it lets the three partial gradients add up first and leave
+    through the norm's single reduce-scatter (SP) or the one conversion back (no SP)."""
+
+    @staticmethod
+    def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, input_layouts, run_check=False)
+        if tuple(x.placements) != tuple(desired_input_layouts):
+            x = x.redistribute(placements=desired_input_layouts, async_op=True)
+        return x
+
+
+class _RowwiseParallel(RowwiseParallel):
+    """torch's RowwiseParallel with a synchronous output redistribution.
+
+    torch redistributes with ``async_op=True``, so the local output is an
+    ``AsyncCollectiveTensor``. When that output enters a ``torch.compile``-d block, the
+    gradient coming back out of the compiled graph reaches the redistribution as a plain
+    tensor and its backward fails (seen with torch 2.13, 2026-11-26). A synchronous
+    redistribution gives a plain tensor; on GPU the wait is a stream wait, not a host
+    block, and the very next op (the residual add) needs the result anyway.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if tuple(outputs.placements) != tuple(output_layouts):
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
+
+
 @dataclass(frozen=True, kw_only=True)
 class Colwise(TPStyle):
     """Column-parallel linear. ``input_layout=None``: Shard(1) under SP (a local input is
@@ -65,7 +101,7 @@ class Colwise(TPStyle):
     sharded_feature = "out_features"
 
     def resolve(self, sequence_parallel: bool) -> ParallelStyle:
-        return ColwiseParallel(
+        return _ColwiseParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=self.output_layout, use_local_output=self.use_local_output)
 
@@ -81,7 +117,7 @@ class Rowwise(TPStyle):
     sharded_feature = "in_features"
 
     def resolve(self, sequence_parallel: bool) -> ParallelStyle:
-        return RowwiseParallel(
+        return _RowwiseParallel(
             input_layouts=self.input_layout,
             output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
             use_local_output=self.use_local_output)
@@ -97,7 +133,7 @@ class VocabEmbedding(TPStyle):
     module_types = (nn.Embedding,)
 
     def resolve(self, sequence_parallel: bool) -> ParallelStyle:
-        return RowwiseParallel(
+        return _RowwiseParallel(
             input_layouts=Replicate(),
             output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
             use_local_output=True)
@@ -112,7 +148,7 @@ class VocabHead(TPStyle):
     sharded_feature = "out_features"
 
     def resolve(self, sequence_parallel: bool) -> ParallelStyle:
-        return ColwiseParallel(
+        return _ColwiseParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=Shard(-1), use_local_output=False)
 
