@@ -76,12 +76,22 @@ def assert_grads_match(pm, ref) -> None:
         assert err <= REL_TOL, f"grad of {name}: relative error {err:.2e} > {REL_TOL}"
 
 
+def assert_full_state_dict_matches(pm, ref, rel_tol: float = 0.0) -> None:
+    """pm.full_state_dict() has the model's own names and the full tensors."""
+    got, want = pm.full_state_dict(), ref.state_dict()
+    assert list(got) == list(want), f"names differ: {set(got) ^ set(want)}"
+    for name, t in want.items():
+        assert got[name].shape == t.shape, name
+        assert rel_err(got[name], t) <= rel_tol, f"{name}: {rel_err(got[name], t):.2e}"
+
+
 def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int = 4, seq: int = 16):
     """One forward+backward: global loss and every gradient equal the single-device ones."""
     ref = make_model(kind)
     model = copy.deepcopy(ref)
     mesh = build_mesh(**mesh_kwargs)
     pm = parallelize(model, mesh, plan_for(kind, **plan_kwargs))
+    assert_full_state_dict_matches(pm, ref)
     vocab = ref.wte.num_embeddings if kind == "toy" else ref.args.vocab_size
     x, y = make_batch(vocab, batch, seq)
     ref_loss = reference_step(ref, x, y)
@@ -114,4 +124,5 @@ def training_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, steps: int 
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} vs single-device {b}"
     assert ref_losses[-1] < ref_losses[0]
+    assert_full_state_dict_matches(pm, ref, rel_tol=1e-4)  # the trained weights, gathered
     return losses
