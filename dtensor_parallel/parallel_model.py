@@ -14,13 +14,14 @@ gradient, which a per-rank mean followed by an average would not.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from .mesh import ParallelDims, submesh
 from .plan import ParallelPlan
@@ -60,7 +61,18 @@ class ParallelModel:
 
     @property
     def device(self) -> torch.device:
+        if self.mesh.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device(self.mesh.device_type)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which slice of the global batch it loads."""
+        return self._dp_mesh.get_local_rank() if self._dp_mesh is not None else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
 
     def __call__(self, input_ids: torch.Tensor):
         """Forward. Under TP with a vocab-parallel head the logits are a ``Shard(-1)``
@@ -103,7 +115,7 @@ class ParallelModel:
             return batch
         if batch.shape[0] % self.dims.dp:
             raise ValueError(f"global batch {batch.shape[0]} is not divisible by dp={self.dims.dp}")
-        return batch.chunk(self.dims.dp)[self._dp_mesh.get_local_rank()]
+        return batch.chunk(self.dims.dp)[self.dp_rank]
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self._dp_mesh is not None:
@@ -124,34 +136,79 @@ class ParallelModel:
                 loss_sum = cross_entropy_sum(self.module(x), y)
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
+        self._reduce_partial_grads()
         return self._dp_sum(total) / n_tokens
+
+    @torch.no_grad()
+    def _reduce_partial_grads(self) -> None:
+        """Turn ``Partial`` gradients into ``Replicate`` ones, one collective per group.
+
+        Under SP the weights of the norms are replicated but see only their sequence
+        shard, so their gradients come out as per-rank partial sums (``Partial`` on tp).
+        FSDP reduces them itself; without FSDP they would stay partial, and every later
+        op on them (clipping, the optimizer) would all-reduce each one implicitly. Like
+        Megatron's all-reduce of the sequence-parallel layernorm gradients, they are
+        flattened into one buffer and all-reduced once, after the last micro-batch.
+        """
+        groups: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.module.parameters():
+            g = p.grad
+            if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+                groups.setdefault((g.device_mesh, tuple(g.placements)), []).append(p)
+        for (mesh, placements), params in groups.items():
+            locals_ = [p.grad.to_local() for p in params]
+            flat = torch.cat([t.reshape(-1) for t in locals_])
+            for dim, pl in enumerate(placements):
+                if pl.is_partial():
+                    dist.all_reduce(flat, group=mesh.get_group(dim))
+            reduced = [Replicate() if pl.is_partial() else pl for pl in placements]
+            for p, piece in zip(params, flat.split([t.numel() for t in locals_])):
+                p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()), mesh, reduced,
+                                            run_check=False)
 
     # ---- gradients, weights ------------------------------------------------------------
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip by the global L2 norm over all parameters, whatever their placements.
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients, whatever their placements, with one all-reduce.
 
-        Gradients are grouped by (mesh, placements) so each group's norm is one DTensor
-        reduction; the group norms are then combined locally.
+        Each rank adds the squares of its local gradient shards, divided by how many ranks
+        hold a copy of that shard (the product of the mesh sizes over which the gradient is
+        ``Replicate``; for a plain tensor, every rank of the model replica), then one
+        all-reduce sums over the world. Reducing DTensor norms instead costs one collective
+        per (mesh, placements) group and per mesh dim.
         """
-        groups: dict[object, list[torch.Tensor]] = {}
-        for p in self.module.parameters():
-            if p.grad is None:
-                continue
-            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
-            groups.setdefault(key, []).append(p.grad)
+        world = dist.get_world_size()
+        replica = world // self.dims.pp  # ranks that hold one pipeline stage's parameters
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for key, grads in groups.items():
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
-            sq += norm.float() ** 2
-        total = sq.sqrt()
-        coef = min(1.0, max_norm / (total.item() + 1e-6))  # one host sync per step
-        if coef < 1.0:
-            for grads in groups.values():
-                for g in grads:
-                    g.mul_(coef)
+        for p in self.module.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor):
+                copies = 1
+                for size, placement in zip(g.device_mesh.shape, g.placements):
+                    if placement.is_partial():
+                        raise RuntimeError(f"gradient with Partial placement {g.placements}: "
+                                           f"reduce it before taking the norm")
+                    copies *= size if placement.is_replicate() else 1
+                local = g.to_local()
+            else:
+                copies, local = replica, g
+            sq += local.float().pow(2).sum() / copies
+        if world > 1:
+            dist.all_reduce(sq)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the
+        norm before clipping."""
+        total = self.grad_norm()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in self.module.parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                g.mul_(coef)
         return total
 
     @torch.no_grad()
@@ -159,10 +216,13 @@ class ParallelModel:
         """Full (unsharded) tensors under the model's original names, on CPU. Every rank
         must call it (it gathers)."""
         out = {}
-        for name, t in self.module.state_dict().items():
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            out[name] = t.detach().cpu()
+        with warnings.catch_warnings():
+            # FSDP x TP parameters (_StridedShard, Shard) gather in two steps; torch warns
+            warnings.filterwarnings("ignore", message="While redistributing from")
+            for name, t in self.module.state_dict().items():
+                if isinstance(t, DTensor):
+                    t = t.full_tensor()
+                out[name] = t.detach().cpu()
         return out
 
     def init_weights(self, seed: int = 0) -> None:
@@ -172,5 +232,4 @@ class ParallelModel:
             raise TypeError(f"{type(self.module).__name__} has no init_weights(); initialize it yourself")
         if any(p.is_meta for p in self.module.parameters()):
             self.module.to_empty(device=self.device)
-        torch.manual_seed(seed)
-        self.module.init_weights(buffer_device=self.device)
+        self.module.init_weights(buffer_device=self.device, seed=seed)

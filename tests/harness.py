@@ -17,7 +17,7 @@ import socket
 import traceback
 from typing import Any, Callable
 
-_POOLS: dict[int, "_Pool"] = {}
+_POOLS: dict[tuple[int, str], "_Pool"] = {}
 CASE_TIMEOUT_S = float(os.environ.get("DTP_TEST_TIMEOUT", "300"))
 
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, backend: str, port: int, tasks, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import datetime
@@ -36,7 +36,11 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+    device_id = None
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device_id = torch.device("cuda", rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id,
                             timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
     while True:
         item = tasks.get()
@@ -51,13 +55,14 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 
 class _Pool:
-    def __init__(self, world_size: int):
-        ctx = mp.get_context("spawn")
+    def __init__(self, world_size: int, backend: str):
+        ctx = mp.get_context("spawn")  # fork is unsafe after CUDA or OpenMP started
         self.world_size = world_size
+        self.key = (world_size, backend)
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results),
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, backend, port, self.tasks[r], self.results),
                                   daemon=True) for r in range(world_size)]
         for p in self.procs:
             p.start()
@@ -86,7 +91,7 @@ class _Pool:
         return [out[r] for r in range(self.world_size)]
 
     def close(self, force: bool = False) -> None:
-        _POOLS.pop(self.world_size, None)
+        _POOLS.pop(self.key, None)
         for p, q in zip(self.procs, self.tasks):
             if not force and p.is_alive():
                 q.put(None)
@@ -96,13 +101,15 @@ class _Pool:
                 p.kill()
 
 
-def run_distributed(world_size: int, fn: Callable, *args, **kwargs) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on every rank of a gloo group; return each rank's result."""
-    pool = _POOLS.get(world_size)
+def run_distributed(world_size: int, fn: Callable, *args, backend: str = "gloo", **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on every rank of a process group (gloo on CPU; nccl
+    with one GPU per rank); return each rank's result."""
+    key = (world_size, backend)
+    pool = _POOLS.get(key)
     if pool is None or not all(p.is_alive() for p in pool.procs):
         if pool is not None:
             pool.close(force=True)
-        pool = _POOLS[world_size] = _Pool(world_size)
+        pool = _POOLS[key] = _Pool(world_size, backend)
     return pool.run(fn, args, kwargs)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -19,18 +20,27 @@ TINY_LLAMA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=1
 REL_TOL = 1e-5
 
 
+def case_device() -> torch.device:
+    """cuda:<local rank> under nccl (TF32 off, so fp32 is fp32), else cpu."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "llama":
         model = Llama(TINY_LLAMA)
-        model.init_weights()
+        model.init_weights(buffer_device="cpu")
         with torch.no_grad():  # non-trivial norm weights so their gradients are tested
             for n, p in model.named_parameters():
                 if n.endswith("norm.weight"):
                     p.uniform_(0.5, 1.5)
-        return model
+        return model.to(case_device())
     if kind == "toy":
-        return ToyGPT()
+        return ToyGPT().to(case_device())
     raise ValueError(kind)
 
 
@@ -45,7 +55,7 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 1, ignore_frac: flo
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()
     y[torch.rand(y.shape, generator=g) < ignore_frac] = -100  # uneven valid tokens per rank
-    return x, y
+    return x.to(case_device()), y.to(case_device())
 
 
 def reference_step(model, x, y) -> torch.Tensor:
@@ -64,10 +74,14 @@ def full_grads(module) -> dict[str, torch.Tensor]:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def assert_grads_match(pm, ref) -> None:
+    for name, p in pm.module.named_parameters():  # reduced, ready for the optimizer
+        if isinstance(p.grad, DTensor):
+            assert not any(pl.is_partial() for pl in p.grad.placements), f"{name}: {p.grad.placements}"
     got = full_grads(pm.module)
     want = {n: p.grad for n, p in ref.named_parameters()}
     assert set(got) == set(want), f"parameter names differ: {set(got) ^ set(want)}"
@@ -98,6 +112,8 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
     loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
     assert rel_err(loss, ref_loss) <= REL_TOL, f"loss {loss.item()} != reference {ref_loss.item()}"
     assert_grads_match(pm, ref)
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+    assert rel_err(pm.grad_norm(), ref_norm) <= REL_TOL, "global grad norm differs"
     return loss.item()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
@@ -14,26 +15,33 @@ from .harness import run_distributed
 from .parity import TINY_LLAMA, make_batch, make_model, plan_for, reference_step
 
 
-def _meta_init_case() -> tuple[float, float]:
+def _meta_init_case(mesh_kwargs: dict, plan_kwargs: dict) -> float:
     with torch.device("meta"):
         model = Llama(TINY_LLAMA)
-    pm = parallelize(model, build_mesh(tp=2, dp_shard=2), ParallelPlan(sequence_parallel=True))
-    pm.init_weights(seed=0)
-    sd = pm.full_state_dict()
+    pm = parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))
+    pm.init_weights(seed=7)
+    got = pm.full_state_dict()
     assert not any(p.is_meta for p in pm.parameters())
-    assert all(torch.isfinite(t).all() for t in sd.values())
-    assert torch.equal(sd["layers.0.attention_norm.weight"], torch.ones(TINY_LLAMA.dim))
-    assert abs(sd["layers.0.attention.wq.weight"].std().item() - 0.02) < 0.002
+    single = Llama(TINY_LLAMA)
+    single.init_weights(seed=7)
+    for name, want in single.state_dict().items():  # the same weights as on one device
+        assert torch.equal(got[name], want), name
+    wq = got["layers.0.attention.wq.weight"]
+    assert not torch.equal(wq[:8], wq[-8:]), "shards must not repeat one another"
+    assert abs(wq.std().item() - 0.02) < 0.002
     x, y = make_batch(TINY_LLAMA.vocab_size, 4, 16)
-    loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y)).item()
-    checksum = sum(t.double().sum().item() for t in sd.values())
-    return loss, checksum
+    return pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y)).item()
 
 
-def test_meta_build_parallelize_then_init() -> None:
-    results = run_distributed(4, _meta_init_case)
-    losses, checksums = zip(*results)
-    assert len(set(checksums)) == 1, "ranks hold different full weights"
+@pytest.mark.parametrize("world,mesh_kwargs,plan_kwargs", [
+    (4, {"tp": 2, "dp_shard": 2}, {"sequence_parallel": True}),
+    (4, {"dp_replicate": 2, "dp_shard": 2}, {}),
+])
+def test_meta_build_parallelize_then_init(world: int, mesh_kwargs: dict, plan_kwargs: dict) -> None:
+    """Meta build -> parallelize -> init gives, in any layout, exactly the weights of a
+    single-device init with the same seed."""
+    losses = run_distributed(world, _meta_init_case, mesh_kwargs, plan_kwargs)
+    assert len(set(losses)) == 1
     assert abs(losses[0] - math.log(TINY_LLAMA.vocab_size)) < 1.0  # a fresh model: about uniform
 
 

@@ -51,7 +51,7 @@ def test_tp_parity_simulated(kind: str, tp: int, sp: bool) -> None:
 
 def _counts(mode: CommDebugMode) -> dict[str, int]:
     names = {funcol.all_gather_into_tensor: "all_gather", funcol.reduce_scatter_tensor: "reduce_scatter",
-             funcol.all_reduce: "all_reduce"}
+             funcol.all_reduce: "all_reduce", torch.ops.c10d.allreduce_: "norm_grads_all_reduce"}
     return {names.get(k, str(k)): v for k, v in mode.get_comm_counts().items() if v}
 
 
@@ -61,7 +61,9 @@ def test_tp_collective_counts(sp: bool) -> None:
     reduce-scatters (wo, w2) forward, and the mirror image backward; plain TP does 2
     all-reduces forward and 2 backward. The embedding adds one reduce-scatter (all-reduce
     without SP) and the final norm one all-gather forward (all-reduce backward without
-    SP); the loss-parallel cross entropy adds 3 all-reduces (max, sum of exp, target)."""
+    SP); the loss-parallel cross entropy adds 3 all-reduces (max, sum of exp, target).
+    Under SP the norm weights' partial gradients are summed by one all-reduce of one
+    flat buffer after backward (Megatron does the same)."""
     n_layers = TINY_LLAMA.n_layers
     ref = make_model("llama")
     x, y = make_batch(TINY_LLAMA.vocab_size, 2, 16)
@@ -74,7 +76,8 @@ def test_tp_collective_counts(sp: bool) -> None:
     per_norm = 2 * n_layers + 1
     if sp:
         assert _counts(fwd) == {"all_gather": per_norm, "reduce_scatter": per_norm}
-        assert _counts(both) == {"all_gather": 2 * per_norm, "reduce_scatter": 2 * per_norm, "all_reduce": 3}
+        assert _counts(both) == {"all_gather": 2 * per_norm, "reduce_scatter": 2 * per_norm, "all_reduce": 3,
+                                 "norm_grads_all_reduce": 1}
     else:
         assert _counts(fwd) == {"all_reduce": per_norm}
         assert _counts(both) == {"all_reduce": 2 * per_norm + 3}

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import init
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -205,30 +207,30 @@ class Llama(nn.Module):
         return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """Initialize every parameter in place; works on sharded (DTensor) parameters.
+    def init_weights(self, buffer_device: torch.device | str | None = None, seed: int = 0) -> None:
+        """Initialize every parameter in place; works on sharded (DTensor) parameters and
+        gives the same weights for the same seed in every layout (see ``init.py``).
 
-        Depth-scaled init of the output projections (std 0.02 / sqrt(2 (layer+1))), as in
-        TorchTitan and GPT-2. Call with the same seed on every rank.
+        Embedding N(0, 1); q/k/v/w1 N(0, 0.02); the projections back into the residual
+        stream (wo, w2) and w3 with the depth-scaled std 0.02 / sqrt(2 (layer + 1)), as in
+        TorchTitan and GPT-2; norms 1; output head N(0, dim^-1/2).
         """
         device = buffer_device or next((b.device for b in self.buffers()), None)
         if device is None or torch.device(device).type == "meta":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.rope = rope_cache(self.args, device=device)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        for layer in self.layers.values():
-            std_out = 0.02 / math.sqrt(2 * (layer.layer_id + 1))
-            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1):
-                nn.init.normal_(lin.weight, std=0.02)
-            for lin in (layer.attention.wo, layer.feed_forward.w2, layer.feed_forward.w3):
-                nn.init.normal_(lin.weight, std=std_out)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, std=self.args.dim ** -0.5)
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif parts[0] == "tok_embeddings":
+                init.normal_(p, name, seed, std=1.0)
+            elif parts[0] == "output":
+                init.normal_(p, name, seed, std=self.args.dim ** -0.5)
+            elif parts[-2] in ("wo", "w2", "w3"):
+                init.normal_(p, name, seed, std=0.02 / math.sqrt(2 * (int(parts[1]) + 1)))
+            else:
+                init.normal_(p, name, seed, std=0.02)
 
     def parallel_defaults(self) -> dict:
         """Blocks and TP rules for ParallelPlan fields the user leaves as None."""

@@ -1,0 +1,107 @@
+"""Command line: ``dtensor-parallel <command> RECIPE [options] [Megatron flags ...]``.
+
+Commands live in one table (:data:`COMMANDS`): each names a help line, a function that
+adds its own arguments, and a function that runs it with the parsed arguments and the
+leftover Megatron-style flags (``--train-iters 50 --lr 1e-3 ...``, see
+:mod:`dtensor_parallel.megatron_args`). ``plan``, ``schedule`` and ``suggest`` plug in
+by adding a row.
+
+``train`` outside torchrun with ``--nproc-per-node N`` re-launches itself through
+``torch.distributed.run --standalone --nproc-per-node N -m dtensor_parallel train ...`` (a free rendezvous
+port on this host; gloo on CPU); without it, it runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]
+    takes_megatron_flags: bool = True
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+# ---- train ------------------------------------------------------------------------------
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/debug.toml")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", type=int, default=None,
+                   help="launch this many local ranks through torch.distributed.run (ignored under torchrun)")
+
+
+def torchrun_args(nproc: int, recipe: str, flags: list[str]) -> list[str]:
+    """``torch.distributed.run`` arguments: ``--standalone --nproc-per-node N -m
+    dtensor_parallel train RECIPE FLAGS...`` (standalone: a free port on this host)."""
+    return ["--standalone", "--nproc-per-node", str(nproc), "-m", "dtensor_parallel", "train", recipe, *flags]
+
+
+def relaunch(nproc: int, recipe: str, flags: list[str]) -> int:
+    """Run torchrun's launcher in this process (torch is already imported here, which saves
+    a second interpreter start); it spawns the ranks and waits for them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the cores
+    try:
+        torchrun_main(torchrun_args(nproc, recipe, flags))
+    except ChildFailedError as e:
+        print(f"dtensor-parallel train: a rank failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
+    from .trainer import load_config, train
+    from .trainer.loop import preflight
+
+    launch = args.nproc_per_node is not None and not under_torchrun()
+    try:  # config errors: one clear line (before spawning ranks) instead of a traceback per rank
+        cfg = load_config(args.recipe, flags)
+        if launch and args.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        preflight(cfg, args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"dtensor-parallel train: error: {e}", file=sys.stderr)
+        return 2
+    if launch:
+        return relaunch(args.nproc_per_node, args.recipe, flags)
+    train(cfg)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model from a TOML recipe (Megatron flags override it)",
+                     _train_arguments, _run_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtensor-parallel", allow_abbrev=False,
+        description="Megatron-Core parallelism as DTensor placements over one DeviceMesh.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        epilog = ("Any other --flag is a Megatron-Core flag laid over the recipe (see "
+                  "dtensor_parallel.megatron_args)") if cmd.takes_megatron_flags else None
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=epilog, allow_abbrev=False)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cmd = COMMANDS[args.command]
+    if rest and not cmd.takes_megatron_flags:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cmd.run(args, rest)

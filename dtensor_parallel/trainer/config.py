@@ -1,0 +1,319 @@
+"""Training configuration: a TOML recipe, Megatron-style flags laid over it, validated.
+
+    cfg = load_config("recipes/debug.toml", ["--train-iters", "50", "--lr", "1e-3"])
+
+Order of precedence: dataclass defaults < recipe < command-line flags. The flags are parsed
+by :func:`dtensor_parallel.megatron_args.parse_megatron_args` into a nested overlay dict and
+merged with :func:`~dtensor_parallel.megatron_args.deep_merge`. Every key is checked: an
+unknown section or key is a ``ValueError`` that names both (and the closest known key), so
+a typo in a recipe never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..megatron_args import deep_merge, parse_megatron_args
+from ..models.llama import ModelArgs, llama3_args
+from ..plan import ParallelPlan
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+TOKEN_DTYPES = ("uint16", "uint32")
+MODEL_NAMES = ("llama3",)
+
+
+@dataclass
+class ClusterConfig:
+    """What the recipe targets (documentation plus the default launch size)."""
+
+    description: str = ""
+    nproc_per_node: int | None = None
+    gpu: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """A registered flavour plus ``ModelArgs`` overrides (``dim``, ``n_layers`` ...)."""
+
+    name: str = "llama3"
+    flavour: str = "debug"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def args(self) -> ModelArgs:
+        return llama3_args(self.flavour, **self.overrides)
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the one mesh; ``dp_shard=-1`` takes the rest of the world."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class PlanConfig:
+    """:class:`~dtensor_parallel.ParallelPlan` fields (virtual stages arrive with PP)."""
+
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int | None = None
+    compile: bool = False
+    kernels: str | dict = "torch"
+    mixed_precision: str = "fp32"
+    virtual_stages: int | None = None
+    layers_per_virtual_stage: int | None = None
+
+    def to_parallel_plan(self, micro_batch_size: int | None = None,
+                         global_batch_size: int | None = None) -> ParallelPlan:
+        return ParallelPlan(
+            sequence_parallel=self.sequence_parallel, recompute=self.recompute,  # type: ignore[arg-type]
+            recompute_method=self.recompute_method,  # type: ignore[arg-type]
+            recompute_num_layers=self.recompute_num_layers, compile=self.compile,
+            kernels=self.kernels, mixed_precision=self.mixed_precision,  # type: ignore[arg-type]
+            micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
+
+
+@dataclass
+class TrainingConfig:
+    """Batch, length, steps, optimizer and LR schedule.
+
+    ``global_batch_size`` is sequences per optimizer step over all data-parallel ranks
+    (``None``: ``micro_batch_size * dp``, no accumulation).
+    """
+
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None
+    seq_len: int = 2048
+    steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """``path`` to a flat token file, or synthetic Markov data when ``mock`` or no path."""
+
+    path: str | None = None
+    dtype: str = "uint16"
+    mock: bool = False
+
+    @property
+    def synthetic(self) -> bool:
+        return self.mock or self.path is None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    metrics_path: str | None = None  # default runs/<recipe stem>/metrics.jsonl
+    profile: bool = False
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class CheckpointConfig:
+    """Accepted so recipes can carry it; saving/loading arrives with the checkpoint release."""
+
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    resume: str = "none"  # "auto" | "none"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.metrics_path).parent  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS: dict[str, type] = {"cluster": ClusterConfig, "model": ModelConfig, "parallel": ParallelConfig,
+            "plan": PlanConfig, "training": TrainingConfig, "data": DataConfig,
+            "logging": LoggingConfig, "checkpoint": CheckpointConfig}
+
+
+# ---- loading --------------------------------------------------------------------------
+def load_config(recipe: str | Path, flags: list[str] | None = None,
+                overlay: dict[str, Any] | None = None) -> TrainConfig:
+    """Read ``recipe``, lay the parsed Megatron ``flags`` (and/or an ``overlay`` dict) on
+    it, validate, and return the config tree."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist: pass the path of a TOML "
+                                f"recipe, e.g. recipes/debug.toml")
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    for layer in (parse_megatron_args(list(flags)) if flags else None, overlay):
+        if not layer:
+            continue
+        data = layer.get("data", {})
+        if "path" in data and "mock" not in data:  # --data-path over a mock recipe: use the file
+            layer = deep_merge(layer, {"data": {"mock": False}})
+        raw = deep_merge(raw, layer)
+    return config_from_dict(raw, name=path.stem)
+
+
+def config_from_dict(raw: dict[str, Any], name: str = "run") -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a nested dict (recipe + overlay)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section [{section}]{_did_you_mean(section, SECTIONS)}; "
+                             f"known sections: {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ValueError(f"[{section}] must be a table of keys, got {value!r}")
+    # [training] log_interval is an alias of [logging] log_interval (which wins: flags go there)
+    training = raw.setdefault("training", {})
+    if "log_interval" in training:
+        raw.setdefault("logging", {}).setdefault("log_interval", training.pop("log_interval"))
+    model = _model_section(raw.pop("model", {}))
+    built = {s: _build_section(s, SECTIONS[s], raw.get(s, {})) for s in SECTIONS if s != "model"}
+    cfg = TrainConfig(name=name, model=model, **built)
+    if cfg.logging.metrics_path is None:
+        cfg.logging.metrics_path = str(Path("runs") / name / "metrics.jsonl")
+    validate(cfg)
+    return cfg
+
+
+def _model_section(raw: dict[str, Any]) -> ModelConfig:
+    raw = dict(raw)
+    name = _coerce("model", "name", raw.pop("name", "llama3"), str)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"[model] name={name!r}: choose one of {MODEL_NAMES}")
+    flavour = _coerce("model", "flavour", raw.pop("flavour", "debug"), str)
+    ffn_hidden = _coerce("model", "ffn_hidden_dim", raw.pop("ffn_hidden_dim", None), int | None)
+    hints = typing.get_type_hints(ModelArgs)
+    for key, value in raw.items():
+        if key not in hints:
+            raise ValueError(f"unknown key {key!r} in section [model]{_did_you_mean(key, hints)}; "
+                             f"known keys: name, flavour, ffn_hidden_dim, {', '.join(hints)}")
+        raw[key] = _coerce("model", key, value, hints[key])
+    if ffn_hidden is not None:
+        # ModelArgs derives the SwiGLU width: multiple_of * ceil(hidden / multiple_of) with
+        # hidden = 8 dim / 3 (no multiplier); multiple_of = the wanted width hits it exactly
+        # whenever 8 dim / 3 <= the wanted width.
+        raw["multiple_of"], raw["ffn_dim_multiplier"] = int(ffn_hidden), None
+    cfg = ModelConfig(name=name, flavour=flavour, overrides=raw)
+    args = cfg.args()
+    if ffn_hidden is not None and args.ffn_hidden_dim != ffn_hidden:
+        raise ValueError(
+            f"[model] ffn_hidden_dim={ffn_hidden} cannot be expressed by this Llama: the SwiGLU "
+            f"width is a multiple of multiple_of at least int(8*dim/3) = {int(8 * args.dim / 3)} "
+            f"(got {args.ffn_hidden_dim}); choose ffn_hidden_dim >= {int(8 * args.dim / 3)} or a "
+            f"larger dim")
+    return cfg
+
+
+def _build_section(section: str, cls: type, raw: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ValueError(f"unknown key {key!r} in section [{section}]{_did_you_mean(key, known)}; "
+                             f"known keys: {', '.join(known)}")
+        kwargs[key] = _coerce(section, key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type hint (ints are accepted for floats)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return None
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is str and isinstance(value, str):
+            return value
+        if opt is dict and isinstance(value, dict):
+            return value
+        if typing.get_origin(opt) is list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+                return list(items)
+    raise ValueError(f"[{section}] {key}={value!r} has the wrong type: expected {hint}")
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- validation -------------------------------------------------------------------------
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that need no process group (errors name the fix)."""
+    t, d, lg, p = cfg.training, cfg.data, cfg.logging, cfg.parallel
+    args = cfg.model.args()
+    for key in ("micro_batch_size", "seq_len", "steps"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"[training] {key}={getattr(t, key)} must be >= 1")
+    if t.global_batch_size is not None and (t.global_batch_size < 1 or t.global_batch_size % t.micro_batch_size):
+        raise ValueError(f"[training] global_batch_size={t.global_batch_size} must be a positive multiple "
+                         f"of micro_batch_size={t.micro_batch_size}")
+    if t.lr_decay_style not in LR_DECAY_STYLES:
+        raise ValueError(f"[training] lr_decay_style={t.lr_decay_style!r}: choose one of {LR_DECAY_STYLES}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ValueError(f"[training] min_lr={t.min_lr} must be in [0, lr={t.lr}]")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ValueError(f"[training] warmup_steps={t.warmup_steps} must be in [0, steps={t.steps}]: "
+                         f"lower warmup_steps (--lr-warmup-iters) or raise steps (--train-iters)")
+    if t.seq_len > args.max_seq_len:
+        raise ValueError(f"[training] seq_len={t.seq_len} > [model] max_seq_len={args.max_seq_len}: "
+                         f"lower seq_len or raise max_seq_len (the RoPE table length)")
+    if d.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"[data] dtype={d.dtype!r}: choose one of {TOKEN_DTYPES}")
+    if not d.synthetic and d.dtype == "uint16" and args.vocab_size > 2 ** 16:
+        raise ValueError(f"[data] dtype='uint16' cannot hold token ids of a vocab of {args.vocab_size}: "
+                         f"write the token file as uint32 and set [data] dtype = 'uint32'")
+    if lg.log_interval < 1:
+        raise ValueError(f"[logging] log_interval={lg.log_interval} must be >= 1")
+    for key in ("pp", "cp", "tp", "ep"):
+        if getattr(p, key) < 1:
+            raise ValueError(f"[parallel] {key}={getattr(p, key)} must be >= 1")
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        raise ValueError(f"[checkpoint] resume={cfg.checkpoint.resume!r}: choose 'auto' or 'none'")
+    if cfg.plan.sequence_parallel and p.tp == 1:
+        # Megatron's behaviour: SP shards activations over tp, so with tp=1 there is nothing to do
+        warnings.warn("[plan] sequence_parallel=true with [parallel] tp=1: disabling sequence "
+                      "parallelism (as Megatron does)")
+        cfg.plan.sequence_parallel = False
+    cfg.plan.to_parallel_plan(t.micro_batch_size, t.global_batch_size)  # ParallelPlan's own checks

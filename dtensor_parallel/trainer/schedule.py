@@ -1,0 +1,78 @@
+"""Learning-rate schedule and AdamW with Megatron's weight-decay grouping.
+
+Schedule, as a function of the optimizer step ``s`` (0-based, the step about to be taken),
+peak ``lr``, floor ``min_lr``, ``W`` warmup steps and ``T`` total steps:
+
+- warmup, ``s < W``: ``lr (s + 1) / W`` (linear; the first step already moves, the
+  step ``W - 1`` reaches the peak);
+- decay, ``W <= s``: with progress ``x = min(1, (s - W) / (T - W))``,
+
+  - cosine: ``min_lr + (lr - min_lr) (1 + cos(pi x)) / 2``,
+  - linear: ``min_lr + (lr - min_lr) (1 - x)``,
+  - constant: ``lr``,
+
+  so ``s = W`` is the peak and ``s = T`` is ``min_lr`` (Megatron's ``lr_decay_iters = T``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+          style: str = "cosine") -> float:
+    """The learning rate of optimizer step ``step`` (see the module docstring)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if style == "constant":
+        return lr
+    span = max(total_steps - warmup_steps, 1)
+    x = min(max(step - warmup_steps, 0) / span, 1.0)
+    if style == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * x))
+    if style == "linear":
+        return min_lr + (lr - min_lr) * (1.0 - x)
+    raise ValueError(f"lr decay style {style!r}: choose cosine, linear or constant")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup_steps: int,
+                    total_steps: int, style: str = "cosine") -> LambdaLR:
+    """``LambdaLR`` whose factor is ``lr_at(step) / lr`` (the optimizer's lr is the peak)."""
+    def factor(step: int) -> float:
+        peak = lr_at(step, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                     total_steps=total_steps, style=style)
+        return peak / lr if lr > 0 else 0.0
+
+    return LambdaLR(optimizer, factor)
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights and every 1-D parameter (gains, biases) are not decayed (Megatron,
+    GPT-2/3): decay pulls a gain towards 0, i.e. towards switching the layer off."""
+    parts = name.split(".")
+    owner = parts[-2] if len(parts) > 1 else ""  # the module holding the parameter
+    return param.ndim < 2 or "norm" in owner
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (keep if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW (decoupled decay, Loshchilov & Hutter 2019) over two groups: decayed matrices
+    (projections, embedding, head) and undecayed norm weights / 1-D parameters. Works on
+    DTensor parameters: each rank updates its own shards."""
+    return torch.optim.AdamW(param_groups(named_params, weight_decay), lr=lr, betas=betas, eps=eps)
+

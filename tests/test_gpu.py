@@ -1,0 +1,42 @@
+"""The same parity cases on GPUs through NCCL (``pytest -m gpu``; needs 2 CUDA devices).
+
+Run through the device tool: ``python -m pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .harness import run_distributed
+from .parity import one_step_parity, training_parity
+from .test_meta_init import _bf16_case
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
+
+LAYOUTS = {
+    "tp2": ({"tp": 2}, {}),
+    "tp2_sp": ({"tp": 2}, {"sequence_parallel": True}),
+    "fsdp2": ({"dp_shard": 2}, {}),
+    "ddp2": ({"dp_replicate": 2, "dp_shard": 1}, {}),
+    "tp2_sp_selective_compile": ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective",
+                                             "compile": True}),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "toy"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gpu_one_step_parity(layout: str, kind: str) -> None:
+    mesh_kwargs, plan_kwargs = LAYOUTS[layout]
+    run_distributed(2, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
+
+
+def test_gpu_training_parity_tp_sp() -> None:
+    run_distributed(2, training_parity, "llama", {"tp": 2}, {"sequence_parallel": True}, backend="nccl")
+
+
+def test_gpu_bf16_fsdp() -> None:
+    run_distributed(2, _bf16_case, {"dp_shard": 2}, {}, backend="nccl")

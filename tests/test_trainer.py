@@ -1,0 +1,258 @@
+"""The trainer: LR schedule, data sources, config loading, metrics, and two end-to-end runs
+through the CLI (4 gloo ranks TP2 x FSDP2 on synthetic data; 2 ranks FSDP2 on a token file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtensor_parallel.cli import main as cli_main
+from dtensor_parallel.models.llama import llama3_args
+from dtensor_parallel.trainer import config_from_dict, load_config
+from dtensor_parallel.trainer.data import MarkovTokenStream, TokenFileDataset
+from dtensor_parallel.trainer.loop import check_supported
+from dtensor_parallel.trainer.metrics import flops_per_token, format_progress, mfu
+from dtensor_parallel.trainer.schedule import build_optimizer, build_scheduler, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_RECIPE = REPO / "recipes" / "debug.toml"
+
+
+# ---- schedule ---------------------------------------------------------------------------
+def test_lr_schedule_warmup_peak_end():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)  # lr * 1/10: the first step already moves
+    assert lr_at(4, **kw) == pytest.approx(5e-4)
+    assert lr_at(9, **kw) == pytest.approx(1e-3)  # end of warmup: peak
+    assert lr_at(10, **kw) == pytest.approx(1e-3)  # start of decay: peak
+    assert lr_at(60, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))  # cosine half way
+    assert lr_at(110, **kw) == pytest.approx(1e-4)  # end: min_lr
+    assert lr_at(500, **kw) == pytest.approx(1e-4)
+    assert lr_at(60, **kw, style="linear") == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert lr_at(35, **kw, style="linear") == pytest.approx(1e-3 - 0.25 * 9e-4)
+    assert lr_at(100, **kw, style="constant") == pytest.approx(1e-3)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
+
+
+def test_scheduler_and_weight_decay_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    named = [("layers.0.attention.wq.weight", model[0].weight), ("layers.0.attention.wq.bias", model[0].bias),
+             ("layers.0.ffn_norm.weight", model[1].weight), ("norm.weight", model[1].bias)]
+    opt = build_optimizer(named, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}  # norms and 1-D params are not decayed
+    sched = build_scheduler(opt, lr=1e-3, min_lr=0.0, warmup_steps=2, total_steps=4)
+    seen = []
+    for _ in range(4):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+# ---- data -------------------------------------------------------------------------------
+def _token_file(path: Path, tokens: np.ndarray) -> Path:
+    tokens.tofile(path)
+    return path
+
+
+def test_token_windows_disjoint_correct_and_resumable(tmp_path):
+    L, G, dp, n = 16, 8, 4, 16 * 40 + 1  # 40 windows -> 5 steps per epoch
+    path = _token_file(tmp_path / "t.bin", np.arange(n, dtype=np.uint32))
+    ranks = [TokenFileDataset(path, dtype="uint32", seq_len=L, vocab_size=n, global_batch_size=G,
+                              dp_rank=r, dp_size=dp, seed=3) for r in range(dp)]
+    epoch_windows: list[int] = []
+    for step in range(5):
+        step_windows = []
+        for ds in ranks:
+            x, y = ds.batch(step)
+            assert x.shape == y.shape == (G // dp, L) and x.dtype == torch.int64
+            start = x[:, :1]
+            assert torch.all(start % L == 0)  # windows start on multiples of seq_len
+            assert torch.equal(x, start + torch.arange(L))  # the file's tokens, in order
+            assert torch.equal(y, x + 1)  # labels: the next token
+            step_windows += (start[:, 0] // L).tolist()
+        assert len(set(step_windows)) == G  # dp ranks read disjoint windows
+        epoch_windows += step_windows
+    assert sorted(epoch_windows) == list(range(40))  # an epoch visits every window once
+    fresh = TokenFileDataset(path, dtype="uint32", seq_len=L, vocab_size=n, global_batch_size=G,
+                             dp_rank=2, dp_size=dp, seed=3)
+    for step in (7, 3):  # stateless: resume from any step
+        assert all(torch.equal(a, b) for a, b in zip(fresh.batch(step), ranks[2].batch(step)))
+    other = TokenFileDataset(path, dtype="uint32", seq_len=L, vocab_size=n, global_batch_size=G, seed=4)
+    assert not torch.equal(other.batch(0)[0], ranks[0].batch(0)[0])
+
+
+def test_token_file_errors(tmp_path):
+    kw = dict(seq_len=16, global_batch_size=4)
+    bad = np.zeros(1000, dtype=np.uint16)
+    bad[700] = 3000
+    with pytest.raises(ValueError, match=r"token id 3000 .* >= vocab_size 2048.*--vocab-size"):
+        TokenFileDataset(_token_file(tmp_path / "v.bin", bad), dtype="uint16", vocab_size=2048, **kw)
+    small = _token_file(tmp_path / "s.bin", np.zeros(16 * 4, dtype=np.uint16))  # 3 windows < 4
+    with pytest.raises(ValueError, match=r"too small.*3 windows.*global_batch_size=4"):
+        TokenFileDataset(small, dtype="uint16", vocab_size=2048, **kw)
+    with pytest.raises(FileNotFoundError, match="mock"):
+        TokenFileDataset(tmp_path / "missing.bin", dtype="uint16", vocab_size=2048, **kw)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\0" * 1001)
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        TokenFileDataset(odd, dtype="uint16", vocab_size=2048, **kw)
+    with pytest.raises(ValueError, match="dtype='uint16' cannot hold"):
+        config_from_dict({"model": {"vocab_size": 100_000}, "data": {"path": "t.bin", "dtype": "uint16"}})
+
+
+def test_synthetic_stream_deterministic_disjoint_and_learnable():
+    kw = dict(vocab_size=512, seq_len=64, global_batch_size=8, seed=1)
+    a, b = MarkovTokenStream(**kw), MarkovTokenStream(**kw)
+    x, y = a.batch(5)
+    assert torch.equal(x, b.batch(5)[0]) and torch.equal(y, b.batch(5)[1])
+    assert not torch.equal(x, a.batch(6)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    halves = [MarkovTokenStream(**kw, dp_rank=r, dp_size=2).batch(5)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), x)  # dp ranks get disjoint rows of one global batch
+    # every transition is one of the token's few successors: a learnable bigram table
+    assert (a.successors[x] == y[..., None]).any(-1).all()
+    assert a.entropy_rate < 0.25 * math.log(512)
+    assert not torch.equal(MarkovTokenStream(**{**kw, "seed": 2}).batch(5)[0], x)
+
+
+# ---- config -----------------------------------------------------------------------------
+RECIPE = """
+[cluster]
+nproc_per_node = 4
+[model]
+name = "llama3"
+flavour = "debug"
+n_layers = 2
+[parallel]
+tp = 2
+dp_shard = -1
+[plan]
+sequence_parallel = true
+[training]
+steps = 50
+lr = 1e-3
+warmup_steps = 5
+log_interval = 7
+[data]
+mock = true
+"""
+
+
+def test_recipe_and_megatron_flags_merge(tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(RECIPE)
+    cfg = load_config(recipe, ["--train-iters", "20", "--lr", "2e-3", "--bf16", "--seed", "9",
+                               "--data-path", "/data/tok.bin", "--metrics", str(tmp_path / "m.jsonl")])
+    assert (cfg.training.steps, cfg.training.lr, cfg.training.seed) == (20, 2e-3, 9)  # flags win
+    assert cfg.training.warmup_steps == 5 and cfg.logging.log_interval == 7  # recipe kept
+    assert cfg.plan.mixed_precision == "bf16" and cfg.plan.sequence_parallel
+    assert cfg.model.args().n_layers == 2 and cfg.model.args().dim == 256
+    assert cfg.data.path == "/data/tok.bin" and not cfg.data.synthetic  # a path beats mock
+    assert cfg.logging.metrics_path == str(tmp_path / "m.jsonl")
+    assert cfg.parallel.tp == 2 and cfg.training.beta2 == 0.95  # default
+    assert load_config(recipe).logging.metrics_path == str(Path("runs/mine/metrics.jsonl"))
+    with pytest.warns(UserWarning, match="disabling sequence parallelism"):
+        assert not load_config(recipe, ["--tensor-model-parallel-size", "1"]).plan.sequence_parallel
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"training": {"stepz": 3}}, r"unknown key 'stepz' in section \[training\].*'steps'"),
+    ({"model": {"hidden": 3}}, r"unknown key 'hidden' in section \[model\]"),
+    ({"trainer": {"steps": 3}}, r"unknown section \[trainer\].*'training'"),
+    ({"training": {"lr": "fast"}}, r"\[training\] lr='fast' has the wrong type"),
+    ({"training": {"lr_decay_style": "step"}}, "choose one of"),
+    ({"training": {"seq_len": 4096}}, "max_seq_len"),
+])
+def test_bad_recipe_rejected(raw, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(raw)
+
+
+def test_ffn_hidden_dim_and_unsupported_features():
+    cfg = config_from_dict({"model": {"ffn_hidden_dim": 768}})
+    assert cfg.model.args().ffn_hidden_dim == 768
+    with pytest.raises(ValueError, match="ffn_hidden_dim=512 cannot be expressed"):
+        config_from_dict({"model": {"ffn_hidden_dim": 512}})  # below 8 dim / 3 = 682
+    for section, key, what in (("parallel", "pp", "pipeline"), ("parallel", "cp", "context"),
+                               ("parallel", "ep", "expert")):
+        with pytest.raises(NotImplementedError, match=f"{what} parallelism is not yet supported"):
+            check_supported(config_from_dict({section: {key: 2}}))
+    with pytest.raises(NotImplementedError, match="checkpointing arrives with the checkpoint release"):
+        check_supported(config_from_dict({"checkpoint": {"save": "ckpt"}}))
+
+
+def test_cli_rejects_before_launching(capsys):
+    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--pipeline-model-parallel-size", "2"])
+    assert rc == 2 and "arrives with the pipeline/context/expert parallel release" in capsys.readouterr().err
+    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "3"])
+    assert rc == 2 and "does not divide world size 3" in capsys.readouterr().err
+
+
+# ---- metrics ----------------------------------------------------------------------------
+def test_flops_per_token_and_mfu():
+    args = llama3_args("8B")
+    n = args.num_params() - args.vocab_size * args.dim
+    assert flops_per_token(args, 8192) == 6 * n + 12 * 32 * 4096 * 8192
+    assert 6 * 7.0e9 < 6 * n < 6 * 7.6e9  # 8B minus the 0.5B input embedding
+    assert mfu(1000.0, 989e12) == pytest.approx(1000.0)
+    rec = {"step": 3, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 4000.0,
+           "tokens_per_s_per_gpu": 1000.0, "mfu": 0.41, "peak_mem_gib": 1.5, "step_time_s": 0.2}
+    line = format_progress(rec, 100, on_gpu=True)
+    assert "step   3/100" in line and "mfu 41.0%" in line and "(1,000/gpu)" in line
+
+
+# ---- end to end through the CLI -------------------------------------------------------
+def _train_cli(nproc: int, flags: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "dtensor_parallel", "train", str(DEBUG_RECIPE),
+           "--nproc-per-node", str(nproc), *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _records(path: Path, steps: int) -> list[dict]:
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    for r in recs:
+        assert {"loss", "lr", "tokens_per_s", "grad_norm", "peak_mem_gib"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0
+    return recs
+
+
+def test_debug_recipe_end_to_end_tp2_fsdp2(tmp_path):
+    steps, metrics = 12, tmp_path / "debug.jsonl"
+    proc = _train_cli(4, ["--train-iters", str(steps), "--lr-warmup-iters", "3", "--log-interval", "5",
+                          "--metrics", str(metrics)], timeout=150)
+    assert "'dp_shard': 2" in proc.stdout and "'tp': 2" in proc.stdout
+    losses = [r["loss"] for r in _records(metrics, steps)]
+    assert abs(losses[0] - math.log(2048)) < 1.0  # starts near uniform guessing
+    assert max(losses[-3:]) < losses[0] - 1.5, losses  # and clearly learns the chain
+
+
+def test_token_file_end_to_end_fsdp2_with_profile(tmp_path):
+    chain = MarkovTokenStream(vocab_size=2048, seq_len=4096, global_batch_size=16, seed=7)
+    tokens = torch.cat(chain.batch(0)[0].unbind()).numpy().astype(np.uint16)  # 65536 learnable tokens
+    data = _token_file(tmp_path / "tokens.bin", tokens)
+    steps, metrics = 10, tmp_path / "run" / "metrics.jsonl"
+    proc = _train_cli(2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer",
+                          "--data-path", str(data), "--train-iters", str(steps), "--lr-warmup-iters", "2",
+                          "--profile", "--profile-ranks", "0", "--metrics", str(metrics)], timeout=120)
+    assert "token file" in proc.stdout and "'dp_shard': 2" in proc.stdout and "'tp': 1" in proc.stdout
+    losses = [r["loss"] for r in _records(metrics, steps)]
+    assert max(losses[-2:]) < losses[0] - 1.0, losses
+    assert (tmp_path / "run" / "profile" / "rank0.trace.json").is_file()
+    assert not (tmp_path / "run" / "profile" / "rank1.trace.json").exists()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["path"] == str(data) and saved["parallel"]["tp"] == 1
