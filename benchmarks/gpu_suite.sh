@@ -13,5 +13,5 @@ print("gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_co
 PY
 status=0
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || status=1
-CUDA_VISIBLE_DEVICES= python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tee "$OUT/cpu_tests.log" | tail -15 || status=1
+CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/cpu_tests.log" | tail -15 || status=1
 exit $status

@@ -13,7 +13,7 @@ import atexit
 import multiprocessing as mp
 import os
 import queue
-import socket
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -21,15 +21,8 @@ _POOLS: dict[tuple[int, str], "_Pool"] = {}
 CASE_TIMEOUT_S = float(os.environ.get("DTP_TEST_TIMEOUT", "300"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, backend: str, port: int, tasks, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _worker(rank: int, world_size: int, backend: str, store_path: str, tasks, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import datetime
 
     import torch
@@ -40,7 +33,9 @@ def _worker(rank: int, world_size: int, backend: str, port: int, tasks, results)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device_id = torch.device("cuda", rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id,
+    # a file store, not TCP: no port to pick, so parallel test runs cannot collide
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
+                            world_size=world_size, device_id=device_id,
                             timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
     while True:
         item = tasks.get()
@@ -61,8 +56,10 @@ class _Pool:
         self.key = (world_size, backend)
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
-        port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, backend, port, self.tasks[r], self.results),
+        fd, store_path = tempfile.mkstemp(prefix="dtp_store_")
+        os.close(fd)
+        os.unlink(store_path)  # the store creates it; a stale file would confuse it
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, backend, store_path, self.tasks[r], self.results),
                                   daemon=True) for r in range(world_size)]
         for p in self.procs:
             p.start()
