@@ -24,6 +24,10 @@ flag                                       overlay key
 --recompute-num-layers N                   plan.recompute_num_layers
 --num-virtual-stages-per-pipeline-rank N   plan.virtual_stages (not with the next one)
 --num-layers-per-virtual-pipeline-stage N  plan.layers_per_virtual_stage
+--decoder-first-pipeline-num-layers N      plan.first_stage_layers
+--decoder-last-pipeline-num-layers N       plan.last_stage_layers
+--pipeline-schedule NAME                   plan.pipeline_schedule *(ours)*; with pp > 1 and
+                                           virtual stages: "interleaved_1f1b" (Megatron's)
 --bf16                                     plan.mixed_precision="bf16" (absent: fp32)
 --fp16                                     ValueError: no fp16 loss scaling; use --bf16
 --kernels torch|triton|auto                plan.kernels *(ours)*
@@ -115,6 +119,10 @@ _FLAGS: dict[str, _Flag] = {
     "--recompute-num-layers": _f("plan", "recompute_num_layers", int),
     "--num-virtual-stages-per-pipeline-rank": _f("plan", "virtual_stages", int),
     "--num-layers-per-virtual-pipeline-stage": _f("plan", "layers_per_virtual_stage", int),
+    "--decoder-first-pipeline-num-layers": _f("plan", "first_stage_layers", int),
+    "--decoder-last-pipeline-num-layers": _f("plan", "last_stage_layers", int),
+    "--pipeline-schedule": _f("plan", "pipeline_schedule", str,
+                              ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")),
     "--bf16": _f(None, None),
     "--fp16": _f(None, None),
     "--kernels": _f("plan", "kernels", str, ("torch", "triton", "auto")),
@@ -317,9 +325,11 @@ def plan_and_degrees_from_megatron(
     ``--sequence-parallel`` with tp=1 is dropped with a warning. ``ParallelPlan.from_megatron``
     is to be a thin wrapper over this function.
 
+    With virtual stages Megatron runs its interleaved schedule, and so do we (ParallelPlan's
+    default) unless ``--pipeline-schedule`` (ours) names another.
+
     Raises:
-        NotImplementedError: ``--expert-model-parallel-size`` > 1 or
-            ``--pipeline-model-parallel-size`` > 1 (not in this release).
+        NotImplementedError: ``--expert-model-parallel-size`` > 1 (not in this release).
     """
     cfg = parse_megatron_args(argv)
     par, plan_cfg = cfg.get("parallel", {}), dict(cfg.get("plan", {}))
@@ -328,12 +338,6 @@ def plan_and_degrees_from_megatron(
     degrees = {"pp": par.get("pp", 1), "dp_replicate": par.get("dp_replicate", -1),
                "dp_shard": par.get("dp_shard", 1), "cp": par.get("cp", 1),
                "tp": par.get("tp", 1)}
-    if degrees["pp"] > 1:
-        raise NotImplementedError(
-            f"pipeline parallel (--pipeline-model-parallel-size {degrees['pp']}) is not "
-            f"supported by ParallelPlan yet; use --pipeline-model-parallel-size 1")
-    plan_cfg.pop("virtual_stages", None)
-    plan_cfg.pop("layers_per_virtual_stage", None)
     if plan_cfg.get("sequence_parallel") and degrees["tp"] == 1:
         warnings.warn("disabling --sequence-parallel because tensor parallelism is off (tp=1), "
                       "as Megatron does", stacklevel=2)

@@ -1,18 +1,21 @@
 """parallelize(model, mesh, plan): an ordered chain of ``apply_*`` steps.
 
-    validate -> TP/SP -> recompute -> compile -> FSDP/HSDP/DDP -> ParallelModel
+    validate -> PP split -> (per stage) TP/SP -> recompute -> compile -> FSDP/HSDP/DDP
+             -> ParallelModel (with a pipeline schedule when pp > 1)
 
 Why this order:
 
-1. **validate first**: every check is local (shapes, globs, degrees), so a bad plan raises
-   the same ``ValueError`` on every rank before any collective can hang.
-2. **TP before everything**: it replaces parameters by tp-sharded DTensors and installs
+1. **validate first**: every check is local (shapes, globs, degrees, layer splits), so a
+   bad plan raises the same ``ValueError`` on every rank before any collective can hang.
+2. **PP split next**: a stage is a pruned copy of the model, and every later step treats
+   each stage module exactly as it would treat the whole model (the composable stage).
+3. **TP before everything else**: it replaces parameters by tp-sharded DTensors and installs
    the input/output redistributions; later steps must see the final parameters.
-3. **recompute before compile**: the checkpointed forward is what gets compiled, so the
+4. **recompute before compile**: the checkpointed forward is what gets compiled, so the
    compiler sees the recompute region (compiling first would hide it).
-4. **compile before FSDP**: FSDP's hooks stay outside the compiled block, where they
+5. **compile before FSDP**: FSDP's hooks stay outside the compiled block, where they
    overlap the all-gathers with compute (TorchTitan's order).
-5. **FSDP last**: it shards whatever parameters exist, TP's DTensors included, onto the
+6. **FSDP last**: it shards whatever parameters exist, TP's DTensors included, onto the
    data-parallel dims of the same root mesh (2-D FSDP x TP parameters).
 """
 
@@ -20,12 +23,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .data_parallel import apply_data_parallel, data_parallel_mesh
 from .mesh import ParallelDims, submesh
 from .parallel_model import ParallelModel
+from .pipeline.layout import pipeline_layout
+from .pipeline.runtime import PipelineRuntime
+from .pipeline.split import build_stage_module
 from .plan import ParallelPlan
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel, check_tp_divisibility, match_modules, resolve_rules
@@ -41,15 +48,15 @@ def resolve_plan(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
 
 
 def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
-    """All local checks; returns (blocks, tp styles)."""
+    """All local checks; returns (block names, tp styles, pipeline layout or None)."""
     if plan.sequence_parallel and dims.tp == 1:
         raise ValueError("sequence_parallel=True needs tp > 1 (SP shards activations over the tp "
                          "ranks): build the mesh with tp >= 2 or set sequence_parallel=False")
     if plan.blocks is None:
         raise ValueError(f"{type(model).__name__} has no parallel_defaults(): name its repeated "
                          f"blocks in the plan, e.g. ParallelPlan(blocks='layers.*', rules={{...}})")
-    blocks = [m for _, m in match_modules(model, plan.blocks)]
-    if not blocks:
+    block_names = [n for n, _ in match_modules(model, plan.blocks)]
+    if not block_names:
         raise ValueError(f"blocks={plan.blocks!r} matches no module of {type(model).__name__}: "
                          f"give the glob of the repeated blocks, e.g. 'layers.*'")
     if dims.tp > 1 and not plan.rules:
@@ -63,22 +70,67 @@ def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
             raise ValueError(
                 f"global_batch_size({plan.global_batch_size}) is not a multiple of micro_batch_size"
                 f"({plan.micro_batch_size}) * dp({dims.dp}) = {per_step}: change one of them")
-    if dims.pp > 1 or dims.cp > 1:
-        raise NotImplementedError(
-            f"pp={dims.pp}, cp={dims.cp}: pipeline and context parallel land in later releases; "
-            f"build the mesh with pp=1 and cp=1")
-    return blocks, styles
+    if dims.cp > 1:
+        raise NotImplementedError(f"cp={dims.cp}: context parallel lands in a later release; "
+                                  f"build the mesh with cp=1")
+    n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
+               if plan.micro_batch_size and plan.global_batch_size else None)
+    layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
+    return block_names, styles, layout
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = None) -> ParallelModel:
-    """Apply the plan's strategies to ``model`` in place and wrap it in a ParallelModel."""
+    """Apply the plan's strategies to ``model`` and wrap it in a ParallelModel. Without PP
+    the model is parallelized in place; with PP each of this rank's stages is a pruned
+    copy of it, sharing its parameters."""
     dims = ParallelDims.from_mesh(mesh)
     plan = resolve_plan(model, plan or ParallelPlan())
-    blocks, styles = validate(model, dims, plan)
+    block_names, styles, layout = validate(model, dims, plan)
+
+    state_order = None
+    if layout is None:
+        stage_ids, stage_modules, stage_blocks = [0], [model], [block_names]
+    else:
+        state_order = list(model.state_dict())
+        pp_rank = submesh(mesh, "pp").get_local_rank()
+        stage_ids = layout.stages_of(pp_rank)
+        stage_blocks = [layout.blocks_of(s) for s in stage_ids]
+        stage_modules = [build_stage_module(model, block_names, blocks, is_first=s == 0,
+                                            is_last=s == layout.n_stages - 1)
+                         for s, blocks in zip(stage_ids, stage_blocks)]
 
     loss_parallel = False
-    if dims.tp > 1:
-        apply_tensor_parallel(model, submesh(mesh, "tp"), styles, plan.sequence_parallel)
+    dp_mesh = data_parallel_mesh(mesh, dims)
+    for module, names in zip(stage_modules, stage_blocks):
+        present = {n: st for n, st in styles.items() if _present(module, n)}
+        loss_parallel |= _parallelize_stage(module, [module.get_submodule(n) for n in names],
+                                            mesh, dims, plan, present, dp_mesh)
+
+    pipeline = None
+    if layout is not None:
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" \
+            else torch.device(mesh.device_type)
+        pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
+                                   layout.schedule, device)
+    return ParallelModel(stage_modules, mesh, plan, dims, loss_parallel=loss_parallel,
+                         autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
+                         pipeline=pipeline, state_order=state_order)
+
+
+def _present(module: nn.Module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, dims: ParallelDims,
+                       plan: ParallelPlan, styles: dict, dp_mesh: DeviceMesh | None) -> bool:
+    """The chain on one module (the whole model, or one pipeline stage). Returns whether
+    its output is vocab-sharded logits (loss parallel)."""
+    loss_parallel = False
+    if dims.tp > 1 and styles:
+        apply_tensor_parallel(module, submesh(mesh, "tp"), styles, plan.sequence_parallel)
         loss_parallel = any(isinstance(s, VocabHead) for s in styles.values())
 
     apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
@@ -87,10 +139,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
         for block in blocks:
             block.compile()
 
-    dp_mesh = data_parallel_mesh(mesh, dims)
     if dp_mesh is not None:
-        apply_data_parallel(model, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
+        apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
                             reshard_after_forward=plan.reshard_after_forward)
-
-    return ParallelModel(model, mesh, plan, dims, loss_parallel=loss_parallel,
-                         autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None)
+    return loss_parallel

@@ -53,6 +53,17 @@ class ParallelPlan:
             True; keeps them to backward (ZeRO-2-like) when False. ``None``: FSDP default.
         num_heads / num_kv_heads: for a user's model, so TP degrees are checked against
             them (built-in models know their own).
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
+            ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
+            ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).
+        virtual_stages: pipeline stages per pp rank (Megatron's
+            ``--num-virtual-stages-per-pipeline-rank``); ``None``: the schedule's minimum.
+        layers_per_virtual_stage: Megatron's ``--num-layers-per-virtual-pipeline-stage``;
+            sets virtual_stages = layers / (pp x this), which must be an integer.
+        layers_per_stage: an explicit block count per stage (pp x virtual entries).
+        first_stage_layers / last_stage_layers: fewer blocks on the first / last stage to
+            balance the embedding and the head (Megatron's
+            ``--decoder-first/last-pipeline-num-layers``); the rest split evenly.
     """
 
     blocks: str | None = None
@@ -69,6 +80,12 @@ class ParallelPlan:
     reshard_after_forward: bool | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    pipeline_schedule: str | None = None
+    virtual_stages: int | None = None
+    layers_per_virtual_stage: int | None = None
+    layers_per_stage: list[int] | None = None
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -82,7 +99,20 @@ class ParallelPlan:
             raise ValueError(
                 f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         self.kernels = _normalize_kernels(self.kernels)
-        for name in ("micro_batch_size", "global_batch_size", "num_heads", "num_kv_heads"):
+        from .pipeline.schedules import SCHEDULES
+
+        if self.pipeline_schedule is not None and self.pipeline_schedule not in SCHEDULES:
+            raise ValueError(f"pipeline_schedule={self.pipeline_schedule!r}: choose one of {list(SCHEDULES)}")
+        if self.virtual_stages is not None and self.layers_per_virtual_stage is not None:
+            raise ValueError("give virtual_stages or layers_per_virtual_stage, not both")
+        for name in ("first_stage_layers", "last_stage_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name}={v!r} must be an int >= 0")
+        if self.layers_per_stage is not None and not all(isinstance(c, int) for c in self.layers_per_stage):
+            raise ValueError(f"layers_per_stage={self.layers_per_stage!r} must be a list of ints")
+        for name in ("micro_batch_size", "global_batch_size", "num_heads", "num_kv_heads",
+                     "virtual_stages", "layers_per_virtual_stage"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int or None")

@@ -14,7 +14,7 @@ from dtensor_parallel.models import Llama, ModelArgs
 
 from .toy_gpt import TOY_BLOCKS, TOY_RULES, ToyGPT
 
-TINY_LLAMA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=128, multiple_of=32,
+TINY_LLAMA = ModelArgs(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=128, multiple_of=32,
                        ffn_dim_multiplier=None, rope_theta=10000.0, rope_scaling_factor=None,
                        max_seq_len=64)
 REL_TOL = 1e-5
@@ -65,24 +65,16 @@ def reference_step(model, x, y) -> torch.Tensor:
     return loss.detach()
 
 
-def full_grads(module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in module.named_parameters():
-        g = p.grad
-        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
-    return out
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def assert_grads_match(pm, ref) -> None:
-    for name, p in pm.module.named_parameters():  # reduced, ready for the optimizer
+    for name, p in pm.named_parameters():  # reduced, ready for the optimizer
         if isinstance(p.grad, DTensor):
             assert not any(pl.is_partial() for pl in p.grad.placements), f"{name}: {p.grad.placements}"
-    got = full_grads(pm.module)
+    got = pm.full_grads()
     want = {n: p.grad for n, p in ref.named_parameters()}
     assert set(got) == set(want), f"parameter names differ: {set(got) ^ set(want)}"
     for name, g in want.items():

@@ -24,6 +24,9 @@ LAYOUTS = {
     "ddp2": ({"dp_replicate": 2, "dp_shard": 1}, {}),
     "tp2_sp_selective_compile": ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective",
                                              "compile": True}),
+    "pp2_1f1b": ({"pp": 2}, {"micro_batch_size": 2}),
+    "pp2_interleaved_v2": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2}),
+    "pp2_zbv": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_schedule": "zbv"}),
 }
 
 

@@ -176,14 +176,22 @@ def test_plan_and_degrees_defaults_and_user_model():
 def test_plan_and_degrees_rejections():
     with pytest.raises(NotImplementedError, match="expert parallel arrives with the MoE release"):
         plan_and_degrees_from_megatron("--expert-model-parallel-size 8")
-    with pytest.raises(NotImplementedError, match="pipeline parallel"):
-        plan_and_degrees_from_megatron("--pipeline-model-parallel-size 4 "
-                                       "--num-layers-per-virtual-pipeline-stage 2")
     with pytest.raises(ValueError, match="not a multiple"):  # ParallelPlan's own check
         plan_and_degrees_from_megatron("--micro-batch-size 3 --global-batch-size 8")
     with pytest.warns(UserWarning, match="disabling --sequence-parallel"):
         _, plan = plan_and_degrees_from_megatron("--sequence-parallel")
     assert not plan.sequence_parallel
+
+
+def test_pipeline_flags():
+    degrees, plan = plan_and_degrees_from_megatron(
+        "--pipeline-model-parallel-size 4 --num-layers-per-virtual-pipeline-stage 2 "
+        "--decoder-first-pipeline-num-layers 3 --micro-batch-size 1 --global-batch-size 64")
+    assert degrees["pp"] == 4
+    assert (plan.pipeline_schedule, plan.layers_per_virtual_stage, plan.first_stage_layers) == (
+        None, 2, 3)  # None: interleaved, as Megatron, once the virtual stages are known
+    _, plan = plan_and_degrees_from_megatron("--pipeline-model-parallel-size 2 --pipeline-schedule zbv")
+    assert plan.pipeline_schedule == "zbv"
 
 
 def test_deep_merge():

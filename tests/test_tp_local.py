@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from dtensor_parallel import build_mesh, parallelize
 
 from .local_ranks import simulated_ranks
-from .parity import (REL_TOL, TINY_LLAMA, full_grads, make_batch, make_model, plan_for, reference_step,
+from .parity import (REL_TOL, TINY_LLAMA, make_batch, make_model, plan_for, reference_step,
                      rel_err)
 from .toy_gpt import ToyGPT
 
@@ -43,7 +43,7 @@ def test_tp_parity_simulated(kind: str, tp: int, sp: bool) -> None:
     with simulated_ranks(tp):
         pm = parallelize(copy.deepcopy(ref), build_mesh(tp=tp), plan_for(kind, sequence_parallel=sp))
         loss = _rank0(pm.forward_backward(x, y))
-        grads = {n: _rank0(g) for n, g in full_grads(pm.module).items()}
+        grads = {n: _rank0(g) for n, g in pm.full_grads().items()}
     assert rel_err(loss, ref_loss) <= REL_TOL
     for name, p in ref.named_parameters():
         assert rel_err(grads[name], p.grad) <= REL_TOL, name

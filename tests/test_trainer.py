@@ -184,8 +184,7 @@ def test_ffn_hidden_dim_and_unsupported_features():
     assert cfg.model.args().ffn_hidden_dim == 768
     with pytest.raises(ValueError, match="ffn_hidden_dim=512 cannot be expressed"):
         config_from_dict({"model": {"ffn_hidden_dim": 512}})  # below 8 dim / 3 = 682
-    for section, key, what in (("parallel", "pp", "pipeline"), ("parallel", "cp", "context"),
-                               ("parallel", "ep", "expert")):
+    for section, key, what in (("parallel", "cp", "context"), ("parallel", "ep", "expert")):
         with pytest.raises(NotImplementedError, match=f"{what} parallelism is not yet supported"):
             check_supported(config_from_dict({section: {key: 2}}))
     with pytest.raises(NotImplementedError, match="checkpointing arrives with the checkpoint release"):
@@ -193,8 +192,8 @@ def test_ffn_hidden_dim_and_unsupported_features():
 
 
 def test_cli_rejects_before_launching(capsys):
-    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--pipeline-model-parallel-size", "2"])
-    assert rc == 2 and "arrives with the pipeline/context/expert parallel release" in capsys.readouterr().err
+    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--context-parallel-size", "2"])
+    assert rc == 2 and "arrives with the context/expert parallel release" in capsys.readouterr().err
     rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "3"])
     assert rc == 2 and "does not divide world size 3" in capsys.readouterr().err
 
@@ -239,6 +238,19 @@ def test_debug_recipe_end_to_end_tp2_fsdp2(tmp_path):
     losses = [r["loss"] for r in _records(metrics, steps)]
     assert abs(losses[0] - math.log(2048)) < 1.0  # starts near uniform guessing
     assert max(losses[-3:]) < losses[0] - 1.5, losses  # and clearly learns the chain
+
+
+def test_debug_recipe_pipeline_pp2_tp2_logs_bubble(tmp_path):
+    """PP2 x TP2 on 4 ranks, interleaved 1F1B with 2 virtual stages (4 layers: 1 a stage), 16
+    sequences in micro-batches of 2."""
+    steps, metrics = 8, tmp_path / "pp.jsonl"
+    proc = _train_cli(4, ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+                          "--micro-batch-size", "2", "--train-iters", str(steps), "--lr-warmup-iters", "2",
+                          "--metrics", str(metrics)], timeout=150)
+    assert "'pp': 2" in proc.stdout and "'tp': 2" in proc.stdout and "8 micro-batches" in proc.stdout
+    recs = _records(metrics, steps)
+    assert all(0.0 <= r["bubble_frac"] < 1.0 and r["bubble_s"] >= 0.0 for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
 
 
 def test_token_file_end_to_end_fsdp2_with_profile(tmp_path):

@@ -64,7 +64,7 @@ class ParallelConfig:
 
 @dataclass
 class PlanConfig:
-    """:class:`~dtensor_parallel.ParallelPlan` fields (virtual stages arrive with PP)."""
+    """:class:`~dtensor_parallel.ParallelPlan` fields."""
 
     sequence_parallel: bool = False
     recompute: str = "none"
@@ -75,6 +75,10 @@ class PlanConfig:
     mixed_precision: str = "fp32"
     virtual_stages: int | None = None
     layers_per_virtual_stage: int | None = None
+    pipeline_schedule: str | None = None
+    layers_per_stage: list[int] | None = None
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def to_parallel_plan(self, micro_batch_size: int | None = None,
                          global_batch_size: int | None = None) -> ParallelPlan:
@@ -83,7 +87,11 @@ class PlanConfig:
             recompute_method=self.recompute_method,  # type: ignore[arg-type]
             recompute_num_layers=self.recompute_num_layers, compile=self.compile,
             kernels=self.kernels, mixed_precision=self.mixed_precision,  # type: ignore[arg-type]
-            micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
+            micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+            pipeline_schedule=self.pipeline_schedule, virtual_stages=self.virtual_stages,
+            layers_per_virtual_stage=self.layers_per_virtual_stage,
+            layers_per_stage=self.layers_per_stage, first_stage_layers=self.first_stage_layers,
+            last_stage_layers=self.last_stage_layers)
 
 
 @dataclass

@@ -38,15 +38,12 @@ PROFILE_NUM_STEPS = 3
 def check_supported(cfg: TrainConfig) -> None:
     """Features this release does not run yet; raised before any collective."""
     p = cfg.parallel
-    for degree, what in ((p.pp, "pipeline"), (p.cp, "context"), (p.ep, "expert")):
+    for degree, what in ((p.cp, "context"), (p.ep, "expert")):
         if degree > 1:
-            name = {"pipeline": "pp", "context": "cp", "expert": "ep"}[what]
+            name = {"context": "cp", "expert": "ep"}[what]
             raise NotImplementedError(
                 f"{name}={degree}: {what} parallelism is not yet supported, arrives with the "
-                f"pipeline/context/expert parallel release; set [parallel] {name} = 1")
-    if cfg.plan.virtual_stages or cfg.plan.layers_per_virtual_stage:
-        raise NotImplementedError("virtual pipeline stages are not yet supported, arrive with the "
-                                  "pipeline parallel release")
+                f"context/expert parallel release; set [parallel] {name} = 1")
     if cfg.checkpoint.save or cfg.checkpoint.load:
         raise NotImplementedError("checkpointing arrives with the checkpoint release: remove "
                                   "[checkpoint] save/load (--save/--load)")
@@ -208,6 +205,9 @@ def _train(cfg: TrainConfig) -> list[float]:
                        "mfu": mfu(tps / world, flops_tok) if on_gpu else None,
                        "peak_mem_gib": peak_memory_gib(pm.device), "step_time_s": dt,
                        "tokens": n_tokens}
+                if pm.pipeline is not None:  # this rank's idle time inside the schedule
+                    pipe = pm.pipeline
+                    rec.update(bubble_s=pipe.bubble_s, bubble_frac=pipe.bubble_s / max(pipe.step_s, 1e-9))
                 writer.write(rec)
                 printer(rec)
         finally:

@@ -1,0 +1,177 @@
+"""Pipeline schedules on 2 GPUs: step time and measured bubble against theory.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/pipeline.py
+
+A Llama-3-8B-shaped model (dim 4096, 32 heads / 8 kv heads, SwiGLU 14336, vocab 128256)
+with ``--layers`` layers, bf16 weights, sequence ``--seq``, ``--microbatches`` micro-batches
+of one sequence per step. Schedules: 1F1B (v=1), interleaved 1F1B (v=2), zero bubble V
+(ZBV, v=2), GPipe (v=1).
+
+Baseline, measured in the same run on each GPU: the same model on one GPU without any
+pipeline, the same micro-batches accumulated. Its step time over 2 is the ideal PP2 step
+(perfect balance, no bubble, no communication), so ``step / ideal - 1`` is the whole
+pipeline overhead. The bubble each rank measures itself (``PipelineRuntime``: step time
+minus time inside the stage's forward/backward methods) is reported as a fraction of its
+own compute, which is what the theory (p - 1) / (v m) estimates for 1F1B and interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dtensor_parallel import ParallelPlan, build_mesh, parallelize
+from dtensor_parallel.models import Llama, llama3_args
+from dtensor_parallel.pipeline.schedules import theoretical_bubble
+
+from common import median, write_results
+
+SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2), ("gpipe", 1)]
+
+
+def batch(args, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, vocab, (args.microbatches, args.seq + 1), device=device, generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup: int, steps: int) -> list[float]:
+    out = []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def single_gpu_step_s(args, model_args, device) -> float:
+    """The same model and micro-batches on one GPU: the no-pipeline baseline."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(model_args)
+    model.to_empty(device=device)
+    model.init_weights(buffer_device=device)
+    model.to(torch.bfloat16)
+    x, y = batch(args, model_args.vocab_size, device)
+
+    def step():
+        for i in range(args.microbatches):
+            logits = model(x[i:i + 1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y[i:i + 1].flatten()) / args.microbatches
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = timed(step, args.warmup, args.steps)
+    del model
+    return median(times)
+
+
+def pipeline_row(args, model_args, schedule: str, virtual: int, device) -> dict:
+    mesh = build_mesh(pp=2, dp_shard=1)
+    with torch.device("meta"):
+        model = Llama(model_args)
+    plan = ParallelPlan(pipeline_schedule=schedule, virtual_stages=virtual, micro_batch_size=1)
+    pm = parallelize(model, mesh, plan)
+    pm.init_weights(seed=0)
+    for m in pm.stage_modules:
+        m.to(torch.bfloat16)
+    x, y = batch(args, model_args.vocab_size, device)
+    bubbles, busy = [], []
+
+    def step():
+        pm.forward_backward(x, y)
+        pm.zero_grad()
+        bubbles.append(pm.pipeline.bubble_s)
+        busy.append(pm.pipeline.busy_s)
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, args.warmup, args.steps)
+    bubble, compute = median(bubbles[args.warmup:]), median(busy[args.warmup:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    stats = torch.tensor([bubble, compute, peak], device=device)
+    gathered = [torch.zeros_like(stats) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, stats)
+    del pm, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "impl": f"pp2_{schedule}_v{virtual}",
+        "schedule": schedule, "virtual_stages": virtual, "microbatches": args.microbatches,
+        "shape": f"llama3-{args.flavour} dims x {args.layers} layers, seq {args.seq}, mb 1 x {args.microbatches}, bf16",
+        "median_ms": 1000 * median(times),
+        "bubble_ms_per_rank": [round(1000 * g[0].item(), 2) for g in gathered],
+        "compute_ms_per_rank": [round(1000 * g[1].item(), 2) for g in gathered],
+        "bubble_over_compute_per_rank": [round(g[0].item() / g[1].item(), 4) for g in gathered],
+        "peak_mem_gib_per_rank": [round(g[2].item(), 2) for g in gathered],
+        "theory_bubble_over_compute": (0.0 if schedule == "zbv"
+                                       else theoretical_bubble(2, virtual, args.microbatches)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--flavour", default="8B", help="'debug' for a CPU smoke run (gloo)")
+    args = p.parse_args()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    model_args = llama3_args(args.flavour, n_layers=args.layers, max_seq_len=args.seq)
+
+    baseline = single_gpu_step_s(args, model_args, device)
+    ideal_ms = 1000 * baseline / 2
+    rows = [{"impl": "single_gpu_no_pipeline", "shape": f"same model, {args.microbatches} micro-batches accumulated",
+             "median_ms": 1000 * baseline, "ideal_pp2_ms": ideal_ms}]
+    for schedule, virtual in SCHEDULES:
+        row = pipeline_row(args, model_args, schedule, virtual, device)
+        row["overhead_vs_ideal"] = row["median_ms"] / ideal_ms - 1
+        rows.append(row)
+        if dist.get_rank() == 0:
+            print(f"{row['impl']:>24}: {row['median_ms']:8.1f} ms  (ideal {ideal_ms:.1f}, overhead "
+                  f"{100 * row['overhead_vs_ideal']:5.1f}%)  bubble/compute per rank "
+                  f"{row['bubble_over_compute_per_rank']} theory {row['theory_bubble_over_compute']:.4f}",
+                  flush=True)
+    if dist.get_rank() == 0:
+        by = {r["impl"]: r for r in rows}
+        one = by["pp2_1f1b_v1"]["median_ms"]
+        targets = [
+            {"name": "interleaved_1f1b_v2 step / 1f1b step", "value": by["pp2_interleaved_1f1b_v2"]["median_ms"] / one,
+             "goal": 1.0, "higher_is_better": False},
+            {"name": "zbv step / 1f1b step", "value": by["pp2_zbv_v2"]["median_ms"] / one,
+             "goal": 1.0, "higher_is_better": False},
+            {"name": "1f1b overhead vs ideal PP2 step (theory (p-1)/m)",
+             "value": by["pp2_1f1b_v1"]["overhead_vs_ideal"],
+             "goal": theoretical_bubble(2, 1, args.microbatches), "higher_is_better": False},
+        ]
+        path = write_results("pipeline", rows, targets, world_size=dist.get_world_size())
+        print(f"wrote {path}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Driving a pipeline schedule over this rank's stage modules.
+
+Each stage module (already TP/SP/FSDP-parallelized by ``parallelize``) becomes a
+``torch.distributed.pipelining.PipelineStage`` on the pp process group; P2P sends the
+stage output to the rank of the same (dp, cp, tp) coordinates in the next stage, so under
+TP + SP each tp rank sends its sequence shard. Shapes are inferred at run time.
+
+Bubble: the stage methods the schedules call for each action (``forward_one_chunk``,
+``backward_one_chunk`` for B or the full backward, ``backward_weight_one_chunk`` for W) are
+timed (CUDA events on GPU), so ``busy_s`` is this rank's compute time in the last step and
+``bubble_s = step_s - busy_s`` its idle time: the pipeline bubble plus exposed P2P waits.
+
+Loss: each micro-batch's loss is ``sum of token losses / global valid tokens`` and the
+schedule does not rescale gradients (``scale_grads=False``), so the accumulated gradient
+is that of the global mean loss, as on one device. Only the last stage sees losses; the
+reported loss is summed over pp (others add 0) and dp.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+
+from ..tensor_parallel.loss import cross_entropy_sum
+from .schedules import SCHEDULES, schedule_class
+
+
+class PipelineRuntime:
+    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
+                 pp_mesh: DeviceMesh, schedule: str, device: torch.device):
+        self.group = pp_mesh.get_group()
+        self.stage_ids = stage_ids
+        self.n_stages = n_stages
+        self.schedule_name = schedule
+        self.virtual = len(stage_ids)
+        self.stages = [PipelineStage(m, sid, n_stages, device, group=self.group)
+                       for m, sid in zip(stage_modules, stage_ids)]
+        self._timer = _BusyTimer(device)
+        for stage in self.stages:
+            self._timer.wrap(stage)
+        self.is_first = 0 in stage_ids
+        self.is_last = n_stages - 1 in stage_ids
+        self._schedules: dict[int, object] = {}
+        self._n_tokens: torch.Tensor | None = None
+        self.step_s: float = 0.0
+        self.busy_s: float = 0.0
+
+    @property
+    def bubble_s(self) -> float:
+        return max(self.step_s - self.busy_s, 0.0)
+
+    def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(output, target) / self._n_tokens
+
+    def schedule(self, n_microbatches: int):
+        """The schedule object for this many micro-batches (built once, then reused)."""
+        if n_microbatches not in self._schedules:
+            cls = schedule_class(self.schedule_name, self.virtual)
+            stages = self.stages if SCHEDULES[self.schedule_name].multi or self.virtual > 1 else self.stages[0]
+            self._schedules[n_microbatches] = cls(stages, n_microbatches, loss_fn=self._loss_fn,
+                                                  scale_grads=False)
+        return self._schedules[n_microbatches]
+
+    def _step_kwargs(self, sched) -> dict:
+        params = inspect.signature(sched.step).parameters
+        return {"return_outputs": False} if "return_outputs" in params else {}
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_microbatches: int,
+                         n_tokens: torch.Tensor) -> torch.Tensor:
+        """One schedule step; returns this rank's summed micro-batch losses (0 off the last
+        stage)."""
+        self._n_tokens = n_tokens
+        sched = self.schedule(n_microbatches)
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.is_first else ()
+        kwargs = {"target": y, "losses": losses} if self.is_last else {}
+        self._timer.reset()
+        if n_tokens.is_cuda:
+            torch.cuda.synchronize(n_tokens.device)
+        t0 = time.perf_counter()
+        sched.step(*args, **kwargs, **self._step_kwargs(sched))
+        if n_tokens.is_cuda:
+            torch.cuda.synchronize(n_tokens.device)
+        self.step_s = time.perf_counter() - t0
+        self.busy_s = self._timer.total_s()
+        total = torch.zeros((), device=n_tokens.device, dtype=torch.float32)
+        for loss in losses:
+            total += loss.detach().float()
+        return total
+
+    def forward(self, x: torch.Tensor, n_microbatches: int):
+        """Forward only; the logits on the ranks holding the last stage, None elsewhere."""
+        sched = self.schedule(n_microbatches)
+        if not hasattr(sched, "eval"):
+            raise NotImplementedError("forward-only pipeline runs need torch >= 2.13 (Schedule.eval)")
+        out = sched.eval(*((x,) if self.is_first else ()))
+        return out if self.is_last else None
+
+    def sum_over_pp(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
+class _BusyTimer:
+    """Sums the time spent inside a stage's per-micro-batch compute methods."""
+
+    METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple] = []
+        self._cpu_s = 0.0
+
+    def wrap(self, stage: PipelineStage) -> None:
+        for name in self.METHODS:
+            method = getattr(stage, name, None)
+            if method is not None:
+                setattr(stage, name, self._timed(method))
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self._events.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._cpu_s += time.perf_counter() - t0
+            return out
+        return run
+
+    def reset(self) -> None:
+        self._events.clear()
+        self._cpu_s = 0.0
+
+    def total_s(self) -> float:
+        """Call after a synchronize."""
+        return self._cpu_s + sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
