@@ -1,0 +1,1 @@
+"""Pipeline parallelism on the "pp" dim: splitting into stages, schedules, runtime."""
