@@ -31,7 +31,12 @@ from dtensor_parallel.pipeline.schedules import theoretical_bubble
 
 from common import median, write_results
 
-SCHEDULES = [("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2), ("gpipe", 1)]
+# (schedule, virtual stages, layers per stage for 8 layers). The last stage also holds the
+# 128256-word head, about 2.4 layers of FLOPs, so the splits give the rank holding it about
+# 2.4 layers fewer (loop order: rank r holds stages r, r+2; V order: rank 0 holds 0 and 3).
+# An even split is run too, for 1F1B, to show what the imbalance costs.
+SCHEDULES = [("1f1b", 1, [5, 3]), ("1f1b", 1, None), ("interleaved_1f1b", 2, [3, 2, 2, 1]),
+             ("zbv", 2, [2, 3, 2, 1]), ("gpipe", 1, [5, 3])]
 
 
 def batch(args, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +84,14 @@ def single_gpu_step_s(args, model_args, device) -> float:
     return median(times)
 
 
-def pipeline_row(args, model_args, schedule: str, virtual: int, device) -> dict:
+def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int] | None, device) -> dict:
     mesh = build_mesh(pp=2, dp_shard=1)
     with torch.device("meta"):
         model = Llama(model_args)
-    plan = ParallelPlan(pipeline_schedule=schedule, virtual_stages=virtual, micro_batch_size=1)
+    if split is not None and sum(split) != model_args.n_layers:
+        split = None  # the balanced splits are for the default 8 layers
+    plan = ParallelPlan(pipeline_schedule=schedule, virtual_stages=virtual, micro_batch_size=1,
+                        layers_per_stage=split)
     pm = parallelize(model, mesh, plan)
     pm.init_weights(seed=0)
     for m in pm.stage_modules:
@@ -110,8 +118,9 @@ def pipeline_row(args, model_args, schedule: str, virtual: int, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {
-        "impl": f"pp2_{schedule}_v{virtual}",
+        "impl": f"pp2_{schedule}_v{virtual}" + ("_even" if split is None else ""),
         "schedule": schedule, "virtual_stages": virtual, "microbatches": args.microbatches,
+        "layers_per_stage": split or "even",
         "shape": f"llama3-{args.flavour} dims x {args.layers} layers, seq {args.seq}, mb 1 x {args.microbatches}, bf16",
         "median_ms": 1000 * median(times),
         "bubble_ms_per_rank": [round(1000 * g[0].item(), 2) for g in gathered],
@@ -146,8 +155,8 @@ def main() -> None:
     ideal_ms = 1000 * baseline / 2
     rows = [{"impl": "single_gpu_no_pipeline", "shape": f"same model, {args.microbatches} micro-batches accumulated",
              "median_ms": 1000 * baseline, "ideal_pp2_ms": ideal_ms}]
-    for schedule, virtual in SCHEDULES:
-        row = pipeline_row(args, model_args, schedule, virtual, device)
+    for schedule, virtual, split in SCHEDULES:
+        row = pipeline_row(args, model_args, schedule, virtual, split, device)
         row["overhead_vs_ideal"] = row["median_ms"] / ideal_ms - 1
         rows.append(row)
         if dist.get_rank() == 0:

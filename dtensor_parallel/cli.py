@@ -79,9 +79,38 @@ def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
     return 0
 
 
+# ---- schedule ---------------------------------------------------------------------------
+def _schedule_arguments(p: argparse.ArgumentParser) -> None:
+    from .pipeline.schedules import SCHEDULES
+
+    p.add_argument("--pp", type=int, default=4, help="pipeline ranks (default 4)")
+    p.add_argument("--vpp", type=int, default=None,
+                   help="stages per rank (default: the schedule's minimum, 1; 2 for interleaved_1f1b/zbv)")
+    p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (default 8)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="default: interleaved_1f1b if --vpp > 1 else 1f1b")
+    p.add_argument("--out", default=None, help="PNG path (default schedule_<name>_pp<P>_v<V>_m<M>.png)")
+
+
+def _run_schedule(args: argparse.Namespace, flags: list[str]) -> int:
+    from .pipeline.draw import render_schedule
+    from .pipeline.schedules import default_virtual
+
+    name = args.schedule or ("interleaved_1f1b" if (args.vpp or 1) > 1 else "1f1b")
+    vpp = args.vpp if args.vpp is not None else default_virtual(name)
+    try:
+        print(render_schedule(name, args.pp, vpp, args.microbatches, args.out))
+    except ValueError as e:
+        print(f"dtensor-parallel schedule: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from a TOML recipe (Megatron flags override it)",
                      _train_arguments, _run_train),
+    "schedule": Command("draw a pipeline schedule as a PNG and print its bubble fraction (no GPU needed)",
+                        _schedule_arguments, _run_schedule, takes_megatron_flags=False),
 }
 
 
