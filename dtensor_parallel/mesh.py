@@ -136,8 +136,11 @@ def build_mesh(
     return mesh
 
 
-def mesh_dims(mesh: DeviceMesh) -> ParallelDims:
-    return ParallelDims.from_mesh(mesh)
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    """This rank's device for the mesh (``cuda:<current>`` on a CUDA mesh)."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:

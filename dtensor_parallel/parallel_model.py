@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .grads import gather_full, global_grad_norm, reduce_partial_grads
-from .mesh import ParallelDims, submesh
+from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
 from .tensor_parallel.loss import IGNORE_INDEX, cross_entropy_sum, loss_context
@@ -76,9 +76,7 @@ class ParallelModel:
 
     @property
     def device(self) -> torch.device:
-        if self.mesh.device_type == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device(self.mesh.device_type)
+        return mesh_device(self.mesh)
 
     @property
     def dp_rank(self) -> int:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .data_parallel import apply_data_parallel, data_parallel_mesh
-from .mesh import ParallelDims, submesh
+from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.layout import pipeline_layout
 from .pipeline.runtime import PipelineRuntime
@@ -108,10 +107,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
 
     pipeline = None
     if layout is not None:
-        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" \
-            else torch.device(mesh.device_type)
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
-                                   layout.schedule, device)
+                                   layout.schedule, mesh_device(mesh))
     return ParallelModel(stage_modules, mesh, plan, dims, loss_parallel=loss_parallel,
                          autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
                          pipeline=pipeline, state_order=state_order)

@@ -132,3 +132,24 @@ def test_pipeline_training_tracks_single_device(layout: str) -> None:
 def test_pipeline_with_recompute_and_accumulation() -> None:
     run_distributed(4, one_step_parity, "toy", {"pp": 2, "dp_shard": 2},
                     {"micro_batch_size": 1, "global_batch_size": 8, "recompute": "selective"}, batch=8)
+
+
+def _forward_only_case() -> bool:
+    import copy
+
+    from .parity import make_batch, plan_for, rel_err
+    ref = make_model("llama")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(pp=2), plan_for("llama", micro_batch_size=2))
+    x, _ = make_batch(TINY_LLAMA.vocab_size, 4, 16)
+    logits = pm(x)
+    if pm.pipeline.is_last:
+        with torch.no_grad():
+            assert rel_err(logits, ref(x)) <= 1e-5
+    else:
+        assert logits is None
+    return pm.pipeline.is_last
+
+
+def test_pipeline_forward_only() -> None:
+    """pm(x) under PP: the logits on the last stage's ranks, equal to one device's."""
+    assert run_distributed(2, _forward_only_case) == [False, True]

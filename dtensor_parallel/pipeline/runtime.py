@@ -46,7 +46,7 @@ class PipelineRuntime:
             self._timer.wrap(stage)
         self.is_first = 0 in stage_ids
         self.is_last = n_stages - 1 in stage_ids
-        self._schedules: dict[int, object] = {}
+        self._schedules: dict[tuple[int, bool], object] = {}
         self._n_tokens: torch.Tensor | None = None
         self.step_s: float = 0.0
         self.busy_s: float = 0.0
@@ -58,14 +58,16 @@ class PipelineRuntime:
     def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy_sum(output, target) / self._n_tokens
 
-    def schedule(self, n_microbatches: int):
-        """The schedule object for this many micro-batches (built once, then reused)."""
-        if n_microbatches not in self._schedules:
+    def schedule(self, n_microbatches: int, training: bool = True):
+        """The schedule object for this many micro-batches (built once, then reused); a
+        forward-only one has no loss function, so it needs no targets."""
+        key = (n_microbatches, training)
+        if key not in self._schedules:
             cls = schedule_class(self.schedule_name, self.virtual)
             stages = self.stages if SCHEDULES[self.schedule_name].multi or self.virtual > 1 else self.stages[0]
-            self._schedules[n_microbatches] = cls(stages, n_microbatches, loss_fn=self._loss_fn,
-                                                  scale_grads=False)
-        return self._schedules[n_microbatches]
+            self._schedules[key] = cls(stages, n_microbatches, loss_fn=self._loss_fn if training else None,
+                                       scale_grads=False)
+        return self._schedules[key]
 
     def _step_kwargs(self, sched) -> dict:
         params = inspect.signature(sched.step).parameters
@@ -96,10 +98,8 @@ class PipelineRuntime:
 
     def forward(self, x: torch.Tensor, n_microbatches: int):
         """Forward only; the logits on the ranks holding the last stage, None elsewhere."""
-        sched = self.schedule(n_microbatches)
-        if not hasattr(sched, "eval"):
-            raise NotImplementedError("forward-only pipeline runs need torch >= 2.13 (Schedule.eval)")
-        out = sched.eval(*((x,) if self.is_first else ()))
+        sched = self.schedule(n_microbatches, training=False)
+        out = sched.step(*((x,) if self.is_first else ()))
         return out if self.is_last else None
 
     def sum_over_pp(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,221 @@
+"""Flash attention kernel (``triton_kernels/flash_attention.py``) against PyTorch.
+
+Tolerance (DESIGN "Testing layers", STYLE principle 7): with relative Frobenius errors,
+``err(kernel, ref_hi) <= 2 * err(torch_same_dtype, ref_hi) + atol``, where ``ref_hi`` is
+:func:`attention_ref` in fp64 (CPU) or fp32 (GPU) and ``torch_same_dtype`` is PyTorch's own
+attention in the input dtype. Shapes are odd on purpose: sequence lengths that are not
+multiples of the blocks, GQA, s_q != s_k.
+
+Without CUDA the kernels run in the Triton interpreter on CPU (fp16/fp32, and bf16 through
+the kernel's upcast flag); ``pytest -m gpu`` runs bf16 at real sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first triton import (a tests/conftest.py may later do this globally).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from triton_kernels.flash_attention import (  # noqa: E402
+    attention_ref,
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_ring_step,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check(name: str, kernel: torch.Tensor, torch_same: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    err_k, err_t = _rel(kernel, ref), _rel(torch_same, ref)
+    print(f"{name}: err(kernel)={err_k:.2e} err(torch)={err_t:.2e}")
+    assert err_k <= 2 * err_t + atol, f"{name}: err(kernel)={err_k:.3e} > 2*err(torch)={err_t:.3e} + {atol:.0e}"
+
+
+def _inputs(b: int, hq: int, hkv: int, s_q: int, s_k: int, d: int, dtype: torch.dtype,
+            bshd: bool = False, device: str = DEVICE) -> tuple[torch.Tensor, ...]:
+    if bshd:  # (b, s, h, d) memory seen as (b, h, s, d): strided, head dim contiguous
+        q = torch.randn(b, s_q, hq, d, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.randn(b, s_k, hkv, d, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(b, s_k, hkv, d, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(b, hq, s_q, d, device=device, dtype=dtype)
+        k = torch.randn(b, hkv, s_k, d, device=device, dtype=dtype)
+        v = torch.randn(b, hkv, s_k, d, device=device, dtype=dtype)
+    return q, k, v
+
+
+def _run(fn, q, k, v, dout, dlse):
+    """out, lse, dq, dk, dv of ``fn`` for the loss <out, dout> + <lse, dlse>."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.to(dout.dtype) * dout).sum()
+    if dlse is not None:
+        loss = loss + (lse.to(dlse.dtype) * dlse).sum()
+    loss.backward()
+    return out.detach(), None if lse is None else lse.detach(), q.grad, k.grad, v.grad
+
+
+CASES = [
+    # (b, hq, hkv, s_q, s_k, d, causal, dtype, bshd)
+    (1, 4, 2, 80, 80, 64, True, torch.float16, False),
+    (2, 2, 1, 100, 100, 64, False, torch.float16, True),
+    (1, 2, 2, 48, 48, 128, True, torch.float32, False),
+    (1, 4, 2, 100, 100, 128, False, torch.float32, False),
+    (1, 2, 1, 48, 80, 32, True, torch.float32, False),  # s_q < s_k, top-left causal
+    (1, 2, 1, 100, 48, 16, True, torch.float16, False),  # s_q > s_k
+    (2, 4, 1, 100, 100, 128, True, torch.float16, False),  # GQA group of 4
+    (1, 4, 2, 80, 80, 64, True, torch.bfloat16, False),  # bf16 upcast under the interpreter
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s_q,s_k,d,causal,dtype,bshd", CASES)
+def test_forward_backward(b, hq, hkv, s_q, s_k, d, causal, dtype, bshd):
+    torch.manual_seed(0)
+    q, k, v = _inputs(b, hq, hkv, s_q, s_k, d, dtype, bshd)
+    dout = torch.randn(b, hq, s_q, d, device=DEVICE, dtype=dtype)
+    dlse = torch.randn(b, hq, s_q, device=DEVICE, dtype=torch.float32)  # gradient through lse too
+
+    got = _run(lambda *a: flash_attention(*a, causal=causal), q, k, v, dout, dlse)
+    same = _run(lambda *a: attention_ref(*a, causal=causal, upcast=False), q, k, v, dout, dlse)
+    ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.double() for t in (q, k, v)),
+               dout.double(), dlse.double())
+
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert got[1].shape == (b, hq, s_q)
+    for name, g, s, r in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref):
+        assert g.shape == r.shape, name
+        _check(name, g, s, r, ATOL[dtype])
+
+
+def _ring_forward(q, k, v, n: int):
+    """Simulate n ring ranks on one process: rank i holds query block i and sees K/V block
+    (i - t) mod n at step t; the diagonal is causal, earlier blocks fully visible, later
+    ones skipped. Returns the merged fp32 out and lse, concatenated over ranks."""
+    qs, ks, vs = q.chunk(n, dim=2), k.chunk(n, dim=2), v.chunk(n, dim=2)
+    outs, lses = [], []
+    for i in range(n):
+        out = lse = None  # first step starts from (0, -inf)
+        for t in range(n):
+            j = (i - t) % n
+            if j > i:
+                continue
+            out, lse = flash_attention_ring_step(qs[i], ks[j], vs[j], out, lse, causal=(j == i))
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _ring_backward(q, k, v, out, lse, dout, n: int):
+    """Per (query block i, K/V block j <= i): FlashAttention backward with the global out/lse;
+    dq sums over j, dk/dv over i (in fp32)."""
+    qs, ks, vs = q.chunk(n, dim=2), k.chunk(n, dim=2), v.chunk(n, dim=2)
+    outs, lses, douts = out.chunk(n, dim=2), lse.chunk(n, dim=2), dout.chunk(n, dim=2)
+    dq = [torch.zeros(t.shape, device=t.device) for t in qs]
+    dk = [torch.zeros(t.shape, device=t.device) for t in ks]
+    dv = [torch.zeros(t.shape, device=t.device) for t in vs]
+    for i in range(n):
+        for j in range(i + 1):
+            gq, gk, gv = flash_attention_backward(qs[i], ks[j], vs[j], outs[i], lses[i].contiguous(), douts[i],
+                                                  causal=(j == i), grad_dtype=torch.float32)
+            dq[i] += gq
+            dk[j] += gk
+            dv[j] += gv
+    return torch.cat(dq, dim=2), torch.cat(dk, dim=2), torch.cat(dv, dim=2)
+
+
+def _check_ring(q, k, v, dout, n: int, ref_dtype: torch.dtype) -> None:
+    dtype = q.dtype
+    out, lse = _ring_forward(q, k, v, n)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, n)
+
+    ref = _run(lambda *a: attention_ref(*a, causal=True), *(t.to(ref_dtype) for t in (q, k, v)),
+               dout.to(ref_dtype), None)
+    same_out, same_lse = attention_ref(q, k, v, causal=True, upcast=False)
+    same = _run(lambda *a: (F.scaled_dot_product_attention(*a, is_causal=True, enable_gqa=True), None),
+                q, k, v, dout, None)
+    _check("ring out", out, same[0], ref[0], ATOL[dtype])
+    _check("ring lse", lse, same_lse, ref[1], ATOL[dtype])
+    for name, g, s, r in zip(("ring dq", "ring dk", "ring dv"), (dq, dk, dv), same[2:], ref[2:]):
+        _check(name, g, s, r, ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float16, 3), (torch.float32, 2)])
+def test_ring_step_and_backward(dtype, n):
+    torch.manual_seed(1)
+    block = 40  # not a multiple of the kernel blocks
+    q, k, v = _inputs(1, 4, 2, block * n, block * n, 64, dtype)
+    dout = torch.randn_like(q)
+    _check_ring(q, k, v, dout, n, torch.float64)
+
+
+def test_ring_step_merges_in_place():
+    torch.manual_seed(2)
+    q, k, v = _inputs(1, 2, 1, 40, 80, 32, torch.float32)
+    out, lse = flash_attention_ring_step(q, k[:, :, :40], v[:, :, :40], None, None, causal=False)
+    out2, lse2 = flash_attention_ring_step(q, k[:, :, 40:], v[:, :, 40:], out, lse, causal=False)
+    assert out2.data_ptr() == out.data_ptr() and lse2.data_ptr() == lse.data_ptr()
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=False)
+    assert _rel(out2, ref_out) < 1e-6 and _rel(lse2, ref_lse) < 1e-6
+
+
+def test_errors():
+    q, k, v = _inputs(1, 4, 2, 16, 16, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention(q, k[:, :1].expand(1, 3, 16, 64), v[:, :1].expand(1, 3, 16, 64), causal=True)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        flash_attention(q[..., :48].repeat(1, 1, 1, 2), k[..., :48].repeat(1, 1, 1, 2),
+                        v[..., :48].repeat(1, 1, 1, 2), causal=True)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        flash_attention(q, k.half(), v, causal=True)
+    with pytest.raises(ValueError, match="4-D"):
+        flash_attention(q[0], k[0], v[0], causal=True)
+    with pytest.raises(ValueError, match="out must be fp32"):
+        flash_attention_ring_step(q, k, v, torch.zeros_like(q, dtype=torch.float16),
+                                  torch.zeros(1, 4, 16), causal=True)
+    with pytest.raises(ValueError, match="both out and lse"):
+        flash_attention_ring_step(q, k, v, torch.zeros_like(q), None, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestGPU:
+    """bf16 at real sizes against the fp32 reference; torch_same_dtype is SDPA in bf16 (out,
+    grads) and attention_ref in bf16 (lse)."""
+
+    @pytest.mark.parametrize("s", [1024, 4096])
+    @pytest.mark.parametrize("causal", [True, False])
+    def test_bf16(self, s, causal):
+        torch.manual_seed(0)
+        dtype = torch.bfloat16
+        q, k, v = _inputs(1, 32, 8, s, s, 128, dtype, device="cuda")
+        dout = torch.randn_like(q)
+        got = _run(lambda *a: flash_attention(*a, causal=causal), q, k, v, dout, None)
+        ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)),
+                   dout.float(), None)
+        same = _run(lambda *a: (F.scaled_dot_product_attention(*a, is_causal=causal, enable_gqa=True), None),
+                    q, k, v, dout, None)
+        _, same_lse = attention_ref(q, k, v, causal=causal, upcast=False)
+        _check("out", got[0], same[0], ref[0], ATOL[dtype])
+        _check("lse", got[1], same_lse, ref[1], ATOL[dtype])
+        for name, g, sm, r in zip(("dq", "dk", "dv"), got[2:], same[2:], ref[2:]):
+            _check(name, g, sm, r, ATOL[dtype])
+
+    def test_ring_bf16(self):
+        torch.manual_seed(0)
+        q, k, v = _inputs(1, 32, 8, 4096, 4096, 128, torch.bfloat16, device="cuda")
+        _check_ring(q, k, v, torch.randn_like(q), 4, torch.float32)
