@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .context_parallel import context_parallel_region, zigzag_indices
 from .grads import gather_full, global_grad_norm, reduce_partial_grads
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
@@ -45,6 +46,9 @@ class ParallelModel:
         self.pipeline = pipeline
         self._autocast_bf16 = autocast_bf16
         self._dp_mesh = submesh(mesh, "dp") if dims.dp > 1 else None
+        # the loss and the token count are summed over every rank holding other tokens
+        self._loss_mesh = submesh(mesh, "dp_cp") if dims.dp_cp > 1 else None
+        self._cp_mesh = submesh(mesh, "cp") if dims.cp > 1 else None
         self._state_order = state_order
 
     # ---- nn.Module-like surface -------------------------------------------------------
@@ -90,11 +94,15 @@ class ParallelModel:
     def __call__(self, input_ids: torch.Tensor):
         """Forward. Under TP with a vocab-parallel head the logits are a ``Shard(-1)``
         DTensor (``.full_tensor()`` gathers them); under PP only the ranks of the last
-        stage get logits, the others None."""
+        stage get logits, the others None; under CP the logits of this rank's zigzag
+        positions (``zigzag_indices``)."""
         self._check_inputs(input_ids)
-        with self._autocast(), torch.no_grad() if self.pipeline is not None else contextlib.nullcontext():
+        n_micro = self._micro_batches(input_ids.shape[0])
+        (input_ids,), cp_region = self._context_parallel(input_ids.to(self.device))
+        no_grad = torch.no_grad() if self.pipeline is not None else contextlib.nullcontext()
+        with self._autocast(), no_grad, cp_region():
             if self.pipeline is not None:
-                return self.pipeline.forward(input_ids.to(self.device), self._micro_batches(input_ids.shape[0]))
+                return self.pipeline.forward(input_ids, n_micro)
             return self.module(input_ids)
 
     # ---- checks (local, before any collective) -----------------------------------------
@@ -103,11 +111,15 @@ class ParallelModel:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        seq = input_ids.shape[1]
-        if self.plan.sequence_parallel and seq % self.dims.tp:
-            raise ValueError(f"sequence length {seq} is not divisible by tp={self.dims.tp}, which "
-                             f"sequence parallelism shards it over: pad or cut the sequence to a "
-                             f"multiple of {self.dims.tp}")
+        seq, cp, tp = input_ids.shape[1], self.dims.cp, self.dims.tp
+        if cp > 1 and seq % (2 * cp):
+            raise ValueError(f"sequence length {seq} is not divisible by 2 x cp = {2 * cp}, which "
+                             f"zigzag context parallelism cuts it into: pad or cut the sequence to a "
+                             f"multiple of {2 * cp}")
+        if self.plan.sequence_parallel and (seq // cp) % tp:
+            raise ValueError(f"sequence length {seq // cp}{' per cp rank' if cp > 1 else ''} is not "
+                             f"divisible by tp={tp}, which sequence parallelism shards it over: pad or "
+                             f"cut the sequence to a multiple of {tp * (2 * cp if cp > 1 else 1)}")
 
     def _micro_batches(self, b_local: int) -> int:
         plan, dp = self.plan, self.dims.dp
@@ -137,10 +149,23 @@ class ParallelModel:
             raise ValueError(f"global batch {batch.shape[0]} is not divisible by dp={self.dims.dp}")
         return batch.chunk(self.dims.dp)[self.dp_rank]
 
-    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self._dp_mesh is not None:
-            dist.all_reduce(t, group=self._dp_mesh.get_group())
+    def _loss_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks holding other tokens: dp x cp."""
+        if self._loss_mesh is not None:
+            dist.all_reduce(t, group=self._loss_mesh.get_group())
         return t
+
+    def _context_parallel(self, input_ids: torch.Tensor, *others: torch.Tensor):
+        """Under CP: this rank's zigzag shard of each tensor and a factory of the
+        ring-attention region; otherwise the tensors unchanged and a null context."""
+        if self._cp_mesh is None:
+            return (input_ids, *others), contextlib.nullcontext
+        idx = zigzag_indices(input_ids.shape[1], self.dims.cp, self._cp_mesh.get_local_rank(), input_ids.device)
+        backend = self.plan.kernel_backend("attention")
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        group = self._cp_mesh.get_group()
+        return tuple(t[:, idx] for t in (input_ids, *others)), lambda: context_parallel_region(group, idx, backend)
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward over this rank's batch, in micro-batches; gradients
@@ -148,21 +173,21 @@ class ParallelModel:
         self._check_inputs(input_ids, labels)
         n_micro = self._micro_batches(input_ids.shape[0])
         device = self.device
-        input_ids, labels = input_ids.to(device), labels.to(device)
-        n_tokens = self._dp_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
+        (input_ids, labels), cp_region = self._context_parallel(input_ids.to(device), labels.to(device))
+        n_tokens = self._loss_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
         if self.pipeline is not None:
-            with loss_context(self.loss_parallel), self._autocast():
+            with loss_context(self.loss_parallel), self._autocast(), cp_region():
                 total = self.pipeline.forward_backward(input_ids, labels, n_micro, n_tokens)
             reduce_partial_grads(self.parameters())
-            return self._dp_sum(self.pipeline.sum_over_pp(total))
+            return self._loss_sum(self.pipeline.sum_over_pp(total))
         total = torch.zeros((), device=device, dtype=torch.float32)
         for x, y in zip(input_ids.chunk(n_micro), labels.chunk(n_micro)):
-            with loss_context(self.loss_parallel), self._autocast():
+            with loss_context(self.loss_parallel), self._autocast(), cp_region():
                 loss_sum = cross_entropy_sum(self.module(x), y)
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
         reduce_partial_grads(self.parameters())
-        return self._dp_sum(total) / n_tokens
+        return self._loss_sum(total) / n_tokens
 
     # ---- gradients, weights ------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:

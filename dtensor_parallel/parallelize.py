@@ -69,9 +69,6 @@ def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
             raise ValueError(
                 f"global_batch_size({plan.global_batch_size}) is not a multiple of micro_batch_size"
                 f"({plan.micro_batch_size}) * dp({dims.dp}) = {per_step}: change one of them")
-    if dims.cp > 1:
-        raise NotImplementedError(f"cp={dims.cp}: context parallel lands in a later release; "
-                                  f"build the mesh with cp=1")
     n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
                if plan.micro_batch_size and plan.global_batch_size else None)
     layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None

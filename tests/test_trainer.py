@@ -184,16 +184,15 @@ def test_ffn_hidden_dim_and_unsupported_features():
     assert cfg.model.args().ffn_hidden_dim == 768
     with pytest.raises(ValueError, match="ffn_hidden_dim=512 cannot be expressed"):
         config_from_dict({"model": {"ffn_hidden_dim": 512}})  # below 8 dim / 3 = 682
-    for section, key, what in (("parallel", "cp", "context"), ("parallel", "ep", "expert")):
-        with pytest.raises(NotImplementedError, match=f"{what} parallelism is not yet supported"):
-            check_supported(config_from_dict({section: {key: 2}}))
+    with pytest.raises(NotImplementedError, match="expert parallelism is not yet supported"):
+        check_supported(config_from_dict({"parallel": {"ep": 2}}))
     with pytest.raises(NotImplementedError, match="checkpointing arrives with the checkpoint release"):
         check_supported(config_from_dict({"checkpoint": {"save": "ckpt"}}))
 
 
 def test_cli_rejects_before_launching(capsys):
-    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--context-parallel-size", "2"])
-    assert rc == 2 and "arrives with the context/expert parallel release" in capsys.readouterr().err
+    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--expert-model-parallel-size", "2"])
+    assert rc == 2 and "arrives with the expert parallel release" in capsys.readouterr().err
     rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "3"])
     assert rc == 2 and "does not divide world size 3" in capsys.readouterr().err
 
@@ -250,6 +249,16 @@ def test_debug_recipe_pipeline_pp2_tp2_logs_bubble(tmp_path):
     assert "'pp': 2" in proc.stdout and "'tp': 2" in proc.stdout and "8 micro-batches" in proc.stdout
     recs = _records(metrics, steps)
     assert all(0.0 <= r["bubble_frac"] < 1.0 and r["bubble_s"] >= 0.0 for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
+
+
+def test_debug_recipe_context_parallel_cp2_tp2(tmp_path):
+    """CP2 x TP2 + SP on 4 ranks: ring attention over 2 zigzag shards of 128 tokens."""
+    steps, metrics = 8, tmp_path / "cp.jsonl"
+    proc = _train_cli(4, ["--context-parallel-size", "2", "--train-iters", str(steps), "--lr-warmup-iters", "2",
+                          "--metrics", str(metrics)], timeout=150)
+    assert "'cp': 2" in proc.stdout and "'tp': 2" in proc.stdout
+    recs = _records(metrics, steps)
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
 
 

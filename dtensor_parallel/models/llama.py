@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import init
+from ..context_parallel import attention, local_positions
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,13 @@ def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> tor
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (s, hd/2, 2)
 
 
-def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as in Meta's reference. x: (b, s, h, d)."""
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as in Meta's reference. x: (b, s, h, d);
+    rope: (s, d/2, 2) cos/sin rows of the tokens' positions."""
     b, s, h, d = x.shape
     xp = x.float().reshape(b, s, h, d // 2, 2)  # (b, s, h, d/2, 2)
-    cos = cache[:s, None, :, 0]  # (s, 1, d/2)
-    sin = cache[:s, None, :, 1]
+    cos = rope[:s, None, :, 0]  # (s, 1, d/2)
+    sin = rope[:s, None, :, 1]
     x0, x1 = xp[..., 0], xp[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (b, s, h, d/2, 2)
     return out.flatten(3).type_as(x)
@@ -143,18 +145,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)  # (b, s, local heads, d)
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, local kv heads, d)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        # the tokens' global positions: arange(s), or this rank's zigzag chunks under CP
+        rope = rope_table[local_positions(s, rope_table.device)]  # (s, d/2, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        n_rep = q.shape[2] // k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, s, d)
+        out = attention(q, k, v, is_causal=True)  # SDPA, or ring attention under CP
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 

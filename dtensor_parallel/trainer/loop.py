@@ -38,12 +38,10 @@ PROFILE_NUM_STEPS = 3
 def check_supported(cfg: TrainConfig) -> None:
     """Features this release does not run yet; raised before any collective."""
     p = cfg.parallel
-    for degree, what in ((p.cp, "context"), (p.ep, "expert")):
-        if degree > 1:
-            name = {"context": "cp", "expert": "ep"}[what]
-            raise NotImplementedError(
-                f"{name}={degree}: {what} parallelism is not yet supported, arrives with the "
-                f"context/expert parallel release; set [parallel] {name} = 1")
+    if p.ep > 1:
+        raise NotImplementedError(
+            f"ep={p.ep}: expert parallelism is not yet supported, arrives with the expert parallel "
+            f"release; set [parallel] ep = 1")
     if cfg.checkpoint.save or cfg.checkpoint.load:
         raise NotImplementedError("checkpointing arrives with the checkpoint release: remove "
                                   "[checkpoint] save/load (--save/--load)")

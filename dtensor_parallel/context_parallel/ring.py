@@ -1,0 +1,114 @@
+"""Ring attention over the cp group, zigzag-aware (Liu et al. 2023, "Ring Attention with
+Blockwise Transformers"; load balancing as in Brandon et al. 2023 / ring-flash-attention).
+
+Each rank holds queries and keys/values of two sequence chunks, r and 2cp-1-r. Over cp
+steps the key/value blocks rotate around the ring (step i holds rank (r-i)'s), the next
+rotation in flight while the current block is computed. With causal attention and that
+layout every step but the first does exactly half a block:
+
+- step 0, own keys: causal attention over the rank's two chunks (in position order);
+- keys from a rank j < r: all queries attend to j's first chunk (j's second chunk lies
+  after both of ours);
+- keys from a rank j > r: only our second chunk attends, to both of j's chunks.
+
+So no step is fully masked and none is skipped: zigzag turns causal skipping into halving.
+Partial results merge by log-sum-exp in fp32. The backward runs the same ring: dQ stays,
+dK/dV accumulators travel with their key/value block, and one last rotation brings each
+home.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .ring_comm import RingComm
+
+
+def _forward(q, k, v, causal: bool, scale: float, comm: RingComm, backend):
+    b, hq, s, d = q.shape
+    c = s // 2
+    out = torch.zeros(b, hq, s, d, device=q.device, dtype=torch.float32)
+    lse = torch.full((b, hq, s), float("-inf"), device=q.device, dtype=torch.float32)
+    k_cur, v_cur = k, v
+    for i in range(comm.size):
+        works = None
+        if i + 1 < comm.size:
+            (k_next, v_next), works = comm.start([k_cur, v_cur])
+        j = (comm.rank - i) % comm.size
+        if i == 0 or not causal:
+            out, lse = backend.forward_step(q, k_cur, v_cur, out, lse, causal and i == 0, scale)
+        elif j < comm.rank:
+            out, lse = backend.forward_step(q, k_cur[:, :, :c], v_cur[:, :, :c], out, lse, False, scale)
+        else:
+            o2, l2 = backend.forward_step(q[:, :, c:], k_cur, v_cur, out[:, :, c:], lse[:, :, c:], False, scale)
+            out, lse = torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
+        if works is not None:
+            comm.wait(works)
+            k_cur, v_cur = k_next, v_next
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingComm, backend):
+    s = q.shape[2]
+    c = s // 2
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    k_cur, v_cur = k, v
+    for i in range(comm.size):
+        works = None
+        if i + 1 < comm.size:
+            (k_next, v_next), works = comm.start([k_cur, v_cur])
+        j = (comm.rank - i) % comm.size
+        if i == 0 or not causal:
+            gq, gk, gv = backend.backward_block(dout, q, k_cur, v_cur, out, lse, causal and i == 0, scale)
+            dq += gq
+            dk += gk
+            dv += gv
+        elif j < comm.rank:
+            gq, gk, gv = backend.backward_block(dout, q, k_cur[:, :, :c], v_cur[:, :, :c], out, lse, False, scale)
+            dq += gq
+            dk[:, :, :c] += gk
+            dv[:, :, :c] += gv
+        else:
+            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_cur, v_cur,
+                                                out[:, :, c:], lse[:, :, c:], False, scale)
+            dq[:, :, c:] += gq
+            dk += gk
+            dv += gv
+        # the accumulators follow their key/value block; after cp hops they are home
+        dk, dv = comm.rotate([dk, dv])
+        if works is not None:
+            comm.wait(works)
+            k_cur, v_cur = k_next, v_next
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, group, backend):
+        comm = RingComm(group)
+        out, lse = _forward(q, k, v, causal, scale, comm, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.group, ctx.backend = causal, scale, group, backend
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, RingComm(ctx.group), ctx.backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
+                   group: dist.ProcessGroup, backend) -> torch.Tensor:
+    """q (b, hq, s_local, d), k/v (b, hkv, s_local, d), sequences zigzag-sharded over
+    ``group``; returns (b, hq, s_local, d)."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if causal and q.shape[2] % 2:
+        raise ValueError(f"local sequence {q.shape[2]} is odd: zigzag needs two equal chunks")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _RingAttention.apply(q, k, v, causal, scale, group, backend)

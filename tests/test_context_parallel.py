@@ -1,0 +1,91 @@
+"""Context parallel: zigzag sharding, ring attention parity with the single-device model
+alone and composed with TP+SP, FSDP and PP, balanced work, and the sequence check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dtensor_parallel import build_mesh, parallelize
+from dtensor_parallel.context_parallel import zigzag_indices
+from dtensor_parallel.context_parallel.blocks import TorchBlocks
+
+from .harness import run_distributed
+from .parity import TINY_LLAMA, make_batch, make_model, one_step_parity, plan_for, training_parity
+
+
+def test_zigzag_indices_cover_the_sequence_once() -> None:
+    assert zigzag_indices(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert zigzag_indices(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    all_idx = torch.cat([zigzag_indices(48, 4, r) for r in range(4)])
+    assert sorted(all_idx.tolist()) == list(range(48))
+    with pytest.raises(ValueError, match=r"sequence length 30 is not divisible by 2 x cp = 4"):
+        zigzag_indices(30, 2, 0)
+
+
+CP_LAYOUTS = {
+    "cp2": (2, {"cp": 2}, {}),
+    "cp4": (4, {"cp": 4}, {}),
+    "cp2_tp2_sp": (4, {"cp": 2, "tp": 2}, {"sequence_parallel": True}),
+    "cp2_fsdp2": (4, {"cp": 2, "dp_shard": 2}, {}),
+    "cp2_pp2": (4, {"cp": 2, "pp": 2}, {"micro_batch_size": 2}),
+    "cp2_tp2_dp2_selective": (8, {"cp": 2, "tp": 2, "dp_shard": 2},
+                              {"sequence_parallel": True, "recompute": "selective"}),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "toy"])
+@pytest.mark.parametrize("layout", list(CP_LAYOUTS))
+def test_context_parallel_parity(layout: str, kind: str) -> None:
+    """The Llama calls our attention (ring with un-repeated kv heads); the toy model calls
+    F.scaled_dot_product_attention, which the context-parallel region turns into the ring."""
+    world, mesh_kwargs, plan_kwargs = CP_LAYOUTS[layout]
+    losses = run_distributed(world, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=4, seq=32)
+    assert len(set(losses)) == 1
+
+
+def test_context_parallel_training_tracks_single_device() -> None:
+    run_distributed(4, training_parity, "llama", {"cp": 2, "dp_shard": 2}, {}, steps=10, batch=4, seq=32)
+
+
+def _work_per_rank(cp: int) -> float:
+    """Score elements this rank computes in one forward (a causal diagonal block counts half)."""
+    from dtensor_parallel.context_parallel import blocks
+
+    done = 0.0
+    orig = TorchBlocks.forward_step
+
+    def counting(q, k, v, out, lse, causal, scale):
+        nonlocal done
+        done += q.shape[2] * k.shape[2] * (0.5 if causal else 1.0)
+        return orig(q, k, v, out, lse, causal, scale)
+
+    blocks.TorchBlocks.forward_step = staticmethod(counting)
+    try:
+        pm = parallelize(copy.deepcopy(make_model("llama")), build_mesh(cp=cp), plan_for("llama"))
+        x, _ = make_batch(TINY_LLAMA.vocab_size, 1, 64)
+        with torch.no_grad():
+            pm(x)
+    finally:
+        blocks.TorchBlocks.forward_step = staticmethod(orig)
+    return done / TINY_LLAMA.n_layers
+
+
+def test_zigzag_balances_causal_work() -> None:
+    work = run_distributed(4, _work_per_rank, 4)
+    assert len(set(work)) == 1, work
+    # each rank: 16 local tokens; diagonal 16x16/2 + 3 half-blocks of 16x8
+    assert work[0] == 16 * 16 / 2 + 3 * 16 * 8
+
+
+def _bad_sequence_case() -> None:
+    pm = parallelize(copy.deepcopy(make_model("toy")), build_mesh(cp=2), plan_for("toy"))
+    x = torch.zeros(2, 30, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"sequence length 30 is not divisible by 2 x cp = 4"):
+        pm.forward_backward(x, x)
+
+
+def test_sequence_not_divisible_by_two_cp_is_an_error() -> None:
+    run_distributed(2, _bad_sequence_case)
