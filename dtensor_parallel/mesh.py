@@ -107,6 +107,9 @@ class ParallelDims:
         return cls(**sizes, world_size=math.prod(mesh.shape))
 
 
+_MESHES: dict[tuple, tuple[object, DeviceMesh]] = {}
+
+
 def build_mesh(
     *,
     pp: int = 1,
@@ -119,7 +122,9 @@ def build_mesh(
     """Build the one mesh over the default process group.
 
     Degrees are checked before any process group is created, so a wrong product is a
-    ``ValueError`` on every rank rather than a hang.
+    ``ValueError`` on every rank rather than a hang. The same degrees on the same default
+    group give the same mesh object: its process groups are created once (each gloo or
+    NCCL group holds threads and buffers, so rebuilding meshes in a loop would pile them up).
     """
     if not dist.is_initialized():
         raise RuntimeError(
@@ -130,9 +135,15 @@ def build_mesh(
                         world_size=dist.get_world_size())
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    world = dist.distributed_c10d._get_default_group()
+    key = (dims.shape, device_type)
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0] is world:  # not a mesh of an earlier, destroyed group
+        return cached[1]
     mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIMS)
     for view, parts in FLATTENED_VIEWS.items():
         mesh[parts]._flatten(view)
+    _MESHES[key] = (world, mesh)
     return mesh
 
 

@@ -119,34 +119,36 @@ if _INTERPRET:
     _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
     _DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
     _DQ_CONFIGS = _configs([(64, 32, 4, 1)])
-else:
-    _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                             (128, 32, 4, 4)])
-    _DKDV_CONFIGS = _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)])
-    _DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)])
+else:  # kept small: every config is compiled once per (IS_CAUSAL, HAS_ACC, HEAD_DIM, dtype)
+    _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)])
+    _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)])
+    _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)])
+# fp32 inputs use IEEE dots, which lower to FMA loops, not tensor cores: big tiles unroll into
+# huge kernels that compile for minutes. fp32 gets only these small tiles (and 16-bit never).
+_FP32_TILES = {(64, 32, 4, 2), (32, 64, 4, 2)}
 
 
 def _prune(outer: str, inner: str):
     """Pruning filter: the OUTER block (one per program) must be a multiple of the INNER block
     (the loop step) so the causal diagonal starts on an inner-block boundary; drop blocks far
-    larger than the sequence; 128x128 tiles only for head dim <= 64 in fp32."""
+    larger than the sequence; fp32 (IEEE) and 16-bit inputs use disjoint tile sets."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         s_outer = args["S_Q"] if outer == "BLOCK_M" else args["S_K"]
         s_inner = args["S_K"] if outer == "BLOCK_M" else args["S_Q"]
         fp32 = args["PRECISION"] == "ieee"
+        candidates = [c for c in configs if fp32 == ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                      c.num_stages) in _FP32_TILES)] or list(configs)
         kept = []
-        for c in configs:
+        for c in candidates:
             bo, bi = c.kwargs[outer], c.kwargs[inner]
             if bo % bi:
                 continue
             if bo > max(32, triton.next_power_of_2(s_outer)) or bi > max(32, triton.next_power_of_2(s_inner)):
                 continue
-            if fp32 and bo * bi > 64 * 128 and args["HEAD_DIM"] > 64:
-                continue
             kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs[outer] * c.kwargs[inner])]
+        return kept or [min(candidates, key=lambda c: c.kwargs[outer] * c.kwargs[inner])]
 
     return prune
 

@@ -37,13 +37,28 @@ def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torc
     return (out * torch.exp(lse - new).unsqueeze(-1) + out_b * torch.exp(lse_b - new).unsqueeze(-1), new)
 
 
+MAX_SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once: 512 MiB
+
+
+def _row_chunks(q: torch.Tensor, s_k: int) -> int:
+    """Query rows per chunk so one chunk's scores stay under MAX_SCORE_ELEMENTS."""
+    return max(1, MAX_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * s_k))
+
+
 class TorchBlocks:
-    """Reference backend: plain fp32 PyTorch (materializes the block's s_q x s_k scores)."""
+    """Reference backend: plain fp32 PyTorch, query rows in chunks so the scores of one
+    chunk (not of the whole block) are materialized."""
 
     name = "torch"
 
     @staticmethod
     def forward_step(q, k, v, out, lse, causal: bool, scale: float):
+        rows = _row_chunks(q, k.shape[2])
+        if q.shape[2] > rows and not causal:
+            parts = [TorchBlocks.forward_step(q[:, :, i:i + rows], k, v, out[:, :, i:i + rows],
+                                              lse[:, :, i:i + rows], False, scale)
+                     for i in range(0, q.shape[2], rows)]
+            return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
         s = _scores(q, k, causal, scale)
         lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, s_q)
         rep = q.shape[1] // k.shape[1]
@@ -53,6 +68,15 @@ class TorchBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
+        rows = _row_chunks(q, k.shape[2])
+        if q.shape[2] > rows and not causal:
+            dq, dk, dv = [], 0.0, 0.0
+            for i in range(0, q.shape[2], rows):
+                gq, gk, gv = TorchBlocks.backward_block(dout[:, :, i:i + rows], q[:, :, i:i + rows], k, v,
+                                                        out[:, :, i:i + rows], lse[:, :, i:i + rows], False, scale)
+                dq.append(gq)
+                dk, dv = dk + gk, dv + gv
+            return torch.cat(dq, 2), dk, dv
         rep = q.shape[1] // k.shape[1]
         s = _scores(q, k, causal, scale)
         p = torch.exp(s - lse.unsqueeze(-1))  # uses the final lse: this block's share

@@ -1,0 +1,27 @@
+"""Triton backend of the ring's block functions (``triton_kernels/flash_attention.py``).
+
+The forward merges each block into the running fp32 (out, lse) inside the kernel, so no
+low-precision rounding happens between ring steps; the backward is the FlashAttention-2
+backward of one block given the final out and lse, accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_kernels.flash_attention import flash_attention_backward, flash_attention_ring_step
+
+
+class TritonBlocks:
+    name = "triton"
+
+    @staticmethod
+    def forward_step(q, k, v, out, lse, causal: bool, scale: float):
+        # the kernel updates (out, lse) in place: hand it contiguous copies of slices
+        out, lse = out.contiguous(), lse.contiguous()
+        return flash_attention_ring_step(q, k, v, out, lse, causal=causal, softmax_scale=scale)
+
+    @staticmethod
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
+        return flash_attention_backward(q, k, v, out, lse.contiguous(), dout, causal=causal,
+                                        softmax_scale=scale, grad_dtype=torch.float32)
