@@ -21,6 +21,7 @@ Why this order:
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from torch import nn
@@ -44,6 +45,15 @@ def resolve_plan(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
     filled = {k: defaults[k] for k in ("blocks", "rules", "num_heads", "num_kv_heads")
               if getattr(plan, k) is None and k in defaults}
     return replace(plan, **filled) if filled else plan
+
+
+def check_kernels(plan: ParallelPlan, device_type: str) -> None:
+    """Triton kernels need a GPU, or Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for family, backend in plan.kernels.items():
+        if backend == "triton" and device_type != "cuda" and not interpreted:
+            raise ValueError(f"kernels[{family!r}]='triton' needs CUDA devices, but the mesh is on "
+                             f"{device_type!r}: use kernels='torch' (or 'auto', which picks torch off GPU)")
 
 
 def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
@@ -81,6 +91,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     copy of it, sharing its parameters."""
     dims = ParallelDims.from_mesh(mesh)
     plan = resolve_plan(model, plan or ParallelPlan())
+    check_kernels(plan, mesh.device_type)
     block_names, styles, layout = validate(model, dims, plan)
 
     state_order = None

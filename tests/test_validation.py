@@ -128,3 +128,10 @@ def test_plan_kernels_switch_normalizes() -> None:
     assert ParallelPlan(kernels="triton").kernel_backend("attention") == "triton"
     plan = ParallelPlan(kernels={"moe_dispatch": "auto"})
     assert plan.kernel_backend("moe_dispatch") == "auto" and plan.kernel_backend("attention") == "torch"
+
+
+def test_triton_kernels_off_gpu_is_an_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fake_world(2)
+    _raises_before_collectives(_llama(), build_mesh(cp=2), ParallelPlan(kernels="triton"),
+                               r"kernels\['attention'\]='triton' needs CUDA devices.*kernels='torch'")
