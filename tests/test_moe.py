@@ -1,0 +1,141 @@
+"""The MoE feed-forward on one device: routing, balancing losses by hand, capacity
+dropping, and the grouped experts against a per-token loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots
+
+
+def _moe(dtype=torch.float64, **kw) -> MoE:
+    torch.manual_seed(0)
+    args = MoEArgs(**{"n_experts": 4, "top_k": 2, "hidden_dim": 12, **kw})
+    return MoE(8, args).to(dtype)
+
+
+def _naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j w_tj SwiGLU_e(x_t) (+ shared), token by token."""
+    flat = x.reshape(-1, x.shape[-1])
+    ids, w, _ = moe.router(flat, x.shape[0])
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(moe.args.top_k):
+            e = ids[t, j]
+            h = F.silu(flat[t] @ moe.w1[e]) * (flat[t] @ moe.w3[e])
+            out[t] = out[t] + w[t, j].to(flat.dtype) * (h @ moe.w2[e])
+    if moe.shared is not None:
+        out = out + moe.shared(flat)
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 1}, {"n_shared_experts": 1}, {"score_func": "sigmoid"},
+                                {"n_experts": 8, "top_k": 8}])
+def test_dropless_moe_matches_per_token_loop(kw: dict) -> None:
+    moe = _moe(**kw)
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)  # 21 tokens: odd count
+    out = moe(x)
+    x2 = x.detach().clone().requires_grad_()
+    ref = _naive(moe, x2)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, moe.w1, moe.w2, moe.w3, moe.router.gate.weight], g)
+    ref_grads = torch.autograd.grad(ref, [x2, moe.w1, moe.w2, moe.w3, moe.router.gate.weight], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert int(moe.tokens_per_expert.sum()) == 21 * moe.args.top_k
+
+
+def test_router_weights_renormalized_topk() -> None:
+    moe = _moe(dtype=torch.float32)
+    x = torch.randn(10, 8)
+    ids, w, _ = moe.router(x, 1)
+    probs = F.linear(x, moe.router.gate.weight).softmax(-1)
+    top = probs.topk(2, -1)
+    assert torch.equal(ids, top.indices)
+    torch.testing.assert_close(w, top.values / top.values.sum(-1, keepdim=True))
+
+
+def test_aux_loss_equals_hand_computation() -> None:
+    """Switch loss coeff * E * sum_e f_e P_e, written out with loops."""
+    moe = _moe(aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    flat = x.reshape(-1, 8)
+    ids, _, aux = moe.router(flat, 2)
+    logits = flat @ moe.router.gate.weight.T
+    probs = logits.softmax(-1)
+    E, k, T = 4, 2, 10
+    want = 0.0
+    for e in range(E):
+        f = sum(int(e in ids[t].tolist()) for t in range(T)) / (T * k)
+        p = sum(probs[t, e].item() for t in range(T)) / T
+        want += f * p
+    want = 0.1 * E * want
+    want += 0.01 * sum(math.log(sum(math.exp(v) for v in logits[t].tolist())) ** 2 for t in range(T)) / T
+    assert aux.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_seq_aux_loss_is_the_mean_over_sequences() -> None:
+    moe = _moe(load_balance="seq_aux_loss", aux_loss_coeff=1.0)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    _, _, total = moe.router(x.reshape(-1, 8), 3)
+    per_seq = [moe.router(x[i], 1)[2] for i in range(3)]
+    assert total.item() == pytest.approx(sum(p.item() for p in per_seq) / 3, rel=1e-12)
+
+
+def test_capacity_drops_exactly_the_late_tokens() -> None:
+    """6 tokens, 2 experts, top-1, capacity factor 1: each expert takes ceil(6/2) = 3. Five
+    tokens prefer expert 0: tokens 3 and 4 (the 4th and 5th in token order) are dropped."""
+    moe = _moe(n_experts=2, top_k=1, capacity_factor=1.0, load_balance="none")
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[0, 0] = 1.0  # expert 0 score follows feature 0
+    x = torch.zeros(1, 6, 8, dtype=torch.float64)
+    x[0, :, 1] = torch.randn(6)
+    x[0, :5, 0] = 1.0  # tokens 0..4 -> expert 0
+    x[0, 5, 0] = -1.0  # token 5 -> expert 1
+    out = moe(x)[0]
+    assert moe.capacity(6) == 3
+    assert moe.tokens_per_expert.tolist() == [3, 1]
+    dense = _moe(n_experts=2, top_k=1, load_balance="none")
+    dense.load_state_dict(moe.state_dict())
+    full = dense(x)[0]
+    for t in range(6):
+        if t in (3, 4):
+            assert torch.count_nonzero(out[t]) == 0, f"token {t} should be dropped"
+        else:
+            torch.testing.assert_close(out[t], full[t])
+
+
+def test_expert_slots_order_and_capacity() -> None:
+    ids = torch.tensor([[1, 0], [1, 2], [0, 1]])  # slots 0..5
+    slots, counts, keep = expert_slots(ids, 3, capacity=None)
+    assert slots.tolist() == [1, 4, 0, 2, 5, 3] and counts.tolist() == [2, 3, 1]
+    slots, counts, keep = expert_slots(ids, 3, capacity=2)
+    assert slots.tolist() == [1, 4, 0, 2, 3] and counts.tolist() == [2, 2, 1]
+    assert keep.tolist() == [True, True, True, True, True, False]
+
+
+def test_aux_loss_free_bias_steers_choice_not_weights() -> None:
+    moe = _moe(expert_bias=True, load_balance="none", bias_update_rate=0.5)
+    moe.router.update_expert_bias(torch.tensor([10, 0, 0, 2]))
+    assert moe.router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    x = torch.randn(16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([-100.0, 0, 0, 100.0]))
+    ids, w, _ = moe.router(x, 1)
+    assert (ids == 3).any(-1).all() and not (ids == 0).any()
+    probs = F.linear(x, moe.router.gate.weight).softmax(-1)
+    chosen = probs.gather(-1, ids)
+    torch.testing.assert_close(w, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_bad_moe_args() -> None:
+    with pytest.raises(ValueError, match="top_k=9 must be in 1..n_experts=8"):
+        MoEArgs(n_experts=8, top_k=9)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoEArgs(capacity_factor=0.0)
