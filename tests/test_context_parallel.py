@@ -139,16 +139,21 @@ def test_ring_attention_against_full_attention(backend: str, dtype: str) -> None
         assert ours <= 2 * yardstick + 1e-5, (ours, yardstick)
 
 
-def test_torch_backend_row_chunks_give_the_same_result(monkeypatch) -> None:
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_row_chunks_give_the_same_result(monkeypatch, causal: bool) -> None:
     from dtensor_parallel.context_parallel import blocks
 
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, h, 40, 8, generator=g) for h in (4, 2, 2, 4))
     out0, lse0 = torch.zeros(1, 4, 40, 8), torch.full((1, 4, 40), float("-inf"))
-    whole = TorchBlocks.forward_step(q, k, v, out0, lse0, False, 0.3)
-    grads = TorchBlocks.backward_block(dout, q, k, v, *whole, False, 0.3)
+    whole = TorchBlocks.forward_step(q, k, v, out0, lse0, causal, 0.3)
+    grads = TorchBlocks.backward_block(dout, q, k, v, *whole, causal, 0.3)
     monkeypatch.setattr(blocks, "MAX_SCORE_ELEMENTS", 4 * 40 * 7)  # 7 rows a chunk
-    chunked = TorchBlocks.forward_step(q, k, v, out0, lse0, False, 0.3)
-    chunked_grads = TorchBlocks.backward_block(dout, q, k, v, *whole, False, 0.3)
+    chunked = TorchBlocks.forward_step(q, k, v, out0, lse0, causal, 0.3)
+    chunked_grads = TorchBlocks.backward_block(dout, q, k, v, *whole, causal, 0.3)
     for a, b in zip((*whole, *grads), (*chunked, *chunked_grads)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # against plain causal attention
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=causal, scale=0.3)
+    torch.testing.assert_close(chunked[0], ref, rtol=1e-5, atol=1e-5)

@@ -63,10 +63,13 @@ def context_parallel_region(group: dist.ProcessGroup, positions: torch.Tensor, b
     """Ring attention on ``group`` and RoPE positions ``positions`` for the code inside."""
     token_state = _STATE.set((group, get_backend(backend)))
     token_pos = set_positions(positions)
-    F.scaled_dot_product_attention = _sdpa_in_region
+    swapped = F.scaled_dot_product_attention is _SDPA  # a nested region leaves the swap alone
+    if swapped:
+        F.scaled_dot_product_attention = _sdpa_in_region
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = _SDPA
+        if swapped:
+            F.scaled_dot_product_attention = _SDPA
         reset_positions(token_pos)
         _STATE.reset(token_state)

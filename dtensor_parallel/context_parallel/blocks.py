@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset: int = 0) -> torch.Tensor:
+    """Scores of q rows offset..offset+s_q against keys 0..s_k-1; causal masks key j > row."""
     rep = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(rep, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (b, hq, s_q, s_k)
     if causal:
         sq, sk = s.shape[-2:]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
+        rows = torch.arange(offset, offset + sq, device=s.device)[:, None]
+        s = s.masked_fill(torch.arange(sk, device=s.device)[None, :] > rows, float("-inf"))
     return s
 
 
@@ -40,57 +41,56 @@ def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torc
 MAX_SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once: 512 MiB
 
 
-def _row_chunks(q: torch.Tensor, s_k: int) -> int:
-    """Query rows per chunk so one chunk's scores stay under MAX_SCORE_ELEMENTS."""
-    return max(1, MAX_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * s_k))
+def _row_chunks(q: torch.Tensor, s_k: int) -> list[tuple[int, int]]:
+    """(start, end) query-row chunks so one chunk's scores stay under MAX_SCORE_ELEMENTS."""
+    rows = max(1, MAX_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * s_k))
+    return [(i, min(i + rows, q.shape[2])) for i in range(0, q.shape[2], rows)]
 
 
 class TorchBlocks:
-    """Reference backend: plain fp32 PyTorch, query rows in chunks so the scores of one
-    chunk (not of the whole block) are materialized."""
+    """Reference backend: plain fp32 PyTorch. Query rows go in chunks, so only one chunk's
+    scores are materialized; under a causal mask a chunk reads only the keys up to its last
+    row (the others are masked anyway)."""
 
     name = "torch"
 
     @staticmethod
     def forward_step(q, k, v, out, lse, causal: bool, scale: float):
-        rows = _row_chunks(q, k.shape[2])
-        if q.shape[2] > rows and not causal:
-            parts = [TorchBlocks.forward_step(q[:, :, i:i + rows], k, v, out[:, :, i:i + rows],
-                                              lse[:, :, i:i + rows], False, scale)
-                     for i in range(0, q.shape[2], rows)]
-            return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
-        s = _scores(q, k, causal, scale)
-        lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, s_q)
         rep = q.shape[1] // k.shape[1]
-        p = torch.exp(s - lse_b.unsqueeze(-1))
-        out_b = torch.matmul(p, v.float().repeat_interleave(rep, dim=1))
-        return merge(out, lse, out_b, lse_b)
+        outs, lses = [], []
+        for i, j in _row_chunks(q, k.shape[2]):
+            kk, vv = (k[:, :, :j], v[:, :, :j]) if causal else (k, v)
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i)
+            lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, rows)
+            p = torch.exp(s - lse_b.unsqueeze(-1))
+            out_b = torch.matmul(p, vv.float().repeat_interleave(rep, dim=1))
+            o, l_ = merge(out[:, :, i:j], lse[:, :, i:j], out_b, lse_b)
+            outs.append(o)
+            lses.append(l_)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
-        rows = _row_chunks(q, k.shape[2])
-        if q.shape[2] > rows and not causal:
-            dq, dk, dv = [], 0.0, 0.0
-            for i in range(0, q.shape[2], rows):
-                gq, gk, gv = TorchBlocks.backward_block(dout[:, :, i:i + rows], q[:, :, i:i + rows], k, v,
-                                                        out[:, :, i:i + rows], lse[:, :, i:i + rows], False, scale)
-                dq.append(gq)
-                dk, dv = dk + gk, dv + gv
-            return torch.cat(dq, 2), dk, dv
         rep = q.shape[1] // k.shape[1]
-        s = _scores(q, k, causal, scale)
-        p = torch.exp(s - lse.unsqueeze(-1))  # uses the final lse: this block's share
-        do, vf = dout.float(), v.float().repeat_interleave(rep, dim=1)
-        dv = torch.matmul(p.transpose(-1, -2), do)
-        dp = torch.matmul(do, vf.transpose(-1, -2))
-        delta = (do * out.float()).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
-        dq = torch.matmul(ds, k.float().repeat_interleave(rep, dim=1)) * scale
-        dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
         b, hkv, sk, d = k.shape
-        dk = dk.view(b, hkv, rep, sk, d).sum(2)
-        dv = dv.view(b, hkv, rep, sk, d).sum(2)
-        return dq, dk, dv
+        dq = []
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        for i, j in _row_chunks(q, sk):
+            n = j if causal else sk
+            kk, vv = k[:, :, :n], v[:, :, :n]
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i)
+            p = torch.exp(s - lse[:, :, i:j].unsqueeze(-1))  # the final lse: this block's share
+            do, vf = dout[:, :, i:j].float(), vv.float().repeat_interleave(rep, dim=1)
+            dv_c = torch.matmul(p.transpose(-1, -2), do)
+            dp = torch.matmul(do, vf.transpose(-1, -2))
+            delta = (do * out[:, :, i:j].float()).sum(-1, keepdim=True)
+            ds = p * (dp - delta)
+            dq.append(torch.matmul(ds, kk.float().repeat_interleave(rep, dim=1)) * scale)
+            dk_c = torch.matmul(ds.transpose(-1, -2), q[:, :, i:j].float()) * scale
+            dk[:, :, :n] += dk_c.view(b, hkv, rep, n, d).sum(2)
+            dv[:, :, :n] += dv_c.view(b, hkv, rep, n, d).sum(2)
+        return torch.cat(dq, 2), dk, dv
 
 
 def get_backend(name: str):
