@@ -12,37 +12,18 @@ the kernel's upcast flag); ``pytest -m gpu`` runs bf16 at real sizes.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Must precede the first triton import (a tests/conftest.py may later do this globally).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from triton_kernels.flash_attention import (  # noqa: E402
+from triton_kernels.flash_attention import (
     attention_ref,
     flash_attention,
     flash_attention_backward,
     flash_attention_ring_step,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _check(name: str, kernel: torch.Tensor, torch_same: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
-    err_k, err_t = _rel(kernel, ref), _rel(torch_same, ref)
-    print(f"{name}: err(kernel)={err_k:.2e} err(torch)={err_t:.2e}")
-    assert err_k <= 2 * err_t + atol, f"{name}: err(kernel)={err_k:.3e} > 2*err(torch)={err_t:.3e} + {atol:.0e}"
+from .kernel_checks import ATOL, DEVICE, check_against_torch, rel_err
 
 
 def _inputs(b: int, hq: int, hkv: int, s_q: int, s_k: int, d: int, dtype: torch.dtype,
@@ -98,7 +79,7 @@ def test_forward_backward(b, hq, hkv, s_q, s_k, d, causal, dtype, bshd):
     assert got[1].shape == (b, hq, s_q)
     for name, g, s, r in zip(("out", "lse", "dq", "dk", "dv"), got, same, ref):
         assert g.shape == r.shape, name
-        _check(name, g, s, r, ATOL[dtype])
+        check_against_torch(name, g, s, r, ATOL[dtype])
 
 
 def _ring_forward(q, k, v, n: int):
@@ -148,10 +129,10 @@ def _check_ring(q, k, v, dout, n: int, ref_dtype: torch.dtype) -> None:
     same_out, same_lse = attention_ref(q, k, v, causal=True, upcast=False)
     same = _run(lambda *a: (F.scaled_dot_product_attention(*a, is_causal=True, enable_gqa=True), None),
                 q, k, v, dout, None)
-    _check("ring out", out, same[0], ref[0], ATOL[dtype])
-    _check("ring lse", lse, same_lse, ref[1], ATOL[dtype])
+    check_against_torch("ring out", out, same[0], ref[0], ATOL[dtype])
+    check_against_torch("ring lse", lse, same_lse, ref[1], ATOL[dtype])
     for name, g, s, r in zip(("ring dq", "ring dk", "ring dv"), (dq, dk, dv), same[2:], ref[2:]):
-        _check(name, g, s, r, ATOL[dtype])
+        check_against_torch(name, g, s, r, ATOL[dtype])
 
 
 @pytest.mark.parametrize("dtype,n", [(torch.float16, 3), (torch.float32, 2)])
@@ -170,7 +151,7 @@ def test_ring_step_merges_in_place():
     out2, lse2 = flash_attention_ring_step(q, k[:, :, 40:], v[:, :, 40:], out, lse, causal=False)
     assert out2.data_ptr() == out.data_ptr() and lse2.data_ptr() == lse.data_ptr()
     ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), causal=False)
-    assert _rel(out2, ref_out) < 1e-6 and _rel(lse2, ref_lse) < 1e-6
+    assert rel_err(out2, ref_out) < 1e-6 and rel_err(lse2, ref_lse) < 1e-6
 
 
 def test_errors():
@@ -210,10 +191,10 @@ class TestGPU:
         same = _run(lambda *a: (F.scaled_dot_product_attention(*a, is_causal=causal, enable_gqa=True), None),
                     q, k, v, dout, None)
         _, same_lse = attention_ref(q, k, v, causal=causal, upcast=False)
-        _check("out", got[0], same[0], ref[0], ATOL[dtype])
-        _check("lse", got[1], same_lse, ref[1], ATOL[dtype])
+        check_against_torch("out", got[0], same[0], ref[0], ATOL[dtype])
+        check_against_torch("lse", got[1], same_lse, ref[1], ATOL[dtype])
         for name, g, sm, r in zip(("dq", "dk", "dv"), got[2:], same[2:], ref[2:]):
-            _check(name, g, sm, r, ATOL[dtype])
+            check_against_torch(name, g, sm, r, ATOL[dtype])
 
     def test_ring_bf16(self):
         torch.manual_seed(0)

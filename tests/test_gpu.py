@@ -34,12 +34,16 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_gpu_one_step_parity(layout: str, kind: str) -> None:
     mesh_kwargs, plan_kwargs = LAYOUTS[layout]
-    run_distributed(2, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
+    # each rank asserts loss and gradients against one device; the ranks also agree
+    losses = run_distributed(2, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
+    assert len(set(losses)) == 1, losses
 
 
 def test_gpu_training_parity_tp_sp() -> None:
-    run_distributed(2, training_parity, "llama", {"tp": 2}, {"sequence_parallel": True}, backend="nccl")
+    losses = run_distributed(2, training_parity, "llama", {"tp": 2}, {"sequence_parallel": True}, backend="nccl")
+    assert losses[0] == losses[1]
 
 
 def test_gpu_bf16_fsdp() -> None:
-    run_distributed(2, _bf16_case, {"dp_shard": 2}, {}, backend="nccl")
+    losses = run_distributed(2, _bf16_case, {"dp_shard": 2}, {}, backend="nccl")
+    assert losses[0] == losses[1]

@@ -13,17 +13,10 @@ runs bf16 at DeepSeek-V3 sizes (T=4096, H=7168, top-8 of 64 experts).
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first triton import (tests/conftest.py does this globally too).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from triton_kernels.moe_dispatch import (  # noqa: E402
+from triton_kernels.moe_dispatch import (
     moe_dispatch,
     moe_dispatch_ref,
     permute,
@@ -34,20 +27,7 @@ from triton_kernels.moe_dispatch import (  # noqa: E402
     unpermute_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _check(name: str, kernel: torch.Tensor, torch_same: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
-    assert kernel.shape == ref.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(ref.shape)}"
-    err_k, err_t = _rel(kernel, ref), _rel(torch_same, ref)
-    print(f"{name}: err(kernel)={err_k:.2e} err(torch)={err_t:.2e}")
-    assert err_k <= 2 * err_t + atol, f"{name}: err(kernel)={err_k:.3e} > 2*err(torch)={err_t:.3e} + {atol:.0e}"
+from .kernel_checks import ATOL, DEVICE, check_against_torch, rel_err
 
 
 def _routing(t: int, k: int, e: int, dead: int = 0, repeats: bool = False, device: str = DEVICE,
@@ -124,7 +104,7 @@ def test_permute(T, H, k, E, dead, repeats, dtype):
     permute_ref(xs, ids)[0].backward(dxs)
     xr = x.double().requires_grad_()
     permute_ref(xr, ids)[0].backward(dxs.double())
-    _check("permute dx", xk.grad, xs.grad, xr.grad, ATOL[dtype])
+    check_against_torch("permute dx", xk.grad, xs.grad, xr.grad, ATOL[dtype])
 
 
 @pytest.mark.parametrize(IDS, CASES)
@@ -147,7 +127,7 @@ def test_unpermute(T, H, k, E, dead, repeats, dtype):
     ref = run(lambda y, w: unpermute_ref(y, row_map, w), y.double(), w.double(), dout.double())
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
     for name, g, s, r in zip(("unpermute out", "unpermute dy", "unpermute dw"), got, same, ref):
-        _check(name, g, s, r, ATOL[dtype])
+        check_against_torch(name, g, s, r, ATOL[dtype])
 
 
 def test_unpermute_partial_grads_and_fp32_weights():
@@ -165,11 +145,11 @@ def test_unpermute_partial_grads_and_fp32_weights():
     out = unpermute(yk, row_map, w)
     assert out.dtype == torch.float16
     out.backward(dout)
-    assert _rel(yk.grad, ref_y.grad) < 1e-3
+    assert rel_err(yk.grad, ref_y.grad) < 1e-3
 
     wk = w.clone().requires_grad_()
     unpermute(y, row_map, wk).backward(dout)
-    assert wk.grad.dtype == torch.float32 and _rel(wk.grad, ref_w.grad) < 1e-6
+    assert wk.grad.dtype == torch.float32 and rel_err(wk.grad, ref_w.grad) < 1e-6
 
 
 @pytest.mark.parametrize("T,H,k,E,dtype", [(101, 200, 8, 16, torch.float32), (37, 48, 2, 5, torch.float16)])
@@ -257,7 +237,7 @@ class TestGPU:
         permute_ref(xs, ids)[0].backward(dxs)
         xr = x.float().requires_grad_()
         permute_ref(xr, ids)[0].backward(dxs.float())
-        _check("gpu permute dx", xk.grad, xs.grad, xr.grad, ATOL[torch.bfloat16])
+        check_against_torch("gpu permute dx", xk.grad, xs.grad, xr.grad, ATOL[torch.bfloat16])
 
     def test_unpermute(self):
         ids = _routing(self.T, self.K, self.E, dead=3)
@@ -276,7 +256,7 @@ class TestGPU:
         same = run(lambda y, w: unpermute_ref(y, row_map, w, upcast=False), y, w, dout)
         ref = run(lambda y, w: unpermute_ref(y, row_map, w), y.float(), w.float(), dout.float())
         for name, g, s, r in zip(("gpu unpermute out", "gpu unpermute dy", "gpu unpermute dw"), got, same, ref):
-            _check(name, g, s, r, ATOL[torch.bfloat16])
+            check_against_torch(name, g, s, r, ATOL[torch.bfloat16])
 
     def test_round_trip(self):
         ids = _routing(self.T, self.K, self.E)

@@ -25,63 +25,60 @@ import torch.distributed as dist
 from .ring_comm import RingComm
 
 
+def _ring_steps(k: torch.Tensor, v: torch.Tensor, comm: RingComm):
+    """Yield (j, k_j, v_j) for j = r, r-1, ... around the ring; the next block's transfer is
+    in flight while the caller computes on the current one."""
+    k_cur, v_cur = k, v
+    for i in range(comm.size):
+        works = None
+        if i + 1 < comm.size:
+            (k_next, v_next), works = comm.start([k_cur, v_cur])
+        yield (comm.rank - i) % comm.size, k_cur, v_cur
+        if works is not None:
+            comm.wait(works)
+            k_cur, v_cur = k_next, v_next
+
+
 def _forward(q, k, v, causal: bool, scale: float, comm: RingComm, backend):
     b, hq, s, d = q.shape
     c = s // 2
     out = torch.zeros(b, hq, s, d, device=q.device, dtype=torch.float32)
     lse = torch.full((b, hq, s), float("-inf"), device=q.device, dtype=torch.float32)
-    k_cur, v_cur = k, v
-    for i in range(comm.size):
-        works = None
-        if i + 1 < comm.size:
-            (k_next, v_next), works = comm.start([k_cur, v_cur])
-        j = (comm.rank - i) % comm.size
-        if i == 0 or not causal:
-            out, lse = backend.forward_step(q, k_cur, v_cur, out, lse, causal and i == 0, scale)
-        elif j < comm.rank:
-            out, lse = backend.forward_step(q, k_cur[:, :, :c], v_cur[:, :, :c], out, lse, False, scale)
-        else:
-            o2, l2 = backend.forward_step(q[:, :, c:], k_cur, v_cur, out[:, :, c:], lse[:, :, c:], False, scale)
+    for j, k_j, v_j in _ring_steps(k, v, comm):
+        if j == comm.rank or not causal:
+            out, lse = backend.forward_step(q, k_j, v_j, out, lse, causal, scale)
+        elif j < comm.rank:  # all our queries see j's first chunk only
+            out, lse = backend.forward_step(q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale)
+        else:  # only our second chunk sees j, all of it
+            o2, l2 = backend.forward_step(q[:, :, c:], k_j, v_j, out[:, :, c:], lse[:, :, c:], False, scale)
             out, lse = torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
-        if works is not None:
-            comm.wait(works)
-            k_cur, v_cur = k_next, v_next
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingComm, backend):
-    s = q.shape[2]
-    c = s // 2
+    c = q.shape[2] // 2
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    k_cur, v_cur = k, v
-    for i in range(comm.size):
-        works = None
-        if i + 1 < comm.size:
-            (k_next, v_next), works = comm.start([k_cur, v_cur])
-        j = (comm.rank - i) % comm.size
-        if i == 0 or not causal:
-            gq, gk, gv = backend.backward_block(dout, q, k_cur, v_cur, out, lse, causal and i == 0, scale)
+    for j, k_j, v_j in _ring_steps(k, v, comm):
+        if j == comm.rank or not causal:
+            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale)
             dq += gq
             dk += gk
             dv += gv
         elif j < comm.rank:
-            gq, gk, gv = backend.backward_block(dout, q, k_cur[:, :, :c], v_cur[:, :, :c], out, lse, False, scale)
+            gq, gk, gv = backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale)
             dq += gq
             dk[:, :, :c] += gk
             dv[:, :, :c] += gv
         else:
-            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_cur, v_cur,
+            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j,
                                                 out[:, :, c:], lse[:, :, c:], False, scale)
             dq[:, :, c:] += gq
             dk += gk
             dv += gv
         # the accumulators follow their key/value block; after cp hops they are home
         dk, dv = comm.rotate([dk, dv])
-        if works is not None:
-            comm.wait(works)
-            k_cur, v_cur = k_next, v_next
     return dq, dk, dv
 
 
