@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 from dtensor_parallel.models import Llama, ModelArgs
+from dtensor_parallel.models.moe import MoEArgs
 
 from .toy_gpt import TOY_BLOCKS, TOY_RULES, ToyGPT
 
@@ -29,10 +30,15 @@ def case_device() -> torch.device:
     return torch.device("cpu")
 
 
+TINY_MOE = ModelArgs(**{**TINY_LLAMA.__dict__, "n_dense_layers": 1,
+                        "moe": MoEArgs(n_experts=4, top_k=2, hidden_dim=32, load_balance="none",
+                                       n_shared_experts=1)})
+
+
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if kind == "llama":
-        model = Llama(TINY_LLAMA)
+    if kind in ("llama", "moe"):
+        model = Llama(TINY_LLAMA if kind == "llama" else TINY_MOE)
         model.init_weights(buffer_device="cpu")
         with torch.no_grad():  # non-trivial norm weights so their gradients are tested
             for n, p in model.named_parameters():

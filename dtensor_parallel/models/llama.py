@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import init
 from ..context_parallel import attention, local_positions
+from .moe import MoE, MoEArgs
 
 
 @dataclass(frozen=True)
@@ -46,25 +47,60 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
     max_seq_len: int = 8192
+    ffn_hidden: int | None = None  # explicit dense SwiGLU size (else derived as Meta does)
+    moe: MoEArgs | None = None  # MoE feed-forward in every block from n_dense_layers on
+    n_dense_layers: int = 0  # leading blocks that keep a dense feed-forward (DeepSeek-V3: 3)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe is not None and layer_id >= self.n_dense_layers
+
     @property
     def ffn_hidden_dim(self) -> int:
         """SwiGLU hidden size as in Meta's reference: 2/3 of 4*dim, scaled, rounded up."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
+        """All parameters, or (``active``) those one token uses: top-k of the experts."""
         d, hd, f = self.dim, self.head_dim, self.ffn_hidden_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
-        block = attn + 3 * d * f + 2 * d
-        return self.n_layers * block + 2 * self.vocab_size * d + d
+        total = 2 * self.vocab_size * d + d
+        for layer in range(self.n_layers):
+            total += attn + 2 * d
+            if self.is_moe_layer(layer):
+                m = self.moe
+                experts = m.top_k if active else m.n_experts
+                total += d * m.n_experts + 3 * d * m.hidden_dim * (experts + m.n_shared_experts)
+            else:
+                total += 3 * d * f
+        return total
 
+
+MOE_FLAVOURS: dict[str, ModelArgs] = {
+    "debug-moe": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=64,
+                           ffn_dim_multiplier=None, rope_theta=10000.0, rope_scaling_factor=None,
+                           max_seq_len=2048, moe=MoEArgs(n_experts=8, top_k=2, hidden_dim=256)),
+    # Mixtral 8x7B (Jiang et al. 2024): 46.7B parameters, 12.9B active per token
+    "mixtral-8x7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000,
+                              rope_theta=1e6, rope_scaling_factor=None, max_seq_len=32768,
+                              ffn_hidden=14336, moe=MoEArgs(n_experts=8, top_k=2, hidden_dim=14336)),
+    # DeepSeek-V3's sizes (DeepSeek-AI 2024) on our GQA attention instead of MLA: 61 layers,
+    # the first 3 dense (18432), then 256 routed experts of 2048 (top-8, sigmoid scores,
+    # aux-loss-free bias, a small sequence aux loss) plus one shared expert
+    "deepseek-v3-shaped": ModelArgs(
+        dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, vocab_size=129280, rope_theta=10000.0,
+        rope_scaling_factor=None, max_seq_len=4096, ffn_hidden=18432, n_dense_layers=3,
+        moe=MoEArgs(n_experts=256, top_k=8, hidden_dim=2048, n_shared_experts=1, score_func="sigmoid",
+                    load_balance="seq_aux_loss", aux_loss_coeff=1e-4, expert_bias=True)),
+}
 
 LLAMA3_FLAVOURS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048,
@@ -80,9 +116,11 @@ LLAMA3_FLAVOURS: dict[str, ModelArgs] = {
 
 
 def llama3_args(flavour: str, **overrides) -> ModelArgs:
-    if flavour not in LLAMA3_FLAVOURS:
-        raise ValueError(f"unknown Llama 3 flavour {flavour!r}; choose one of {list(LLAMA3_FLAVOURS)}")
-    return replace(LLAMA3_FLAVOURS[flavour], **overrides)
+    """A flavour's args (Llama 3 dense, or the MoE flavours) with overrides."""
+    flavours = {**LLAMA3_FLAVOURS, **MOE_FLAVOURS}
+    if flavour not in flavours:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {list(flavours)}")
+    return replace(flavours[flavour], **overrides)
 
 
 def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
@@ -176,7 +214,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = (MoE(args.dim, args.moe) if args.is_moe_layer(layer_id)
+                             else FeedForward(args.dim, args.ffn_hidden_dim))
 
     def forward(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         h = h + self.attention(self.attention_norm(h), rope)
@@ -219,6 +258,9 @@ class Llama(nn.Module):
         if device is None or torch.device(device).type == "meta":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.rope = rope_cache(self.args, device=device)
+        for module in self.modules():  # a buffer, not a parameter: zero (to_empty left garbage)
+            if hasattr(module, "expert_bias"):
+                module.expert_bias.zero_()
         for name, p in self.named_parameters():
             parts = name.split(".")
             if name.endswith("norm.weight"):
@@ -227,13 +269,16 @@ class Llama(nn.Module):
                 init.normal_(p, name, seed, std=1.0)
             elif parts[0] == "output":
                 init.normal_(p, name, seed, std=self.args.dim ** -0.5)
-            elif parts[-2] in ("wo", "w2", "w3"):
+            elif parts[-1] in ("w2", "w3") or parts[-2] in ("wo", "w2", "w3"):  # MoE experts: (E, ., .)
                 init.normal_(p, name, seed, std=0.02 / math.sqrt(2 * (int(parts[1]) + 1)))
             else:
                 init.normal_(p, name, seed, std=0.02)
 
     def parallel_defaults(self) -> dict:
         """Blocks and TP rules for ParallelPlan fields the user leaves as None."""
+        if self.args.moe is not None:
+            return {"blocks": "layers.*", "rules": None, "num_heads": self.args.n_heads,
+                    "num_kv_heads": self.args.n_kv_heads}  # TP/EP for MoE blocks: expert parallel
         return {
             "blocks": "layers.*",
             "rules": {
