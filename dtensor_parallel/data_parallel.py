@@ -38,7 +38,8 @@ def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | Non
 
 
 def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh,
-                        *, mixed_precision: str, reshard_after_forward: bool | None) -> None:
+                        *, mixed_precision: str, reshard_after_forward: bool | None,
+                        ignored_params: set[nn.Parameter] | None = None) -> None:
     """Wrap each block, then the root (which takes the remaining parameters: embedding,
     final norm, head), with ``fully_shard``."""
     mp = MixedPrecisionPolicy(
@@ -47,10 +48,11 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: Devi
     shard_size = dp_mesh.size(-1) if dp_mesh.ndim == 2 else dp_mesh.size()
     if reshard_after_forward is None:
         reshard_after_forward = shard_size > 1  # nothing to free when the shard group is 1 rank
+    extra = {"ignored_params": ignored_params} if ignored_params else {}  # EP-sharded experts
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, **extra)
     # The root's parameters are needed again at the start of backward: keep them gathered.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, **extra)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

@@ -36,6 +36,7 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int,
                     raise RuntimeError(f"gradient with Partial placement {g.placements}: reduce it "
                                        f"before taking the norm")
                 copies *= size if placement.is_replicate() else 1
+            copies *= getattr(p, "_dtp_extra_replicas", 1)  # e.g. expert shards on edp ranks
             local = g.to_local()
         else:
             copies, local = ranks_per_replica, g

@@ -12,7 +12,7 @@ flag                                       overlay key
 --tensor-model-parallel-size N             parallel.tp
 --pipeline-model-parallel-size N           parallel.pp
 --context-parallel-size N                  parallel.cp
---expert-model-parallel-size N             parallel.ep
+--expert-model-parallel-size N             parallel.ep (-> ParallelPlan.expert_parallel)
 --use-distributed-optimizer                parallel.dp_shard=-1, dp_replicate=1 (FSDP)
 --use-megatron-fsdp                        parallel.dp_shard=-1, dp_replicate=1 (FSDP)
 --data-parallel-sharding-strategy S        optim|optim_grads|optim_grads_params: FSDP;
@@ -328,13 +328,12 @@ def plan_and_degrees_from_megatron(
     With virtual stages Megatron runs its interleaved schedule, and so do we (ParallelPlan's
     default) unless ``--pipeline-schedule`` (ours) names another.
 
-    Raises:
-        NotImplementedError: ``--expert-model-parallel-size`` > 1 (not in this release).
+    ``--expert-model-parallel-size`` becomes ``ParallelPlan.expert_parallel``.
     """
     cfg = parse_megatron_args(argv)
     par, plan_cfg = cfg.get("parallel", {}), dict(cfg.get("plan", {}))
     if par.get("ep", 1) > 1:
-        raise NotImplementedError("expert parallel arrives with the MoE release")
+        plan_cfg["expert_parallel"] = par["ep"]  # folded out of dp_shard x cp, as Megatron folds it
     degrees = {"pp": par.get("pp", 1), "dp_replicate": par.get("dp_replicate", -1),
                "dp_shard": par.get("dp_shard", 1), "cp": par.get("cp", 1),
                "tp": par.get("tp", 1)}

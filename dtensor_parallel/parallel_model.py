@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .context_parallel import context_parallel_region, zigzag_indices
+from .expert_parallel import reduce_expert_grads
 from .grads import gather_full, global_grad_norm, reduce_partial_grads
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
@@ -37,7 +38,7 @@ from .tensor_parallel.loss import IGNORE_INDEX, cross_entropy_sum, loss_context
 class ParallelModel:
     def __init__(self, modules: list[nn.Module], mesh: DeviceMesh, plan: ParallelPlan, dims: ParallelDims,
                  *, loss_parallel: bool, autocast_bf16: bool, pipeline: PipelineRuntime | None = None,
-                 state_order: list[str] | None = None):
+                 state_order: list[str] | None = None, experts: tuple | None = None):
         self.stage_modules = modules
         self.mesh = mesh
         self.plan = plan
@@ -50,6 +51,7 @@ class ParallelModel:
         self._loss_mesh = submesh(mesh, "dp_cp") if dims.dp_cp > 1 else None
         self._cp_mesh = submesh(mesh, "cp") if dims.cp > 1 else None
         self._state_order = state_order
+        self._experts = experts  # (EP-sharded expert parameters, ExpertGroups) or None
 
     # ---- nn.Module-like surface -------------------------------------------------------
     @property
@@ -178,7 +180,7 @@ class ParallelModel:
         if self.pipeline is not None:
             with loss_context(self.loss_parallel), self._autocast(), cp_region():
                 total = self.pipeline.forward_backward(input_ids, labels, n_micro, n_tokens)
-            reduce_partial_grads(self.parameters())
+            self._finish_grads()
             return self._loss_sum(self.pipeline.sum_over_pp(total))
         total = torch.zeros((), device=device, dtype=torch.float32)
         for x, y in zip(input_ids.chunk(n_micro), labels.chunk(n_micro)):
@@ -186,8 +188,14 @@ class ParallelModel:
                 loss_sum = cross_entropy_sum(self.module(x), y)
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
-        reduce_partial_grads(self.parameters())
+        self._finish_grads()
         return self._loss_sum(total) / n_tokens
+
+    def _finish_grads(self) -> None:
+        """The reductions FSDP does not do: partial (SP norm) and expert gradients."""
+        reduce_partial_grads(self.parameters())
+        if self._experts is not None:
+            reduce_expert_grads(*self._experts)
 
     # ---- gradients, weights ------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:

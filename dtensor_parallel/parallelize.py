@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .data_parallel import apply_data_parallel, data_parallel_mesh
+from .expert_parallel import apply_expert_parallel, build_expert_groups, check_experts
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.layout import pipeline_layout
@@ -82,6 +83,11 @@ def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
     n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
                if plan.micro_batch_size and plan.global_batch_size else None)
     layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
+    if plan.expert_parallel > 1:
+        check_experts(model, plan.expert_parallel)
+        if dims.dp_shard_cp % plan.expert_parallel:
+            raise ValueError(f"expert_parallel={plan.expert_parallel} does not divide dp_shard({dims.dp_shard}) x "
+                             f"cp({dims.cp}) = {dims.dp_shard_cp}, which EP is folded out of")
     return block_names, styles, layout
 
 
@@ -108,10 +114,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
 
     loss_parallel = False
     dp_mesh = data_parallel_mesh(mesh, dims)
+    expert_groups, expert_params = None, []
+    if plan.expert_parallel > 1:
+        expert_groups = build_expert_groups(mesh, dims, plan.expert_parallel)
     for module, names in zip(stage_modules, stage_blocks):
         present = {n: st for n, st in styles.items() if _present(module, n)}
+        stage_experts = (apply_expert_parallel(check_experts(module, 1), expert_groups)
+                         if expert_groups is not None else [])
+        expert_params += stage_experts
         loss_parallel |= _parallelize_stage(module, [module.get_submodule(n) for n in names],
-                                            mesh, dims, plan, present, dp_mesh)
+                                            mesh, dims, plan, present, dp_mesh, set(stage_experts))
 
     pipeline = None
     if layout is not None:
@@ -119,7 +131,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                                    layout.schedule, mesh_device(mesh))
     return ParallelModel(stage_modules, mesh, plan, dims, loss_parallel=loss_parallel,
                          autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
-                         pipeline=pipeline, state_order=state_order)
+                         pipeline=pipeline, state_order=state_order,
+                         experts=(expert_params, expert_groups) if expert_groups is not None else None)
 
 
 def _present(module: nn.Module, name: str) -> bool:
@@ -130,7 +143,8 @@ def _present(module: nn.Module, name: str) -> bool:
 
 
 def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, dims: ParallelDims,
-                       plan: ParallelPlan, styles: dict, dp_mesh: DeviceMesh | None) -> bool:
+                       plan: ParallelPlan, styles: dict, dp_mesh: DeviceMesh | None,
+                       expert_params: set[nn.Parameter]) -> bool:
     """The chain on one module (the whole model, or one pipeline stage). Returns whether
     its output is vocab-sharded logits (loss parallel)."""
     loss_parallel = False
@@ -146,5 +160,6 @@ def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceM
 
     if dp_mesh is not None:
         apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
-                            reshard_after_forward=plan.reshard_after_forward)
+                            reshard_after_forward=plan.reshard_after_forward,
+                            ignored_params=expert_params or None)
     return loss_parallel

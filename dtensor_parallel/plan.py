@@ -53,6 +53,8 @@ class ParallelPlan:
             True; keeps them to backward (ZeRO-2-like) when False. ``None``: FSDP default.
         num_heads / num_kv_heads: for a user's model, so TP degrees are checked against
             them (built-in models know their own).
+        expert_parallel: experts sharded over this many ranks, folded out of dp_shard x cp
+            (Megatron's ``--expert-model-parallel-size``).
         pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
             ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
             ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).
@@ -80,6 +82,7 @@ class ParallelPlan:
     reshard_after_forward: bool | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    expert_parallel: int = 1
     pipeline_schedule: str | None = None
     virtual_stages: int | None = None
     layers_per_virtual_stage: int | None = None
@@ -112,7 +115,7 @@ class ParallelPlan:
         if self.layers_per_stage is not None and not all(isinstance(c, int) for c in self.layers_per_stage):
             raise ValueError(f"layers_per_stage={self.layers_per_stage!r} must be a list of ints")
         for name in ("micro_batch_size", "global_batch_size", "num_heads", "num_kv_heads",
-                     "virtual_stages", "layers_per_virtual_stage"):
+                     "virtual_stages", "layers_per_virtual_stage", "expert_parallel"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int or None")

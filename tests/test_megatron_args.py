@@ -174,8 +174,8 @@ def test_plan_and_degrees_defaults_and_user_model():
 
 
 def test_plan_and_degrees_rejections():
-    with pytest.raises(NotImplementedError, match="expert parallel arrives with the MoE release"):
-        plan_and_degrees_from_megatron("--expert-model-parallel-size 8")
+    _, plan = plan_and_degrees_from_megatron("--expert-model-parallel-size 8 --use-distributed-optimizer")
+    assert plan.expert_parallel == 8
     with pytest.raises(ValueError, match="not a multiple"):  # ParallelPlan's own check
         plan_and_degrees_from_megatron("--micro-batch-size 3 --global-batch-size 8")
     with pytest.warns(UserWarning, match="disabling --sequence-parallel"):

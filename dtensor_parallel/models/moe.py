@@ -157,6 +157,7 @@ class MoE(nn.Module):
             self.shared = FeedForward(dim, f * args.n_shared_experts)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
+        self.ep_groups = None  # set by expert parallelism: experts sharded, tokens exchanged
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w3, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
@@ -173,7 +174,12 @@ class MoE(nn.Module):
         slots, counts, _ = expert_slots(expert_ids, self.args.n_experts, self.capacity(flat.shape[0]))
         self.tokens_per_expert = counts.detach()
         rows = flat[slots // k]  # (N, d) permuted: one copy per kept (token, expert)
-        y = grouped_swiglu(rows, self.w1, self.w3, self.w2, counts)  # (N, d)
+        if self.ep_groups is None:
+            y = grouped_swiglu(rows, self.w1, self.w3, self.w2, counts)  # (N, d)
+        else:  # expert parallel: the rows travel to the ranks holding their experts and back
+            from ..expert_parallel import dispatch_combine
+            w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
+            y = dispatch_combine(rows, counts, lambda x, c: grouped_swiglu(x, w1, w3, w2, c), self.ep_groups)
         w = weights.reshape(-1)[slots].unsqueeze(-1).to(y.dtype)  # (N, 1); dropped slots are absent
         out = torch.zeros_like(flat).index_add_(0, slots // k, y * w)  # unpermute + combine
         if self.shared is not None:

@@ -14,6 +14,7 @@ bad recipe fails the same way on every rank instead of hanging.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import os
 import time
@@ -38,10 +39,6 @@ PROFILE_NUM_STEPS = 3
 def check_supported(cfg: TrainConfig) -> None:
     """Features this release does not run yet; raised before any collective."""
     p = cfg.parallel
-    if p.ep > 1:
-        raise NotImplementedError(
-            f"ep={p.ep}: expert parallelism is not yet supported, arrives with the expert parallel "
-            f"release; set [parallel] ep = 1")
     if cfg.checkpoint.save or cfg.checkpoint.load:
         raise NotImplementedError("checkpointing arrives with the checkpoint release: remove "
                                   "[checkpoint] save/load (--save/--load)")
@@ -83,6 +80,12 @@ def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
     degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
     check_supported(cfg)
     dims = parallel_dims(cfg, world_size)
+    if cfg.parallel.ep > 1 and cfg.model.args().moe is None:
+        raise ValueError(f"ep={cfg.parallel.ep} needs an MoE model: choose [model] flavour debug-moe, "
+                         f"mixtral-8x7b or deepseek-v3-shaped, or set ep = 1")
+    if dims.dp_shard_cp % cfg.parallel.ep:
+        raise ValueError(f"ep={cfg.parallel.ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) = "
+                         f"{dims.dp_shard_cp}, which expert parallelism is folded out of")
     t = cfg.training
     per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size is not None and t.global_batch_size % per_step:
@@ -136,7 +139,7 @@ def _train(cfg: TrainConfig) -> list[float]:
     dims = preflight(cfg, world)
     global_batch = t.global_batch_size or t.micro_batch_size * dims.dp
     args = cfg.model.args()
-    plan = cfg.plan.to_parallel_plan(t.micro_batch_size, global_batch)
+    plan = replace(cfg.plan.to_parallel_plan(t.micro_batch_size, global_batch), expert_parallel=cfg.parallel.ep)
 
     mesh = build_mesh(pp=dims.pp, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
                       cp=dims.cp, tp=dims.tp)
