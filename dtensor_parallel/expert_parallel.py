@@ -119,12 +119,11 @@ def dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts, groups: 
     recv_by_src = recv.view(ep, e_local)
     recv_split = recv_by_src.sum(1).tolist()
     got = funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv_split, send_split, group))
-    # rows arrive by source rank, then by local expert: regroup by local expert
-    starts = torch.cumsum(recv_by_src.flatten(), 0) - recv_by_src.flatten()  # (ep * e_local)
-    starts, sizes = starts.view(ep, e_local), recv_by_src
-    perm = torch.cat([torch.arange(int(starts[s, e]), int(starts[s, e] + sizes[s, e]), device=rows.device)
-                      for e in range(e_local) for s in range(ep)]) if got.shape[0] else \
-        torch.zeros(0, dtype=torch.long, device=rows.device)
+    # rows arrive by source rank, then by local expert: a stable sort by local expert
+    # regroups them (by expert, then by source), on the device, without host syncs
+    local_expert = torch.arange(e_local, device=rows.device).repeat(ep)  # (ep * e_local)
+    perm = torch.sort(local_expert.repeat_interleave(recv_by_src.flatten(), output_size=got.shape[0]),
+                      stable=True).indices
     y = torch.empty_like(got)
     y = y.index_copy(0, perm, experts(got[perm], recv_by_src.sum(0)))
     return funcol.wait_tensor(funcol.all_to_all_single_autograd(y, send_split, recv_split, group))

@@ -117,6 +117,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     expert_groups, expert_params = None, []
     if plan.expert_parallel > 1:
         expert_groups = build_expert_groups(mesh, dims, plan.expert_parallel)
+    dispatch = plan.kernel_backend("moe_dispatch")
+    if dispatch == "auto":
+        dispatch = "triton" if mesh.device_type == "cuda" else "torch"
+    for module in stage_modules:
+        for moe in check_experts(module, 1):
+            moe.dispatch_backend = dispatch
     for module, names in zip(stage_modules, stage_blocks):
         present = {n: st for n, st in styles.items() if _present(module, n)}
         stage_experts = (apply_expert_parallel(check_experts(module, 1), expert_groups)

@@ -158,6 +158,7 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
         self.ep_groups = None  # set by expert parallelism: experts sharded, tokens exchanged
+        self.dispatch_backend = "torch"  # "triton": the kernels of triton_kernels/moe_dispatch.py
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w3, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
@@ -171,17 +172,27 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)  # (T, d)
         expert_ids, weights, self.aux_loss = self.router(flat, b)
         k = self.args.top_k
-        slots, counts, _ = expert_slots(expert_ids, self.args.n_experts, self.capacity(flat.shape[0]))
+        capacity = self.capacity(flat.shape[0])
+        kernels = self.dispatch_backend == "triton" and capacity is None  # the kernels are dropless
+        if kernels:
+            from triton_kernels.moe_dispatch import permute, unpermute
+            rows, slots = permute(flat, expert_ids, n_experts=self.args.n_experts)  # same order as below
+            counts = torch.bincount(expert_ids.reshape(-1), minlength=self.args.n_experts)
+        else:
+            slots, counts, _ = expert_slots(expert_ids, self.args.n_experts, capacity)
+            rows = flat[slots // k]  # (N, d) permuted: one copy per kept (token, expert)
         self.tokens_per_expert = counts.detach()
-        rows = flat[slots // k]  # (N, d) permuted: one copy per kept (token, expert)
         if self.ep_groups is None:
             y = grouped_swiglu(rows, self.w1, self.w3, self.w2, counts)  # (N, d)
         else:  # expert parallel: the rows travel to the ranks holding their experts and back
             from ..expert_parallel import dispatch_combine
             w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
             y = dispatch_combine(rows, counts, lambda x, c: grouped_swiglu(x, w1, w3, w2, c), self.ep_groups)
-        w = weights.reshape(-1)[slots].unsqueeze(-1).to(y.dtype)  # (N, 1); dropped slots are absent
-        out = torch.zeros_like(flat).index_add_(0, slots // k, y * w)  # unpermute + combine
+        if kernels:
+            out = unpermute(y, slots, weights).to(flat.dtype)  # weighted combine, fp32 accumulation
+        else:
+            w = weights.reshape(-1)[slots].unsqueeze(-1).to(y.dtype)  # (N, 1); dropped slots are absent
+            out = torch.zeros_like(flat).index_add_(0, slots // k, y * w)  # unpermute + combine
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(b, s, d)
