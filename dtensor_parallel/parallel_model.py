@@ -99,7 +99,8 @@ class ParallelModel:
         stage get logits, the others None; under CP the logits of this rank's zigzag
         positions (``zigzag_indices``)."""
         self._check_inputs(input_ids)
-        n_micro = self._micro_batches(input_ids.shape[0])
+        # only a pipeline splits a forward into micro-batches; otherwise any batch will do
+        n_micro = self._micro_batches(input_ids.shape[0]) if self.pipeline is not None else 1
         (input_ids,), cp_region = self._context_parallel(input_ids.to(self.device))
         no_grad = torch.no_grad() if self.pipeline is not None else contextlib.nullcontext()
         with self._autocast(), no_grad, cp_region():

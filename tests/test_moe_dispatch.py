@@ -44,6 +44,14 @@ def _routing(t: int, k: int, e: int, dead: int = 0, repeats: bool = False, devic
     return logits.topk(k, dim=-1).indices.to(device)
 
 
+def _out_and_grads(fn, y, w, dout):
+    """fn(y, w) and its gradients for y and w, on fresh leaves."""
+    y, w = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = fn(y, w)
+    out.backward(dout)
+    return out.detach(), y.grad, w.grad
+
+
 def _weights(t: int, k: int, dtype: torch.dtype, device: str = DEVICE, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(t, k, generator=g).softmax(-1).to(device=device, dtype=dtype)  # rows sum to 1
@@ -116,15 +124,9 @@ def test_unpermute(T, H, k, E, dead, repeats, dtype):
     w = _weights(T, k, dtype)
     dout = torch.randn(T, H, device=DEVICE, dtype=dtype)
 
-    def run(fn, y, w, dout):
-        y, w = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        out = fn(y, w)
-        out.backward(dout)
-        return out.detach(), y.grad, w.grad
-
-    got = run(lambda y, w: unpermute(y, row_map, w), y, w, dout)
-    same = run(lambda y, w: unpermute_ref(y, row_map, w, upcast=False), y, w, dout)
-    ref = run(lambda y, w: unpermute_ref(y, row_map, w), y.double(), w.double(), dout.double())
+    got = _out_and_grads(lambda y, w: unpermute(y, row_map, w), y, w, dout)
+    same = _out_and_grads(lambda y, w: unpermute_ref(y, row_map, w, upcast=False), y, w, dout)
+    ref = _out_and_grads(lambda y, w: unpermute_ref(y, row_map, w), y.double(), w.double(), dout.double())
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
     for name, g, s, r in zip(("unpermute out", "unpermute dy", "unpermute dw"), got, same, ref):
         check_against_torch(name, g, s, r, ATOL[dtype])
@@ -246,15 +248,9 @@ class TestGPU:
         w = _weights(self.T, self.K, torch.bfloat16, device="cuda")
         dout = torch.randn(self.T, self.H, device="cuda", dtype=torch.bfloat16)
 
-        def run(fn, y, w, dout):
-            y, w = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-            out = fn(y, w)
-            out.backward(dout)
-            return out.detach(), y.grad, w.grad
-
-        got = run(lambda y, w: unpermute(y, row_map, w), y, w, dout)
-        same = run(lambda y, w: unpermute_ref(y, row_map, w, upcast=False), y, w, dout)
-        ref = run(lambda y, w: unpermute_ref(y, row_map, w), y.float(), w.float(), dout.float())
+        got = _out_and_grads(lambda y, w: unpermute(y, row_map, w), y, w, dout)
+        same = _out_and_grads(lambda y, w: unpermute_ref(y, row_map, w, upcast=False), y, w, dout)
+        ref = _out_and_grads(lambda y, w: unpermute_ref(y, row_map, w), y.float(), w.float(), dout.float())
         for name, g, s, r in zip(("gpu unpermute out", "gpu unpermute dy", "gpu unpermute dw"), got, same, ref):
             check_against_torch(name, g, s, r, ATOL[torch.bfloat16])
 

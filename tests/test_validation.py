@@ -135,3 +135,12 @@ def test_triton_kernels_off_gpu_is_an_error(monkeypatch) -> None:
     fake_world(2)
     _raises_before_collectives(_llama(), build_mesh(cp=2), ParallelPlan(kernels="triton"),
                                r"kernels\['attention'\]='triton' needs CUDA devices.*kernels='torch'")
+
+
+def test_forward_takes_any_batch_without_pipeline() -> None:
+    """global_batch_size constrains forward_backward, not an inference forward."""
+    ref = make_model("llama")
+    x = torch.zeros(3, 16, dtype=torch.long)
+    with simulated_ranks(2):
+        pm = parallelize(copy.deepcopy(ref), build_mesh(tp=2), plan_for("llama", global_batch_size=4))
+        assert pm(x).shape == (3, 16, TINY_LLAMA.vocab_size)
