@@ -33,6 +33,10 @@ CP_LAYOUTS = {
     "cp2_pp2": (4, {"cp": 2, "pp": 2}, {"micro_batch_size": 2}),
     "cp2_tp2_dp2_selective": (8, {"cp": 2, "tp": 2, "dp_shard": 2},
                               {"sequence_parallel": True, "recompute": "selective"}),
+    # the Triton ring (in the interpreter here; head dim 8 runs zero-padded to 16)
+    "cp2_triton": (2, {"cp": 2}, {"kernels": {"attention": "triton"}}),
+    "cp4_triton": (4, {"cp": 4}, {"kernels": {"attention": "triton"}}),
+    "cp2_tp2_sp_triton": (4, {"cp": 2, "tp": 2}, {"sequence_parallel": True, "kernels": {"attention": "triton"}}),
 }
 
 
@@ -57,10 +61,10 @@ def _work_per_rank(cp: int) -> float:
     done = 0.0
     orig = TorchBlocks.forward_step
 
-    def counting(q, k, v, out, lse, causal, scale):
+    def counting(q, k, v, out, lse, causal, scale, accumulate=True):
         nonlocal done
         done += q.shape[2] * k.shape[2] * (0.5 if causal else 1.0)
-        return orig(q, k, v, out, lse, causal, scale)
+        return orig(q, k, v, out, lse, causal, scale, accumulate)
 
     blocks.TorchBlocks.forward_step = staticmethod(counting)
     try:
@@ -146,10 +150,10 @@ def test_torch_backend_row_chunks_give_the_same_result(monkeypatch, causal: bool
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, h, 40, 8, generator=g) for h in (4, 2, 2, 4))
     out0, lse0 = torch.zeros(1, 4, 40, 8), torch.full((1, 4, 40), float("-inf"))
-    whole = TorchBlocks.forward_step(q, k, v, out0, lse0, causal, 0.3)
+    whole = TorchBlocks.forward_step(q, k, v, out0.clone(), lse0.clone(), causal, 0.3)  # in place
     grads = TorchBlocks.backward_block(dout, q, k, v, *whole, causal, 0.3)
     monkeypatch.setattr(blocks, "MAX_SCORE_ELEMENTS", 4 * 40 * 7)  # 7 rows a chunk
-    chunked = TorchBlocks.forward_step(q, k, v, out0, lse0, causal, 0.3)
+    chunked = TorchBlocks.forward_step(q, k, v, out0.clone(), lse0.clone(), causal, 0.3)
     chunked_grads = TorchBlocks.backward_block(dout, q, k, v, *whole, causal, 0.3)
     for a, b in zip((*whole, *grads), (*chunked, *chunked_grads)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -60,6 +60,8 @@ CASES = [
     (1, 2, 1, 100, 48, 16, True, torch.float16, False),  # s_q > s_k
     (2, 4, 1, 100, 100, 128, True, torch.float16, False),  # GQA group of 4
     (1, 4, 2, 80, 80, 64, True, torch.bfloat16, False),  # bf16 upcast under the interpreter
+    (1, 2, 1, 40, 40, 8, True, torch.float32, False),  # head dim 8: zero-padded to 16
+    (1, 4, 2, 48, 48, 96, False, torch.float16, True),  # head dim 96: padded to 128, strided input
 ]
 
 
@@ -144,9 +146,10 @@ def test_ring_step_and_backward(dtype, n):
     _check_ring(q, k, v, dout, n, torch.float64)
 
 
-def test_ring_step_merges_in_place():
+@pytest.mark.parametrize("d", [32, 24])  # 24: the kernel runs padded to 32 and copies back
+def test_ring_step_merges_in_place(d):
     torch.manual_seed(2)
-    q, k, v = _inputs(1, 2, 1, 40, 80, 32, torch.float32)
+    q, k, v = _inputs(1, 2, 1, 40, 80, d, torch.float32)
     out, lse = flash_attention_ring_step(q, k[:, :, :40], v[:, :, :40], None, None, causal=False)
     out2, lse2 = flash_attention_ring_step(q, k[:, :, 40:], v[:, :, 40:], out, lse, causal=False)
     assert out2.data_ptr() == out.data_ptr() and lse2.data_ptr() == lse.data_ptr()
@@ -154,13 +157,31 @@ def test_ring_step_merges_in_place():
     assert rel_err(out2, ref_out) < 1e-6 and rel_err(lse2, ref_lse) < 1e-6
 
 
+def test_ring_step_writes_and_merges_through_views():
+    """The ring merges into the second half of its (out, lse) buffers: strided views, written
+    in place; accumulate=False overwrites whatever the buffers held."""
+    torch.manual_seed(3)
+    q, k, v = _inputs(2, 4, 2, 48, 48, 32, torch.float32)
+    out = torch.full((2, 4, 48, 32), float("nan"))
+    lse = torch.full((2, 4, 48), float("nan"))
+    flash_attention_ring_step(q, k[:, :, :24], v[:, :, :24], out, lse, causal=False, accumulate=False)
+    half_o, half_l = out[:, :, 24:], lse[:, :, 24:]
+    assert not half_o.is_contiguous() and not half_l.is_contiguous()
+    got_o, got_l = flash_attention_ring_step(q[:, :, 24:], k[:, :, 24:], v[:, :, 24:], half_o, half_l, causal=True)
+    assert got_o.data_ptr() == half_o.data_ptr() and got_l.data_ptr() == half_l.data_ptr()
+    # rows 24.. see keys 0..23 and, causally from their own start, 24..47: plain causal attention
+    ref_o, ref_l = attention_ref(q.double(), k.double(), v.double(), causal=True)
+    assert rel_err(out[:, :, 24:], ref_o[:, :, 24:]) < 1e-6 and rel_err(lse[:, :, 24:], ref_l[:, :, 24:]) < 1e-6
+    first_o, first_l = attention_ref(q.double(), k[:, :, :24].double(), v[:, :, :24].double(), causal=False)
+    assert rel_err(out[:, :, :24], first_o[:, :, :24]) < 1e-6 and rel_err(lse[:, :, :24], first_l[:, :, :24]) < 1e-6
+
+
 def test_errors():
     q, k, v = _inputs(1, 4, 2, 16, 16, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attention(q, k[:, :1].expand(1, 3, 16, 64), v[:, :1].expand(1, 3, 16, 64), causal=True)
-    with pytest.raises(ValueError, match="head_dim 96"):
-        flash_attention(q[..., :48].repeat(1, 1, 1, 2), k[..., :48].repeat(1, 1, 1, 2),
-                        v[..., :48].repeat(1, 1, 1, 2), causal=True)
+    with pytest.raises(ValueError, match="head_dim 256"):
+        flash_attention(q.repeat(1, 1, 1, 4), k.repeat(1, 1, 1, 4), v.repeat(1, 1, 1, 4), causal=True)
     with pytest.raises(TypeError, match="dtypes differ"):
         flash_attention(q, k.half(), v, causal=True)
     with pytest.raises(ValueError, match="4-D"):

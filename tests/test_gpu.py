@@ -27,6 +27,14 @@ LAYOUTS = {
     "pp2_1f1b": ({"pp": 2}, {"micro_batch_size": 2}),
     "pp2_interleaved_v2": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2}),
     "pp2_zbv": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_schedule": "zbv"}),
+    "cp2_torch": ({"cp": 2}, {}),
+    "cp2_triton": ({"cp": 2}, {"kernels": {"attention": "triton"}}),
+}
+# MoE layouts (kind "moe"): experts over ep, with both dispatch backends
+MOE_LAYOUTS = {
+    "ep2": ({"dp_shard": 2}, {"expert_parallel": 2}),
+    "ep2_triton_dispatch": ({"dp_shard": 2}, {"expert_parallel": 2, "kernels": {"moe_dispatch": "triton"}}),
+    "ep2_from_cp2": ({"cp": 2}, {"expert_parallel": 2}),
 }
 
 
@@ -36,6 +44,13 @@ def test_gpu_one_step_parity(layout: str, kind: str) -> None:
     mesh_kwargs, plan_kwargs = LAYOUTS[layout]
     # each rank asserts loss and gradients against one device; the ranks also agree
     losses = run_distributed(2, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
+    assert len(set(losses)) == 1, losses
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_gpu_moe_one_step_parity(layout: str) -> None:
+    mesh_kwargs, plan_kwargs = MOE_LAYOUTS[layout]
+    losses = run_distributed(2, one_step_parity, "moe", mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
     assert len(set(losses)) == 1, losses
 
 

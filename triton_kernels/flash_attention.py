@@ -1,57 +1,30 @@
-"""Flash attention with log-sum-exp, the local compute of ring attention.
+"""Flash attention with log-sum-exp, the local compute of ring attention: launchers,
+input checks, autograd and the public ops. The kernels and the math are in
+``flash_attention_kernels.py``.
 
-Papers:
-
-- FlashAttention (Dao, Fu, Ermon, Rudra, Ré, 2022, arXiv:2205.14135): tile Q, K, V so the
-  (s_q, s_k) score matrix never reaches HBM; an online softmax keeps a running row max ``m``
-  and row sum ``l`` per query; the backward recomputes P from Q, K and the saved row
-  log-sum-exp ``lse = m + log(l)``.
-- FlashAttention-2 (Dao, 2023, arXiv:2307.08691): the loop order used here. Forward: one
-  program per (query block, batch·head) walking the key blocks, rescaling the accumulator by
-  ``exp(m_old - m_new)`` and dividing by ``l`` once at the end. Backward: a preprocess kernel
-  computes ``delta = rowsum(dO * O)``; a dK/dV kernel walks the query blocks of a key block;
-  a dQ kernel walks the key blocks of a query block. No atomics, so it is deterministic.
-- Ring Attention (Liu, Zaharia, Abbeel, 2023, arXiv:2310.01889): each context-parallel rank
-  keeps its query block and sees the K/V blocks of every rank in turn; the partial results
-  merge by log-sum-exp. :func:`flash_attention_ring_step` does that merge *inside* the
-  kernel, in fp32, into an fp32 accumulator: no bf16 rounding between ring steps (the known
-  weakness of rings built on SDPA, which return a bf16 output per step).
-
-Math, per query row i (natural log; the kernels work in base 2 with ``log2(e)`` folded into
-the scale so they can use ``exp2``)::
-
-    s_ij = scale * q_i . k_j           P_ij = exp(s_ij - lse_i)     lse_i = log sum_j exp(s_ij)
-    o_i  = sum_j P_ij v_j
-    dv_j = sum_i P_ij do_i             dp_ij = do_i . v_j           delta_i = do_i . o_i - dlse_i
-    ds_ij = P_ij (dp_ij - delta_i)     dq_i = scale sum_j ds_ij k_j  dk_j = scale sum_i ds_ij q_i
-
-Layout: q (b, hq, s_q, d), k/v (b, hkv, s_k, d), any strides with a unit last stride (so a
-(b, s, h, d) tensor seen through ``.transpose(1, 2)`` needs no copy). Grouped-query
-attention: query head h reads kv head ``h // (hq // hkv)``; K/V are never repeated, and
-dK/dV sum over the query heads of a group inside the dK/dV program (no atomics).
-
-Causal mask: top-left aligned, query i sees keys j <= i, i.e. ``tril(ones(s_q, s_k))`` —
-the same convention as ``F.scaled_dot_product_attention(is_causal=True)``. With s_q == s_k
-this is the usual mask. With s_q > s_k, rows i >= s_k see every key; with s_q < s_k, keys
-j > s_q - 1 are seen by nobody (their dK/dV are zero). Key 0 is always visible, so no row is
-ever fully masked. Ring attention only passes equal-length blocks: the diagonal block is
-causal, blocks of earlier ranks are fully visible (``causal=False``) and later ones are
-skipped by the caller.
-
-Interpreter (``TRITON_INTERPRET=1``, CPU tensors): one small config per kernel, and bf16
-loads are upcast to fp32 before ``tl.dot`` (``UPCAST``), since the interpreter's bf16 dot
-is wrong. fp32 inputs use ``input_precision="ieee"`` on the GPU (no TF32), so fp32 stays
-an fp32-accurate path.
+Head dims: any d in 1..128. The kernels take a power of two >= 16 (``tl.dot`` needs a
+K of at least 16); other sizes (8 in the tests' tiny models, 80 or 96 in some real ones)
+are zero-padded on the way in and sliced on the way out. Zero columns change no score and
+give zero output and gradient columns, so the result is exact; the cost is the padded
+FLOPs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from .flash_attention_kernels import (
+    _INTERPRET,
+    _SUPPORTED_DTYPES,
+    _attn_bwd_dkdv,
+    _attn_bwd_dq,
+    _attn_fwd,
+    _bwd_preprocess,
+)
 
 __all__ = [
     "attention_ref",
@@ -59,383 +32,6 @@ __all__ = [
     "flash_attention_backward",
     "flash_attention_ring_step",
 ]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
-_LN2 = tl.constexpr(0.6931471805599453)
-_M_INIT = tl.constexpr(-1.0e30)  # finite "-inf" for the running max: exp2(-inf - -inf) would be NaN
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASK: apply the key bound (and causal) mask."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
-        if MASK:
-            keep = offs_n[None, :] < S_K
-            if IS_CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in blocks]
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets one config: BLOCK_M != BLOCK_N
-# so the CPU tests cover a diagonal spanning several blocks.
-if _INTERPRET:
-    _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
-    _DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
-    _DQ_CONFIGS = _configs([(64, 32, 4, 1)])
-else:  # kept small: every config is compiled once per (IS_CAUSAL, HAS_ACC, HEAD_DIM, dtype)
-    _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)])
-    _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)])
-    _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)])
-# fp32 inputs use IEEE dots, which lower to FMA loops, not tensor cores: big tiles unroll into
-# huge kernels that compile for minutes. fp32 gets only these small tiles (and 16-bit never).
-_FP32_TILES = {(64, 32, 4, 2), (32, 64, 4, 2)}
-
-
-def _prune(outer: str, inner: str):
-    """Pruning filter: the OUTER block (one per program) must be a multiple of the INNER block
-    (the loop step) so the causal diagonal starts on an inner-block boundary; drop blocks far
-    larger than the sequence; fp32 (IEEE) and 16-bit inputs use disjoint tile sets."""
-
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        args = {**named_args, **kwargs}
-        s_outer = args["S_Q"] if outer == "BLOCK_M" else args["S_K"]
-        s_inner = args["S_K"] if outer == "BLOCK_M" else args["S_Q"]
-        fp32 = args["PRECISION"] == "ieee"
-        candidates = [c for c in configs if fp32 == ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                                      c.num_stages) in _FP32_TILES)] or list(configs)
-        kept = []
-        for c in candidates:
-            bo, bi = c.kwargs[outer], c.kwargs[inner]
-            if bo % bi:
-                continue
-            if bo > max(32, triton.next_power_of_2(s_outer)) or bi > max(32, triton.next_power_of_2(s_inner)):
-                continue
-            kept.append(c)
-        return kept or [min(candidates, key=lambda c: c.kwargs[outer] * c.kwargs[inner])]
-
-    return prune
-
-
-@triton.autotune(
-    configs=_FWD_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_ACC"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
-    restore_value=["O", "LSE"],  # HAS_ACC updates O/LSE in place: benchmarking must not compound
-)
-@triton.jit
-def _attn_fwd(Q, K, V, O, LSE, sm_scale,
-              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H_Q, GROUP, S_Q, S_K,
-              HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ACC: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, query head). Writes O (b, hq, s_q, d) and
-    LSE (b, hq, s_q) (natural log). HAS_ACC: O (fp32) and LSE hold the running result of
-    earlier ring steps and the block's result is merged into them by log-sum-exp."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_Q).to(tl.int64)
-    off_h = (pid_bh % H_Q).to(tl.int64)
-    off_hk = off_h // GROUP  # GQA: kv head of this query head
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_hk * stride_kh
-    V += off_b * stride_vb + off_hk * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
-    LSE += pid_bh.to(tl.int64) * S_Q  # contiguous (b, hq, s_q)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S_Q
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * _LOG2E
-
-    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Key blocks [0, full) need no mask; [full, hi) hold the key tail and the causal diagonal.
-    full = (S_K // BLOCK_N) * BLOCK_N
-    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full = tl.minimum(full, start_m)
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                               0, full, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                               full, hi, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
-
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse2 = m_i + tl.log2(l_i)  # base-2 lse; -inf for a row that saw no key
-    o_ptrs = O + offs_m[:, None] * stride_om + offs_d[None, :]
-    if HAS_ACC:
-        # new_lse = logaddexp(lse_prev, lse_blk); out = out_prev e^(lse_prev-new) + out_blk e^(lse_blk-new)
-        o_prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        lse_prev2 = tl.load(LSE + offs_m, mask=row_ok, other=float("-inf")) * _LOG2E
-        m = tl.maximum(lse_prev2, lse2)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w_prev = tl.exp2(lse_prev2 - m)
-        w_blk = tl.exp2(lse2 - m)
-        w_sum = w_prev + w_blk
-        lse2 = m + tl.log2(w_sum)
-        w_sum = tl.where(w_sum == 0.0, 1.0, w_sum)
-        out = o_prev * (w_prev / w_sum)[:, None] + out * (w_blk / w_sum)[:, None]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + offs_m, lse2 * _LN2, mask=row_ok)
-
-
-# ----------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA,
-                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                    H_Q, S_Q, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse, fp32 (b, hq, s_q). The ``- dlse`` term is the gradient
-    that flows through the returned lse (d lse_i / d s_ij = P_ij)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_Q).to(tl.int64)
-    off_h = (pid_bh % H_Q).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S_Q
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * S_Q + offs_m, mask=row_ok, other=0.0)
-    tl.store(DELTA + pid_bh.to(tl.int64) * S_Q + offs_m, delta, mask=row_ok)
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]  # (BM, D)
-        do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]  # (BM, D)
-        if MASK:
-            row_ok = offs_m < S_Q
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + offs_m)
-            delta = tl.load(DELTA + offs_m)
-        if UPCAST:
-            q = q.to(tl.float32)
-        do = do.to(q.dtype)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-        pT = tl.exp2(qkT * qk_scale - (lse * _LOG2E)[None, :])
-        if MASK:
-            keep = row_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            pT = tl.where(keep, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # (BN, D)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # (BN, D)
-    return dk, dv
-
-
-@triton.autotune(
-    configs=_DKDV_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
-)
-@triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   H_Q, H_KV, GROUP, S_Q, S_K,
-                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
-    share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics."""
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_KV).to(tl.int64)
-    off_hk = (pid_bh % H_KV).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < S_K
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk_scale = sm_scale * _LOG2E
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    # Query blocks: [lo, mid) straddle the causal diagonal (masked), [mid, full_end) need no
-    # mask, [full_end, end) hold the query tail (masked).
-    if IS_CAUSAL:
-        lo = start_n
-        mid = start_n + BLOCK_N
-    else:
-        lo = 0
-        mid = 0
-    end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
-    full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
-    diag_end = tl.minimum(mid, end)
-    for g in range(GROUP):
-        off_h = off_hk * GROUP + g
-        Qh = Q + off_b * stride_qb + off_h * stride_qh
-        DOh = DO + off_b * stride_dob + off_h * stride_doh
-        row0 = (off_b * H_Q + off_h) * S_Q
-        if IS_CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                 offs_n, S_Q, qk_scale, lo, diag_end,
-                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                             offs_n, S_Q, qk_scale, mid, full_end,
-                             BLOCK_M, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                             offs_n, S_Q, qk_scale, full_end, end,
-                             BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
-    dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
-        p = tl.exp2(qk * qk_scale - lse2[:, None])
-        if MASK:
-            keep = offs_n[None, :] < S_K
-            if IS_CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # (BM, D)
-    return dq
-
-
-@triton.autotune(
-    configs=_DQ_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
-)
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
-                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 stride_dqb, stride_dqh, stride_dqm,
-                 H_Q, GROUP, S_Q, S_K,
-                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: dQ of BLOCK_M query rows of one (batch, query head)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_Q).to(tl.int64)
-    off_h = (pid_bh % H_Q).to(tl.int64)
-    off_hk = off_h // GROUP
-    K += off_b * stride_kb + off_hk * stride_kh
-    V += off_b * stride_vb + off_hk * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    do = do.to(q.dtype)
-    row0 = pid_bh.to(tl.int64) * S_Q
-    lse2 = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    qk_scale = sm_scale * _LOG2E
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full = (S_K // BLOCK_N) * BLOCK_N
-    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full = tl.minimum(full, start_m)
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
-                   BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
-                   BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
-    dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------
@@ -472,11 +68,21 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
                          "or head_dim (layout is (batch, heads, seq, head_dim))")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"flash_attention: query heads ({hq}) must be a multiple of kv heads ({hkv})")
-    if d < 16 or d > 128 or d & (d - 1):
-        raise ValueError(f"flash_attention: head_dim {d} unsupported; use a power of two in 16..128")
+    if not 1 <= d <= 128:
+        raise ValueError(f"flash_attention: head_dim {d} unsupported: the kernels take 1..128")
     if s_q == 0 or s_k == 0:
         raise ValueError(f"flash_attention: empty sequence (s_q={s_q}, s_k={s_k})")
     return b, hq, hkv, s_q, s_k, d
+
+
+def _kernel_head_dim(d: int) -> int:
+    """The head dim the kernels run at: a power of two, at least 16 (``tl.dot``'s minimum K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _pad_head(t: torch.Tensor, d_kernel: int) -> torch.Tensor:
+    """Zero-pad the head dim to ``d_kernel`` (a no-op when it already is)."""
+    return t if t.shape[-1] == d_kernel else F.pad(t, (0, d_kernel - t.shape[-1]))
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -488,16 +94,23 @@ def _flags(dtype: torch.dtype) -> dict:
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
              causal: bool, scale: float, has_acc: bool) -> None:
+    """Write attention of (q, k, v) into ``out``/``lse`` (merge into them when ``has_acc``)."""
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
+    d_kernel = _kernel_head_dim(d)
+    if d_kernel != d:  # run padded, copy the real columns back into the caller's buffer
+        out_padded = _pad_head(out, d_kernel) if has_acc else out.new_empty((*out.shape[:3], d_kernel))
+        _forward(*(_pad_head(t, d_kernel) for t in (q, k, v)), out_padded, lse, causal, scale, has_acc)
+        out.copy_(out_padded[..., :d])
+        return
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(s_q, meta["BLOCK_M"]), b * hq)
+        return (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))
 
     _attn_fwd[grid](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, s_q, s_k,
+        lse.stride(0), lse.stride(1), hq, hq // hkv, s_q, s_k,
         HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_ACC=has_acc, **_flags(q.dtype),
     )
 
@@ -511,6 +124,11 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
             raise ValueError(f"flash_attention backward: {name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
     if lse.shape != (b, hq, s_q):
         raise ValueError(f"flash_attention backward: lse shape {tuple(lse.shape)} != {(b, hq, s_q)}")
+    d_kernel = _kernel_head_dim(d)
+    if d_kernel != d:
+        grads = _backward(*(_pad_head(t, d_kernel) for t in (q, k, v, out)), lse, _pad_head(dout, d_kernel),
+                          dlse, causal, scale, grad_dtype)
+        return tuple(g[..., :d] for g in grads)
     out, dout = _unit_last(out), _unit_last(dout)
     lse = lse.float().contiguous()
     delta = torch.empty((b, hq, s_q), device=q.device, dtype=torch.float32)  # (b, hq, s_q)
@@ -526,12 +144,12 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     flags = _flags(q.dtype)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(s_k, meta["BLOCK_N"]), b * hkv)](
+    _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), **flags,
     )
-    _attn_bwd_dq[lambda meta: (triton.cdiv(s_q, meta["BLOCK_M"]), b * hq)](
+    _attn_bwd_dq[lambda meta: (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, scale, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         hq, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), **flags,
@@ -579,7 +197,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     Args:
         q: (b, hq, s_q, d); k, v: (b, hkv, s_k, d) with hq a multiple of hkv (GQA);
-            fp16/bf16/fp32, d a power of two in 16..128, head dim contiguous.
+            fp16/bf16/fp32, any head dim d in 1..128 (see the module docstring).
         causal: top-left aligned mask, query i sees keys j <= i (see the module docstring).
         softmax_scale: defaults to 1 / sqrt(d).
 
@@ -591,13 +209,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor | None, lse: torch.Tensor | None, *, causal: bool,
-                              softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              softmax_scale: float | None = None,
+                              accumulate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One ring-attention step: attend q to this K/V block and merge into the running result.
 
     In the kernel, in fp32: ``new_lse = logaddexp(lse, lse_blk)``,
     ``out = out * exp(lse - new_lse) + out_blk * exp(lse_blk - new_lse)``.
     ``out`` (b, hq, s_q, d) fp32 and ``lse`` (b, hq, s_q) fp32 are updated **in place** and
-    returned; pass ``None`` for both on the first step (equivalent to zeros and ``-inf``).
+    returned. They may be strided views (unit stride along the head dim of ``out`` and the
+    sequence of ``lse``), so a ring can merge into half of its buffers without a copy.
+    ``accumulate=False`` overwrites them instead (the first step: no zero fill, no merge);
+    ``None`` for both allocates them (and implies ``accumulate=False``).
     Forward only: the ring backward calls :func:`flash_attention_backward` with the final
     out/lse. Causal follows :func:`flash_attention` (pass ``causal=True`` for the diagonal block).
     """
@@ -606,16 +228,17 @@ def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (out is None) != (lse is None):
         raise ValueError("flash_attention_ring_step: pass both out and lse, or neither (first step)")
     if out is None:
-        out = torch.zeros((b, hq, s_q, d), device=q.device, dtype=torch.float32)  # (b, hq, s_q, d)
-        lse = torch.full((b, hq, s_q), float("-inf"), device=q.device, dtype=torch.float32)
+        out = torch.empty((b, hq, s_q, d), device=q.device, dtype=torch.float32)  # (b, hq, s_q, d)
+        lse = torch.empty((b, hq, s_q), device=q.device, dtype=torch.float32)
+        accumulate = False
     if out.shape != q.shape or out.dtype != torch.float32 or out.stride(-1) != 1 or out.device != q.device:
         raise ValueError(f"flash_attention_ring_step: out must be fp32 {tuple(q.shape)} on {q.device} with a "
                          f"contiguous head dim; got {out.dtype} {tuple(out.shape)} stride {out.stride()}")
-    if lse.shape != (b, hq, s_q) or lse.dtype != torch.float32 or not lse.is_contiguous() \
+    if lse.shape != (b, hq, s_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1 \
             or lse.device != q.device:
-        raise ValueError(f"flash_attention_ring_step: lse must be contiguous fp32 {(b, hq, s_q)} on {q.device}; "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
-    _forward(q, k, v, out, lse, causal, _scale(q, softmax_scale), has_acc=True)
+        raise ValueError(f"flash_attention_ring_step: lse must be fp32 {(b, hq, s_q)} on {q.device} with a "
+                         f"unit stride along the sequence; got {lse.dtype} {tuple(lse.shape)} stride {lse.stride()}")
+    _forward(q, k, v, out, lse, causal, _scale(q, softmax_scale), has_acc=accumulate)
     return out, lse
 
 

@@ -2,8 +2,10 @@
 
 A backend gives ring attention two functions:
 
-- ``forward_step(q, k, v, out, lse, causal, scale) -> (out, lse)``: attend ``q`` to one
-  key/value block and merge into the running fp32 ``(out, lse)``:
+- ``forward_step(q, k, v, out, lse, causal, scale, accumulate) -> (out, lse)``: attend
+  ``q`` to one key/value block and write the result into the fp32 buffers ``out``/``lse``
+  **in place** (they may be views: the ring passes the second-chunk half of its
+  buffers). ``accumulate=False`` overwrites them (the first step); ``True`` merges:
   ``lse' = logaddexp(lse, lse_b)``, ``out' = out e^(lse - lse') + out_b e^(lse_b - lse')``.
 - ``backward_block(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``: the
   FlashAttention backward of one block given the *final* out and lse, which is exactly
@@ -55,19 +57,19 @@ class TorchBlocks:
     name = "torch"
 
     @staticmethod
-    def forward_step(q, k, v, out, lse, causal: bool, scale: float):
+    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True):
         rep = q.shape[1] // k.shape[1]
-        outs, lses = [], []
         for i, j in _row_chunks(q, k.shape[2]):
             kk, vv = (k[:, :, :j], v[:, :, :j]) if causal else (k, v)
             s = _scores(q[:, :, i:j], kk, causal, scale, offset=i)
             lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, rows)
             p = torch.exp(s - lse_b.unsqueeze(-1))
             out_b = torch.matmul(p, vv.float().repeat_interleave(rep, dim=1))
-            o, l_ = merge(out[:, :, i:j], lse[:, :, i:j], out_b, lse_b)
-            outs.append(o)
-            lses.append(l_)
-        return torch.cat(outs, 2), torch.cat(lses, 2)
+            if accumulate:
+                out_b, lse_b = merge(out[:, :, i:j], lse[:, :, i:j], out_b, lse_b)
+            out[:, :, i:j] = out_b
+            lse[:, :, i:j] = lse_b
+        return out, lse
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):

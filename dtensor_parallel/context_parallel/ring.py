@@ -12,9 +12,10 @@ layout every step but the first does exactly half a block:
 - keys from a rank j > r: only our second chunk attends, to both of j's chunks.
 
 So no step is fully masked and none is skipped: zigzag turns causal skipping into halving.
-Partial results merge by log-sum-exp in fp32. The backward runs the same ring: dQ stays,
-dK/dV accumulators travel with their key/value block, and one last rotation brings each
-home.
+Partial results merge by log-sum-exp in fp32, in place into one (out, lse) buffer pair (the
+first step writes it, so it is never zero-filled). The backward runs the same ring: dQ
+stays, dK/dV accumulators travel with their key/value block, sent on asynchronously, and
+one last rotation brings each home.
 """
 
 from __future__ import annotations
@@ -42,43 +43,51 @@ def _ring_steps(k: torch.Tensor, v: torch.Tensor, comm: RingComm):
 def _forward(q, k, v, causal: bool, scale: float, comm: RingComm, backend):
     b, hq, s, d = q.shape
     c = s // 2
-    out = torch.zeros(b, hq, s, d, device=q.device, dtype=torch.float32)
-    lse = torch.full((b, hq, s), float("-inf"), device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, s, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
     for j, k_j, v_j in _ring_steps(k, v, comm):
-        if j == comm.rank or not causal:
-            out, lse = backend.forward_step(q, k_j, v_j, out, lse, causal, scale)
+        first = j == comm.rank  # step 0: the own block, written rather than merged
+        if first or not causal:
+            backend.forward_step(q, k_j, v_j, out, lse, causal, scale, accumulate=not first)
         elif j < comm.rank:  # all our queries see j's first chunk only
-            out, lse = backend.forward_step(q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale)
-        else:  # only our second chunk sees j, all of it
-            o2, l2 = backend.forward_step(q[:, :, c:], k_j, v_j, out[:, :, c:], lse[:, :, c:], False, scale)
-            out, lse = torch.cat([out[:, :, :c], o2], 2), torch.cat([lse[:, :, :c], l2], 2)
+            backend.forward_step(q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale, accumulate=True)
+        else:  # only our second chunk sees j, all of it: merge into the second half in place
+            backend.forward_step(q[:, :, c:], k_j, v_j, out[:, :, c:], lse[:, :, c:], False, scale,
+                                 accumulate=True)
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingComm, backend):
+    """dQ stays home; the dK/dV accumulator of each key/value block travels with it. A
+    block's accumulator is sent on as soon as this rank has added its share, and the next
+    block's arrives while this rank computes on it, so only the last hop (the one that
+    brings each accumulator home) is exposed."""
     c = q.shape[2] // 2
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    in_flight = None  # (receive buffers, works) of the accumulator of the block held next
     for j, k_j, v_j in _ring_steps(k, v, comm):
         if j == comm.rank or not causal:
             gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale)
-            dq += gq
-            dk += gk
-            dv += gv
+            rows, keys = slice(None), slice(None)
         elif j < comm.rank:
             gq, gk, gv = backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale)
-            dq += gq
-            dk[:, :, :c] += gk
-            dv[:, :, :c] += gv
+            rows, keys = slice(None), slice(0, c)
         else:
             gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j,
                                                 out[:, :, c:], lse[:, :, c:], False, scale)
-            dq[:, :, c:] += gq
-            dk += gk
-            dv += gv
-        # the accumulators follow their key/value block; after cp hops they are home
-        dk, dv = comm.rotate([dk, dv])
+            rows, keys = slice(c, None), slice(None)
+        dq[:, :, rows] += gq
+        if in_flight is None:  # step 0: the own block's accumulator starts here
+            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+            dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        else:
+            (dk, dv), works = in_flight
+            comm.wait(works)
+        dk[:, :, keys] += gk
+        dv[:, :, keys] += gv
+        in_flight = comm.start([dk, dv])
+    (dk, dv), works = in_flight  # after cp hops each accumulator is home
+    comm.wait(works)
     return dq, dk, dv
 
 

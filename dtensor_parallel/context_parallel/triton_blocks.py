@@ -16,10 +16,10 @@ class TritonBlocks:
     name = "triton"
 
     @staticmethod
-    def forward_step(q, k, v, out, lse, causal: bool, scale: float):
-        # the kernel updates (out, lse) in place: hand it contiguous copies of slices
-        out, lse = out.contiguous(), lse.contiguous()
-        return flash_attention_ring_step(q, k, v, out, lse, causal=causal, softmax_scale=scale)
+    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True):
+        # the kernel writes (out, lse) in place through their strides: views need no copy
+        return flash_attention_ring_step(q, k, v, out, lse, causal=causal, softmax_scale=scale,
+                                         accumulate=accumulate)
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
