@@ -32,6 +32,17 @@ flag                                       overlay key
 --fp16                                     ValueError: no fp16 loss scaling; use --bf16
 --kernels torch|triton|auto                plan.kernels *(ours)*
 --compile                                  plan.compile=True *(ours)*
+--num-experts N                            model.moe.n_experts (the [model.moe] table)
+--moe-router-topk N                        model.moe.top_k
+--moe-ffn-hidden-size N                    model.moe.hidden_dim
+--moe-router-load-balancing-type T         model.moe.load_balance: aux_loss|seq_aux_loss|none;
+                                           global_aux_loss -> aux_loss (ours is global)
+--moe-aux-loss-coeff X                     model.moe.aux_loss_coeff
+--moe-z-loss-coeff X                       model.moe.z_loss_coeff
+--moe-router-score-function softmax|sigmoid  model.moe.score_func
+--moe-router-enable-expert-bias            model.moe.expert_bias=True (aux-loss-free)
+--moe-router-bias-update-rate X            model.moe.bias_update_rate
+--moe-expert-capacity-factor X             model.moe.capacity_factor (absent: dropless)
 --micro-batch-size N                       training.micro_batch_size
 --global-batch-size N                      training.global_batch_size
 --seq-length N                             training.seq_len
@@ -70,6 +81,7 @@ Accepted no-ops, which describe what our Llama already is (values are checked):
 --use-rotary-position-embeddings, --use-flash-attn, --no-masked-softmax-fusion,
 --attention-backend flash|fused|unfused|local|auto, --transformer-impl
 local|transformer_engine (we have one implementation), --use-mcore-models,
+--moe-token-dispatcher-type alltoall, --moe-grouped-gemm,
 --overlap-grad-reduce, --overlap-param-gather (FSDP2 overlaps anyway). Megatron's defaults
 without the first five describe a GPT-2-like model; if model flags appear without them we
 warn, since we build Llama regardless.
@@ -127,6 +139,19 @@ _FLAGS: dict[str, _Flag] = {
     "--fp16": _f(None, None),
     "--kernels": _f("plan", "kernels", str, ("torch", "triton", "auto")),
     "--compile": _f("plan", "compile"),
+    "--num-experts": _f("model", "moe.n_experts", int),
+    "--moe-router-topk": _f("model", "moe.top_k", int),
+    "--moe-ffn-hidden-size": _f("model", "moe.hidden_dim", int),
+    "--moe-router-load-balancing-type": _f("model", "moe.load_balance", str,
+                                           ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")),
+    "--moe-aux-loss-coeff": _f("model", "moe.aux_loss_coeff", float),
+    "--moe-z-loss-coeff": _f("model", "moe.z_loss_coeff", float),
+    "--moe-router-score-function": _f("model", "moe.score_func", str, ("softmax", "sigmoid")),
+    "--moe-router-enable-expert-bias": _f("model", "moe.expert_bias"),
+    "--moe-router-bias-update-rate": _f("model", "moe.bias_update_rate", float),
+    "--moe-expert-capacity-factor": _f("model", "moe.capacity_factor", float),
+    "--moe-token-dispatcher-type": _f(None, None, str, ("alltoall",)),
+    "--moe-grouped-gemm": _f(None, None),
     "--micro-batch-size": _f("training", "micro_batch_size", int),
     "--global-batch-size": _f("training", "global_batch_size", int),
     "--seq-length": _f("training", "seq_len", int),
@@ -251,7 +276,13 @@ def parse_megatron_args(argv: list[str] | str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
 
     def put(section: str, key: str, value: Any) -> None:
-        out.setdefault(section, {})[key] = value
+        table = out.setdefault(section, {})
+        if "." in key:  # a sub-table: model.moe
+            sub, key = key.split(".", 1)
+            table = table.setdefault(sub, {})
+        if key == "load_balance" and value == "global_aux_loss":
+            value = "aux_loss"  # ours is computed over the global micro-batch (moe_stats.py)
+        table[key] = value
 
     for name, value in raw.items():
         spec = _FLAGS[name]
@@ -300,7 +331,7 @@ def parse_megatron_args(argv: list[str] | str) -> dict[str, dict[str, Any]]:
                              f"are not supported; give one path prefix")
         put("data", "path", paths[0])
 
-    if "model" in out:
+    if set(out.get("model", {})) - {"moe"}:  # MoE flags alone say nothing of the dense shape
         missing = [group[0] for group in _LLAMA_FLAGS if not any(f in raw for f in group)]
         if missing:
             warnings.warn(f"model flags without {', '.join(missing)}: Megatron would build a "

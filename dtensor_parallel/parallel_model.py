@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .context_parallel import context_parallel_region, zigzag_indices
+from . import moe_stats
 from .expert_parallel import reduce_expert_grads
 from .grads import gather_full, global_grad_norm, reduce_partial_grads
 from .mesh import ParallelDims, mesh_device, submesh
@@ -52,6 +53,15 @@ class ParallelModel:
         self._cp_mesh = submesh(mesh, "cp") if dims.cp > 1 else None
         self._state_order = state_order
         self._experts = experts  # (EP-sharded expert parameters, ExpertGroups) or None
+        self._moe = moe_stats.moe_layers(modules)
+        if self._moe:
+            sp_tp = dims.tp > 1 and plan.sequence_parallel  # then the tp ranks hold other positions
+            moe_stats.set_reduction_groups(
+                self._moe,
+                seq_groups=[submesh(mesh, d).get_group() for d, on in (("cp", dims.cp > 1), ("tp", sp_tp)) if on],
+                batch_groups=[self._dp_mesh.get_group()] if self._dp_mesh is not None else [])
+            if pipeline is not None:
+                moe_stats.collect_only_inside(self._moe, pipeline)
 
     # ---- nn.Module-like surface -------------------------------------------------------
     @property
@@ -175,6 +185,7 @@ class ParallelModel:
         accumulate into ``.grad``. Returns the global mean token loss (same on every rank)."""
         self._check_inputs(input_ids, labels)
         n_micro = self._micro_batches(input_ids.shape[0])
+        moe_stats.start_step(self._moe, n_micro)
         device = self.device
         (input_ids, labels), cp_region = self._context_parallel(input_ids.to(device), labels.to(device))
         n_tokens = self._loss_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
@@ -191,6 +202,18 @@ class ParallelModel:
             total += loss_sum.detach()
         self._finish_grads()
         return self._loss_sum(total) / n_tokens
+
+    def moe_stats(self) -> dict[str, float]:
+        """Load-balancing statistics of the last ``forward_backward`` (empty without MoE
+        layers): ``moe_aux_loss`` (the auxiliary loss it trained with, which the returned
+        loss does not include), ``moe_max_load`` / ``moe_min_load`` (expert load over the
+        mean, averaged over layers). Every rank must call it (it reduces)."""
+        return moe_stats.step_stats(self._moe, self._pp_group(), self.device)
+
+    def update_expert_biases(self) -> None:
+        """Aux-loss-free balancing: call after the optimizer step (no-op unless the MoE
+        args set ``expert_bias``)."""
+        moe_stats.update_expert_biases(self._moe)
 
     def _finish_grads(self) -> None:
         """The reductions FSDP does not do: partial (SP norm) and expert gradients."""

@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 from dtensor_parallel.models import Llama, ModelArgs
-from dtensor_parallel.models.moe import MoEArgs
+from dtensor_parallel.models.moe import MoE, MoEArgs
 
 from .toy_gpt import TOY_BLOCKS, TOY_RULES, ToyGPT
 
@@ -35,10 +35,19 @@ TINY_MOE = ModelArgs(**{**TINY_LLAMA.__dict__, "n_dense_layers": 1,
                                        n_shared_experts=1)})
 
 
+# with the balancing losses on (large coefficients, so their gradients matter in the checks)
+TINY_MOE_AUX = ModelArgs(**{**TINY_MOE.__dict__, "moe": MoEArgs(
+    n_experts=4, top_k=2, hidden_dim=32, load_balance="aux_loss", aux_loss_coeff=0.1, z_loss_coeff=0.01)})
+TINY_MOE_SEQ_AUX = ModelArgs(**{**TINY_MOE.__dict__, "moe": MoEArgs(
+    n_experts=4, top_k=2, hidden_dim=32, load_balance="seq_aux_loss", aux_loss_coeff=0.1,
+    score_func="sigmoid")})
+LLAMA_KINDS = {"llama": TINY_LLAMA, "moe": TINY_MOE, "moe_aux": TINY_MOE_AUX, "moe_seq_aux": TINY_MOE_SEQ_AUX}
+
+
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if kind in ("llama", "moe"):
-        model = Llama(TINY_LLAMA if kind == "llama" else TINY_MOE)
+    if kind in LLAMA_KINDS:
+        model = Llama(LLAMA_KINDS[kind])
         model.init_weights(buffer_device="cpu")
         with torch.no_grad():  # non-trivial norm weights so their gradients are tested
             for n, p in model.named_parameters():
@@ -64,11 +73,29 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 1, ignore_frac: flo
     return x.to(case_device()), y.to(case_device())
 
 
-def reference_step(model, x, y) -> torch.Tensor:
-    logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-    loss.backward()
-    return loss.detach()
+def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
+    """Forward+backward of the global batch on one device. With ``n_micro`` > 1 it runs the
+    micro-batches a pipeline runs (micro-batch m: chunk m of every dp rank's rows), so MoE
+    balancing losses, which are per micro-batch, are those of the parallel run."""
+    if n_micro == 1:
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        return loss.detach()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        m.aux_loss_scale = 1.0 / n_micro
+    n_tokens = (y != -100).sum()
+    total = torch.zeros(())
+    per_micro = lambda t: t.view(dp, n_micro, -1, t.shape[-1])  # noqa: E731
+    for m_idx in range(n_micro):
+        xm, ym = (per_micro(t)[:, m_idx].reshape(-1, t.shape[-1]) for t in (x, y))
+        loss_sum = F.cross_entropy(model(xm).flatten(0, 1), ym.flatten(), ignore_index=-100, reduction="sum")
+        (loss_sum / n_tokens).backward()
+        total = total + loss_sum.detach().cpu()
+    for m in moes:
+        m.aux_loss_scale = 1.0
+    return total / n_tokens.cpu()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,7 +133,8 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
     assert_full_state_dict_matches(pm, ref)
     vocab = ref.wte.num_embeddings if kind == "toy" else ref.args.vocab_size
     x, y = make_batch(vocab, batch, seq)
-    ref_loss = reference_step(ref, x, y)
+    n_micro = pm._micro_batches(batch // pm.dims.dp) if pm.pipeline is not None else 1
+    ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp)
     loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
     assert rel_err(loss, ref_loss) <= REL_TOL, f"loss {loss.item()} != reference {ref_loss.item()}"
     assert_grads_match(pm, ref)

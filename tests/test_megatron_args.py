@@ -216,3 +216,20 @@ def test_docstring_table_lists_every_flag():
     doc = megatron_args.__doc__
     missing = [f for f in megatron_args._FLAGS if f not in doc]
     assert not missing, f"flags missing from the module docstring: {missing}"
+
+
+def test_moe_flags_fill_the_model_moe_table():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MoE flags alone do not trigger the GPT-2-shape warning
+        out = parse_megatron_args("--num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1024 "
+                                  "--moe-router-load-balancing-type global_aux_loss --moe-aux-loss-coeff 1e-2 "
+                                  "--moe-z-loss-coeff 1e-3 --moe-router-score-function sigmoid "
+                                  "--moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3 "
+                                  "--moe-expert-capacity-factor 1.5 --moe-token-dispatcher-type alltoall "
+                                  "--moe-grouped-gemm --expert-model-parallel-size 4")
+    assert out["model"] == {"moe": {"n_experts": 8, "top_k": 2, "hidden_dim": 1024, "load_balance": "aux_loss",
+                                    "aux_loss_coeff": 1e-2, "z_loss_coeff": 1e-3, "score_func": "sigmoid",
+                                    "expert_bias": True, "bias_update_rate": 1e-3, "capacity_factor": 1.5}}
+    assert out["parallel"]["ep"] == 4
+    with pytest.raises(ValueError, match="--moe-token-dispatcher-type"):
+        parse_megatron_args("--moe-token-dispatcher-type allgather")

@@ -18,10 +18,10 @@ def _moe(dtype=torch.float64, **kw) -> MoE:
     return MoE(8, args).to(dtype)
 
 
-def _naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_j w_tj SwiGLU_e(x_t) (+ shared), token by token."""
+def _naive(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out[t] = sum_j w_tj SwiGLU_e(x_t) (+ shared), token by token; and the aux loss."""
     flat = x.reshape(-1, x.shape[-1])
-    ids, w, _ = moe.router(flat, x.shape[0])
+    ids, w, aux = moe.router(flat, x.shape[0])
     out = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
         for j in range(moe.args.top_k):
@@ -30,7 +30,7 @@ def _naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             out[t] = out[t] + w[t, j].to(flat.dtype) * (h @ moe.w2[e])
     if moe.shared is not None:
         out = out + moe.shared(flat)
-    return out.view_as(x)
+    return out.view_as(x), aux
 
 
 @pytest.mark.parametrize("kw", [{}, {"top_k": 1}, {"n_shared_experts": 1}, {"score_func": "sigmoid"},
@@ -40,11 +40,14 @@ def test_dropless_moe_matches_per_token_loop(kw: dict) -> None:
     x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)  # 21 tokens: odd count
     out = moe(x)
     x2 = x.detach().clone().requires_grad_()
-    ref = _naive(moe, x2)
+    ref, aux = _naive(moe, x2)
     torch.testing.assert_close(out, ref)
+    assert aux.item() > 0
     g = torch.randn_like(out)
+    # the layer's backward also carries the auxiliary loss's gradient (weight 1)
     grads = torch.autograd.grad(out, [x, moe.w1, moe.w2, moe.w3, moe.router.gate.weight], g)
-    ref_grads = torch.autograd.grad(ref, [x2, moe.w1, moe.w2, moe.w3, moe.router.gate.weight], g)
+    ref_grads = torch.autograd.grad([ref, aux], [x2, moe.w1, moe.w2, moe.w3, moe.router.gate.weight],
+                                    [g, torch.ones_like(aux)])
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
     assert int(moe.tokens_per_expert.sum()) == 21 * moe.args.top_k
@@ -209,3 +212,59 @@ def test_triton_dispatch_kernels_match_torch_path(kw: dict, monkeypatch) -> None
     for a, b in zip(grads_k, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert calls == ["permute", "unpermute"]  # the kernels ran (only on the Triton pass)
+
+
+def _balancing_case(kind: str, mesh_kwargs: dict, plan_kwargs: dict) -> float:
+    """The auxiliary (and z-) losses train the router exactly as on one device running the
+    same micro-batches, and pm.moe_stats() reports the reference's aux loss and loads."""
+    from .parity import one_step_parity
+
+    loss = one_step_parity(kind, mesh_kwargs, plan_kwargs, batch=4, seq=16)
+    return loss
+
+
+def _balancing_stats_case(mesh_kwargs: dict, plan_kwargs: dict) -> None:
+    import copy
+
+    from dtensor_parallel import build_mesh, parallelize
+
+    from .parity import make_batch, make_model, plan_for, reference_step
+
+    ref = make_model("moe_aux")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(**mesh_kwargs), plan_for("moe_aux", **plan_kwargs))
+    x, y = make_batch(ref.args.vocab_size, 4, 16)
+    n_micro = pm._micro_batches(4 // pm.dims.dp) if pm.pipeline is not None else 1
+    reference_step(ref, x, y, n_micro, pm.dims.dp)
+    pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    stats = pm.moe_stats()
+    layers = [m for m in ref.modules() if isinstance(m, MoE)]
+    want_aux = sum(m.step_aux_loss.item() for m in layers)
+    loads = [m.step_routed_counts.float() for m in layers]
+    want_max = sum((c.max() / c.mean()).item() for c in loads) / len(loads)
+    want_min = sum((c.min() / c.mean()).item() for c in loads) / len(loads)
+    assert want_aux > 0
+    assert math.isclose(stats["moe_aux_loss"], want_aux, rel_tol=1e-5), (stats, want_aux)
+    assert math.isclose(stats["moe_max_load"], want_max, rel_tol=1e-6), (stats, want_max)
+    assert math.isclose(stats["moe_min_load"], want_min, rel_tol=1e-6), (stats, want_min)
+
+
+@pytest.mark.parametrize("kind,world,mesh_kwargs,plan_kwargs", [
+    ("moe_aux", 2, {"dp_shard": 2}, {}),
+    ("moe_aux", 4, {"dp_shard": 2, "cp": 2}, {"expert_parallel": 2}),  # statistics over dp x cp
+    ("moe_aux", 2, {"pp": 2}, {"micro_batch_size": 1}),  # per micro-batch, mean over 4
+    ("moe_seq_aux", 4, {"dp_shard": 2, "cp": 2}, {}),  # per sequence: counts over cp only
+    ("moe_seq_aux", 2, {"pp": 2}, {"micro_batch_size": 2}),
+])
+def test_balancing_losses_train_the_router_as_on_one_device(kind, world, mesh_kwargs, plan_kwargs) -> None:
+    from .harness import run_distributed
+    losses = run_distributed(world, _balancing_case, kind, mesh_kwargs, plan_kwargs)
+    assert len(set(losses)) == 1
+
+
+@pytest.mark.parametrize("world,mesh_kwargs,plan_kwargs", [
+    (4, {"dp_shard": 2, "cp": 2}, {"expert_parallel": 2}),
+    (4, {"pp": 2, "dp_shard": 2}, {"micro_batch_size": 1}),
+])
+def test_moe_stats_report_the_global_aux_loss_and_loads(world, mesh_kwargs, plan_kwargs) -> None:
+    from .harness import run_distributed
+    run_distributed(world, _balancing_stats_case, mesh_kwargs, plan_kwargs)

@@ -284,3 +284,26 @@ def test_debug_moe_recipe_expert_parallel(tmp_path):
                timeout=150, recipe=REPO / "recipes" / "debug_moe.toml")
     recs = _records(metrics, steps)
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
+    # the balancing statistics are logged: the aux loss (coefficient 1e-2 times
+    # E sum_e f_e P_e, which is 1 at perfect balance and at most E = 8) of each MoE layer,
+    # and the expert loads around the mean
+    n_moe = sum(llama3_args("debug-moe").is_moe_layer(i) for i in range(llama3_args("debug-moe").n_layers))
+    for r in recs:
+        assert 0.5 * 1e-2 * n_moe < r["moe_aux_loss"] <= 8 * 1e-2 * n_moe, r
+        assert 0.0 <= r["moe_min_load"] <= 1.0 <= r["moe_max_load"] <= 8.0, r
+
+
+def test_moe_settings_from_the_recipe_and_megatron_flags() -> None:
+    cfg = load_config(REPO / "recipes" / "debug_moe.toml",
+                      ["--moe-aux-loss-coeff", "0.02", "--moe-router-load-balancing-type", "seq_aux_loss",
+                       "--moe-z-loss-coeff", "1e-3", "--moe-router-enable-expert-bias",
+                       "--moe-expert-capacity-factor", "1.25"])
+    moe = cfg.model.args().moe
+    assert (moe.aux_loss_coeff, moe.load_balance, moe.z_loss_coeff, moe.expert_bias, moe.capacity_factor) == \
+        (0.02, "seq_aux_loss", 1e-3, True, 1.25)
+    assert moe.n_experts == 8  # the flavour's, untouched
+    with pytest.raises(ValueError, match=r"flavour 'debug' has no MoE layers"):
+        load_config(DEBUG_RECIPE, ["--moe-aux-loss-coeff", "0.02"])
+    from dtensor_parallel.trainer.config import _model_section
+    with pytest.raises(ValueError, match=r"unknown key 'aux_coeff' in section \[model.moe\]"):
+        _model_section({"flavour": "debug-moe", "moe": {"aux_coeff": 0.1}})

@@ -20,8 +20,17 @@ in Switch). ``None`` is dropless, the default (Megatron's ``--moe-token-dispatch
 alltoall`` with no capacity).
 
 Experts run as one grouped GEMM over expert-contiguous rows (``torch._grouped_mm`` on
-CUDA where it exists; a loop over experts elsewhere). The layer keeps its last auxiliary
-loss in ``self.aux_loss`` and its routed-token counts in ``self.tokens_per_expert``.
+CUDA where it exists; a loop over experts elsewhere).
+
+Training with the balancing losses: the layer's output carries them into the backward
+(``_AuxLossGrad``: identity forward, gradient 1 for the loss), so any backward through the
+model, a pipeline stage's included, trains the router; the language-model loss the caller
+computes stays pure. ``aux_loss_scale`` weights each forward (1 / micro-batches under
+``ParallelModel``). Under data/context/sequence parallelism each rank's ``aux_loss`` is
+its share of the whole micro-batch's loss (see ``Router._aux_loss`` and
+``dtensor_parallel/moe_stats.py``). The layer keeps its last share in ``self.aux_loss``,
+its routed-token counts in ``self.tokens_per_expert``, and the step's sums in
+``step_aux_loss`` / ``step_routed_counts``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -66,10 +76,16 @@ class Router(nn.Module):
         self.args = args
         self.gate = nn.Linear(dim, args.n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(args.n_experts), persistent=True)
+        # set by ParallelModel (dtensor_parallel/moe_stats.py): the process groups over which
+        # the balancing statistics are summed; empty on one device
+        self.seq_groups: tuple = ()
+        self.batch_groups: tuple = ()
+        self.routed_counts: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, dim) with T = batch * seq. Returns top-k expert ids (T, k), combine weights
-        (T, k) and the auxiliary loss (a scalar)."""
+        (T, k) and this rank's share of the auxiliary loss (a scalar; see ``_aux_loss``).
+        Also keeps ``self.routed_counts``: slots per expert (E,) over every rank's tokens."""
         a = self.args
         dt = torch.promote_types(x.dtype, torch.float32)  # at least fp32
         logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # (T, E)
@@ -82,21 +98,39 @@ class Router(nn.Module):
         return expert_ids, weights, self._aux_loss(logits, scores, expert_ids, batch)
 
     def _aux_loss(self, logits, scores, expert_ids, batch: int) -> torch.Tensor:
+        """This rank's share of the balancing losses of the whole micro-batch.
+
+        The statistics (slots per expert, token and sequence counts) are summed over the
+        ranks holding the micro-batch's other tokens (``seq_groups``: the same sequences'
+        other positions, cp and tp under SP; ``batch_groups``: other sequences, dp), and
+        the score sums enter with the rank's own tokens only. So the shares of all ranks
+        add up to the loss of the whole micro-batch, and since data-parallel gradients are
+        summed, the gradient is exactly that of one device seeing the whole micro-batch.
+        Without groups the share is the loss itself."""
         a = self.args
+        E, k, T = a.n_experts, a.top_k, logits.shape[0]
+        groups = (*self.seq_groups, *self.batch_groups)
+        stats = torch.cat([torch.bincount(expert_ids.reshape(-1), minlength=E).to(logits.dtype),
+                           logits.new_tensor([T])])
+        stats = _sum_over(stats, groups)
+        self.routed_counts, tokens = stats[:E], stats[E]
         loss = logits.new_zeros(())
         if a.load_balance != "none" and a.aux_loss_coeff:
-            onehot = F.one_hot(expert_ids, a.n_experts).sum(1).to(scores.dtype)  # (T, E) slots per expert
             probs = scores / scores.sum(-1, keepdim=True) if a.score_func == "sigmoid" else scores
             if a.load_balance == "aux_loss":
-                f = onehot.mean(0) / a.top_k  # (E,) fraction of slots
-                p = probs.mean(0)
-                loss = loss + a.aux_loss_coeff * a.n_experts * (f * p).sum()
-            else:  # per sequence, then averaged
-                f = onehot.view(batch, -1, a.n_experts).mean(1) / a.top_k  # (b, E)
-                p = probs.view(batch, -1, a.n_experts).mean(1)
-                loss = loss + a.aux_loss_coeff * a.n_experts * (f * p).sum(-1).mean()
+                f = self.routed_counts / (tokens * k)  # (E,) fraction of the slots
+                p_share = probs.sum(0) / tokens  # (E,) this rank's part of the mean score
+                loss = loss + a.aux_loss_coeff * E * (f * p_share).sum()
+            else:  # per sequence, then averaged over the micro-batch's sequences
+                onehot = F.one_hot(expert_ids, E).sum(1).to(scores.dtype).view(batch, -1, E)
+                per_seq = torch.cat([onehot.sum(1), onehot.new_full((batch, 1), onehot.shape[1])], 1)
+                per_seq = _sum_over(per_seq, self.seq_groups)  # (b, E + 1): slots and length
+                n_seq = _sum_over(logits.new_tensor([batch]), self.batch_groups)[0]
+                f = per_seq[:, :E] / (per_seq[:, E:] * k)  # (b, E)
+                p_share = probs.view(batch, -1, E).sum(1) / per_seq[:, E:]
+                loss = loss + a.aux_loss_coeff * E * (f * p_share).sum() / n_seq
         if a.z_loss_coeff:
-            loss = loss + a.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
+            loss = loss + a.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).sum() / tokens
         return loss
 
     @torch.no_grad()
@@ -105,6 +139,30 @@ class Router(nn.Module):
         over-loaded ones' (sign of the gap to the mean load). Call after each step."""
         load = tokens_per_expert.float()
         self.expert_bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:
+    """Sum of a statistics tensor over ranks (no gradient flows through it)."""
+    t = t.detach()
+    for g in groups:
+        t = funcol.all_reduce(t, "sum", g)
+    return t
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on ``x`` whose backward also gives ``aux`` the gradient 1: the auxiliary
+    loss trains the router through the model's own backward (under pipeline parallelism,
+    each stage's) without being added to the returned language-model loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_meta = (aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.aux_meta
+        return grad, torch.ones((), dtype=dtype, device=device)
 
 
 def expert_slots(expert_ids: torch.Tensor, n_experts: int, capacity: int | None):
@@ -157,6 +215,12 @@ class MoE(nn.Module):
             self.shared = FeedForward(dim, f * args.n_shared_experts)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
+        # the auxiliary loss's weight per forward: 1 / micro-batches (set by ParallelModel)
+        self.aux_loss_scale = 1.0
+        # summed over the forwards of a training step (reset by moe_stats.start_step)
+        self.step_aux_loss: torch.Tensor | None = None
+        self.step_routed_counts: torch.Tensor | None = None
+        self.collect_stats = True  # a pipeline turns it on only around real micro-batch forwards
         self.ep_groups = None  # set by expert parallelism: experts sharded, tokens exchanged
         self.dispatch_backend = "torch"  # "triton": the kernels of triton_kernels/moe_dispatch.py
         nn.init.normal_(self.w1, std=0.02)
@@ -195,4 +259,17 @@ class MoE(nn.Module):
             out = torch.zeros_like(flat).index_add_(0, slots // k, y * w)  # unpermute + combine
         if self.shared is not None:
             out = out + self.shared(flat)
-        return out.view(b, s, d)
+        out = out.view(b, s, d)
+        aux = self.aux_loss * self.aux_loss_scale
+        if aux.requires_grad and torch.is_grad_enabled():
+            out = _AuxLossGrad.apply(out, aux)
+        if self.collect_stats and torch._C._current_graph_task_id() == -1:  # not a recompute in backward
+            self._add_step_stats(aux.detach(), self.router.routed_counts)
+        return out
+
+    def _add_step_stats(self, aux: torch.Tensor, counts: torch.Tensor) -> None:
+        if self.step_aux_loss is None:
+            self.step_aux_loss, self.step_routed_counts = aux.clone(), counts.clone()
+        else:
+            self.step_aux_loss += aux
+            self.step_routed_counts += counts

@@ -51,6 +51,22 @@ class PipelineRuntime:
         self.step_s: float = 0.0
         self.busy_s: float = 0.0
 
+    def around_forward_chunks(self, switch) -> None:
+        """Call ``switch(True)`` before and ``switch(False)`` after each real micro-batch
+        forward of the schedule. (torch's pipelining also runs a stage's forward once for
+        shape inference, on the first micro-batch or on uninitialized tensors; per-step
+        statistics must not count that one.)"""
+        for stage in self.stages:
+            inner = stage.forward_one_chunk
+
+            def run(*args, _inner=inner, **kwargs):
+                switch(True)
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    switch(False)
+            stage.forward_one_chunk = run
+
     @property
     def bubble_s(self) -> float:
         return max(self.step_s - self.busy_s, 0.0)

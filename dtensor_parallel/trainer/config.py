@@ -16,12 +16,13 @@ import tomllib
 import types
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..megatron_args import deep_merge, parse_megatron_args
 from ..models.llama import ModelArgs, llama3_args
+from ..models.moe import MoEArgs
 from ..plan import ParallelPlan
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
@@ -47,7 +48,15 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def args(self) -> ModelArgs:
-        return llama3_args(self.flavour, **self.overrides)
+        overrides = dict(self.overrides)
+        moe = overrides.pop("moe", None)  # [model.moe]: fields of MoEArgs over the flavour's
+        args = llama3_args(self.flavour, **overrides)
+        if moe:
+            if args.moe is None:
+                raise ValueError(f"[model.moe] is set but flavour {self.flavour!r} has no MoE layers: "
+                                 "choose debug-moe, mixtral-8x7b or deepseek-v3-shaped")
+            args = replace(args, moe=replace(args.moe, **moe))
+        return args
 
 
 @dataclass
@@ -225,7 +234,11 @@ def _model_section(raw: dict[str, Any]) -> ModelConfig:
     flavour = _coerce("model", "flavour", raw.pop("flavour", "debug"), str)
     ffn_hidden = _coerce("model", "ffn_hidden_dim", raw.pop("ffn_hidden_dim", None), int | None)
     hints = typing.get_type_hints(ModelArgs)
+    if "moe" in raw:
+        raw["moe"] = _moe_table(raw["moe"])
     for key, value in raw.items():
+        if key == "moe":
+            continue
         if key not in hints:
             raise ValueError(f"unknown key {key!r} in section [model]{_did_you_mean(key, hints)}; "
                              f"known keys: name, flavour, ffn_hidden_dim, {', '.join(hints)}")
@@ -244,6 +257,20 @@ def _model_section(raw: dict[str, Any]) -> ModelConfig:
             f"(got {args.ffn_hidden_dim}); choose ffn_hidden_dim >= {int(8 * args.dim / 3)} or a "
             f"larger dim")
     return cfg
+
+
+def _moe_table(raw: Any) -> dict[str, Any]:
+    """[model.moe]: MoEArgs fields, type-checked (values are checked by MoEArgs itself)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"[model] moe must be a table of MoE settings, got {raw!r}")
+    hints = typing.get_type_hints(MoEArgs)
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ValueError(f"unknown key {key!r} in section [model.moe]{_did_you_mean(key, hints)}; "
+                             f"known keys: {', '.join(hints)}")
+        out[key] = _coerce("model.moe", key, value, hints[key])
+    return out
 
 
 def _build_section(section: str, cls: type, raw: dict[str, Any]) -> Any:

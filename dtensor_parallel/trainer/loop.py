@@ -192,6 +192,8 @@ def _train(cfg: TrainConfig) -> list[float]:
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
+                    pm.update_expert_biases()  # aux-loss-free balancing, if the model uses it
+                    balance = pm.moe_stats()  # MoE models: aux loss and expert load (host sync)
                 loss_v = loss.item()  # host sync: the step's time is complete
                 dt = time.perf_counter() - t0
                 profiler.after(step)
@@ -206,6 +208,7 @@ def _train(cfg: TrainConfig) -> list[float]:
                        "mfu": mfu(tps / world, flops_tok) if on_gpu else None,
                        "peak_mem_gib": peak_memory_gib(pm.device), "step_time_s": dt,
                        "tokens": n_tokens}
+                rec.update(balance)
                 if pm.pipeline is not None:  # this rank's idle time inside the schedule
                     pipe = pm.pipeline
                     rec.update(bubble_s=pipe.bubble_s, bubble_frac=pipe.bubble_s / max(pipe.step_s, 1e-9))

@@ -87,6 +87,8 @@ def format_progress(rec: dict[str, Any], total_steps: int, on_gpu: bool) -> str:
              f"tok/s {rec['tokens_per_s']:,.0f} ({rec['tokens_per_s_per_gpu']:,.0f}/{per})"]
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    if rec.get("moe_aux_loss") is not None:
+        parts.append(f"aux {rec['moe_aux_loss']:.4f} load {rec['moe_min_load']:.2f}-{rec['moe_max_load']:.2f}")
     if rec.get("bubble_s") is not None:
         parts.append(f"bubble {1000 * rec['bubble_s']:.0f} ms ({100 * rec['bubble_frac']:.0f}%)")
     parts.append(f"mem {rec['peak_mem_gib']:.2f} GiB{'' if on_gpu else ' rss'}")
