@@ -1,12 +1,29 @@
-"""Expert parallelism: experts sharded over an "ep" group folded out of dp_shard x cp.
+"""Expert parallelism: experts sharded over an "ep" group folded out of dp_shard x cp x tp.
 
-MoE parallel folding (Megatron-Core): the ep ranks are consecutive ranks of one
-dp_shard x cp group, so EP needs no dims of its own and need not be a subgroup of DP; the
-dense layers keep their FSDP sharding over dp_shard x cp. Rank r of an ep group holds
-experts [r E/ep, (r+1) E/ep) as a ``Shard(0)`` DTensor on the ep group. Each expert sees
-every token routed to it from the whole ep group, so its gradient is complete there; it is
-summed over the expert-data-parallel (edp) ranks: the same ep position in the other ep
-groups and dp_replicate.
+MoE parallel folding (Megatron-Core), with expert-tensor-parallel size 1 (its default):
+the ep ranks are consecutive ranks of one dp_shard x cp x tp block of a pipeline stage
+(flattened in mesh order, tp innermost), so EP needs no dims of its own and need not be a
+subgroup of DP; the dense layers keep their FSDP sharding over dp_shard x cp and their TP
+sharding over tp. Rank r of an ep group holds experts [r E/ep, (r+1) E/ep) as a
+``Shard(0)`` DTensor on the ep group.
+
+Why tp may be folded in: under TP every MoE layer runs *token parallel* over tp
+(``tensor_parallel.styles.MoEParallel``): each tp rank routes and computes only its
+sequence shard, so the tp ranks hold distinct tokens exactly like data-parallel ranks.
+Under SP that shard is the residual stream's own layout (no communication at all); without
+SP the replicated MoE input is sliced to the rank's shard and the output all-gathered,
+which costs one all-gather per MoE layer but no redundant expert compute and keeps a single
+design: no expert gradient is ever computed twice, so none is ever double counted.
+
+Gradients. Each expert sees every token routed to it from its whole ep group, so its
+gradient is complete there; it is summed over the expert-data-parallel (edp) ranks: the
+same ep position in the other ep groups of the stage, over dp_replicate x dp_shard x cp x tp
+(one flat all-reduce, ``reduce_expert_grads``), and counted once per edp group in the
+gradient norm (``_dtp_extra_replicas``). FSDP leaves the expert weights alone. With tp > 1
+and ep = 1 the experts stay plain replicated tensors and the edp group is the whole stage
+(their gradients differ per tp rank, so FSDP, which reduces over dp_shard x cp only, must
+not reduce them). The router gate and a shared expert are TP parameters (Replicate /
+colwise-rowwise DTensors on tp), reduced like any other.
 
 Dispatch (Lepikhin et al. 2020, GShard; Megatron's alltoall dispatcher): route, sort the
 (token, expert) copies by expert, exchange the per-expert counts with one all-to-all, send
@@ -31,38 +48,66 @@ from .mesh import ParallelDims
 @dataclass
 class ExpertGroups:
     ep: int
-    ep_group: dist.ProcessGroup
-    edp_group: dist.ProcessGroup | None
-    ep_mesh: DeviceMesh
+    ep_group: dist.ProcessGroup | None  # None when ep == 1
+    edp_group: dist.ProcessGroup | None  # None when one rank holds each expert shard
+    ep_mesh: DeviceMesh | None
 
     @property
     def edp_size(self) -> int:
         return dist.get_world_size(self.edp_group) if self.edp_group is not None else 1
 
 
+def ep_fold_size(dims: ParallelDims) -> int:
+    """How many ranks of a stage hold distinct tokens at the MoE layers (and share the
+    dp_replicate coordinate): dp_shard x cp x tp; EP is folded out of them."""
+    return dims.dp_shard * dims.cp * dims.tp
+
+
+def needs_expert_groups(dims: ParallelDims, ep: int, has_moe: bool) -> bool:
+    """EP, or TP over an MoE model: its expert gradients need their own reduction."""
+    return ep > 1 or (dims.tp > 1 and has_moe)
+
+
+def check_expert_layout(model: nn.Module, dims: ParallelDims, ep: int, styles: dict) -> None:
+    """Local checks of EP and of MoE layers under TP (before any collective)."""
+    moes = check_experts(model, ep)
+    fold = ep_fold_size(dims)
+    if ep > 1 and fold % ep:
+        raise ValueError(f"expert_parallel={ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) x "
+                         f"tp({dims.tp}) = {fold}, which EP is folded out of: choose an ep dividing {fold}")
+    if dims.tp > 1:
+        from .tensor_parallel.styles import MoEParallel
+        for name, m in model.named_modules():
+            if m in moes and not isinstance(styles.get(name), MoEParallel):
+                raise ValueError(
+                    f"tp={dims.tp} but the MoE layer {name!r} has no 'moe' TP rule, so it would see "
+                    f"tensor-parallel activations it cannot take: add rules[{name!r}] = 'moe' (and "
+                    f"Norm(gather_output=False) for the norm before it under SP), or build the mesh with tp=1")
+
+
 def build_expert_groups(mesh: DeviceMesh, dims: ParallelDims, ep: int) -> ExpertGroups:
     """Create every ep and edp group (all ranks, same order) and return this rank's."""
-    if dims.dp_shard_cp % ep:
-        raise ValueError(f"expert_parallel={ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) = "
-                         f"{dims.dp_shard_cp}, which EP is folded out of: choose an ep dividing {dims.dp_shard_cp}")
+    fold = ep_fold_size(dims)
+    if fold % ep:
+        raise ValueError(f"expert_parallel={ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) x "
+                         f"tp({dims.tp}) = {fold}, which EP is folded out of: choose an ep dividing {fold}")
     me = dist.get_rank()
-    ranks = mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp)
-    mine_ep = mine_edp = None
+    mine_ep = mine_edp = ep_ranks = None
     for pp in range(dims.pp):
-        for tp in range(dims.tp):
-            block = ranks[pp, :, :, :, tp].reshape(dims.dp_replicate, dims.dp_shard_cp // ep, ep)
-            for rep in range(dims.dp_replicate):
-                for chunk in block[rep]:
-                    g = dist.new_group(chunk.tolist())
-                    if me in chunk.tolist():
-                        mine_ep, ep_ranks = g, chunk.tolist()
-            for j in range(ep):
-                members = block[:, :, j].flatten().tolist()
-                g = dist.new_group(members) if len(members) > 1 else None
-                if me in members:
-                    mine_edp = g
-    ep_mesh = DeviceMesh.from_group(mine_ep, mesh.device_type, mesh=torch.tensor(ep_ranks),
-                                    mesh_dim_names=("ep",))
+        # (dp_replicate, fold // ep, ep): consecutive ranks of (dp_shard, cp, tp) form an ep group
+        block = mesh.mesh[pp].reshape(dims.dp_replicate, fold // ep, ep)
+        if ep > 1:
+            for chunk in block.reshape(-1, ep):
+                g = dist.new_group(chunk.tolist())
+                if me in chunk.tolist():
+                    mine_ep, ep_ranks = g, chunk.tolist()
+        for j in range(ep):
+            members = block[:, :, j].flatten().tolist()
+            g = dist.new_group(members) if len(members) > 1 else None
+            if me in members:
+                mine_edp = g
+    ep_mesh = (DeviceMesh.from_group(mine_ep, mesh.device_type, mesh=torch.tensor(ep_ranks), mesh_dim_names=("ep",))
+               if ep > 1 else None)
     return ExpertGroups(ep, mine_ep, mine_edp, ep_mesh)
 
 
@@ -80,17 +125,20 @@ def check_experts(model: nn.Module, ep: int) -> list[nn.Module]:
 
 
 def apply_expert_parallel(moes: list[nn.Module], groups: ExpertGroups) -> list[nn.Parameter]:
-    """Shard each MoE's expert weights on dim 0 over the ep group; returns the sharded
-    parameters (FSDP must leave them alone)."""
+    """Shard each MoE's expert weights on dim 0 over the ep group (ep = 1: leave them
+    whole); returns the expert parameters (FSDP must leave them alone)."""
     params = []
     for m in moes:
         for name in ("w1", "w2", "w3"):
             full = getattr(m, name)
+            if groups.ep == 1:  # TP without EP: replicated, summed over the whole stage
+                params.append(full)
+                continue
             sharded = nn.Parameter(distribute_tensor(full.data, groups.ep_mesh, [Shard(0)], src_data_rank=None))
             sharded._dtp_extra_replicas = groups.edp_size  # the same shard lives on the edp ranks
             m.register_parameter(name, sharded)
             params.append(sharded)
-        m.ep_groups = groups
+        m.ep_groups = groups if groups.ep > 1 else None
     return params
 
 

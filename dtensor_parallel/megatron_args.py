@@ -364,7 +364,7 @@ def plan_and_degrees_from_megatron(
     cfg = parse_megatron_args(argv)
     par, plan_cfg = cfg.get("parallel", {}), dict(cfg.get("plan", {}))
     if par.get("ep", 1) > 1:
-        plan_cfg["expert_parallel"] = par["ep"]  # folded out of dp_shard x cp, as Megatron folds it
+        plan_cfg["expert_parallel"] = par["ep"]  # folded out of dp_shard x cp x tp, as Megatron folds it
     degrees = {"pp": par.get("pp", 1), "dp_replicate": par.get("dp_replicate", -1),
                "dp_shard": par.get("dp_shard", 1), "cp": par.get("cp", 1),
                "tp": par.get("tp", 1)}

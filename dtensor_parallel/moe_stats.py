@@ -26,8 +26,9 @@ def moe_layers(modules: list[nn.Module]) -> list[MoE]:
 
 
 def set_reduction_groups(layers: list[MoE], seq_groups: list, batch_groups: list) -> None:
-    """``seq_groups``: the ranks holding other positions of the same sequences (cp; tp under
-    sequence parallelism); ``batch_groups``: the ranks holding other sequences (dp)."""
+    """``seq_groups``: the ranks holding other positions of the same sequences (cp, and tp:
+    MoE layers run token parallel over tp); ``batch_groups``: the ranks holding other
+    sequences (dp)."""
     for moe in layers:
         moe.router.seq_groups = tuple(seq_groups)
         moe.router.batch_groups = tuple(batch_groups)

@@ -55,10 +55,11 @@ class ParallelModel:
         self._experts = experts  # (EP-sharded expert parameters, ExpertGroups) or None
         self._moe = moe_stats.moe_layers(modules)
         if self._moe:
-            sp_tp = dims.tp > 1 and plan.sequence_parallel  # then the tp ranks hold other positions
+            # the MoE layers run token parallel over tp (with or without SP: MoEParallel),
+            # so the tp ranks hold other positions of the same sequences, as the cp ranks do
             moe_stats.set_reduction_groups(
                 self._moe,
-                seq_groups=[submesh(mesh, d).get_group() for d, on in (("cp", dims.cp > 1), ("tp", sp_tp)) if on],
+                seq_groups=[submesh(mesh, d).get_group() for d, on in (("cp", dims.cp > 1), ("tp", dims.tp > 1)) if on],
                 batch_groups=[self._dp_mesh.get_group()] if self._dp_mesh is not None else [])
             if pipeline is not None:
                 moe_stats.collect_only_inside(self._moe, pipeline)

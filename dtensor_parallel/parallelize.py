@@ -10,7 +10,10 @@ Why this order:
 2. **PP split next**: a stage is a pruned copy of the model, and every later step treats
    each stage module exactly as it would treat the whole model (the composable stage).
 3. **TP before everything else**: it replaces parameters by tp-sharded DTensors and installs
-   the input/output redistributions; later steps must see the final parameters.
+   the input/output redistributions; later steps must see the final parameters. EP's
+   groups are built before it and its experts sharded just before it, per stage: experts
+   are not tensor-sharded (expert-tensor-parallel size 1), and the MoE layers run token
+   parallel over tp (``expert_parallel.py``).
 4. **recompute before compile**: the checkpointed forward is what gets compiled, so the
    compiler sees the recompute region (compiling first would hide it).
 5. **compile before FSDP**: FSDP's hooks stay outside the compiled block, where they
@@ -28,7 +31,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .data_parallel import apply_data_parallel, data_parallel_mesh
-from .expert_parallel import apply_expert_parallel, build_expert_groups, check_experts
+from .expert_parallel import (apply_expert_parallel, build_expert_groups, check_expert_layout, check_experts,
+                              needs_expert_groups)
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.layout import pipeline_layout
@@ -83,11 +87,7 @@ def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
     n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
                if plan.micro_batch_size and plan.global_batch_size else None)
     layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
-    if plan.expert_parallel > 1:
-        check_experts(model, plan.expert_parallel)
-        if dims.dp_shard_cp % plan.expert_parallel:
-            raise ValueError(f"expert_parallel={plan.expert_parallel} does not divide dp_shard({dims.dp_shard}) x "
-                             f"cp({dims.cp}) = {dims.dp_shard_cp}, which EP is folded out of")
+    check_expert_layout(model, dims, plan.expert_parallel, styles)
     return block_names, styles, layout
 
 
@@ -115,7 +115,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     loss_parallel = False
     dp_mesh = data_parallel_mesh(mesh, dims)
     expert_groups, expert_params = None, []
-    if plan.expert_parallel > 1:
+    if needs_expert_groups(dims, plan.expert_parallel, bool(check_experts(model, 1))):
         expert_groups = build_expert_groups(mesh, dims, plan.expert_parallel)
     dispatch = plan.kernel_backend("moe_dispatch")
     if dispatch == "auto":

@@ -53,8 +53,9 @@ class ParallelPlan:
             True; keeps them to backward (ZeRO-2-like) when False. ``None``: FSDP default.
         num_heads / num_kv_heads: for a user's model, so TP degrees are checked against
             them (built-in models know their own).
-        expert_parallel: experts sharded over this many ranks, folded out of dp_shard x cp
-            (Megatron's ``--expert-model-parallel-size``).
+        expert_parallel: experts sharded over this many ranks, folded out of dp_shard x cp x tp
+            (Megatron's ``--expert-model-parallel-size``; experts are never tensor-sharded:
+            under TP the MoE layers run token parallel over tp, see ``expert_parallel.py``).
         pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
             ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
             ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).

@@ -35,6 +35,8 @@ MOE_LAYOUTS = {
     "ep2": ({"dp_shard": 2}, {"expert_parallel": 2}),
     "ep2_triton_dispatch": ({"dp_shard": 2}, {"expert_parallel": 2, "kernels": {"moe_dispatch": "triton"}}),
     "ep2_from_cp2": ({"cp": 2}, {"expert_parallel": 2}),
+    "tp2_sp": ({"tp": 2}, {"sequence_parallel": True}),  # MoE token parallel over tp
+    "ep2_from_tp2_sp": ({"tp": 2}, {"sequence_parallel": True, "expert_parallel": 2}),
 }
 
 
@@ -47,10 +49,11 @@ def test_gpu_one_step_parity(layout: str, kind: str) -> None:
     assert len(set(losses)) == 1, losses
 
 
+@pytest.mark.parametrize("kind", ["moe", "moe_aux"])  # moe_aux: the balancing losses train the router
 @pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
-def test_gpu_moe_one_step_parity(layout: str) -> None:
+def test_gpu_moe_one_step_parity(layout: str, kind: str) -> None:
     mesh_kwargs, plan_kwargs = MOE_LAYOUTS[layout]
-    losses = run_distributed(2, one_step_parity, "moe", mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
+    losses = run_distributed(2, one_step_parity, kind, mesh_kwargs, plan_kwargs, batch=8, backend="nccl")
     assert len(set(losses)) == 1, losses
 
 

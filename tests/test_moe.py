@@ -254,6 +254,8 @@ def _balancing_stats_case(mesh_kwargs: dict, plan_kwargs: dict) -> None:
     ("moe_aux", 2, {"pp": 2}, {"micro_batch_size": 1}),  # per micro-batch, mean over 4
     ("moe_seq_aux", 4, {"dp_shard": 2, "cp": 2}, {}),  # per sequence: counts over cp only
     ("moe_seq_aux", 2, {"pp": 2}, {"micro_batch_size": 2}),
+    ("moe_aux", 2, {"tp": 2}, {}),  # MoE token parallel over tp: statistics over tp too
+    ("moe_seq_aux", 4, {"tp": 2, "dp_shard": 2}, {"sequence_parallel": True, "expert_parallel": 2}),
 ])
 def test_balancing_losses_train_the_router_as_on_one_device(kind, world, mesh_kwargs, plan_kwargs) -> None:
     from .harness import run_distributed

@@ -20,6 +20,9 @@ norm       Replicate            Shard(1) -> Replicate      all-gather / reduce-s
            (no SP)              Replicate -> Replicate     none; the output is a DTensor so the
                                                            q/k/v (or w1/w3) input grads are
                                                            summed before one all-reduce
+moe        router Replicate,    Shard(1) -> Shard(1)       none / none (router grads Partial)
+           experts untouched    (no SP) Replicate ->       local slice / all-gather in forward;
+                                Shard(1) -> Replicate      all-gather / local slice in backward
 ========== ==================== ========================== ==================================
 
 The norm gathers its output (instead of each following column-parallel layer gathering
@@ -30,9 +33,11 @@ as Megatron does with its fused QKV projection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
@@ -201,12 +206,90 @@ class _NormParallel(ParallelStyle):
                                  self._prepare_input, self._prepare_output)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MoEParallel(TPStyle):
+    """An MoE layer under TP with expert-tensor-parallel size 1 (Megatron-Core's default).
+
+    The MoE runs *token parallel* over tp: each tp rank routes and computes only its own
+    sequence shard, as a data-parallel rank would. Its input and output are plain local
+    tensors, ``(b, s/tp, d)``: under SP that is the residual stream's own layout (the norm
+    before it must not gather: ``Norm(gather_output=False)``); without SP the replicated
+    input is sliced to this rank's shard (free; all-gather of its gradient in backward) and
+    the output all-gathered (its gradient sliced). So the tp ranks hold distinct tokens in
+    both cases and expert parallelism may fold over them (``expert_parallel.py``).
+
+    The router gate becomes a ``Replicate`` DTensor on tp that the router reads as its local
+    tensor with a ``Partial`` gradient (each rank saw other tokens), reduced like the SP norm
+    weights (FSDP, or ``reduce_partial_grads``). The routed experts are left alone (they are
+    EP-sharded or replicated by ``apply_expert_parallel``); a shared expert gets its own
+    rules (gather the tokens once, colwise, rowwise back to ``Shard(0)``).
+    """
+
+    @property
+    def module_types(self) -> tuple[type, ...]:  # type: ignore[override]
+        from ..models.moe import MoE  # lazily: the models package imports these styles
+        return (MoE,)
+
+    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+        return _MoEParallel(sequence_parallel=sequence_parallel)
+
+
+class _TokenParallelLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a tp-``Replicate`` DTensor parameter but *reads* as
+    the local tensor, whose gradient goes back as ``Partial`` (summed over tp later). The
+    parameter itself (``_parameters['weight']``, ``named_parameters()``) stays the DTensor;
+    FSDP sets it through ``_parameters`` too. Used for the MoE router gate, which the
+    router multiplies with plain local tokens."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        w = self._parameters["weight"]
+        if isinstance(w, DTensor) and w.device_mesh.ndim == 1:  # tp only (or FSDP-unsharded)
+            return w.to_local(grad_placements=[Partial()])
+        return w
+
+
+class _MoEParallel(ParallelStyle):
+    def __init__(self, *, sequence_parallel: bool):
+        super().__init__()
+        self.layout = Shard(SEQ_DIM) if sequence_parallel else Replicate()
+
+    def _to_sequence_shard(self, mesh: DeviceMesh, mod: nn.Module, inputs: tuple) -> tuple:
+        x, *rest = inputs
+        if not isinstance(x, DTensor):
+            if self.layout == Shard(SEQ_DIM):
+                return inputs  # SP: already this rank's shard
+            x = DTensor.from_local(x, mesh, [self.layout], run_check=False)
+        if x.placements != (Shard(SEQ_DIM),):
+            if x.shape[SEQ_DIM] % mesh.size():
+                raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by tp={mesh.size()}, "
+                                 f"which the MoE layers split their tokens over: pad or cut the sequence to "
+                                 f"a multiple of {mesh.size()}")
+            x = x.redistribute(placements=[Shard(SEQ_DIM)])  # a local slice; all-gather in backward
+        return (x.to_local(), *rest)
+
+    def _from_sequence_shard(self, mesh: DeviceMesh, mod: nn.Module, inputs: tuple, out: torch.Tensor):
+        if self.layout == Shard(SEQ_DIM):
+            return out
+        out = DTensor.from_local(out, mesh, [Shard(SEQ_DIM)], run_check=False)
+        return out.redistribute(placements=[self.layout]).to_local()  # all-gather; slice in backward
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        gate = module.router.gate
+        gate.register_parameter("weight", nn.Parameter(distribute_tensor(gate.weight, device_mesh, [Replicate()])))
+        gate.__class__ = _TokenParallelLinear
+        module.register_forward_pre_hook(lambda m, inp: self._to_sequence_shard(device_mesh, m, inp))
+        module.register_forward_hook(lambda m, inp, out: self._from_sequence_shard(device_mesh, m, inp, out))
+        return module
+
+
 STYLE_NAMES: dict[str, type[TPStyle]] = {
     "colwise": Colwise,
     "rowwise": Rowwise,
     "embedding": VocabEmbedding,
     "head": VocabHead,
     "norm": Norm,
+    "moe": MoEParallel,
 }
 
 
@@ -229,5 +312,5 @@ def is_tensor_parallel_head(style: TPStyle | ParallelStyle) -> bool:
     return isinstance(style, VocabHead)
 
 
-__all__ = ["Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "TPStyle",
+__all__ = ["Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "MoEParallel", "TPStyle",
            "STYLE_NAMES", "style_from_rule", "resolve_style"]

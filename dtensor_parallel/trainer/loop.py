@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..expert_parallel import ep_fold_size
 from ..mesh import ParallelDims, build_mesh
 from ..models.llama import Llama
 from ..parallelize import parallelize
@@ -83,9 +84,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
     if cfg.parallel.ep > 1 and cfg.model.args().moe is None:
         raise ValueError(f"ep={cfg.parallel.ep} needs an MoE model: choose [model] flavour debug-moe, "
                          f"mixtral-8x7b or deepseek-v3-shaped, or set ep = 1")
-    if dims.dp_shard_cp % cfg.parallel.ep:
-        raise ValueError(f"ep={cfg.parallel.ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) = "
-                         f"{dims.dp_shard_cp}, which expert parallelism is folded out of")
+    if ep_fold_size(dims) % cfg.parallel.ep:
+        raise ValueError(f"ep={cfg.parallel.ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) x "
+                         f"tp({dims.tp}) = {ep_fold_size(dims)}, which expert parallelism is folded out of")
     t = cfg.training
     per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size is not None and t.global_batch_size % per_step:

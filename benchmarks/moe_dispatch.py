@@ -1,0 +1,576 @@
+"""MoE dispatch: Triton permute/unpermute bandwidth, the MoE layer's TFLOP/s, EP2 all-to-all.
+
+    cd benchmarks && torchrun --standalone --nproc-per-node 2 moe_dispatch.py
+    cd benchmarks && TRITON_INTERPRET=1 OUT=/tmp/moe_smoke torchrun --standalone \\
+        --nproc-per-node 2 moe_dispatch.py --smoke   # tiny shapes, CPU, gloo: logic only
+
+Rank 0 runs parts 1 and 2 on its GPU while rank 1 waits at a barrier; both run part 3;
+rank 0 then times CUDA-graph replays of part 1 (last, so that a failed capture can spoil
+nothing else). Every measured item is wrapped: one that fails is a row with ``error``.
+Times: CUDA events around one call, warm-up then the median (``--smoke``: perf_counter).
+bf16 activations and weights; router weights fp32 (as MoE's router makes them).
+
+1. ``part: permute_unpermute``. Tokens T = 8192, hidden H, E experts, top-k routing drawn
+   at random (k distinct experts per token, softmaxed fp32 weights): H 4096 / E 8 / k 2
+   (Mixtral-like) and H 7168 / k 8 with E 64 and 256 (DeepSeek-like). Impls:
+
+   - ``triton_permute``, ``triton_unpermute``, ``triton_permute_unpermute`` (permute, then
+     unpermute of its output: an identity expert), from ``triton_kernels/moe_dispatch.py``;
+     ``permute`` includes its routing (histogram + stable ranks);
+   - ``torch_ref_*``: the same with ``permute_ref`` / ``unpermute_ref`` (argsort + gather;
+     argsort + fp32 weighted sum), the plain-PyTorch references of that file;
+   - ``torch_moe_index_path_permute_unpermute``: what ``MoE.forward`` does without the
+     kernels: ``expert_slots`` (stable sort + bincount), ``x[slots // k]``, and
+     ``zeros.index_add_(0, slots // k, y * w)``;
+   - ``copy_d2d``: ``dst.copy_(src)`` moving as many bytes (read + written) as the
+     permute+unpermute forward, measured in the same run: the bandwidth ceiling;
+   - ``*_cudagraph``: the forward (and forward+backward) replayed from a CUDA graph of
+     ``--graph-reps`` calls: the GPU time without the host's launch overhead.
+
+   Byte convention: only the (rows, H) activation tensors count, each element once per
+   read and once per write, as the op must move them at the least (routing metadata, O(T k)
+   integers, is < 0.1% and left out; the same count is used for every impl, so bandwidth
+   ratios are time ratios). With e = 2 bytes (bf16):
+       permute     fwd: read T H, write T k H                      = (T H + T k H) e
+                   bwd: read T k H (dx_sorted), write T H          = (T H + T k H) e
+       unpermute   fwd: read T k H, write T H                      = (T H + T k H) e
+                   bwd: read dout T H and y T k H (for dw), write dy T k H = (T H + 2 T k H) e
+       permute+unpermute fwd = 2 (T H + T k H) e;  fwd+bwd = (4 T H + 5 T k H) e.
+   ``copy_d2d`` bandwidth is (read + write) / time, as DESIGN.md's 2.9 TB/s.
+
+2. ``part: moe_layer``. ``MoE(dim 4096, MoEArgs(8 experts, top 2, ffn 14336))``, 8192 tokens
+   (batch 1), forward and forward+backward (grads of the input, expert weights and router):
+   ``moe_dispatch_triton`` / ``moe_dispatch_torch`` (``dispatch_backend``; both run the
+   experts through ``grouped_swiglu``, ``torch._grouped_mm`` where torch has it), against
+   ``loop_over_experts`` (written here: per expert, ``torch.where`` its tokens, index them,
+   SwiGLU with plain matmuls, ``index_add_`` back with the router weights; same router and
+   weights) and ``grouped_swiglu_only`` (the grouped GEMMs alone on pre-permuted rows with
+   the same routing counts: the expert-compute ceiling of the layer).
+   FLOPs: forward 3 matmuls x 2 x T x k x H x F (router and elementwise ops not counted);
+   forward+backward 3x the forward.
+
+3. ``part: ep2``, both ranks. 8192 tokens per GPU, H 4096, 8 experts, top 2, rows already
+   sorted by expert: ``ep2_dispatch_combine_identity`` is
+   ``expert_parallel.dispatch_combine`` with an identity expert (counts all-to-all, rows
+   there, regroup by local expert, rows back) on the ep group of ``build_expert_groups``;
+   ``nccl_all_to_all_single_x2`` is ``dist.all_to_all_single`` of the same rows with the same
+   splits there and back (splits exchanged once, outside the timing; forward+backward: 4 of
+   them); ``ep2_triton_permute_dispatch_combine_unpermute``: the whole token path around the
+   experts. Bytes: the whole (T k, H) row buffer, there and back (2 T k H e; half of it stays
+   on the rank with 2 GPUs): ``algbw_GBps`` = that / time; forward+backward counts it twice.
+   ``median_ms`` is rank 0's; ``*_per_rank`` lists both.
+
+Goals of parts 2 and 3 (beat the loop baseline; >= 0.9x of NCCL's bandwidth) are this
+script's picks; part 1's (>= 0.7x copy, >= 3x torch) are the issue's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, without PYTHONPATH
+from dtensor_parallel import build_mesh  # noqa: E402
+from dtensor_parallel.expert_parallel import build_expert_groups, dispatch_combine
+from dtensor_parallel.mesh import ParallelDims
+from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots, grouped_swiglu
+from triton_kernels import moe_dispatch as md
+from triton_kernels.moe_dispatch import permute, permute_ref, unpermute, unpermute_ref
+
+from common import median, write_results
+
+NAME = "moe_dispatch"
+
+
+# ----------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------
+
+
+class Bench:
+    """Median ms of one call of fn: CUDA events (perf_counter on CPU), warm-up first."""
+
+    def __init__(self, cuda: bool, warmup: int, iters: int):
+        self.cuda, self.warmup, self.iters = cuda, warmup, iters
+
+    def __call__(self, fn, barrier: bool = False, iters: int | None = None) -> float:
+        times = []
+        iters = self.iters if iters is None else iters
+        for i in range(self.warmup + iters):
+            if barrier:
+                dist.barrier()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ms = 1e3 * (time.perf_counter() - t0)
+            if i >= self.warmup:
+                times.append(ms)
+        return median(times)
+
+    def graph(self, fn, reps: int) -> float:
+        """Median ms per call of a CUDA graph holding ``reps`` calls of fn (CUDA only)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream (allocator, cuBLAS)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        torch.cuda.synchronize()
+        try:
+            return self(g.replay) / reps
+        finally:
+            del g
+            torch.cuda.synchronize()
+
+
+def with_backward(fn, inputs: list[torch.Tensor]):
+    """fn() then the gradients of its output w.r.t. inputs (torch.autograd.grad: nothing
+    accumulates into .grad between iterations), against a fixed random output gradient."""
+    state: dict[str, torch.Tensor] = {}
+
+    def run():
+        out = fn()
+        if "g" not in state:
+            gen = torch.Generator(device=out.device).manual_seed(1)
+            state["g"] = torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=gen)
+        return torch.autograd.grad(out, inputs, state["g"])
+    return run
+
+
+def err_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+# ----------------------------------------------------------------------------------------
+# Part 1: permute / unpermute bandwidth
+# ----------------------------------------------------------------------------------------
+
+
+def routing(t: int, e: int, k: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k distinct random experts per token (T, k) int64 and softmaxed fp32 weights (T, k)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.rand(t, e, device=device, generator=g).topk(k, dim=-1).indices
+    w = torch.randn(t, k, device=device, generator=g).softmax(-1)
+    return ids, w
+
+
+def torch_moe_path(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """MoE.forward's dispatch without the kernels (dropless), with an identity expert."""
+    k = ids.shape[1]
+    slots, _, _ = expert_slots(ids, n_experts, None)
+    rows = x[slots // k]  # (T*k, H)
+    ws = w.reshape(-1)[slots].unsqueeze(-1).to(rows.dtype)
+    return torch.zeros_like(x).index_add_(0, slots // k, rows * ws)
+
+
+def part_permute(shapes, dtype, device, bench: Bench, emit) -> list[tuple]:
+    """Event-timed rows; returns the (shape, name, fwd, fwd_bwd inputs) to replay as graphs."""
+    e_size = torch.finfo(dtype).bits // 8
+    graph_jobs = []
+    for t, h, n_exp, k in shapes:
+        shape = f"T{t} H{h} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}"
+        th, tkh = t * h * e_size, t * k * h * e_size
+        nbytes = {  # (forward, forward+backward), see the docstring
+            "permute": (th + tkh, 2 * (th + tkh)),
+            "unpermute": (th + tkh, 2 * th + 3 * tkh),
+            "permute_unpermute": (2 * (th + tkh), 4 * th + 5 * tkh),
+        }
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(t, h, device=device, dtype=dtype, generator=g).requires_grad_()
+            ids, w = routing(t, n_exp, k, device, seed=1)
+            w.requires_grad_()
+            y = torch.randn(t * k, h, device=device, dtype=dtype, generator=g).requires_grad_()
+            with torch.no_grad():
+                row_map = permute(x, ids, n_experts=n_exp)[1]
+                ref_map = permute_ref(x, ids)[1]
+                if not torch.equal(row_map, ref_map):  # same stable order: else the rows mean nothing
+                    raise RuntimeError("triton permute's row_map differs from the argsort reference")
+        except Exception as e:  # noqa: BLE001
+            emit({"part": "permute_unpermute", "impl": "setup", "shape": shape, "error": err_text(e)})
+            continue
+
+        # copy_d2d: as many bytes read + written as the permute+unpermute forward
+        row = {"part": "permute_unpermute", "impl": "copy_d2d", "shape": shape}
+        try:
+            n = nbytes["permute_unpermute"][0] // 2 // e_size
+            src = torch.randn(n, device=device, dtype=dtype, generator=g)
+            dst = torch.empty_like(src)
+            ms = bench(lambda: dst.copy_(src))
+            row.update(median_ms=ms, bytes=2 * n * e_size, GBps=2 * n * e_size / ms / 1e6)
+            del src, dst
+        except Exception as e:  # noqa: BLE001
+            row["error"] = err_text(e)
+        emit(row)
+
+        impls = {
+            "triton_permute": ("permute", lambda: permute(x, ids, n_experts=n_exp)[0], [x]),
+            "triton_unpermute": ("unpermute", lambda: unpermute(y, row_map, w), [y, w]),
+            "triton_permute_unpermute": (
+                "permute_unpermute",
+                lambda: unpermute(*permute(x, ids, n_experts=n_exp), w), [x, w]),
+            "torch_ref_permute": ("permute", lambda: permute_ref(x, ids)[0], [x]),
+            "torch_ref_unpermute": ("unpermute", lambda: unpermute_ref(y, ref_map, w), [y, w]),
+            "torch_ref_permute_unpermute": (
+                "permute_unpermute", lambda: unpermute_ref(*permute_ref(x, ids), w), [x, w]),
+            "torch_moe_index_path_permute_unpermute": (
+                "permute_unpermute", lambda: torch_moe_path(x, ids, w, n_exp), [x, w]),
+        }
+        for name, (op, fn, inputs) in impls.items():
+            row = {"part": "permute_unpermute", "impl": name, "shape": shape,
+                   "bytes": nbytes[op][0], "fwd_bwd_bytes": nbytes[op][1]}
+            try:
+                fwd = bench(fn)
+                row.update(median_ms=fwd, GBps=nbytes[op][0] / fwd / 1e6)
+                both = bench(with_backward(fn, inputs))
+                row.update(fwd_bwd_ms=both, fwd_bwd_GBps=nbytes[op][1] / both / 1e6)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = err_text(e)
+            emit(row)
+            if name.startswith(("triton_", "torch_ref_")):
+                graph_jobs.append((shape, name, nbytes[op], fn, inputs))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return graph_jobs
+
+
+def part_graphs(graph_jobs, bench: Bench, reps: int, emit) -> None:
+    for shape, name, (b_fwd, b_both), fn, inputs in graph_jobs:
+        row = {"part": "permute_unpermute", "impl": f"{name}_cudagraph", "shape": shape,
+               "graph_reps": reps, "bytes": b_fwd, "fwd_bwd_bytes": b_both}
+        try:
+            fwd = bench.graph(fn, reps)
+            row.update(median_ms=fwd, GBps=b_fwd / fwd / 1e6)
+            both = bench.graph(with_backward(fn, inputs), reps)
+            row.update(fwd_bwd_ms=both, fwd_bwd_GBps=b_both / both / 1e6)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = err_text(e)
+        emit(row)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------
+# Part 2: the MoE layer
+# ----------------------------------------------------------------------------------------
+
+
+def loop_over_experts(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Baseline: per expert, gather its tokens, SwiGLU with plain matmuls, index_add back."""
+    b, s, d = x.shape
+    flat = x.reshape(-1, d)  # (T, d)
+    ids, weights, _ = moe.router(flat, b)  # (T, k), (T, k) fp32
+    out = torch.zeros_like(flat)
+    for e in range(moe.args.n_experts):
+        tok, slot = torch.where(ids == e)  # synchronizes, as any loop over experts does
+        xe = flat[tok]
+        ye = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        out.index_add_(0, tok, ye * weights[tok, slot].unsqueeze(-1).to(ye.dtype))
+    return out.view(b, s, d)
+
+
+def part_moe_layer(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device, bench: Bench, emit) -> None:
+    shape = f"T{t} H{dim} F{ffn} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}"
+    flops = 3 * 2 * t * k * dim * ffn  # forward; forward+backward is 3x
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            moe = MoE(dim, MoEArgs(n_experts=n_exp, top_k=k, hidden_dim=ffn))
+        moe.to(dtype)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, t, dim, device=device, dtype=dtype, generator=g).requires_grad_()
+        params = [moe.w1, moe.w3, moe.w2, moe.router.gate.weight]
+        with torch.no_grad():
+            ids, _, _ = moe.router(x.reshape(-1, dim), 1)
+            counts = torch.bincount(ids.reshape(-1), minlength=n_exp)
+        rows = torch.randn(t * k, dim, device=device, dtype=dtype, generator=g).requires_grad_()
+    except Exception as e:  # noqa: BLE001
+        emit({"part": "moe_layer", "impl": "setup", "shape": shape, "error": err_text(e)})
+        return
+
+    def layer(backend: str):
+        def fn():
+            moe.dispatch_backend = backend
+            return moe(x)
+        return fn
+
+    impls = {
+        "moe_dispatch_triton": (layer("triton"), [x, *params]),
+        "moe_dispatch_torch": (layer("torch"), [x, *params]),
+        "loop_over_experts": (lambda: loop_over_experts(moe, x), [x, *params]),
+        "grouped_swiglu_only": (lambda: grouped_swiglu(rows, moe.w1, moe.w3, moe.w2, counts),
+                                [rows, moe.w1, moe.w3, moe.w2]),
+    }
+    for name, (fn, inputs) in impls.items():
+        row = {"part": "moe_layer", "impl": name, "shape": shape, "fwd_flops": flops}
+        try:
+            fwd = bench(fn)
+            row.update(median_ms=fwd, fwd_tflops=flops / fwd / 1e9)
+            both = bench(with_backward(fn, inputs))
+            row.update(fwd_bwd_ms=both, fwd_bwd_tflops=3 * flops / both / 1e9)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = err_text(e)
+        emit(row)
+    moe.dispatch_backend = "torch"
+    del moe, x, rows
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------
+# Part 3: EP2 dispatch + combine
+# ----------------------------------------------------------------------------------------
+
+
+def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emit) -> None:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = f"{t} tokens/GPU H{h} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}, ep{world}"
+    e_size = torch.finfo(dtype).bits // 8
+    row_bytes = t * k * h * e_size  # the (T k, H) buffer, each way
+    try:
+        mesh = build_mesh(dp_shard=world)
+        groups = build_expert_groups(mesh, ParallelDims.from_mesh(mesh), world)
+        group = groups.ep_group
+        g = torch.Generator(device=device).manual_seed(100 + rank)
+        x = torch.randn(t, h, device=device, dtype=dtype, generator=g).requires_grad_()
+        ids, w = routing(t, n_exp, k, device, seed=200 + rank)
+        w.requires_grad_()
+        with torch.no_grad():
+            rows0, _ = permute_ref(x, ids)
+        rows = rows0.detach().clone().requires_grad_()  # (T*k, H) sorted by expert
+        counts = torch.bincount(ids.reshape(-1), minlength=n_exp)  # (E,) int64
+        # the splits, once: what we send to / receive from each rank
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        send_split = counts.view(world, -1).sum(1).tolist()
+        recv_split = recv_counts.view(world, -1).sum(1).tolist()
+        remote = sum(s for r, s in enumerate(send_split) if r != dist.get_rank(group)) * h * e_size
+    except Exception as e:  # noqa: BLE001
+        emit({"part": "ep2", "impl": "setup", "shape": shape, "error": err_text(e)})
+        return
+    identity = lambda xs, c: xs  # noqa: E731
+
+    def nccl_there_and_back(inp: torch.Tensor, backward: bool) -> None:
+        out = inp.new_empty(sum(recv_split), h)
+        dist.all_to_all_single(out, inp, recv_split, send_split, group=group)
+        back = torch.empty_like(inp)
+        dist.all_to_all_single(back, out, send_split, recv_split, group=group)
+        if backward:  # the gradients retrace the same two exchanges
+            dist.all_to_all_single(out, back, recv_split, send_split, group=group)
+            dist.all_to_all_single(inp.new_empty(inp.shape), out, send_split, recv_split, group=group)
+
+    def full_path():
+        xs, row_map, c, _ = md.moe_dispatch(x, ids, n_exp)  # c: int32 counts from the histogram kernel
+        return unpermute(dispatch_combine(xs, c.long(), identity, groups), row_map, w)
+
+    impls = {
+        "ep2_dispatch_combine_identity": (
+            lambda: dispatch_combine(rows, counts, identity, groups),
+            with_backward(lambda: dispatch_combine(rows, counts, identity, groups), [rows])),
+        "nccl_all_to_all_single_x2": (
+            lambda: nccl_there_and_back(rows0, False), lambda: nccl_there_and_back(rows0, True)),
+        "ep2_triton_permute_dispatch_combine_unpermute": (full_path, with_backward(full_path, [x, w])),
+    }
+    for name, (fwd_fn, both_fn) in impls.items():
+        row = {"part": "ep2", "impl": name, "shape": shape, "bytes": 2 * row_bytes,
+               "remote_bytes": 2 * remote, "fwd_bwd_bytes": 4 * row_bytes}
+        try:
+            fwd = bench(fwd_fn, barrier=True)
+            both = bench(both_fn, barrier=True)
+            local = torch.tensor([fwd, both], dtype=torch.float64, device=device)
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local)
+            row.update(median_ms=fwd, fwd_bwd_ms=both,
+                       median_ms_per_rank=[p[0].item() for p in parts],
+                       fwd_bwd_ms_per_rank=[p[1].item() for p in parts],
+                       algbw_GBps=2 * row_bytes / max(p[0].item() for p in parts) / 1e6,
+                       fwd_bwd_algbw_GBps=4 * row_bytes / max(p[1].item() for p in parts) / 1e6)
+        except Exception as e:  # noqa: BLE001 - both ranks should fail alike; if not, this hangs
+            row["error"] = err_text(e)
+        emit(row)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------
+# Targets and main
+# ----------------------------------------------------------------------------------------
+
+
+def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shape_p3: str) -> list[dict]:
+    by = {(r["part"], r["impl"], r["shape"]): r for r in rows}
+    nan = float("nan")
+
+    def get(part, impl, shape, key):
+        v = by.get((part, impl, shape), {}).get(key)
+        return nan if v is None else v
+
+    def ratio(a, b):
+        return a / b if b and b == b and a == a else nan
+
+    out = []
+    for s in shapes_p1:
+        p = "permute_unpermute"
+        copy = get(p, "copy_d2d", s, "GBps")
+        torch_fwd = min(get(p, "torch_ref_permute_unpermute", s, "median_ms"),
+                        get(p, "torch_moe_index_path_permute_unpermute", s, "median_ms"))
+        torch_both = min(get(p, "torch_ref_permute_unpermute", s, "fwd_bwd_ms"),
+                         get(p, "torch_moe_index_path_permute_unpermute", s, "fwd_bwd_ms"))
+        out += [
+            {"name": f"{s}: triton permute+unpermute fwd bandwidth / copy_d2d",
+             "value": ratio(get(p, "triton_permute_unpermute", s, "GBps"), copy), "goal": 0.7, "higher_is_better": True},
+            {"name": f"{s}: triton permute+unpermute fwd+bwd bandwidth / copy_d2d",
+             "value": ratio(get(p, "triton_permute_unpermute", s, "fwd_bwd_GBps"), copy), "goal": 0.7,
+             "higher_is_better": True},
+            {"name": f"{s}: triton permute+unpermute fwd, CUDA graph (no launch overhead), bandwidth / copy_d2d",
+             "value": ratio(get(p, "triton_permute_unpermute_cudagraph", s, "GBps"), copy), "goal": 0.7,
+             "higher_is_better": True},
+            {"name": f"{s}: triton permute+unpermute fwd speed-up over the faster torch path",
+             "value": ratio(torch_fwd, get(p, "triton_permute_unpermute", s, "median_ms")), "goal": 3.0,
+             "higher_is_better": True},
+            {"name": f"{s}: triton permute+unpermute fwd+bwd speed-up over the faster torch path",
+             "value": ratio(torch_both, get(p, "triton_permute_unpermute", s, "fwd_bwd_ms")), "goal": 3.0,
+             "higher_is_better": True},
+        ]
+    m = "moe_layer"
+    tri = get(m, "moe_dispatch_triton", shape_p2, "fwd_bwd_tflops")
+    out += [
+        {"name": f"{shape_p2}: MoE (triton dispatch) fwd+bwd TFLOP/s / loop over experts",
+         "value": ratio(tri, get(m, "loop_over_experts", shape_p2, "fwd_bwd_tflops")), "goal": 1.0,
+         "higher_is_better": True},
+        {"name": f"{shape_p2}: MoE fwd+bwd, triton dispatch / torch dispatch",
+         "value": ratio(tri, get(m, "moe_dispatch_torch", shape_p2, "fwd_bwd_tflops")), "goal": 1.0,
+         "higher_is_better": True},
+        {"name": f"{shape_p2}: MoE (triton dispatch) fwd+bwd / grouped SwiGLU alone (dispatch overhead)",
+         "value": ratio(tri, get(m, "grouped_swiglu_only", shape_p2, "fwd_bwd_tflops")), "goal": 0.9,
+         "higher_is_better": True},
+    ]
+    e = "ep2"
+    nccl = get(e, "nccl_all_to_all_single_x2", shape_p3, "algbw_GBps")
+    out += [
+        {"name": f"{shape_p3}: dispatch_combine fwd bandwidth / NCCL all_to_all_single x2",
+         "value": ratio(get(e, "ep2_dispatch_combine_identity", shape_p3, "algbw_GBps"), nccl), "goal": 0.9,
+         "higher_is_better": True},
+        {"name": f"{shape_p3}: dispatch_combine fwd+bwd bandwidth / NCCL all_to_all_single x4",
+         "value": ratio(get(e, "ep2_dispatch_combine_identity", shape_p3, "fwd_bwd_algbw_GBps"),
+                        get(e, "nccl_all_to_all_single_x2", shape_p3, "fwd_bwd_algbw_GBps")),
+         "goal": 0.9, "higher_is_better": True},
+    ]
+    return out
+
+
+def autotuned() -> dict:
+    out = {}
+    for kern in ("_permute_kernel", "_combine_kernel", "_unpermute_bwd_kernel"):
+        cache = getattr(getattr(md, kern, None), "cache", None) or {}
+        out[kern] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on CPU (gloo, perf_counter; set TRITON_INTERPRET=1): checks the logic only")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--no-deepseek", action="store_true", help="skip the H7168 top-8 shapes of part 1")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--graph-reps", type=int, default=10)
+    args = p.parse_args()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and not args.smoke
+    timeout = datetime.timedelta(minutes=15)  # rank 1 waits out parts 1-2 at a barrier
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.bfloat16
+    if args.smoke:
+        t, h, dim, ffn = 64, 64, 64, 128
+        shapes = [(t, h, 8, 2)] + ([] if args.no_deepseek else [(t, 96, 64, 8), (t, 96, 256, 8)])
+        args.warmup, args.iters, args.graph_reps = 1, 2, 2
+    else:
+        t, h, dim, ffn = args.tokens, 4096, 4096, 14336
+        shapes = [(t, h, 8, 2)] + ([] if args.no_deepseek else [(t, 7168, 64, 8), (t, 7168, 256, 8)])
+    bench = Bench(cuda, args.warmup, args.iters)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if rank == 0:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+    graph_jobs = []
+    if rank == 0:  # single-GPU parts; the other ranks wait at the barrier below
+        try:
+            graph_jobs = part_permute(shapes, dtype, device, bench, emit)
+        except Exception as e:  # noqa: BLE001
+            emit({"part": "permute_unpermute", "impl": "part", "error": err_text(e)})
+            traceback.print_exc()
+        try:
+            part_moe_layer(t, dim, ffn, 8, 2, dtype, device, bench, emit)
+        except Exception as e:  # noqa: BLE001
+            emit({"part": "moe_layer", "impl": "part", "error": err_text(e)})
+            traceback.print_exc()
+        print(f"single-GPU parts done in {time.perf_counter() - t_start:.1f} s", flush=True)
+    dist.barrier()
+    part_ep(t, h, 8, 2, dtype, device, bench, emit)
+
+    def save() -> tuple[list[dict], Path]:
+        e_str = str(dtype).removeprefix("torch.")
+        shapes_p1 = [f"T{t} H{hh} E{e} top{k} {e_str}" for _, hh, e, k in shapes]
+        targets = targets_of(rows, shapes_p1, f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
+                             f"{t} tokens/GPU H{h} E8 top2 {e_str}, ep{world}")
+        path = write_results(
+            NAME + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
+            grouped_mm=hasattr(torch, "_grouped_mm"), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
+            wall_s=time.perf_counter() - t_start, autotuned=autotuned(),
+            conventions={
+                "bytes": "activation rows only, each element once per read and once per write; "
+                         "permute+unpermute fwd 2(TH+TkH)e, fwd+bwd (4TH+5TkH)e; copy_d2d read+write",
+                "flops": "fwd 3 matmuls x 2 x T x k x H x F; fwd+bwd 3x fwd",
+                "ep_bytes": "the (Tk, H) row buffer there and back: 2 TkH e (fwd), 4 TkH e (fwd+bwd)",
+                "timing": "CUDA events around one call, warm-up then median; _cudagraph rows: a graph of "
+                          "graph_reps calls replayed, time / graph_reps",
+            })
+        return targets, path
+
+    if rank == 0:
+        save()  # once before the CUDA graphs, in case a failed capture takes the process down
+        if cuda:
+            part_graphs(graph_jobs, bench, args.graph_reps, emit)
+        targets, path = save()
+        for tg in targets:
+            print(tg, flush=True)
+        print(f"wrote {path} ({time.perf_counter() - t_start:.1f} s)", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
