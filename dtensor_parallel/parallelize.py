@@ -41,6 +41,7 @@ from .pipeline.split import build_stage_module
 from .plan import ParallelPlan
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel, check_tp_divisibility, match_modules, resolve_rules
+from .tensor_parallel.sp_reduce_scatter import apply_sp_reduce_scatter, check_sp_reduce_scatter
 from .tensor_parallel.styles import VocabHead
 
 
@@ -98,6 +99,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     dims = ParallelDims.from_mesh(mesh)
     plan = resolve_plan(model, plan or ParallelPlan())
     check_kernels(plan, mesh.device_type)
+    check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: a ValueError before any collective
     block_names, styles, layout = validate(model, dims, plan)
 
     state_order = None
@@ -156,6 +158,7 @@ def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceM
     loss_parallel = False
     if dims.tp > 1 and styles:
         apply_tensor_parallel(module, submesh(mesh, "tp"), styles, plan.sequence_parallel)
+        apply_sp_reduce_scatter(module, styles, check_sp_reduce_scatter(plan, mesh))
         loss_parallel = any(isinstance(s, VocabHead) for s in styles.values())
 
     apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)

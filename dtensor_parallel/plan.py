@@ -43,7 +43,11 @@ class ParallelPlan:
             ``--recompute-num-layers`` for ``recompute="full"``: ``"block"`` recomputes the
             first N blocks only; ``"uniform"`` recomputes every block.
         compile: ``torch.compile`` each block.
-        kernels: ``"torch"``, ``"triton"``, ``"auto"`` or ``{family: backend}``.
+        kernels: ``"torch"``, ``"triton"``, ``"auto"`` or ``{family: backend}`` over the
+            families ``attention``, ``sp_reduce_scatter``, ``moe_dispatch``. ``"triton"`` where
+            it cannot run is a ``ValueError`` before any collective; ``"auto"`` takes Triton
+            where it can run and otherwise torch (for ``sp_reduce_scatter`` with one log line
+            saying why: ``tensor_parallel/sp_reduce_scatter.py``).
         micro_batch_size / global_batch_size: sequences per forward per data-parallel rank,
             and per optimizer step over all data-parallel ranks; their ratio over dp is the
             number of accumulated micro-batches.

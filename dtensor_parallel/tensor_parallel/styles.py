@@ -41,6 +41,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
+from .sp_reduce_scatter import redistribute_rowwise_output
+
 SEQ_DIM = 1
 
 
@@ -91,7 +93,8 @@ class _RowwiseParallel(RowwiseParallel):
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
         if tuple(outputs.placements) != tuple(output_layouts):
-            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+            # Partial -> Shard(seq) may take the Triton reduce-scatter (sp_reduce_scatter.py)
+            outputs = redistribute_rowwise_output(mod, outputs, output_layouts)
         return outputs.to_local() if use_local_output else outputs
 
 

@@ -1,0 +1,296 @@
+"""The SP reduce-scatter after row-parallel layers: Triton over symmetric memory, or NCCL.
+
+Under sequence parallelism every row-parallel layer (and the vocab-parallel embedding) ends
+with ``Partial() -> Shard(1)``: a reduce-scatter along the sequence in forward, an all-gather
+in backward (Korthikanti et al. 2022). With ``plan.kernels["sp_reduce_scatter"]`` resolved to
+``"triton"``, the rowwise output hook (``styles._RowwiseParallel``) calls
+:func:`redistribute_rowwise_output`, which runs the kernel of
+``triton_kernels/sp_reduce_scatter.py`` (protocol, barrier and deadlock-freedom argument in
+its docstring)::
+
+    forward:  out_r = sum_p x_p[:, chunk r]   Triton: push to peers' symmetric buffers,
+                                               signal-pad barrier, fp32 sum (one launch)
+    backward: dx = all_gather(dout, dim)       NCCL all_gather_into_tensor (exact: a copy)
+
+Workspace: per process group, one symmetric-memory allocation of two halves (the kernel
+double-buffers), created on first use by a collective rendezvous, grown (all ranks at the same
+call, since shapes agree) to the next power of two. Launches are kept in one stream order per
+workspace (the current stream waits on the previous call's stream), which the protocol needs.
+
+Choosing the backend (:func:`check_sp_reduce_scatter`, before any collective): ``"torch"``
+always gives DTensor's own redistribute. ``"triton"`` needs symmetric memory; where it cannot
+exist it is a ``ValueError`` naming the reason; ``"auto"`` then falls back to torch with one
+log line. Symmetric memory is unavailable when: the mesh is not on CUDA; tp < 2 or tp > 8;
+torch lacks ``torch.distributed._symmetric_memory``; tp exceeds this host's visible GPUs (the
+tp group must share one NVLink domain); or a visible GPU has no peer access. On CPU with
+``TRITON_INTERPRET=1`` (tests only) "triton" runs the same kernel code with the peers'
+buffers emulated by a gloo all-gather.
+
+Per call, the NCCL (DTensor) path still serves, identically on every rank, when: the
+placements are not exactly ``Partial("sum") -> Shard(d)`` on a 1-D mesh (so the vocab-parallel
+embedding, whose ``_MaskPartial`` must mask out-of-shard tokens before the sum, keeps
+DTensor's path), the dtype is not fp16/bf16/fp32, or the scattered dim does not divide by tp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+logger = logging.getLogger(__name__)
+
+#: module attribute read by the rowwise output hook: "triton" or "torch"
+SP_KERNEL_ATTR = "sp_reduce_scatter_backend"
+_SLOT0 = 64  # first signal-pad slot of the kernel; the workspace's init barrier (channel 0) uses [0, tp)
+_MIN_HALF_BYTES = 1 << 20
+_WORKSPACES: dict[str, "_Workspace"] = {}
+_FALLBACK_LOGGED = False
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def symm_mem_unavailable(world: int, device_type: str) -> str | None:
+    """Why the symmetric-memory kernel cannot serve a tp group of ``world`` ranks, or None."""
+    from triton_kernels.sp_reduce_scatter import MAX_WORLD
+
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return f"the mesh is on {device_type!r}; symmetric memory needs CUDA GPUs"
+    if not 2 <= world <= MAX_WORLD:
+        return f"tp={world}; the kernel serves 2..{MAX_WORLD} ranks of one NVLink domain"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+    except ImportError as e:
+        return f"this torch build has no symmetric memory ({e})"
+    needed = [(symm_mem, "rendezvous"), (_SymmetricMemory, "empty_strided_p2p"), (_SymmetricMemory, "get_buffer"),
+              (_SymmetricMemory, "get_signal_pad")]
+    missing = [name for obj, name in needed if not hasattr(obj, name)]
+    if missing:
+        return f"torch {torch.__version__} lacks symmetric-memory APIs {missing}"
+    n = torch.cuda.device_count()
+    if world > n:
+        return f"tp={world} but this host sees {n} GPUs; the tp group must sit on one NVLink host"
+    cur = torch.cuda.current_device()
+    no_peer = [d for d in range(n) if d != cur and not torch.cuda.can_device_access_peer(cur, d)]
+    if no_peer:
+        return f"GPU {cur} has no peer access to GPUs {no_peer}"
+    return None
+
+
+def check_sp_reduce_scatter(plan, mesh) -> str:
+    """The backend the rowwise layers will use, "triton" or "torch"; raises a ``ValueError``
+    (before any collective) when "triton" is asked for where it cannot run; "auto" falls
+    back to "torch" with one log line."""
+    from ..mesh import ParallelDims
+
+    requested = plan.kernel_backend("sp_reduce_scatter")
+    tp = ParallelDims.from_mesh(mesh).tp
+    if requested == "torch" or not plan.sequence_parallel or tp == 1:
+        return "torch"
+    if mesh.device_type != "cuda" and _interpreted() and requested == "triton":
+        return "triton"  # tests: the kernel code under the interpreter, peers emulated
+    reason = symm_mem_unavailable(tp, mesh.device_type)
+    if reason is None:
+        return "triton"
+    if requested == "triton":
+        raise ValueError(f"kernels['sp_reduce_scatter']='triton' cannot run: {reason}. Use kernels="
+                         f"{{'sp_reduce_scatter': 'auto'}} (falls back to NCCL) or 'torch'")
+    global _FALLBACK_LOGGED
+    if not _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED = True
+        logger.warning("kernels['sp_reduce_scatter']='auto': using the torch (NCCL) reduce-scatter, since %s", reason)
+    return "torch"
+
+
+def apply_sp_reduce_scatter(module: nn.Module, styles: dict, backend: str) -> None:
+    """Tell every row-parallel module of ``styles`` ({name: style}, names relative to
+    ``module``) which reduce-scatter its output hook runs."""
+    from .styles import _RowwiseParallel, resolve_style
+
+    for name, style in styles.items():
+        if isinstance(resolve_style(style, True), _RowwiseParallel):
+            setattr(module.get_submodule(name), SP_KERNEL_ATTR, backend)
+
+
+# ----------------------------------------------------------------------------------------
+# Symmetric-memory workspace
+# ----------------------------------------------------------------------------------------
+
+
+class _Workspace:
+    """Two halves of ``half_bytes`` of symmetric memory shared by one process group."""
+
+    def __init__(self, group: dist.ProcessGroup, half_bytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+
+        name = group.group_name
+        with warnings.catch_warnings():  # torch 2.11 needs it (and warns); later versions may deprecate it
+            warnings.simplefilter("ignore")
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(name)
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.rank, self.world, self.half_bytes = group.rank(), group.size(), half_bytes
+        # a dedicated allocation (not symm_mem.empty's pool): its signal pad is ours alone
+        self.buf = _SymmetricMemory.empty_strided_p2p((2 * half_bytes,), (1,), torch.uint8, device)
+        self.hdl = symm_mem.rendezvous(self.buf, name)  # collective
+        self.offset = self.buf.data_ptr() - int(self.hdl.buffer_ptrs[self.rank])  # bytes from the base
+        if self.offset < 0 or self.offset % 16:
+            raise RuntimeError(f"symmetric buffer at offset {self.offset} from its base: expected >= 0, 16-aligned")
+        pad_slots = int(self.hdl.signal_pad_size) // 4
+        self.pads = [self.hdl.get_signal_pad(p, (pad_slots,), dtype=torch.int32) for p in range(self.world)]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.max_programs = min(sms, (pad_slots - _SLOT0) // self.world)
+        if self.max_programs < 1:
+            raise RuntimeError(f"signal pad of {pad_slots} slots is too small for {self.world} ranks")
+        self.calls, self.stream, self.views = 0, None, {}
+        # pads start at zero: zero ours, then no peer signals before every rank did (the barrier)
+        self.pads[self.rank][_SLOT0:].zero_()
+        self.hdl.barrier(channel=0)
+        torch.cuda.synchronize()
+
+    def begin(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+        """This call's buffer half on every rank (views of ``numel`` elements); orders this
+        call's launch after the previous one."""
+        stream = torch.cuda.current_stream()
+        if self.stream is not None and self.stream != stream:
+            stream.wait_stream(self.stream)
+        self.stream = stream
+        half = self.calls % 2
+        self.calls += 1
+        key = (half, dtype, numel)
+        if key not in self.views:
+            esize = torch.empty((), dtype=dtype).element_size()
+            off = (self.offset + half * self.half_bytes) // esize
+            self.views[key] = [self.hdl.get_buffer(p, (numel,), dtype, off) for p in range(self.world)]
+        return self.views[key]
+
+
+def _workspace(group: dist.ProcessGroup, nbytes: int) -> _Workspace:
+    ws = _WORKSPACES.get(group.group_name)
+    if ws is None or ws.half_bytes < nbytes:
+        if ws is not None:  # no rank may still read the old buffers when they are freed
+            torch.cuda.synchronize()
+        half = max(_MIN_HALF_BYTES, 1 << (nbytes - 1).bit_length())
+        _WORKSPACES[group.group_name] = ws = _Workspace(group, half)
+    return ws
+
+
+# ----------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------
+
+
+def cannot_serve(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> str | None:
+    """Why the Triton path cannot take this call (then DTensor/NCCL does), or None. Depends
+    only on what every rank shares (shape, dtype, device type), so all ranks agree."""
+    from triton_kernels.sp_reduce_scatter import MAX_WORLD, SUPPORTED_DTYPES
+
+    world = group.size()
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype}"
+    if not 2 <= world <= MAX_WORLD:
+        return f"group of {world} ranks"
+    if x.dim() == 0 or x.shape[dim] % world:
+        return f"dim {dim} of {tuple(x.shape)} does not divide by {world}"
+    if x.device.type != "cuda" and not _interpreted():
+        return f"{x.device.type} tensors outside the Triton interpreter"
+    return None
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    from triton_kernels.sp_reduce_scatter import _as_chunks, launch_reduce_scatter, reduce_scatter_simulated
+
+    world, rank = group.size(), group.rank()
+    x2, out_shape = _as_chunks(x, dim, world)  # (outer, W*M)
+    if x.device.type != "cuda":  # interpreter (tests): every rank's partial, then the kernel phases
+        gathered = _gather0(x2, group)  # (W, outer, W*M)
+        return reduce_scatter_simulated(gathered, 1)[rank].reshape(out_shape)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    ws = _workspace(group, x2.numel() * x2.element_size())
+    buffers = ws.begin(x.dtype, x2.numel())
+    launch_reduce_scatter(x2, out.view(x2.shape[0], -1), buffers, ws.pads, rank, slot0=_SLOT0,
+                          max_programs=ws.max_programs)
+    return out
+
+
+def _gather0(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's ``t`` stacked: (W, *t.shape), one all-gather into one buffer."""
+    world = group.size()
+    t = t.contiguous()
+    out = torch.empty((world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)  # gloo: cat layout
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch 2.13 / 2.11
+    gather(out, t, group=group)
+    return out.view(world, *t.shape)
+
+
+def _all_gather(grad: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """(..., S/W, ...) on each rank -> (..., S, ...), rank p's block at chunk p."""
+    world = group.size()
+    gathered = _gather0(grad if grad.dim() else grad.view(1), group)  # (W, ..., S/W, ...)
+    g = gathered.movedim(0, dim)  # (..., W, S/W, ...)
+    return g.reshape(*grad.shape[:dim], world * grad.shape[dim], *grad.shape[dim + 1:])
+
+
+class _SequenceReduceScatter(torch.autograd.Function):
+    """Reduce-scatter along ``dim`` in forward (Triton), all-gather in backward (NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+@torch.compiler.disable
+def sequence_reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum ``x`` over ``group`` and keep this rank's chunk of ``dim`` (autograd: all-gather).
+
+    Args:
+        x: this rank's partial sums, fp16/bf16/fp32, ``x.shape[dim]`` divisible by the group
+            size; CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        dim: the scattered dim (the sequence, 1, for SP).
+        group: 2..8 ranks; on CUDA they must share one host (symmetric memory).
+    """
+    dim = dim % max(x.dim(), 1)
+    reason = cannot_serve(x, dim, group)
+    if reason is not None:
+        raise ValueError(f"sequence_reduce_scatter cannot serve this call: {reason}")
+    return _SequenceReduceScatter.apply(x, dim, group)
+
+
+def _scatter_dim(dt: DTensor, target: tuple) -> int | None:
+    """d when ``dt`` goes Partial(sum) -> Shard(d) on a 1-D mesh, else None."""
+    if dt.device_mesh.ndim != 1 or len(target) != 1 or not isinstance(target[0], Shard):
+        return None
+    src = dt.placements[0]
+    # exactly Partial: the vocab-parallel embedding's _MaskPartial must mask its local
+    # values (out-of-shard tokens) before reducing, which only DTensor's own path does
+    if type(src) is not Partial or src.reduce_op != "sum":
+        return None
+    return target[0].dim % dt.ndim
+
+
+def redistribute_rowwise_output(mod: nn.Module, outputs: DTensor, output_layouts) -> DTensor:
+    """The rowwise output hook's redistribution: the Triton reduce-scatter when the module is
+    marked for it and the call qualifies, DTensor's own (NCCL) otherwise."""
+    if getattr(mod, SP_KERNEL_ATTR, "torch") == "triton":
+        dim = _scatter_dim(outputs, tuple(output_layouts))
+        if dim is not None:
+            mesh = outputs.device_mesh
+            local = outputs.to_local(grad_placements=[Replicate()])  # grad of a Partial: Replicate
+            if cannot_serve(local, dim, mesh.get_group()) is None:
+                out = sequence_reduce_scatter(local, dim, mesh.get_group())
+                return DTensor.from_local(out, mesh, [Shard(dim)], run_check=False)
+    return outputs.redistribute(placements=output_layouts, async_op=False)
