@@ -106,11 +106,68 @@ def _run_schedule(args: argparse.Namespace, flags: list[str]) -> int:
     return 0
 
 
+# ---- plan -------------------------------------------------------------------------------
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/llama3_70b.toml")
+    p.add_argument("--gpu-memory", default=None,
+                   help="memory of one GPU, e.g. 80GiB (default: the recipe's [cluster] gpu_memory, else 80GiB)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to simulate (default: the recipe's [cluster] nodes x nproc_per_node)")
+    p.add_argument("--headroom", type=float, default=0.10,
+                   help="fraction of GPU memory kept for the CUDA context, NCCL and fragmentation (default 0.10)")
+    p.add_argument("--out", default=None, help="PNG path (default plan_<recipe>.png)")
+
+
+def _run_plan(args: argparse.Namespace, flags: list[str]) -> int:
+    from .dry_run import run_plan
+
+    code, report = run_plan(args.recipe, flags, gpu_memory=args.gpu_memory, world_size=args.world_size,
+                            out=args.out, headroom=args.headroom)
+    print(report, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
+# ---- suggest ----------------------------------------------------------------------------
+def _suggest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", required=True, help="total parameters, e.g. 70B, 350M")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--interconnect", choices=("nvlink", "ib", "ethernet"), default="ib",
+                   help="network between nodes (default ib)")
+    p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
+    p.add_argument("--experts", type=int, default=None, help="routed experts of an MoE model")
+    p.add_argument("--active-params", default=None, help="parameters one token uses (MoE), e.g. 13B")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (default 80GiB)")
+    p.add_argument("--global-batch-tokens", default="4M",
+                   help="tokens per optimizer step (default 4M), for the micro-batch count")
+
+
+def _run_suggest(args: argparse.Namespace, flags: list[str]) -> int:
+    from .planner import suggest
+
+    try:
+        result = suggest(params=args.params, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+                         interconnect=args.interconnect, seq=args.seq, experts=args.experts,
+                         active_params=args.active_params, gpu_memory=args.gpu_memory,
+                         global_batch_tokens=args.global_batch_tokens)
+    except ValueError as e:
+        print(f"dtensor-parallel suggest: error: {e}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0 if result.fits else 1
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from a TOML recipe (Megatron flags override it)",
                      _train_arguments, _run_train),
     "schedule": Command("draw a pipeline schedule as a PNG and print its bubble fraction (no GPU needed)",
                         _schedule_arguments, _run_schedule, takes_megatron_flags=False),
+    "plan": Command("check a recipe on a simulated cluster of its full size (meta model, fake process "
+                    "group, no GPU): mesh, per-rank shards and memory, PNG chart; exits 1 if it does not fit",
+                    _plan_arguments, _run_plan),
+    "suggest": Command("recommend degrees (TP, PP, CP, EP, DP, SP, schedule) for a model size and cluster, "
+                       "following the decision guide, checked by the memory estimator",
+                       _suggest_arguments, _run_suggest, takes_megatron_flags=False),
 }
 
 

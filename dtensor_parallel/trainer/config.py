@@ -32,11 +32,19 @@ MODEL_NAMES = ("llama3",)
 
 @dataclass
 class ClusterConfig:
-    """What the recipe targets (documentation plus the default launch size)."""
+    """What the recipe targets (documentation plus the default launch size).
+
+    ``nodes x nproc_per_node`` is the world size ``dtensor-parallel plan`` simulates;
+    ``gpu_memory`` (e.g. ``"80GiB"``) the memory it checks each rank against;
+    ``interconnect`` between nodes: ``"nvlink"``, ``"ib"`` or ``"ethernet"``.
+    """
 
     description: str = ""
     nproc_per_node: int | None = None
     gpu: str | None = None
+    nodes: int = 1
+    gpu_memory: str | None = None
+    interconnect: str | None = None
 
 
 @dataclass

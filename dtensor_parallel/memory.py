@@ -1,0 +1,465 @@
+"""Analytic per-rank memory of a training step: parameters, gradients, AdamW state,
+activations, transient buffers and the peak, for the built-in Llama / MoE models.
+
+The parameter, gradient and optimizer bytes are exact: each parameter's local shard is
+derived from the same rules ``parallelize`` applies, and ``dtensor-parallel plan`` checks
+them against the real shards of a dry run (``dry_run.py``; tested equal). Activations and
+transients are a model of what PyTorch keeps, stated below, so that each term can be
+checked against a measurement (``benchmarks/memory_estimate.py``).
+
+Notation: ``b`` micro-batch, ``s`` sequence, ``c`` cp, ``t`` tp, ``d`` dim, ``h`` heads,
+``hd`` head dim, ``f`` SwiGLU width, ``V`` vocab; ``a`` bytes of a matmul activation (2
+under bf16, 4 under fp32), ``r`` bytes of the residual stream (2 when FSDP's mixed
+precision makes the embedding bf16; 4 under fp32 or under autocast, which leaves the
+embedding and the residual adds in fp32); ``sp`` = t with sequence parallelism, else 1.
+
+Static state, per local parameter (the rank's shard, see :func:`local_param_numels`):
+
+- parameters: fp32 master weights, 4 B (FSDP2 keeps its shards in the parameter dtype;
+  under bf16 it all-gathers a bf16 copy per block, counted as a transient);
+- gradients: fp32, 4 B (FSDP2 reduce-scatters in fp32 into fp32 sharded gradients);
+- AdamW: ``exp_avg`` and ``exp_avg_sq`` in fp32, 8 B.
+  So 16 B a parameter, not the 2 B of bf16 weights that rules of thumb count.
+
+Tokens per rank: ``b s / c`` (CP divides the sequence, so every activation, K and V
+included, shrinks by c). Saved activations per token of one dense block (no recompute),
+each term named by the op that keeps it for backward:
+
+==========================================  ============================================
+term                                         bytes per token
+==========================================  ============================================
+two RMSNorms (fp32 input copy + output)      2 (4 + r) d / sp
+input of wq/wk/wv and of w1/w3               2 a d   (all-gathered under SP: full sequence)
+SDPA: q, k, v (GQA repeated to h), output    4 a d / t
+SDPA log-sum-exp (fp32)                      4 h / t
+(input of wo: a view of the SDPA output)     0
+SwiGLU: w1 out, silu out, w3 out, product    4 a f / t
+RoPE table rows of the layer (per position)  4 hd   (per position, not per sequence)
+==========================================  ============================================
+
+Checked against the tensors autograd saves for one block (``tests/test_memory.py``). This
+is Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", Eq. 2: ``s b h (34 + 5 a s / h)`` per layer, SP dividing all of it by t) redone
+for our ops: SwiGLU instead of GELU, flash attention (no ``s x s`` scores), and DTensor SP,
+whose column-parallel linears keep their all-gathered input (Megatron re-gathers it).
+
+MoE blocks (balanced routing assumed: each rank receives ``k`` rows per local token; the
+MoE layer runs token parallel over tp, so its tokens per rank are ``b s / (c t)``):
+router ``4 d + 12 E``, per routed copy ``2 a d + 4 a f_e`` (grouped-GEMM input and
+output, SwiGLU), shared experts ``t a d + 4 a f_s`` (they gather the layer's tokens).
+
+Recompute (``recompute.py``): ``full`` keeps only each block's input (``r d / sp``) and
+rematerializes one block at a time in backward (+ one block's activations, transient);
+``selective`` keeps the block input and the outputs of the matmuls, attention and SP
+reduce-scatters (``a (d + 2 kv hd)/t + a d/t + 4 h/t + 2 a f/t + 2 a d`` + ``2 a d / t``
+under SP) and recomputes norms, RoPE and SwiGLU's element-wise ops.
+
+Pipeline: a stage keeps the activations of its in-flight micro-batches. 1F1B (Narayanan
+et al. 2021, PipeDream-Flush): pp rank ``i`` holds ``min(pp - i, m)``, so rank 0 holds
+pp micro-batches of its layers, about one micro-batch of the whole model. Interleaved 1F1B
+with ``v`` stages a rank: ``2 (pp - i - 1) + (v - 1) pp + 1`` stage-micro-batches (the
+warm-up of Megatron-Core's ``forward_backward_pipelining_with_interleaving``, and of torch's
+``ScheduleInterleaved1F1B``), each of ``L / (pp v)`` layers: on rank 0 that is
+``L (1 + (pp - 1) / (pp v))`` layers of one micro-batch, Korthikanti et al. 2022 sec. 4.2.3
+(1F1B's rank 0: ``pp x L / pp = L`` layers, the whole model's worth). GPipe holds
+all m; the zero-bubble schedules are counted as 1F1B (ZB-H1 keeps 1F1B's memory; Qi et al.
+2023) and ZBV as 1F1B over its 2 stages.
+
+Logits (last stage): ``log_softmax`` keeps its fp32 output (``4 V / t`` a token); at the
+loss backward the fp32 gradient, its input gradient and that output coexist: ``12 V / t``
+a token of one micro-batch, the loss peak.
+
+Transients: FSDP all-gathers the current and the prefetched block (2 blocks of unsharded
+bf16 weights) and keeps the root's (embedding, final norm, head) gathered for the whole
+step (``reshard_after_forward=False`` on the root); in backward a block's unsharded
+gradient (bf16) and its fp32 copy for the reduce-scatter, and the root's unsharded
+gradients until the end of backward. Without FSDP, autocast caches a bf16 copy of every
+weight through forward and backward (so does FSDP when its shard group is one rank, which
+keeps the gathered weights). AdamW (``foreach``) allocates one fp32 temporary the size of
+the parameters (``sqrt(exp_avg_sq)``) during ``step()``.
+
+Peak: with one micro-batch per step, the larger of the loss peak (static + activations +
+logits + gathered weights; gradients are None after ``zero_grad(set_to_none=True)``) and
+the end of backward (static + gradients + root gradients + gathered weights); with several
+micro-batches (accumulation or PP) the gradients of the earlier ones are there too. The
+optimizer step costs static + gradients + the fp32 temporary. Not modelled: the CUDA
+context, NCCL buffers and allocator fragmentation (``--headroom``), load imbalance of
+routing, the RoPE tables that ``init_weights`` rebuilds per local stage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .expert_parallel import ep_fold_size, needs_expert_groups
+from .mesh import ParallelDims
+from .models.llama import ModelArgs
+from .plan import ParallelPlan
+
+GIB = 2 ** 30
+_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
+          "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"80GiB"`` -> 85899345920, ``"80GB"`` -> 80e9, ``"141G"`` -> 141e9; a number is bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size: write e.g. 80GiB, 80GB or 141GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_count(text: str | int | float) -> int:
+    """``"70B"`` -> 70e9, ``"13.5B"``, ``"350M"``, ``"1.2T"``; a number is itself."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMbBtT]?)\s*", text)
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a parameter count: write e.g. 70B, 350M or 1.2T")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+# ---- parameters: the model's tensors and their local shards ---------------------------
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    tp: str  # "colwise" (dim 0), "rowwise" (dim 1), "vocab" (dim 0), "replicate"
+    expert: bool = False  # routed experts: EP-sharded on dim 0, never FSDP-sharded
+    layer: int | None = None  # None: embedding (before the blocks) or norm/head (after)
+    first: bool = False  # lives on the first pipeline stage (embedding)
+
+
+def param_specs(args: ModelArgs) -> list[ParamSpec]:
+    """Every parameter of ``Llama(args)`` with its TP style (``Llama.parallel_defaults``)."""
+    d, hd, f, v = args.dim, args.head_dim, args.ffn_hidden_dim, args.vocab_size
+    out = [ParamSpec("tok_embeddings.weight", (v, d), "vocab", first=True)]
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        out += [ParamSpec(p + "attention_norm.weight", (d,), "replicate", layer=i),
+                ParamSpec(p + "attention.wq.weight", (args.n_heads * hd, d), "colwise", layer=i),
+                ParamSpec(p + "attention.wk.weight", (args.n_kv_heads * hd, d), "colwise", layer=i),
+                ParamSpec(p + "attention.wv.weight", (args.n_kv_heads * hd, d), "colwise", layer=i),
+                ParamSpec(p + "attention.wo.weight", (d, args.n_heads * hd), "rowwise", layer=i),
+                ParamSpec(p + "ffn_norm.weight", (d,), "replicate", layer=i)]
+        if args.is_moe_layer(i):
+            m = args.moe
+            fe = m.hidden_dim
+            out += [ParamSpec(p + "feed_forward.router.gate.weight", (m.n_experts, d), "replicate", layer=i),
+                    ParamSpec(p + "feed_forward.w1", (m.n_experts, d, fe), "replicate", expert=True, layer=i),
+                    ParamSpec(p + "feed_forward.w3", (m.n_experts, d, fe), "replicate", expert=True, layer=i),
+                    ParamSpec(p + "feed_forward.w2", (m.n_experts, fe, d), "replicate", expert=True, layer=i)]
+            if m.n_shared_experts:
+                fs = fe * m.n_shared_experts
+                out += [ParamSpec(p + "feed_forward.shared.w1.weight", (fs, d), "colwise", layer=i),
+                        ParamSpec(p + "feed_forward.shared.w2.weight", (d, fs), "rowwise", layer=i),
+                        ParamSpec(p + "feed_forward.shared.w3.weight", (fs, d), "colwise", layer=i)]
+        else:
+            out += [ParamSpec(p + "feed_forward.w1.weight", (f, d), "colwise", layer=i),
+                    ParamSpec(p + "feed_forward.w2.weight", (d, f), "rowwise", layer=i),
+                    ParamSpec(p + "feed_forward.w3.weight", (f, d), "colwise", layer=i)]
+    out += [ParamSpec("norm.weight", (d,), "replicate"), ParamSpec("output.weight", (v, d), "vocab")]
+    return out
+
+
+def _chunk0(n: int, parts: int) -> int:
+    """Rows of the first (largest) chunk of ``torch.chunk``/``Shard(0)`` over ``parts``."""
+    return math.ceil(n / parts)
+
+
+def local_shape(spec: ParamSpec, dims: ParallelDims, ep: int, has_moe: bool) -> tuple[int, ...]:
+    """The local shard on the rank with coordinate 0 on every dim but pp (FSDP's first
+    shard is the largest when a size does not divide)."""
+    shape = list(spec.shape)
+    if spec.expert:
+        if ep > 1:
+            shape[0] //= ep  # Shard(0) over the ep group; FSDP leaves experts alone
+        return tuple(shape)
+    if dims.tp > 1:
+        if spec.tp in ("colwise", "vocab"):
+            shape[0] //= dims.tp
+        elif spec.tp == "rowwise":
+            shape[1] //= dims.tp
+    if dims.dp_cp > 1:  # FSDP2: Shard(0) of the (TP-local) tensor over dp_shard x cp
+        shape[0] = _chunk0(shape[0], dims.dp_shard_cp)
+    return tuple(shape)
+
+
+def experts_fsdp_sharded(dims: ParallelDims, ep: int, has_moe: bool) -> bool:
+    """Without EP groups (ep = 1 and tp = 1) the experts are ordinary FSDP parameters."""
+    return has_moe and not needs_expert_groups(dims, ep, has_moe)
+
+
+def stage_layout(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, n_micro: int | None):
+    """The pipeline layout ``parallelize`` builds (None without PP)."""
+    if dims.pp == 1:
+        return None
+    from .pipeline.layout import pipeline_layout
+    return pipeline_layout([f"layers.{i}" for i in range(args.n_layers)], dims.pp, plan, n_micro)
+
+
+def rank_specs(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, pp_rank: int,
+               n_micro: int | None = None) -> list[ParamSpec]:
+    """The parameters held by pp rank ``pp_rank`` (all of them without PP)."""
+    specs = param_specs(args)
+    layout = stage_layout(args, dims, plan, n_micro)
+    if layout is None:
+        return specs
+    stages = layout.stages_of(pp_rank)
+    layers = {int(b.split(".")[1]) for s in stages for b in layout.blocks_of(s)}
+    first, last = 0 in stages, layout.n_stages - 1 in stages
+    return [p for p in specs if (p.layer in layers) if p.layer is not None] + \
+        [p for p in specs if p.layer is None and (first if p.first else last)]
+
+
+def local_param_numels(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, pp_rank: int = 0,
+                       n_micro: int | None = None) -> dict[str, int]:
+    """Parameter name -> elements of this rank's shard (rank (pp_rank, 0, 0, 0, 0))."""
+    has_moe = args.moe is not None
+    ep = plan.expert_parallel
+    out = {}
+    for spec in rank_specs(args, dims, plan, pp_rank, n_micro):
+        if spec.expert and experts_fsdp_sharded(dims, ep, has_moe):
+            spec = ParamSpec(spec.name, spec.shape, "replicate", expert=False, layer=spec.layer)
+        out[spec.name] = math.prod(local_shape(spec, dims, ep, has_moe))
+    return out
+
+
+# ---- activations -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActivationBytes:
+    per_layer: dict[int, float]  # layer index -> saved bytes of one micro-batch
+    head: float  # final norm + head input (last stage), one micro-batch
+    loss_peak: float  # logits at the loss backward, one micro-batch
+    recompute_transient: float  # one block rematerialized in backward
+
+
+def _act_bytes(plan: ParallelPlan, dims: ParallelDims) -> tuple[int, int]:
+    """(a, r): bytes of a matmul activation and of the residual stream."""
+    if plan.mixed_precision == "fp32":
+        return 4, 4
+    return 2, (2 if dims.dp_cp > 1 else 4)  # FSDP casts the embedding to bf16; autocast does not
+
+
+def dense_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan,
+                                recompute: str | None = None, sp: bool | None = None) -> float:
+    a, r = _act_bytes(plan, dims)
+    t = dims.tp
+    sp_div = t if (plan.sequence_parallel if sp is None else sp) else 1
+    d, h, kv, hd, f = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.ffn_hidden_dim
+    mode = plan.recompute if recompute is None else recompute
+    if mode == "full":
+        return r * d / sp_div
+    if mode == "selective":
+        rs = 2 * a * d / t if sp_div > 1 else 0.0
+        return (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
+                + 2 * a * f / t + 2 * a * d + rs)
+    return 2 * (4 + r) * d / sp_div + 2 * a * d + 4 * a * h * hd / t + 4 * h / t + 4 * a * f / t
+
+
+def moe_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan,
+                              recompute: str | None = None, sp: bool | None = None) -> float:
+    """Bytes per token of the sequence (b s / c tokens per rank) of one MoE block."""
+    a, r = _act_bytes(plan, dims)
+    t = dims.tp
+    sp_div = t if (plan.sequence_parallel if sp is None else sp) else 1
+    d, h, kv, hd = args.dim, args.n_heads, args.n_kv_heads, args.head_dim
+    m = args.moe
+    mode = plan.recompute if recompute is None else recompute
+    if mode == "full":
+        return r * d / sp_div
+    fe, fs = m.hidden_dim, m.hidden_dim * m.n_shared_experts
+    if mode == "selective":
+        attn = (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t + a * d
+                + (a * d / t if sp_div > 1 else 0.0))
+        moe_tok = 4 * m.n_experts + m.top_k * (2 * a * fe + a * d) + (2 * a * fs + a * d if fs else 0.0)
+        return attn + moe_tok / t
+    attn = (4 + r) * d / sp_div + a * d + 4 * a * h * hd / t + 4 * h / t
+    norm2 = (4 + r) * d / sp_div
+    moe_tok = 4 * d + 12 * m.n_experts + m.top_k * (2 * a * d + 4 * a * fe) + (t * a * d + 4 * a * fs if fs else 0.0)
+    return attn + norm2 + moe_tok / t
+
+
+def activation_bytes(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, layers: list[int],
+                     seq_len: int, micro_batch: int, last: bool, recompute: str | None = None,
+                     sp: bool | None = None) -> ActivationBytes:
+    """Saved activations of one micro-batch on the given layers (see the module docstring)."""
+    a, r = _act_bytes(plan, dims)
+    t = dims.tp
+    sp_div = t if (plan.sequence_parallel if sp is None else sp) else 1
+    tokens = micro_batch * seq_len / dims.cp
+    positions = seq_len / dims.cp
+    rope = 4 * args.head_dim * positions
+    mode = plan.recompute if recompute is None else recompute
+    per_layer = {}
+    for i in layers:
+        per_tok = (moe_layer_bytes_per_token if args.is_moe_layer(i) else dense_layer_bytes_per_token)(
+            args, dims, plan, mode, sp)
+        per_layer[i] = per_tok * tokens + (rope if mode == "none" else 0.0)
+    head = ((4 + r) * args.dim / sp_div + a * args.dim + 4 * args.vocab_size / t) * tokens if last else 0.0
+    loss = 12 * args.vocab_size / t * tokens if last else 0.0
+    transient = 0.0
+    if mode != "none" and layers:
+        full = max((moe_layer_bytes_per_token if args.is_moe_layer(i) else dense_layer_bytes_per_token)(
+            args, dims, plan, "none", sp) for i in layers)
+        transient = full * tokens + rope
+    return ActivationBytes(per_layer, head, loss, transient)
+
+
+def in_flight(schedule: str | None, pp: int, virtual: int, pp_rank: int, n_micro: int) -> float:
+    """Stage-micro-batches of activations rank ``pp_rank`` holds at its peak (module docstring)."""
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(n_micro * virtual)
+    if schedule == "interleaved_1f1b" or (schedule == "zero_bubble" and virtual > 1):
+        return float(min(2 * (pp - pp_rank - 1) + (virtual - 1) * pp + 1, n_micro * virtual))
+    if schedule == "zbv":  # two stages a rank, V shape: about 1F1B over 2 pp ranks' worth
+        return float(min(2 * (pp - pp_rank), 2 * n_micro))
+    return float(min(pp - pp_rank, n_micro))
+
+
+# ---- the estimate ---------------------------------------------------------------------
+@dataclass
+class MemoryEstimate:
+    """One rank's memory (bytes). ``peak`` is the phase model of the module docstring."""
+
+    rank: int
+    coords: dict[str, int]
+    params: int  # local parameter elements
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    buffer_bytes: int
+    activation_bytes: float  # saved, all in-flight micro-batches
+    logits_bytes: float  # loss peak on the last stage, one micro-batch
+    transient_bytes: float  # gathered weights, unsharded grads, recompute, optimizer temp (max)
+    peak_bytes: float
+    peak_phase: str
+    layers: list[int] = field(default_factory=list)
+    stages: list[int] = field(default_factory=list)
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def static_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def breakdown(self) -> dict[str, float]:
+        """What the peak is made of (sums to ``peak_bytes``): weights, grads (where they
+        exist at the peak), AdamW, activations (at the loss peak), the rest (logits,
+        gathered weights, unsharded grads, recompute, optimizer temporary, buffers)."""
+        grads = self.grad_bytes if (self.peak_phase != "loss/backward" or self.detail["in_flight"] > 1
+                                    or self.detail.get("accumulating")) else 0
+        acts = self.activation_bytes if self.peak_phase == "loss/backward" else 0.0
+        parts = {"weights": self.param_bytes, "grads": grads, "AdamW": self.optimizer_bytes, "activations": acts}
+        parts["logits+transient"] = max(self.peak_bytes - sum(parts.values()), 0.0)
+        return parts
+
+
+def rank_of(dims: ParallelDims, pp_rank: int) -> int:
+    """Global rank of mesh coordinates (pp_rank, 0, 0, 0, 0)."""
+    return pp_rank * (dims.world_size // dims.pp)
+
+
+def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, seq_len: int,
+                    micro_batch_size: int, n_micro: int, pp_rank: int = 0,
+                    numels: dict[str, int] | None = None) -> MemoryEstimate:
+    """Memory of rank (pp_rank, 0, 0, 0, 0) for one training step of ``n_micro``
+    micro-batches of ``micro_batch_size`` sequences of ``seq_len`` tokens.
+
+    ``numels`` (parameter -> local elements) replaces the analytic shards, e.g. by the dry
+    run's real ones; by default :func:`local_param_numels`.
+    """
+    layout = stage_layout(args, dims, plan, n_micro)
+    numels = numels if numels is not None else local_param_numels(args, dims, plan, pp_rank, n_micro)
+    n = sum(numels.values())
+    pbytes, gbytes, obytes = 4 * n, 4 * n, 8 * n
+    if layout is None:
+        stages, layers, virtual, schedule = [0], list(range(args.n_layers)), 1, None
+        first = last = True
+    else:
+        stages = layout.stages_of(pp_rank)
+        layers = sorted(int(b.split(".")[1]) for s in stages for b in layout.blocks_of(s))
+        virtual, schedule = layout.virtual, layout.schedule
+        first, last = 0 in stages, layout.n_stages - 1 in stages
+    has_moe = args.moe is not None
+    moe_layers = [i for i in layers if args.is_moe_layer(i)]
+    buffers = 4 * args.max_seq_len * args.head_dim + 4 * args.moe.n_experts * len(moe_layers) if has_moe \
+        else 4 * args.max_seq_len * args.head_dim
+
+    act = activation_bytes(args, dims, plan, layers, seq_len, micro_batch_size, last)
+    per_stage_mb = sum(act.per_layer.values()) / len(stages)  # one stage-micro-batch, mean stage
+    flight = in_flight(schedule, dims.pp, virtual, pp_rank, n_micro)
+    activations = per_stage_mb * flight + act.head * (1 if dims.pp > 1 else 1)
+
+    # gathered weights and unsharded gradients (module docstring, "Transients")
+    pb = 2 if plan.mixed_precision == "bf16" else 4
+    tp_local = _tp_local_numels(args, dims, plan, layers, first, last)
+    root = sum(v for k, v in tp_local.items() if not k.startswith("layers."))
+    block = max((sum(v for k, v in tp_local.items() if k.startswith(f"layers.{i}.")) for i in layers),
+                default=0)
+    fsdp = dims.dp_cp > 1
+    keeps_all = (not fsdp and pb == 2) or (fsdp and dims.dp_shard_cp == 1)
+    if keeps_all:  # autocast's cast cache, or FSDP with a one-rank shard group
+        gathered = pb * sum(tp_local.values())
+        bwd_grads = (pb + 4) * block
+    elif fsdp:
+        gathered = pb * (2 * block + root)
+        bwd_grads = (pb + 4) * block + pb * root
+    else:  # fp32 without FSDP: the weights themselves
+        gathered, bwd_grads = 0.0, 4 * block
+    recompute_t = act.recompute_transient
+    accumulating = n_micro > 1 or dims.pp > 1
+    static = pbytes + obytes + buffers
+    at_loss = static + activations + act.loss_peak + gathered + recompute_t + (gbytes if accumulating else 0)
+    at_bwd_end = static + gbytes + gathered + bwd_grads
+    at_opt = pbytes + gbytes + obytes + buffers + 4 * n  # foreach AdamW: sqrt(exp_avg_sq) temporary
+    phases = {"loss/backward": at_loss, "end of backward": at_bwd_end, "optimizer step": at_opt}
+    phase = max(phases, key=phases.get)
+    coords = {"pp": pp_rank, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
+    return MemoryEstimate(
+        rank=rank_of(dims, pp_rank), coords=coords, params=n, param_bytes=pbytes, grad_bytes=gbytes,
+        optimizer_bytes=obytes, buffer_bytes=buffers, activation_bytes=activations,
+        logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, 4 * n),
+        peak_bytes=phases[phase], peak_phase=phase, layers=layers, stages=stages,
+        detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb, "gathered": gathered,
+                "bwd_grads": bwd_grads, "recompute": recompute_t, **{f"phase:{k}": v for k, v in phases.items()}})
+
+
+def _tp_local_numels(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, layers: list[int],
+                     first: bool, last: bool) -> dict[str, int]:
+    """The rank's parameters gathered over FSDP but still TP/EP-sharded (what a forward uses)."""
+    keep = set(layers)
+    no_fsdp = ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=dims.tp, world_size=dims.tp)
+    out = {}
+    for spec in param_specs(args):
+        if spec.layer is not None and spec.layer not in keep:
+            continue
+        if spec.layer is None and not (first if spec.first else last):
+            continue
+        if spec.expert:  # not gathered by FSDP (EP) - their bytes are static, not transient
+            if not experts_fsdp_sharded(dims, plan.expert_parallel, True):
+                continue
+        out[spec.name] = math.prod(local_shape(spec, no_fsdp, 1, args.moe is not None))
+    return out
+
+
+def activation_alternatives(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, seq_len: int,
+                            micro_batch_size: int, layers: list[int]) -> dict[str, float]:
+    """Saved activations of one micro-batch on these layers, as planned and with SP / the
+    recompute modes switched (for the report: what each knob buys)."""
+    out = {}
+    sps = [True, False] if dims.tp > 1 else [False]
+    for sp in sps:
+        for mode in ("none", "selective", "full"):
+            act = activation_bytes(args, dims, plan, layers, seq_len, micro_batch_size, False, mode, sp)
+            out[f"{'SP' if sp else 'no SP'}, recompute={mode}"] = sum(act.per_layer.values())
+    return out
