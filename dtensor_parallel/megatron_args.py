@@ -72,6 +72,7 @@ flag                                       overlay key
 --metrics PATH                             logging.metrics_path *(ours)*
 --save DIR / --load DIR                    checkpoint.save / checkpoint.load
 --save-interval N                          checkpoint.save_interval
+--async-save                               checkpoint.async_save=True
 --resume auto|none                         checkpoint.resume *(ours)*
 =========================================  ============================================
 
@@ -184,6 +185,7 @@ _FLAGS: dict[str, _Flag] = {
     "--save": _f("checkpoint", "save", str),
     "--load": _f("checkpoint", "load", str),
     "--save-interval": _f("checkpoint", "save_interval", int),
+    "--async-save": _f("checkpoint", "async_save"),
     "--resume": _f("checkpoint", "resume", str, ("auto", "none")),
     # accepted no-ops: what our Llama already is
     "--swiglu": _f(None, None),

@@ -184,8 +184,11 @@ def test_ffn_hidden_dim_and_unsupported_features():
     assert cfg.model.args().ffn_hidden_dim == 768
     with pytest.raises(ValueError, match="ffn_hidden_dim=512 cannot be expressed"):
         config_from_dict({"model": {"ffn_hidden_dim": 512}})  # below 8 dim / 3 = 682
-    with pytest.raises(NotImplementedError, match="checkpointing arrives with the checkpoint release"):
-        check_supported(config_from_dict({"checkpoint": {"save": "ckpt"}}))
+    check_supported(config_from_dict({"checkpoint": {"save": "ckpt", "save_interval": 5}}))  # supported now
+    with pytest.raises(ValueError, match=r"save_interval \(--save-interval\) needs a directory"):
+        config_from_dict({"checkpoint": {"save_interval": 5}})
+    with pytest.raises(ValueError, match=r"resume='auto' \(--resume auto\) looks for checkpoints"):
+        config_from_dict({"checkpoint": {"resume": "auto"}})
 
 
 def test_cli_rejects_before_launching(capsys):

@@ -158,12 +158,18 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Accepted so recipes can carry it; saving/loading arrives with the checkpoint release."""
+    """Distributed checkpoints (``dtensor_parallel.checkpoint``): ``save`` is the root
+    directory of ``step_N`` checkpoints, written every ``save_interval`` steps and after
+    the last step; ``load`` a checkpoint (or a root: its newest) to start from;
+    ``resume = "auto"`` continues from the newest complete checkpoint under ``save``
+    (else ``load``), or starts afresh when there is none. ``async_save`` writes in a
+    background thread and publishes at the next save or the end of the run."""
 
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
     resume: str = "none"  # "auto" | "none"
+    async_save: bool = False
 
 
 @dataclass
@@ -352,8 +358,17 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("pp", "cp", "tp", "ep"):
         if getattr(p, key) < 1:
             raise ValueError(f"[parallel] {key}={getattr(p, key)} must be >= 1")
-    if cfg.checkpoint.resume not in ("auto", "none"):
-        raise ValueError(f"[checkpoint] resume={cfg.checkpoint.resume!r}: choose 'auto' or 'none'")
+    ck = cfg.checkpoint
+    if ck.resume not in ("auto", "none"):
+        raise ValueError(f"[checkpoint] resume={ck.resume!r}: choose 'auto' or 'none'")
+    if ck.save_interval is not None and ck.save_interval < 1:
+        raise ValueError(f"[checkpoint] save_interval={ck.save_interval} must be >= 1")
+    if ck.save_interval is not None and not ck.save:
+        raise ValueError("[checkpoint] save_interval (--save-interval) needs a directory to save into: "
+                         "set [checkpoint] save (--save DIR)")
+    if ck.resume == "auto" and not (ck.save or ck.load):
+        raise ValueError("[checkpoint] resume='auto' (--resume auto) looks for checkpoints under save or "
+                         "load: set --save DIR (or --load DIR)")
     if cfg.plan.sequence_parallel and p.tp == 1:
         # Megatron's behaviour: SP shards activations over tp, so with tp=1 there is nothing to do
         warnings.warn("[plan] sequence_parallel=true with [parallel] tp=1: disabling sequence "

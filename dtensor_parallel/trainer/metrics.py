@@ -53,11 +53,21 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsWriter:
     """One JSON object per line; a no-op on ranks other than 0."""
 
-    def __init__(self, path: str | Path | None, enabled: bool = True):
+    def __init__(self, path: str | Path | None, enabled: bool = True, resume_step: int = 0):
+        """``resume_step`` > 0 (a resumed run): keep the records of steps up to it and append
+        after them; records of later steps (written after the checkpoint, before a crash)
+        are dropped, since the resumed run writes those steps again."""
         self._file: TextIO | None = None
         if enabled and path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if resume_step > 0 and path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self._file = open(path, "w")
+            for line in kept:
+                self._file.write(line + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:

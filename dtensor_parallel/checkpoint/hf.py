@@ -1,0 +1,404 @@
+"""Llama 3 weights in Hugging Face's safetensors format: import into any layout, export back.
+
+A Hugging Face checkpoint is ``config.json`` plus either ``model.safetensors`` or shards
+``model-0000i-of-0000n.safetensors`` listed in ``model.safetensors.index.json``
+(``{"weight_map": {hf name: file}}``). Names map one to one:
+
+==========================================  ===================================
+Hugging Face (``LlamaForCausalLM``)          ours (``models/llama.py``, Meta's)
+==========================================  ===================================
+model.embed_tokens.weight                    tok_embeddings.weight
+model.layers.{i}.self_attn.{q,k,v,o}_proj    layers.{i}.attention.w{q,k,v,o}
+model.layers.{i}.mlp.{gate,up,down}_proj     layers.{i}.feed_forward.w{1,3,2}
+model.layers.{i}.input_layernorm             layers.{i}.attention_norm
+model.layers.{i}.post_attention_layernorm    layers.{i}.ffn_norm
+model.norm.weight / lm_head.weight           norm.weight / output.weight
+==========================================  ===================================
+
+The rotary permutation. Meta's RoPE (ours) rotates interleaved pairs ``(x[2j], x[2j+1])``
+of each head; Hugging Face's ``rotate_half`` rotates ``(x[j], x[j + d/2])``. Its converter
+(``convert_llama_weights_to_hf.py``) therefore reorders the rows of ``wq`` and ``wk``
+within each head, so that row ``2j`` goes to ``j`` and ``2j+1`` to ``j + d/2``::
+
+    hf = w.view(heads, d/2, 2, dim).transpose(1, 2).reshape(heads * d, dim)     # ours -> HF
+    ours = w.view(heads, 2, d/2, dim).transpose(1, 2).reshape(heads * d, dim)   # HF -> ours
+
+with ``heads = n_heads`` for ``wq`` and ``n_kv_heads`` for ``wk``. Both give the same
+attention scores: q.k is a sum over pairs, and each pair is rotated by the same angle.
+
+Import reads only what each rank holds: a parameter's local shard is one box of the global
+tensor (DCP's own ``__create_chunk_list__`` gives its offsets for any placement), read with
+``safe_open(...).get_slice``; for ``wq``/``wk`` the rows of the heads the box touches are
+read and un-permuted. Everything that can be wrong with the files -- a missing shard, a
+truncated file, a tensor of another shape, a config of another model -- is checked from
+the headers before any parameter is written, and the error names the file or tensor.
+
+Export: each pipeline stage's writer rank (coordinate 0 on every non-pp mesh dim) gathers
+its stage's tensors one by one (``full_tensor()``, over the stage's own mesh) and writes
+them into shards of at most ``max_shard_bytes``; global rank 0 writes the index and
+``config.json``. Files go to a temporary directory renamed into place at the end, and an
+existing directory is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from ..models.llama import ModelArgs
+from . import atomic
+from .dcp import _full_model_names, _stages, checkpoint_group, model_state_dict
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+_LAYER_MAP = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> Hugging Face's."""
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    raise ValueError(f"parameter {name!r} has no Hugging Face Llama name (MoE or a non-Llama model?)")
+
+
+def _rotary_heads(name: str, args: ModelArgs) -> int | None:
+    """Heads whose rows the rotary permutation reorders (wq: n_heads, wk: n_kv_heads)."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def permute_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary rows -> Hugging Face's rotate_half rows (per head)."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (h d, dim)
+
+
+def permute_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_to_hf`."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)  # (h d, dim)
+
+
+# ---- config ---------------------------------------------------------------------------------
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """``config.json`` of a ``LlamaForCausalLM`` with these args."""
+    if args.moe is not None:
+        raise NotImplementedError("Hugging Face interop covers dense Llama 3 (this model has MoE layers)")
+    scaling = None
+    if args.rope_scaling_factor is not None:
+        scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                   "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                   "original_max_position_embeddings": args.rope_original_max_len}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": scaling,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def model_args_from_hf(config: dict[str, Any] | str | Path, **overrides) -> ModelArgs:
+    """ModelArgs of a Hugging Face Llama ``config.json`` (a dict, the file, or its directory)."""
+    if not isinstance(config, dict):
+        p = Path(config)
+        config = json.loads((p / CONFIG_FILE if p.is_dir() else p).read_text())
+    rs = config.get("rope_scaling") or None
+    if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3",):
+        raise ValueError(f"rope_scaling {rs} is not Llama 3's ('rope_type': 'llama3')")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", hidden // heads) != hidden // heads:
+        raise ValueError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = {hidden // heads}")
+    kw = dict(dim=hidden, n_layers=config["num_hidden_layers"], n_heads=heads,
+              n_kv_heads=config.get("num_key_value_heads", heads), vocab_size=config["vocab_size"],
+              ffn_hidden=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
+              rope_theta=float(config.get("rope_theta", 10000.0)),
+              max_seq_len=config.get("max_position_embeddings", 8192),
+              rope_scaling_factor=rs["factor"] if rs else None)
+    if rs:
+        kw.update(rope_low_freq_factor=rs.get("low_freq_factor", 1.0),
+                  rope_high_freq_factor=rs.get("high_freq_factor", 4.0),
+                  rope_original_max_len=rs.get("original_max_position_embeddings", 8192))
+    return ModelArgs(**{**kw, **overrides})
+
+
+# ---- reading and checking the files --------------------------------------------------------
+def _read_json(f: Path, what: str) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {f} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _safetensors_header(f: Path) -> dict[str, dict]:
+    """The header of one safetensors file, checked against the file's length."""
+    if not f.is_file():
+        raise ValueError(f"safetensors file {f} is missing")
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"safetensors file {f} is truncated: {size} bytes, not even a header")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise ValueError(f"safetensors file {f} is truncated: {size} bytes, header says {8 + n}")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            raise ValueError(f"safetensors file {f} has a corrupt header ({e})") from None
+    header.pop("__metadata__", None)
+    if header:
+        name, entry = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1])  # the file's last tensor
+        end = 8 + n + entry["data_offsets"][1]
+        if end > size:
+            raise ValueError(f"safetensors file {f} is truncated: {size} bytes, but tensor {name!r} is "
+                             f"stored up to byte {end}")
+    return header
+
+
+class HFCheckpoint:
+    """The tensors of a Hugging Face checkpoint directory: name -> (file, shape, dtype),
+    every file's header read and checked (nothing else is read)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"Hugging Face checkpoint directory {self.path} does not exist")
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = _read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' table of tensor -> file")
+        elif (self.path / SINGLE_FILE).is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{self.path} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+        for fname in files:
+            f = self.path / fname
+            if not f.is_file():
+                needs = sorted(k for k, v in weight_map.items() if v == fname) if weight_map else []
+                raise ValueError(f"safetensors shard {f} is missing (the index lists it for {len(needs)} "
+                                 f"tensors, e.g. {needs[:2]})")
+            for name, entry in _safetensors_header(f).items():
+                self.entries[name] = (f, tuple(entry["shape"]), entry["dtype"])
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if name not in self.entries or self.entries[name][0].name != fname:
+                    raise ValueError(f"tensor {name!r} is listed in {index} under {fname} but that file "
+                                     f"does not hold it")
+        cfg = self.path / CONFIG_FILE
+        self.config = _read_json(cfg, "config") if cfg.is_file() else None
+
+
+def _check_config(ckpt: HFCheckpoint, args: ModelArgs) -> None:
+    if ckpt.config is None:
+        return
+    ours = hf_config(args)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta"):
+        if key in ckpt.config and float(ckpt.config[key]) != float(ours[key]):
+            raise ValueError(f"{ckpt.path / CONFIG_FILE}: {key}={ckpt.config[key]} but this model has "
+                             f"{ours[key]}: the checkpoint is of another model shape")
+
+
+def _local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, sizes) of this rank's shard in the global tensor."""
+    if isinstance(t, DTensor):
+        chunks = t.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"a DTensor with {len(chunks)} local chunks")
+        box = tuple(chunks[0].offsets), tuple(chunks[0].sizes)
+        if box[1] != tuple(t.to_local().shape):
+            raise NotImplementedError(f"placements {t.placements}: local shape {tuple(t.to_local().shape)} "
+                                      f"is not the box {box[1]}")
+        return box
+    return (0,) * t.dim(), tuple(t.shape)
+
+
+def _read_box(handle, hf: str, offsets, sizes, heads: int | None, rows: int) -> torch.Tensor:
+    """The box ``offsets``/``sizes`` of our (Meta-layout) tensor from the HF tensor ``hf``."""
+    sl = handle.get_slice(hf)
+    if any(s == 0 for s in sizes):
+        return torch.empty(sizes)
+    if heads is None:
+        return sl[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+    hd = rows // heads  # rows of one head; the permutation stays inside a head
+    r0, r1 = offsets[0], offsets[0] + sizes[0]
+    h0, h1 = r0 // hd, -(-r1 // hd)
+    block = sl[h0 * hd:h1 * hd, offsets[1]:offsets[1] + sizes[1]]  # (heads touched * hd, cols)
+    return permute_from_hf(block, h1 - h0)[r0 - h0 * hd:r1 - h0 * hd]
+
+
+def _llama_args(model) -> ModelArgs:
+    args = getattr(_stages(model)[0], "args", None)
+    if not isinstance(args, ModelArgs):
+        raise TypeError(f"{type(_stages(model)[0]).__name__} is not our Llama: Hugging Face interop maps Llama 3")
+    if args.moe is not None:
+        raise NotImplementedError("Hugging Face interop covers dense Llama 3 (this model has MoE layers)")
+    return args
+
+
+@torch.no_grad()
+def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
+    """Load Hugging Face Llama weights (``path``: the directory) into ``model`` -- a
+    ParallelModel in any layout, or a plain Llama -- each rank reading only its shards.
+    Every check runs before the first parameter is written; no collective is needed."""
+    args = _llama_args(model)
+    ckpt = HFCheckpoint(path)
+    _check_config(ckpt, args)
+    tied = bool(ckpt.config and ckpt.config.get("tie_word_embeddings")) and "lm_head.weight" not in ckpt.entries
+    params = model_state_dict(model)
+    plan = []
+    for name, t in params.items():
+        hf = hf_name(name)
+        if hf == "lm_head.weight" and tied:
+            hf = "model.embed_tokens.weight"
+        if hf not in ckpt.entries:
+            raise ValueError(f"tensor {hf!r} (our {name!r}) is not in the Hugging Face checkpoint {ckpt.path}")
+        f, shape, dtype = ckpt.entries[hf]
+        if shape != tuple(t.shape):
+            raise ValueError(f"tensor {hf!r} has shape {list(shape)} in {f} but our {name!r} has "
+                             f"{list(t.shape)}: the checkpoint is of another model shape")
+        if dtype not in _DTYPES:
+            raise ValueError(f"tensor {hf!r} in {f} has dtype {dtype}, which we do not read")
+        plan.append((name, t, hf, f))
+    if strict:
+        ours = {hf_name(n) for n in (_full_model_names(model) or params)}
+        extra = sorted(n for n in ckpt.entries if n not in ours and not n.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise ValueError(f"the Hugging Face checkpoint {ckpt.path} holds tensors this model lacks: "
+                             f"{extra[:4]}{' ...' if len(extra) > 4 else ''} (another model shape?)")
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name, t, hf, f in plan:
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            offsets, sizes = _local_box(t)
+            piece = _read_box(handles[f], hf, offsets, sizes, _rotary_heads(name, args), t.shape[0])
+            local = t.to_local() if isinstance(t, DTensor) else t
+            local.copy_(piece.to(dtype=local.dtype).view(local.shape))
+
+
+def _writer_of_stage(model) -> bool:
+    mesh = getattr(model, "mesh", None)
+    if mesh is None:  # a plain module: the calling process writes it all
+        return True
+    coord = mesh.get_coordinate()
+    return all(c == 0 for d, c in zip(mesh.mesh_dim_names, coord) if d != "pp")
+
+
+def export_hf(model, path: str | Path, *, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = 5 * 2 ** 30) -> Path:
+    """Write ``model`` (any layout) as a Hugging Face Llama checkpoint at ``path``
+    (collective). ``dtype``: cast on the way out (None: the parameters' dtype)."""
+    args = _llama_args(model)
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: export into a new directory (nothing is overwritten)")
+    # a plain module is exported by the one process that calls this, whatever process
+    # group may exist; a ParallelModel (it has a mesh) is exported by all its ranks
+    distributed = getattr(model, "mesh", None) is not None and dist.is_initialized() and dist.get_world_size() > 1
+    group = checkpoint_group() if distributed else None
+    rank = dist.get_rank() if distributed else 0
+    tmp = path.parent / f"{atomic.TMP_PREFIX}{path.name}"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    params = model_state_dict(model)
+    writer = _writer_of_stage(model)
+    mine = []  # (hf name, bytes) of this stage, if this rank writes it
+    for name, t in params.items():
+        item = (dtype or t.dtype).itemsize
+        mine.append((hf_name(name), t.numel() * item))
+    plans: list[Any] = [mine if writer else None]
+    if distributed:
+        plans = [None] * dist.get_world_size()
+        dist.all_gather_object(plans, mine if writer else None, group=group)
+    files: list[list[str]] = []  # tensors of each file, writers in rank order
+    owner: list[int] = []
+    for r, plan in enumerate(plans):
+        if not plan:
+            continue
+        size = None
+        for hf, nbytes in plan:
+            if size is None or (size + nbytes > max_shard_bytes and size > 0):
+                files.append([])
+                owner.append(r)
+                size = 0
+            files[-1].append(hf)
+            size += nbytes
+    n = len(files)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    file_of = {hf: names[i] for i, tensors in enumerate(files) for hf in tensors}
+    my_files = {i for i, o in enumerate(owner) if o == rank}
+    pending: dict[str, torch.Tensor] = {}
+    for name, t in params.items():  # every rank of the stage gathers, in the same order
+        full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
+        if not writer:
+            continue
+        full = full.to(device="cpu", dtype=dtype or full.dtype)
+        heads = _rotary_heads(name, args)
+        pending[hf_name(name)] = (permute_to_hf(full, heads) if heads else full).contiguous()
+        for i in sorted(my_files):
+            if all(h in pending for h in files[i]):
+                save_file({h: pending.pop(h) for h in files[i]}, str(tmp / names[i]), metadata={"format": "pt"})
+                my_files.discard(i)
+    if writer and my_files:
+        raise RuntimeError(f"export: files {sorted(my_files)} of rank {rank} were not completed")
+    if distributed:
+        dist.barrier(group=group)
+    if rank == 0:
+        if n > 1:
+            total = sum(nbytes for plan in plans if plan for _, nbytes in plan)
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))}, indent=2))
+        some = next(iter(params.values()))
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(args, dtype or some.dtype), indent=2))
+        atomic._fsync_dir(tmp)
+        os.rename(tmp, path)
+        atomic._fsync_dir(path.parent)
+    if distributed:
+        dist.barrier(group=group)
+    return path
+
+
+__all__ = ["import_hf", "export_hf", "hf_config", "model_args_from_hf", "hf_name", "permute_to_hf",
+           "permute_from_hf", "HFCheckpoint"]
