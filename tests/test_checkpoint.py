@@ -108,7 +108,7 @@ def test_resume_through_cli_fsdp2(tmp_path):
     ``--resume auto`` at step 2: steps 3 and 4 have exactly the losses of the first run."""
     a, b = tmp_path / "a", tmp_path / "b"
     _train_cli(2, ["--train-iters", "4", "--lr-warmup-iters", "1", "--save", str(a), "--save-interval", "2",
-                   "--metrics", str(tmp_path / "a.jsonl")], timeout=150)
+                   "--metrics", str(tmp_path / "a.jsonl")], timeout=400)
     assert [s for s, _ in complete_checkpoints(a)] == [2, 4]
     b.mkdir()
     shutil.copytree(a / atomic.step_name(2), b / atomic.step_name(2))
@@ -119,7 +119,7 @@ def test_resume_through_cli_fsdp2(tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({**r, "loss": -1.0} if r["step"] > 2 else r) + "\n"
                                               for r in stale))
     proc = _train_cli(2, ["--train-iters", "4", "--lr-warmup-iters", "1", "--save", str(b), "--resume", "auto",
-                          "--metrics", str(tmp_path / "b.jsonl")], timeout=150)
+                          "--metrics", str(tmp_path / "b.jsonl")], timeout=400)
     assert f"resumed from {b / atomic.step_name(2)} at step 2" in proc.stdout
     first, second = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
     assert [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -235,7 +235,10 @@ def _balancing_stats_case(mesh_kwargs: dict, plan_kwargs: dict) -> None:
     x, y = make_batch(ref.args.vocab_size, 4, 16)
     n_micro = pm._micro_batches(4 // pm.dims.dp) if pm.pipeline is not None else 1
     reference_step(ref, x, y, n_micro, pm.dims.dp)
-    pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    # without early stopping a recompute reruns the whole MoE forward inside the backward
+    # (with it, torch stops the rerun before the statistics are added); neither may count twice
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
     stats = pm.moe_stats()
     layers = [m for m in ref.modules() if isinstance(m, MoE)]
     want_aux = sum(m.step_aux_loss.item() for m in layers)
@@ -255,6 +258,7 @@ def _balancing_stats_case(mesh_kwargs: dict, plan_kwargs: dict) -> None:
     ("moe_seq_aux", 4, {"dp_shard": 2, "cp": 2}, {}),  # per sequence: counts over cp only
     ("moe_seq_aux", 2, {"pp": 2}, {"micro_batch_size": 2}),
     ("moe_aux", 2, {"tp": 2}, {}),  # MoE token parallel over tp: statistics over tp too
+    ("moe_aux", 2, {"dp_shard": 2}, {"recompute": "full"}),  # the router reruns inside the backward
     ("moe_seq_aux", 4, {"tp": 2, "dp_shard": 2}, {"sequence_parallel": True, "expert_parallel": 2}),
 ])
 def test_balancing_losses_train_the_router_as_on_one_device(kind, world, mesh_kwargs, plan_kwargs) -> None:
@@ -266,6 +270,7 @@ def test_balancing_losses_train_the_router_as_on_one_device(kind, world, mesh_kw
 @pytest.mark.parametrize("world,mesh_kwargs,plan_kwargs", [
     (4, {"dp_shard": 2, "cp": 2}, {"expert_parallel": 2}),
     (4, {"pp": 2, "dp_shard": 2}, {"micro_batch_size": 1}),
+    (2, {"dp_shard": 2}, {"recompute": "full"}),  # the recomputed forward is not counted twice
 ])
 def test_moe_stats_report_the_global_aux_loss_and_loads(world, mesh_kwargs, plan_kwargs) -> None:
     from .harness import run_distributed

@@ -263,7 +263,9 @@ class MoE(nn.Module):
         aux = self.aux_loss * self.aux_loss_scale
         if aux.requires_grad and torch.is_grad_enabled():
             out = _AuxLossGrad.apply(out, aux)
-        if self.collect_stats and torch._C._current_graph_task_id() == -1:  # not a recompute in backward
+        # a recompute inside the backward must not count again (torch's early-stopping
+        # checkpoint never reaches this line; without early stop it would)
+        if self.collect_stats and torch._C._current_graph_task_id() == -1:
             self._add_step_stats(aux.detach(), self.router.routed_counts)
         return out
 
