@@ -99,7 +99,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     dims = ParallelDims.from_mesh(mesh)
     plan = resolve_plan(model, plan or ParallelPlan())
     check_kernels(plan, mesh.device_type)
-    check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: a ValueError before any collective
+    sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     block_names, styles, layout = validate(model, dims, plan)
 
     state_order = None
@@ -131,7 +131,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          if expert_groups is not None else [])
         expert_params += stage_experts
         loss_parallel |= _parallelize_stage(module, [module.get_submodule(n) for n in names],
-                                            mesh, dims, plan, present, dp_mesh, set(stage_experts))
+                                            mesh, dims, plan, present, dp_mesh, set(stage_experts), sp_backend)
 
     pipeline = None
     if layout is not None:
@@ -152,13 +152,13 @@ def _present(module: nn.Module, name: str) -> bool:
 
 def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, dims: ParallelDims,
                        plan: ParallelPlan, styles: dict, dp_mesh: DeviceMesh | None,
-                       expert_params: set[nn.Parameter]) -> bool:
+                       expert_params: set[nn.Parameter], sp_backend: str) -> bool:
     """The chain on one module (the whole model, or one pipeline stage). Returns whether
     its output is vocab-sharded logits (loss parallel)."""
     loss_parallel = False
     if dims.tp > 1 and styles:
         apply_tensor_parallel(module, submesh(mesh, "tp"), styles, plan.sequence_parallel)
-        apply_sp_reduce_scatter(module, styles, check_sp_reduce_scatter(plan, mesh))
+        apply_sp_reduce_scatter(module, styles, sp_backend)
         loss_parallel = any(isinstance(s, VocabHead) for s in styles.values())
 
     apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)

@@ -38,11 +38,6 @@ PROFILE_FIRST_STEP = 2  # skip the first steps (allocator warm-up, lazy init)
 PROFILE_NUM_STEPS = 3
 
 
-def check_supported(cfg: TrainConfig) -> None:
-    """Features this release does not run yet; raised before any collective (none today:
-    checkpointing arrived with ``dtensor_parallel.checkpoint``)."""
-
-
 def init_distributed() -> bool:
     """Init the default group (nccl on CUDA, else gloo) from torchrun's environment, or a
     world of one without it. Returns whether this call created the group."""
@@ -75,9 +70,7 @@ def parallel_dims(cfg: TrainConfig, world_size: int) -> ParallelDims:
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
-    """Every check that needs only the config and the world size: unsupported features,
-    degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
-    check_supported(cfg)
+    """Every check that needs only the config and the world size: degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
     dims = parallel_dims(cfg, world_size)
     if cfg.parallel.ep > 1 and cfg.model.args().moe is None:
         raise ValueError(f"ep={cfg.parallel.ep} needs an MoE model: choose [model] flavour debug-moe, "
@@ -151,7 +144,6 @@ def start_from_checkpoint(cfg: TrainConfig, pm, opt, sched, global_batch: int) -
 def train(cfg: TrainConfig) -> list[float]:
     """Run ``cfg.training.steps`` optimizer steps; returns the loss of each step (from the
     resumed step on, when resuming)."""
-    check_supported(cfg)
     owns_group = init_distributed()
     try:
         return _train(cfg)
