@@ -5,8 +5,8 @@
 bf16, causal, batch 1, 32 query heads / 8 kv heads, head dim 128; ``--tokens`` per GPU
 (the global sequence is 2x). Rows, each with forward and forward+backward TFLOP/s per GPU:
 
-- ``ours_triton_ring_cp2`` / ``ours_torch_ring_cp2``: our ring, zigzag-sharded;
-- ``torch_context_parallel_cp2`` / ``..._alltoall``: ``torch.distributed.tensor.experimental.
+- ``ours_triton_ring_cp{N}`` / ``ours_torch_ring_cp{N}``: our ring, zigzag-sharded (N = world size);
+- ``torch_context_parallel_cp{N}`` / ``..._alltoall``: ``torch.distributed.tensor.experimental.
   context_parallel`` around SDPA (its k/v repeated to 32 heads: it takes no grouped-query
   k/v), with its default K/V rotation (all-gather) and with its ring ("alltoall");
 - ``sdpa_1gpu`` / ``ours_triton_1gpu``: one GPU, causal attention over the per-GPU tokens;
@@ -144,10 +144,10 @@ def main() -> None:
         qf, kf, vf = (t.detach().clone().requires_grad_() for t in (qg, kg, vg))
         one_gpu = 4 * HQ * tokens * tokens * D / 2
         impls = {
-            "ours_triton_ring_cp2": (ours(TritonBlocks), flops_fwd),
-            "ours_torch_ring_cp2": (ours(TorchBlocks, iters=3), flops_fwd),
-            "torch_context_parallel_cp2": (torch_cp(None), flops_fwd),
-            "torch_context_parallel_cp2_alltoall": (torch_cp("alltoall"), flops_fwd),
+            f"ours_triton_ring_cp{cp}": (ours(TritonBlocks), flops_fwd),
+            f"ours_torch_ring_cp{cp}": (ours(TorchBlocks, iters=3), flops_fwd),
+            f"torch_context_parallel_cp{cp}": (torch_cp(None), flops_fwd),
+            f"torch_context_parallel_cp{cp}_alltoall": (torch_cp("alltoall"), flops_fwd),
             "sdpa_1gpu": (lambda: timed(lambda: F.scaled_dot_product_attention(q1, k1r, v1r, is_causal=True)),
                           one_gpu),
             "ours_triton_1gpu": (lambda: timed(lambda: flash_attention(q1, k1, v1, causal=True)[0]), one_gpu),
@@ -174,7 +174,7 @@ def main() -> None:
                 diff = x.double() - ref
                 return {"max_abs": diff.abs().max().item(), "rel_fro": (diff.norm() / ref.norm()).item()}
             with torch.no_grad():
-                for name, backend in (("ours_triton_ring_cp2", TritonBlocks), ("ours_torch_ring_cp2", TorchBlocks)):
+                for name, backend in ((f"ours_triton_ring_cp{cp}", TritonBlocks), (f"ours_torch_ring_cp{cp}", TorchBlocks)):
                     local = ring_attention(q, k, v, causal=True, scale=None, group=group, backend=backend)
                     parts = [torch.empty_like(local) for _ in range(cp)]
                     dist.all_gather(parts, local.contiguous())
@@ -189,9 +189,9 @@ def main() -> None:
                     with context_parallel(mesh, buffers=[qr, kr, vr], buffer_seq_dims=[2, 2, 2]):
                         local = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
                     (full,) = context_parallel_unshard(mesh, [local], [2])
-                    errors["torch_context_parallel_cp2"] = err(full)
+                    errors[f"torch_context_parallel_cp{cp}"] = err(full)
                 except Exception as e:  # noqa: BLE001
-                    errors["torch_context_parallel_cp2_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    errors[f"torch_context_parallel_cp{cp}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if rank == 0:
                 print("max abs error vs float64:", errors, flush=True)
             profile_ring(q, k, v, group, rank, tokens)
@@ -204,14 +204,14 @@ def main() -> None:
             targets += [
                 {"name": f"{tokens}: triton 1gpu fwd / sdpa fwd", "value": get("ours_triton_1gpu", "fwd_tflops") / get("sdpa_1gpu", "fwd_tflops"), "goal": 0.8, "higher_is_better": True},
                 {"name": f"{tokens}: triton 1gpu fwd+bwd / sdpa", "value": get("ours_triton_1gpu", "fwd_bwd_tflops") / get("sdpa_1gpu", "fwd_bwd_tflops"), "goal": 0.7, "higher_is_better": True},
-                {"name": f"{tokens}: triton ring cp2 / torch context_parallel, its faster rotation (fwd+bwd)", "value": get("ours_triton_ring_cp2", "fwd_bwd_tflops") / max(get("torch_context_parallel_cp2", "fwd_bwd_tflops"), get("torch_context_parallel_cp2_alltoall", "fwd_bwd_tflops")), "goal": 1.1, "higher_is_better": True},
-                {"name": f"{tokens}: ring efficiency cp2 / triton 1gpu, same tokens per GPU (fwd+bwd)", "value": get("ours_triton_ring_cp2", "fwd_bwd_tflops") / get("ours_triton_1gpu", "fwd_bwd_tflops"), "goal": 0.9, "higher_is_better": True},
-                {"name": f"{tokens}: ring strong-scaling efficiency cp2 / triton 1gpu on the global sequence (fwd+bwd)", "value": get("ours_triton_ring_cp2", "fwd_bwd_tflops") / get("ours_triton_1gpu_global_S", "fwd_bwd_tflops"), "goal": 0.9, "higher_is_better": True},
+                {"name": f"{tokens}: triton ring cp{cp} / torch context_parallel, its faster rotation (fwd+bwd)", "value": get(f"ours_triton_ring_cp{cp}", "fwd_bwd_tflops") / max(get(f"torch_context_parallel_cp{cp}", "fwd_bwd_tflops"), get(f"torch_context_parallel_cp{cp}_alltoall", "fwd_bwd_tflops")), "goal": 1.1, "higher_is_better": True},
+                {"name": f"{tokens}: ring efficiency cp{cp} / triton 1gpu, same tokens per GPU (fwd+bwd)", "value": get(f"ours_triton_ring_cp{cp}", "fwd_bwd_tflops") / get("ours_triton_1gpu", "fwd_bwd_tflops"), "goal": 0.9, "higher_is_better": True},
+                {"name": f"{tokens}: ring strong-scaling efficiency cp{cp} / triton 1gpu on the global sequence (fwd+bwd)", "value": get(f"ours_triton_ring_cp{cp}", "fwd_bwd_tflops") / get("ours_triton_1gpu_global_S", "fwd_bwd_tflops"), "goal": 0.9, "higher_is_better": True},
             ]
-        if "torch_context_parallel_cp2" in errors:
+        if f"torch_context_parallel_cp{cp}" in errors:
             targets.append({"name": "triton ring error / torch context_parallel error (relative Frobenius)",
-                            "value": errors["ours_triton_ring_cp2"]["rel_fro"]
-                            / max(errors["torch_context_parallel_cp2"]["rel_fro"], 1e-12),
+                            "value": errors[f"ours_triton_ring_cp{cp}"]["rel_fro"]
+                            / max(errors[f"torch_context_parallel_cp{cp}"]["rel_fro"], 1e-12),
                             "goal": 1.0, "higher_is_better": False})
         from triton_kernels import flash_attention_kernels as fa
         tuned = {kern: {str(key): str(cfg) for key, cfg in getattr(fa, kern).cache.items()}

@@ -65,22 +65,27 @@ warm-up of Megatron-Core's ``forward_backward_pipelining_with_interleaving``, an
 all m; the zero-bubble schedules are counted as 1F1B (ZB-H1 keeps 1F1B's memory; Qi et al.
 2023) and ZBV as 1F1B over its 2 stages.
 
-Logits (last stage): ``log_softmax`` keeps its fp32 output (``4 V / t`` a token); at the
-loss backward the fp32 gradient, its input gradient and that output coexist: ``12 V / t``
-a token of one micro-batch, the loss peak.
+Logits (last stage): ``log_softmax`` keeps its fp32 output (``4 V / t`` a token, part of
+the head's saved activations); at the loss backward its fp32 gradient and its input
+gradient join it: ``+ 8 V / t`` a token of one micro-batch, the loss peak. (Counting the
+output a second time here over-predicted FSDP runs by 4 V / t a token: 2 GiB at 8B, seq 4K.)
 
 Transients: FSDP all-gathers the current and the prefetched block (2 blocks of unsharded
 bf16 weights) and keeps the root's (embedding, final norm, head) gathered for the whole
-step (``reshard_after_forward=False`` on the root); in backward a block's unsharded
+step (``reshard_after_forward=False`` on the root); at the loss only the root's are
+gathered (every block was resharded after its forward; the last one is gathered again
+when the gradient reaches it, after the head's backward); in backward a block's unsharded
 gradient (bf16) and its fp32 copy for the reduce-scatter, and the root's unsharded
 gradients until the end of backward. Without FSDP, autocast caches a bf16 copy of every
 weight through forward and backward (so does FSDP when its shard group is one rank, which
 keeps the gathered weights). AdamW (``foreach``) allocates one fp32 temporary the size of
 the parameters (``sqrt(exp_avg_sq)``) during ``step()``.
 
-Peak: with one micro-batch per step, the larger of the loss peak (static + activations +
-logits + gathered weights; gradients are None after ``zero_grad(set_to_none=True)``) and
-the end of backward (static + gradients + root gradients + gathered weights); with several
+Peak: with one micro-batch per step, the largest of the loss peak (static + activations +
+logits + the weights gathered at the loss; gradients are None after
+``zero_grad(set_to_none=True)``), the last block's backward (the logits freed; 2 gathered
+blocks, their unsharded gradients and, under recompute, the rematerialized block) and the
+end of backward (static + gradients + root gradients + gathered weights); with several
 micro-batches (accumulation or PP) the gradients of the earlier ones are there too. The
 optimizer step costs static + gradients + the fp32 temporary. Not modelled: the CUDA
 context, NCCL buffers and allocator fragmentation (``--headroom``), load imbalance of
@@ -238,7 +243,9 @@ def local_param_numels(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, 
 class ActivationBytes:
     per_layer: dict[int, float]  # layer index -> saved bytes of one micro-batch
     head: float  # final norm + head input (last stage), one micro-batch
-    loss_peak: float  # logits at the loss backward, one micro-batch
+    loss_peak: float  # logit gradients at the loss backward, one micro-batch (the saved
+    # log_softmax output, 4 V / t a token, is in ``head``)
+    logits_saved: float  # that log_softmax output: freed after the loss backward
     recompute_transient: float  # one block rematerialized in backward
 
 
@@ -305,13 +312,13 @@ def activation_bytes(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, la
             args, dims, plan, mode, sp)
         per_layer[i] = per_tok * tokens + (rope if mode == "none" else 0.0)
     head = ((4 + r) * args.dim / sp_div + a * args.dim + 4 * args.vocab_size / t) * tokens if last else 0.0
-    loss = 12 * args.vocab_size / t * tokens if last else 0.0
+    loss = 8 * args.vocab_size / t * tokens if last else 0.0
     transient = 0.0
     if mode != "none" and layers:
         full = max((moe_layer_bytes_per_token if args.is_moe_layer(i) else dense_layer_bytes_per_token)(
             args, dims, plan, "none", sp) for i in layers)
         transient = full * tokens + rope
-    return ActivationBytes(per_layer, head, loss, transient)
+    return ActivationBytes(per_layer, head, loss, 4 * args.vocab_size / t * tokens if last else 0.0, transient)
 
 
 def in_flight(schedule: str | None, pp: int, virtual: int, pp_rank: int, n_micro: int) -> float:
@@ -356,9 +363,12 @@ class MemoryEstimate:
         """What the peak is made of (sums to ``peak_bytes``): weights, grads (where they
         exist at the peak), AdamW, activations (at the loss peak), the rest (logits,
         gathered weights, unsharded grads, recompute, optimizer temporary, buffers)."""
-        grads = self.grad_bytes if (self.peak_phase != "loss/backward" or self.detail["in_flight"] > 1
+        in_backward = self.peak_phase in ("loss/backward", "last block's backward")
+        grads = self.grad_bytes if (not in_backward or self.detail["in_flight"] > 1
                                     or self.detail.get("accumulating")) else 0
-        acts = self.activation_bytes if self.peak_phase == "loss/backward" else 0.0
+        acts = 0.0
+        if in_backward:
+            acts = self.activation_bytes - (self.peak_phase != "loss/backward") * self.detail.get("logits_saved", 0.0)
         parts = {"weights": self.param_bytes, "grads": grads, "AdamW": self.optimizer_bytes, "activations": acts}
         parts["logits+transient"] = max(self.peak_bytes - sum(parts.values()), 0.0)
         return parts
@@ -409,20 +419,24 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     fsdp = dims.dp_cp > 1
     keeps_all = (not fsdp and pb == 2) or (fsdp and dims.dp_shard_cp == 1)
     if keeps_all:  # autocast's cast cache, or FSDP with a one-rank shard group
-        gathered = pb * sum(tp_local.values())
+        gathered = gathered_at_loss = pb * sum(tp_local.values())
         bwd_grads = (pb + 4) * block
     elif fsdp:
-        gathered = pb * (2 * block + root)
+        gathered, gathered_at_loss = pb * (2 * block + root), pb * root
         bwd_grads = (pb + 4) * block + pb * root
     else:  # fp32 without FSDP: the weights themselves
-        gathered, bwd_grads = 0.0, 4 * block
+        gathered = gathered_at_loss = 0.0
+        bwd_grads = 4 * block
     recompute_t = act.recompute_transient
     accumulating = n_micro > 1 or dims.pp > 1
     static = pbytes + obytes + buffers
-    at_loss = static + activations + act.loss_peak + gathered + recompute_t + (gbytes if accumulating else 0)
+    earlier_grads = gbytes if accumulating else 0
+    at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
+    at_block_bwd = static + activations - act.logits_saved + gathered + bwd_grads + recompute_t + earlier_grads
     at_bwd_end = static + gbytes + gathered + bwd_grads
     at_opt = pbytes + gbytes + obytes + buffers + 4 * n  # foreach AdamW: sqrt(exp_avg_sq) temporary
-    phases = {"loss/backward": at_loss, "end of backward": at_bwd_end, "optimizer step": at_opt}
+    phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
+              "optimizer step": at_opt}
     phase = max(phases, key=phases.get)
     coords = {"pp": pp_rank, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
     return MemoryEstimate(
@@ -430,8 +444,8 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         optimizer_bytes=obytes, buffer_bytes=buffers, activation_bytes=activations,
         logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, 4 * n),
         peak_bytes=phases[phase], peak_phase=phase, layers=layers, stages=stages,
-        detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb, "gathered": gathered,
-                "bwd_grads": bwd_grads, "recompute": recompute_t, **{f"phase:{k}": v for k, v in phases.items()}})
+        detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb,
+                "gathered": gathered, "logits_saved": act.logits_saved, "bwd_grads": bwd_grads, "recompute": recompute_t, **{f"phase:{k}": v for k, v in phases.items()}})
 
 
 def _tp_local_numels(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, layers: list[int],

@@ -41,7 +41,14 @@ TINY_MOE_AUX = ModelArgs(**{**TINY_MOE.__dict__, "moe": MoEArgs(
 TINY_MOE_SEQ_AUX = ModelArgs(**{**TINY_MOE.__dict__, "moe": MoEArgs(
     n_experts=4, top_k=2, hidden_dim=32, load_balance="seq_aux_loss", aux_loss_coeff=0.1,
     score_func="sigmoid")})
-LLAMA_KINDS = {"llama": TINY_LLAMA, "moe": TINY_MOE, "moe_aux": TINY_MOE_AUX, "moe_seq_aux": TINY_MOE_SEQ_AUX}
+# 8 layers: enough for 4 pipeline ranks with 2 virtual stages each
+TINY_LLAMA_8 = ModelArgs(**{**TINY_LLAMA.__dict__, "n_layers": 8})
+# 8 kv heads, so tp 8 can split them; 8 experts, so ep 8 holds one each
+TINY_LLAMA_KV8 = ModelArgs(**{**TINY_LLAMA.__dict__, "n_kv_heads": 8})
+TINY_MOE_8 = ModelArgs(**{**TINY_MOE.__dict__, "moe": MoEArgs(n_experts=8, top_k=2, hidden_dim=32,
+                                                              load_balance="none", n_shared_experts=1)})
+LLAMA_KINDS = {"llama": TINY_LLAMA, "llama8": TINY_LLAMA_8, "llama_kv8": TINY_LLAMA_KV8, "moe": TINY_MOE,
+               "moe8": TINY_MOE_8, "moe_aux": TINY_MOE_AUX, "moe_seq_aux": TINY_MOE_SEQ_AUX}
 
 
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:

@@ -13,6 +13,7 @@ LAYOUTS = {
     # name: (world, build_mesh kwargs, plan kwargs)
     "tp2": (2, {"tp": 2}, {}),
     "tp2_sp": (2, {"tp": 2}, {"sequence_parallel": True}),
+    "tp4_sp": (4, {"tp": 4}, {"sequence_parallel": True}),
     "fsdp4": (4, {"dp_shard": 4}, {}),
     "hsdp2x2": (4, {"dp_replicate": 2, "dp_shard": 2}, {}),
     "ddp4": (4, {"dp_replicate": 4, "dp_shard": 1}, {}),

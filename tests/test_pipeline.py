@@ -122,6 +122,22 @@ def test_pipeline_parity(layout: str, kind: str) -> None:
     assert len(set(losses)) == 1, f"ranks disagree on the global loss: {losses}"
 
 
+# the four-rank pipelines of the GPU matrix (tests/test_gpu_world4.py), here on gloo
+PP4_LAYOUTS = {
+    "pp4_1f1b": ("llama", {"pp": 4}, {"pipeline_schedule": "1f1b"}),
+    "pp4_interleaved_v2": ("llama8", {"pp": 4}, {"pipeline_schedule": "interleaved_1f1b", "virtual_stages": 2}),
+    "pp2_cp2": ("llama", {"pp": 2, "cp": 2}, {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(PP4_LAYOUTS))
+def test_four_rank_pipeline_parity(layout: str) -> None:
+    kind, mesh_kwargs, plan_kwargs = PP4_LAYOUTS[layout]
+    losses = run_distributed(4, one_step_parity, kind, mesh_kwargs, {"micro_batch_size": 2, **plan_kwargs},
+                             batch=8, seq=32)
+    assert len(set(losses)) == 1, f"ranks disagree on the global loss: {losses}"
+
+
 @pytest.mark.parametrize("layout", ["pp2_interleaved_v2", "pp2_tp2_dp2"])
 def test_pipeline_training_tracks_single_device(layout: str) -> None:
     world, mesh_kwargs, plan_kwargs = PP_LAYOUTS[layout]
