@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, without PYTHONPATH
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,8 +84,12 @@ class PhaseProbe:
             if isinstance(t, torch.nn.Parameter):
                 self.saved_params += t.numel() * t.element_size()
             else:
-                st = t.untyped_storage()
-                self.saved[st.data_ptr()] = st.nbytes()
+                local = t._local_tensor if isinstance(t, DTensor) else t  # a DTensor has no storage
+                try:
+                    st = local.untyped_storage()
+                    self.saved[st.data_ptr()] = st.nbytes()
+                except RuntimeError:  # a tensor subclass without storage: its own size
+                    self.saved[id(local)] = local.numel() * local.element_size()
         return t
 
     def _head_hook(self, module, args, out) -> None:

@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
-# Issue 10's four-GPU run, in device-tool calls of under 10 minutes each. PART:
+# Issue 10's four-GPU run (and what else needs its GPUs), in device-tool calls of under 10
+# minutes each. PARTs, run in the order given:
 #   tests       the world-4 NCCL parity matrix (tests/test_gpu_world4.py)
-#   kernels     ring attention at CP4, SP reduce-scatter (and the fused matmul) at TP4,
-#               MoE dispatch at EP4, each with its baselines measured in the same run
 #   memory      the memory estimator against measured peaks, at 2 and at 4 GPUs (issue 7)
+#   memory2     the same, the 2-GPU layouts only
+#   ring        ring attention at CP4 (8K tokens a GPU), baselines in the same run
+#   sp          the SP reduce-scatter and fused matmul GPU tests, then their benchmark at TP2 and TP4
+#   moe         MoE dispatch at EP4
 #   throughput  benchmarks/train_throughput.py for TP4+SP, PP4 and FSDP4 against TorchTitan
-# Usage (device tool, kind nvidia-h100-x4): bash benchmarks/run_4gpu.sh tests kernels
+# Usage (device tool, kind nvidia-h100-x4): bash benchmarks/run_4gpu.sh tests ring
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-gpu_out}
 status=0
+memory() {  # memory N: the estimator's layouts of world N on the first N GPUs
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(($1 - 1))) NPROC=$1 BENCH_TIMEOUT=150 \
+    bash benchmarks/run_gpu.sh - memory_estimate.py || status=1
+  mv "$OUT/memory_estimate.log" "$OUT/memory_estimate_$1gpu.log"
+}
 for part in "$@"; do
   case $part in
-    memory) for n in 2 4; do
-              CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) NPROC=$n BENCH_TIMEOUT=150 \
-                bash benchmarks/run_gpu.sh - memory_estimate.py || status=1
-              mv "$OUT/memory_estimate.log" "$OUT/memory_estimate_${n}gpu.log"
-            done ;;
+    memory) memory 2; memory 4 ;;
+    memory2) memory 2 ;;
     tests) NPROC=4 GPU_TESTS=tests/test_gpu_world4.py TEST_TIMEOUT=240 bash benchmarks/run_gpu.sh "" || status=1
            mv "$OUT/gpu_tests.log" "$OUT/gpu4_tests.log" ;;
-    kernels) NPROC=4 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash benchmarks/run_gpu.sh - "ring_attention.py --tokens 8192 32768" \
-               sp_reduce_scatter.py "moe_dispatch.py --no-deepseek" || status=1 ;;
+    ring) NPROC=4 BENCH_TIMEOUT=150 bash benchmarks/run_gpu.sh - "ring_attention.py --tokens 8192" || status=1 ;;
+    sp) GPU_TESTS="tests/test_sp_reduce_scatter.py tests/test_matmul_reduce_scatter.py" TEST_TIMEOUT=150 \
+          bash benchmarks/run_gpu.sh "TestGPU" || status=1
+        mv "$OUT/gpu_tests.log" "$OUT/sp_gpu_tests.log"
+        for n in 2 4; do
+          CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) NPROC=$n BENCH_TIMEOUT=150 \
+            bash benchmarks/run_gpu.sh - sp_reduce_scatter.py || status=1
+          mv "$OUT/sp_reduce_scatter.log" "$OUT/sp_reduce_scatter_tp$n.log"
+        done ;;
+    moe) NPROC=4 BENCH_TIMEOUT=120 bash benchmarks/run_gpu.sh - "moe_dispatch.py --no-deepseek" || status=1 ;;
     throughput) bash benchmarks/run_throughput.sh tp4sp,pp4,fsdp4 || status=1 ;;
-    *) echo "unknown part $part (memory, tests, kernels, throughput)"; status=2 ;;
+    *) echo "unknown part $part (tests, memory, memory2, ring, sp, moe, throughput)"; status=2 ;;
   esac
 done
 exit $status

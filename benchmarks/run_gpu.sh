@@ -15,7 +15,8 @@ filter=${1-}; shift || true
 status=0
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
 if [ "$filter" != "-" ]; then  # "-" skips the tests; "" runs them all
-  timeout -k 15 "${TEST_TIMEOUT:-3600}" python3 -m pytest -q -m gpu "$GPU_TESTS" ${filter:+-k "$filter"} -p no:cacheprovider 2>&1 \
+  # shellcheck disable=SC2086  # GPU_TESTS may name several files
+  timeout -k 15 "${TEST_TIMEOUT:-3600}" python3 -m pytest -q -m gpu $GPU_TESTS ${filter:+-k "$filter"} -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -8 || status=1
 fi
 for bench in "$@"; do

@@ -431,9 +431,19 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     accumulating = n_micro > 1 or dims.pp > 1
     static = pbytes + obytes + buffers
     earlier_grads = gbytes if accumulating else 0
+    if fsdp and dims.pp > 1:
+        # torch's pipeline stage turns FSDP's reshard-after-backward and gradient sync off
+        # until the last micro-batch: from the first backward on, the stage's weights stay
+        # gathered and its gradients accumulate unsharded, in the fp32 reduce dtype; one
+        # reduce-scatter at the end makes the sharded gradients
+        stage_numel = sum(tp_local.values())
+        gathered = gathered_at_loss = pb * stage_numel
+        earlier_grads = 4 * stage_numel
+        bwd_grads = pb * block + gbytes
     at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
     at_block_bwd = static + activations - act.logits_saved + gathered + bwd_grads + recompute_t + earlier_grads
-    at_bwd_end = static + gbytes + gathered + bwd_grads
+    at_bwd_end = static + earlier_grads + gathered + bwd_grads if fsdp and dims.pp > 1 else \
+        static + gbytes + gathered + bwd_grads
     at_opt = pbytes + gbytes + obytes + buffers + 4 * n  # foreach AdamW: sqrt(exp_avg_sq) temporary
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}
@@ -445,7 +455,8 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, 4 * n),
         peak_bytes=phases[phase], peak_phase=phase, layers=layers, stages=stages,
         detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb,
-                "gathered": gathered, "logits_saved": act.logits_saved, "bwd_grads": bwd_grads, "recompute": recompute_t, **{f"phase:{k}": v for k, v in phases.items()}})
+                "gathered": gathered, "logits_saved": act.logits_saved, "bwd_grads": bwd_grads, "recompute": recompute_t,
+                **{f"phase:{k}": v for k, v in phases.items()}})
 
 
 def _tp_local_numels(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, layers: list[int],

@@ -126,3 +126,24 @@ def test_block_activation_model_matches_autograd(kv_heads: int) -> None:
     measured = _saved_bytes(lambda: block(x, rope), {p.untyped_storage().data_ptr() for p in block.parameters()})
     est = activation_bytes(args, _dims(), ParallelPlan(), [0], s, b, False).per_layer[0]
     assert est == pytest.approx(measured, rel=0.02), (est, measured)
+
+
+def test_fsdp_under_a_pipeline_keeps_the_stage_gathered_and_its_grads_unsharded() -> None:
+    """torch's pipeline stage turns FSDP's reshard-after-backward and gradient sync off
+    until the last micro-batch: the loss peak of a later micro-batch holds the stage's
+    bf16 weights and fp32 unsharded gradients, not the sharded ones (measured on 4 x H100:
+    benchmarks/results/memory_estimate_4gpu.json, pp2_fsdp2_1f1b_m4)."""
+    args = llama3_args("8B", n_layers=4, max_seq_len=4096)
+    plan = ParallelPlan(mixed_precision="bf16", micro_batch_size=1, global_batch_size=8)
+    dims = _dims(pp=2, dp_shard=2)
+    last = estimate_memory(args, dims, plan, seq_len=4096, micro_batch_size=1, n_micro=4, pp_rank=1)
+    stage = sum(local_param_numels(args, _dims(pp=2), plan, 1, 4).values())  # unsharded stage params
+    assert last.params * 2 == stage  # FSDP2 shards them in two
+    assert last.detail["gathered"] == 2 * stage
+    static = last.param_bytes + last.optimizer_bytes + last.buffer_bytes
+    at_loss = static + last.activation_bytes + last.logits_bytes + 2 * stage + 4 * stage
+    assert last.detail["phase:loss/backward"] == pytest.approx(at_loss)
+    # without the pipeline, the same FSDP gathers only the root at the loss
+    flat = estimate_memory(args, _dims(dp_shard=2), plan, seq_len=4096, micro_batch_size=1, n_micro=4)
+    assert flat.detail["phase:loss/backward"] < flat.param_bytes + flat.optimizer_bytes + flat.grad_bytes \
+        + flat.activation_bytes + flat.logits_bytes + flat.detail["gathered"] + flat.buffer_bytes

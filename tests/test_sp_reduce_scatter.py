@@ -15,13 +15,13 @@ import torch.distributed as dist
 
 from dtensor_parallel import ParallelPlan, build_mesh
 from dtensor_parallel.tensor_parallel import sp_reduce_scatter as sprs
-from triton_kernels.sp_reduce_scatter import (launch_reduce_scatter, reduce_scatter_simulated,
-                                              sp_reduce_scatter_ref)
+from triton_kernels.sp_reduce_scatter import (launch_reduce_scatter, launch_reduce_slots,
+                                              reduce_scatter_simulated, sp_reduce_scatter_ref)
 
 from .harness import run_distributed
 from .kernel_checks import ATOL, check_against_torch
 from .local_ranks import simulated_ranks
-from .parity import TINY_LLAMA, one_step_parity
+from .parity import TINY_LLAMA
 from .toy_gpt import ToyGPT
 
 # symmetric memory without NVLink multicast (DESIGN.md); inherited by the spawned ranks
@@ -91,8 +91,12 @@ def test_launch_rejects_bad_layouts() -> None:
         launch_reduce_scatter(x, torch.empty(2, 6), [x, x], None, 2, barrier=False)
     with pytest.raises(ValueError, match="signal pad"):
         launch_reduce_scatter(x, torch.empty(2, 6), [x, x], None, 0)
-    with pytest.raises(ValueError, match="unit last strides"):
+    with pytest.raises(ValueError, match="unit last stride"):
         launch_reduce_scatter(x.double(), torch.empty(2, 6, dtype=torch.float64), [x, x], None, 0, barrier=False)
+    with pytest.raises(ValueError, match="unit last stride"):
+        launch_reduce_scatter(x[:, ::2], torch.empty(2, 3), [x, x], None, 0, barrier=False)
+    with pytest.raises(ValueError, match=">= 2 x 24 elements"):
+        launch_reduce_slots(torch.empty(2, 12), [x, x], None, 0, barrier=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,20 +171,14 @@ def test_gloo_op_matches_dtensor_forward_and_backward(world: int) -> None:
 
 
 def _parity_counting(kind: str, mesh_kwargs: dict, plan_kwargs: dict, **kwargs) -> tuple[float, int]:
-    """one_step_parity, counting the reduce-scatters that took the Triton path (a spy)."""
-    calls = []
-    orig = sprs._reduce_scatter
+    """one_step_parity with the row-parallel Linears' matmul *not* fused (the unfused
+    kernel's wiring; the fused one: tests/test_matmul_reduce_scatter.py), counting the
+    reduce-scatters that took the Triton path (a spy)."""
+    from .test_matmul_reduce_scatter import fused_parity_counting
 
-    def spy(x, dim, group):
-        calls.append(tuple(x.shape))
-        return orig(x, dim, group)
-
-    sprs._reduce_scatter = spy
-    try:
-        loss = one_step_parity(kind, mesh_kwargs, plan_kwargs, **kwargs)
-    finally:
-        sprs._reduce_scatter = orig
-    return loss, len(calls)
+    loss, fused, unfused = fused_parity_counting(kind, mesh_kwargs, plan_kwargs, fuse=False, **kwargs)
+    assert fused == 0, fused
+    return loss, unfused
 
 
 def _expected_calls(kind: str) -> int:
@@ -191,8 +189,7 @@ def _expected_calls(kind: str) -> int:
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the kernel code under the interpreter")
-@pytest.mark.parametrize("kind", ["llama", "toy"])
-@pytest.mark.parametrize("world,mesh_kwargs", [(2, {"tp": 2}), (4, {"tp": 2, "dp_shard": 2})])
+@pytest.mark.parametrize("world,mesh_kwargs,kind", [(2, {"tp": 2}, "llama"), (4, {"tp": 2, "dp_shard": 2}, "toy")])
 def test_gloo_parity_with_the_triton_reduce_scatter(kind: str, world: int, mesh_kwargs: dict) -> None:
     results = run_distributed(world, _parity_counting, kind, mesh_kwargs, SP_TRITON, batch=8)
     assert len({loss for loss, _ in results}) == 1, results

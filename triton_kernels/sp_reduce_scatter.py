@@ -32,6 +32,12 @@ loads, stores and atomics on peers' memory):
 3. **reduce**: every program sums, for its tiles, slot p of its own buffer for p != r and
    its own ``x`` for p == r, in fp32, and writes ``out``.
 
+Reduce-only mode (``PUSH=False, OWN_FROM_BUF=True``: :func:`launch_reduce_slots`), the last step
+of the fused row-parallel matmul (``dtensor_parallel/tensor_parallel/matmul_reduce_scatter.py``):
+the peers' partials already arrived by copy-engine copies (or GEMM stores) stream-ordered before
+the launch, and the own partial sits in slot r of the own buffer; the same barrier (now merely
+"every peer's copies are done") and the same fp32 rank-order sum follow.
+
 Why program ``pid`` may read what peers' programs ``pid`` pushed: tiles are assigned by the
 same grid-stride loop on every rank (same shape, same grid). Why it is deadlock-free: the grid
 is at most the number of SMs (and small blocks), so every program of the launch can be
@@ -42,6 +48,12 @@ per call suffices: rank r's push of call N+2 into peer c's half (N mod 2) starts
 r's launch N+1 completed, whose barrier means peer c entered launch N+1, so c's launch N (the
 last reader of that half) is complete. This needs each rank's launches ordered (one stream,
 or the caller waits on the previous stream: ``dtensor_parallel.tensor_parallel.sp_reduce_scatter``).
+
+A lighter barrier (one program per rank signalling the peers after a grid-wide local count of
+finished pushes, the others waiting on a local flag) would trade (programs x peers) remote CAS
+for a local grid barrier that every program must still cross; not done until the benchmark's
+``ours_barrier_only_cuda_graph`` rows show the barrier matters (the issue-6 floor looked like
+host launch time: flat 0.13-0.17 ms whatever the size).
 
 Launch configuration is a fixed heuristic, not autotuned: an autotuner would time configs
 independently per rank, and ranks launching different grids would deadlock in the barrier.
@@ -55,13 +67,14 @@ pre-set pads in the tests.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_WORLD", "SUPPORTED_DTYPES", "launch_reduce_scatter", "reduce_scatter_simulated",
-           "sp_reduce_scatter_ref"]
+__all__ = ["MAX_WORLD", "SUPPORTED_DTYPES", "LaunchConfig", "launch", "launch_config", "launch_reduce_scatter",
+           "launch_reduce_slots", "pad8", "reduce_scatter_simulated", "sp_reduce_scatter_ref"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_WORLD = 8
@@ -127,9 +140,11 @@ def _sp_reduce_scatter_kernel(
         X, OUT, B0, B1, B2, B3, B4, B5, B6, B7, S0, S1, S2, S3, S4, S5, S6, S7,
         OUTER, M, stride_xo, stride_oo, SLOT0,
         RANK: tl.constexpr, WORLD: tl.constexpr, PUSH: tl.constexpr, BARRIER: tl.constexpr,
-        REDUCE: tl.constexpr, FENCE: tl.constexpr, BLOCK: tl.constexpr):
+        REDUCE: tl.constexpr, OWN_FROM_BUF: tl.constexpr, FENCE: tl.constexpr, BLOCK: tl.constexpr):
     """X (OUTER, WORLD*M) rows of stride stride_xo (unit inner stride); OUT (OUTER, M);
-    B_p: rank p's buffer half, (WORLD slots, OUTER, M) contiguous; S_p: rank p's signal pad."""
+    B_p: rank p's buffer half, (WORLD slots, OUTER, M) contiguous; S_p: rank p's signal pad.
+    OWN_FROM_BUF (reduce-only use by the fused matmul): this rank's own partial is slot RANK
+    of its own buffer, not X (X is then never read)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tiles_per_row = tl.cdiv(M, BLOCK)
@@ -155,7 +170,7 @@ def _sp_reduce_scatter_kernel(
             mask = cols < M
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for p in tl.static_range(WORLD):  # fixed order p = 0..W-1 on every rank
-                if p == RANK:
+                if p == RANK and not OWN_FROM_BUF:
                     v = tl.load(X + row * stride_xo + RANK * M + cols, mask=mask, other=0.0)
                 else:
                     v = tl.load(own + p * slot_elems + row * M + cols, mask=mask, other=0.0)
@@ -171,15 +186,64 @@ def _config(m: int) -> tuple[int, int]:
     return block, (16 if block >= 4096 else 8 if block >= 2048 else 4)
 
 
-def _pad8(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(ts) + [ts[0]] * (MAX_WORLD - len(ts))
+def pad8(ts: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """W per-rank tensors as the kernel's 8 pointer arguments. The unused ones are None:
+    Triton makes a None argument a constexpr, so it is neither specialized (``data_ptr`` and
+    alignment checks) nor passed by the launcher per call (was: rank 0's tensor repeated, 12
+    extra tensor arguments per launch at W = 2); ``_pick`` never reaches them (p < WORLD)."""
+    return list(ts) + [None] * (MAX_WORLD - len(ts))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Grid and tile of one (outer, M) call shape: computed once per shape and cached by the
+    caller, so the per-call path (:func:`launch`) does no checks and no arithmetic."""
+
+    outer: int
+    m: int
+    block: int
+    warps: int
+    grid: tuple[int]
+
+
+def launch_config(outer: int, m: int, max_programs: int) -> LaunchConfig:
+    block, warps = _config(m)
+    n_tiles = outer * triton.cdiv(m, block)
+    return LaunchConfig(outer, m, block, warps, (max(1, min(n_tiles, max_programs)),))
+
+
+def launch(cfg: LaunchConfig, x: torch.Tensor, out: torch.Tensor, stride_xo: int, stride_oo: int,
+           buffers8: list[torch.Tensor], pads8: list[torch.Tensor], rank: int, world: int, slot0: int, *,
+           push: bool = True, barrier: bool = True, reduce: bool = True, own_from_buf: bool = False) -> None:
+    """The bare launch: arguments already validated (:func:`launch_reduce_scatter`,
+    :func:`launch_reduce_slots`, or the caller's per-shape cache), buffers and pads already
+    padded to 8 (:func:`pad8`); x and out may be N-D (only their pointers and the given row
+    strides are used, so no per-call views). ``JITFunction.run`` directly: no ``kernel[grid]``
+    closure per call."""
+    _sp_reduce_scatter_kernel.run(
+        x, out, *buffers8, *pads8, cfg.outer, cfg.m, stride_xo, stride_oo, slot0,
+        RANK=rank, WORLD=world, PUSH=push, BARRIER=barrier, REDUCE=reduce, OWN_FROM_BUF=own_from_buf,
+        FENCE=not _INTERPRET, BLOCK=cfg.block, num_warps=cfg.warps, grid=cfg.grid, warmup=False)
+
+
+def _check_common(out: torch.Tensor, buffers: list[torch.Tensor], pads: list[torch.Tensor] | None, rank: int,
+                  barrier: bool) -> int:
+    world = len(buffers)
+    if not 1 <= world <= MAX_WORLD or not 0 <= rank < world:
+        raise ValueError(f"sp reduce-scatter: world size {world}, rank {rank}: need 1 <= W <= {MAX_WORLD}")
+    if out.dim() != 2 or out.stride(1) != 1 or out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"sp reduce-scatter: out {tuple(out.shape)} ({out.dtype}, strides {out.stride()}) must be "
+                         f"(outer, M) with a unit last stride and one dtype of {SUPPORTED_DTYPES}")
+    if barrier and (pads is None or len(pads) != world):
+        raise ValueError("sp reduce-scatter: the barrier needs one signal pad per rank")
+    return world
 
 
 def launch_reduce_scatter(x: torch.Tensor, out: torch.Tensor, buffers: list[torch.Tensor],
                           pads: list[torch.Tensor] | None, rank: int, *, slot0: int = 0,
                           max_programs: int = 132, push: bool = True, barrier: bool = True,
                           reduce: bool = True) -> torch.Tensor:
-    """One launch of the kernel (the protocol of the module docstring).
+    """One launch of the kernel (the protocol of the module docstring), with checks.
 
     Args:
         x: (outer, W*M) this rank's partial sums, unit stride in the last dim.
@@ -192,28 +256,36 @@ def launch_reduce_scatter(x: torch.Tensor, out: torch.Tensor, buffers: list[torc
             ``slot0 + max_programs * W`` slots in every pad and identical values on all ranks.
         push / barrier / reduce: which phases run (all three for the real collective).
     """
-    world = len(buffers)
-    if not 1 <= world <= MAX_WORLD or not 0 <= rank < world:
-        raise ValueError(f"sp reduce-scatter: world size {world}, rank {rank}: need 1 <= W <= {MAX_WORLD}")
-    if x.dim() != 2 or out.dim() != 2 or x.shape[0] != out.shape[0] or x.shape[1] != world * out.shape[1]:
+    world = _check_common(out, buffers, pads, rank, barrier)
+    if x.dim() != 2 or x.shape[0] != out.shape[0] or x.shape[1] != world * out.shape[1]:
         raise ValueError(f"sp reduce-scatter: x {tuple(x.shape)} must be (outer, W*M) and out "
                          f"{tuple(out.shape)} (outer, M) with W={world}")
-    if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype not in SUPPORTED_DTYPES or out.dtype != x.dtype:
+    if x.stride(1) != 1 or out.dtype != x.dtype:
         raise ValueError(f"sp reduce-scatter: x ({x.dtype}, strides {x.stride()}) and out ({out.dtype}, "
                          f"strides {out.stride()}) need unit last strides and one dtype of {SUPPORTED_DTYPES}")
-    outer, m = out.shape
-    if barrier and (pads is None or len(pads) != world):
-        raise ValueError("sp reduce-scatter: the barrier needs one signal pad per rank")
-    if outer * m == 0:
+    if out.numel() == 0:
         return out
-    block, warps = _config(m)
-    n_tiles = outer * triton.cdiv(m, block)
-    grid = (max(1, min(n_tiles, max_programs)),)
-    pads8 = _pad8(pads) if pads is not None else [out] * MAX_WORLD
-    _sp_reduce_scatter_kernel[grid](
-        x, out, *_pad8(buffers), *pads8, outer, m, x.stride(0), out.stride(0), slot0,
-        RANK=rank, WORLD=world, PUSH=push, BARRIER=barrier, REDUCE=reduce, FENCE=not _INTERPRET,
-        BLOCK=block, num_warps=warps)
+    cfg = launch_config(out.shape[0], out.shape[1], max_programs)
+    pads8 = pad8(pads) if pads is not None else [None] * MAX_WORLD
+    launch(cfg, x, out, x.stride(0), out.stride(0), pad8(buffers), pads8, rank, world, slot0, push=push,
+           barrier=barrier, reduce=reduce)
+    return out
+
+
+def launch_reduce_slots(out: torch.Tensor, buffers: list[torch.Tensor], pads: list[torch.Tensor] | None,
+                        rank: int, *, slot0: int = 0, max_programs: int = 132, barrier: bool = True) -> torch.Tensor:
+    """Barrier and reduce only (the fused matmul's last step): every rank's partial already
+    sits in the buffers, slot p of rank r's buffer holding rank p's partial of chunk r (its
+    own, p == r, included); ``out = sum_p slot p`` in fp32, rank order. Same kernel, same
+    barrier as the full collective (``PUSH=False, OWN_FROM_BUF=True``)."""
+    world = _check_common(out, buffers, pads, rank, barrier)
+    if any(b.dtype != out.dtype or b.numel() < world * out.numel() for b in buffers):
+        raise ValueError(f"sp reduce-scatter: buffers must be {out.dtype} with >= {world} x {out.numel()} elements")
+    if out.numel() == 0:
+        return out
+    cfg = launch_config(out.shape[0], out.shape[1], max_programs)
+    launch(cfg, out, out, 0, out.stride(0), pad8(buffers), pad8(pads) if pads is not None else [None] * MAX_WORLD,
+           rank, world, slot0, push=False, barrier=barrier, own_from_buf=True)
     return out
 
 

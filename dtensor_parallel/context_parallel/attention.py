@@ -17,23 +17,19 @@ failed on mismatched saved tensors). The swapped function is there all along the
 from __future__ import annotations
 
 import contextlib
-import contextvars
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .blocks import get_backend
 from .ring import ring_attention
-from .sharding import reset_positions, set_positions
-
-_STATE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("cp_state", default=None)
+from .sharding import RegionState, reset_region, set_region
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = True,
               scale: float | None = None) -> torch.Tensor:
     """Attention with grouped-query k/v (b, hkv, s, d), hq a multiple of hkv."""
-    state = _STATE.get()
+    state = RegionState.ring
     if state is not None:
         group, backend = state
         return ring_attention(q, k, v, causal=is_causal, scale=scale, group=group, backend=backend)
@@ -48,7 +44,7 @@ _SDPA = F.scaled_dot_product_attention  # PyTorch's own, kept before any swap
 
 def _sdpa_in_region(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
-    if _STATE.get() is None:  # another thread, or after the region
+    if RegionState.ring is None:  # after the region
         return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                      scale=scale, enable_gqa=enable_gqa)
     if attn_mask is not None:
@@ -61,8 +57,7 @@ def _sdpa_in_region(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 @contextlib.contextmanager
 def context_parallel_region(group: dist.ProcessGroup, positions: torch.Tensor, backend: str = "torch"):
     """Ring attention on ``group`` and RoPE positions ``positions`` for the code inside."""
-    token_state = _STATE.set((group, get_backend(backend)))
-    token_pos = set_positions(positions)
+    previous = set_region((group, get_backend(backend)), positions)
     swapped = F.scaled_dot_product_attention is _SDPA  # a nested region leaves the swap alone
     if swapped:
         F.scaled_dot_product_attention = _sdpa_in_region
@@ -71,5 +66,4 @@ def context_parallel_region(group: dist.ProcessGroup, positions: torch.Tensor, b
     finally:
         if swapped:
             F.scaled_dot_product_attention = _SDPA
-        reset_positions(token_pos)
-        _STATE.reset(token_state)
+        reset_region(previous)

@@ -13,11 +13,19 @@ inside a :func:`~dtensor_parallel.context_parallel.context_parallel_region` and
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 
-_POSITIONS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("cp_positions", default=None)
+
+class RegionState:
+    """The active context-parallel region (set by ``context_parallel_region``): the ring's
+    ``(group, backend)`` and this rank's token positions. Plain class attributes, not
+    ContextVars: autograd runs CUDA backward, and so the blocks that recompute rematerializes,
+    on its own device thread, which does not see a ContextVar set by the training thread; and
+    torch.compile cannot trace ``ContextVar.get`` (the graph break dropped every block inside
+    a recompute region back to eager)."""
+
+    ring: tuple | None = None
+    positions: torch.Tensor | None = None
 
 
 def zigzag_indices(seq_len: int, cp: int, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -34,7 +42,7 @@ def zigzag_indices(seq_len: int, cp: int, rank: int, device: torch.device | str 
 
 def local_positions(seq_len_local: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The global positions of this rank's tokens (``arange`` without context parallel)."""
-    pos = _POSITIONS.get()
+    pos = RegionState.positions
     if pos is None:
         return torch.arange(seq_len_local, device=device)
     if pos.numel() != seq_len_local:
@@ -43,9 +51,12 @@ def local_positions(seq_len_local: int, device: torch.device | str | None = None
     return pos.to(device)
 
 
-def set_positions(pos: torch.Tensor | None):
-    return _POSITIONS.set(pos)
+def set_region(ring: tuple | None, positions: torch.Tensor | None) -> tuple:
+    """Enter a region; returns what :func:`reset_region` restores (regions nest)."""
+    previous = (RegionState.ring, RegionState.positions)
+    RegionState.ring, RegionState.positions = ring, positions
+    return previous
 
 
-def reset_positions(token) -> None:
-    _POSITIONS.reset(token)
+def reset_region(previous: tuple) -> None:
+    RegionState.ring, RegionState.positions = previous

@@ -17,6 +17,16 @@ double-buffers), created on first use by a collective rendezvous, grown (all ran
 call, since shapes agree) to the next power of two. Launches are kept in one stream order per
 workspace (the current stream waits on the previous call's stream), which the protocol needs.
 
+With "triton", every row-parallel plain ``nn.Linear`` instead runs the matmul fused with this
+reduce-scatter, chunk by chunk (``matmul_reduce_scatter.py``), which shares the workspace below
+and the kernel's reduce; the unfused op stays for any other ``Partial -> Shard(seq)`` module.
+
+Per-call cost (issue 6 measured a flat 0.13-0.17 ms per call below 32 MB): everything that
+depends only on the call shape (output shape, grid, both halves' buffer views padded to the
+kernel's 8 pointer arguments, the checks) is built on the first call of a shape and cached on the
+workspace (``_CallPlan``); a call is then a dict lookup, ``torch.empty``, the stream check and
+``JITFunction.run``, and without autograd the ``autograd.Function`` is skipped.
+
 Choosing the backend (:func:`check_sp_reduce_scatter`, before any collective): ``"torch"``
 always gives DTensor's own redistribute. ``"triton"`` needs symmetric memory; where it cannot
 exist it is a ``ValueError`` naming the reason; ``"auto"`` then falls back to torch with one
@@ -112,12 +122,20 @@ def check_sp_reduce_scatter(plan, mesh) -> str:
 
 def apply_sp_reduce_scatter(module: nn.Module, styles: dict, backend: str) -> None:
     """Tell every row-parallel module of ``styles`` ({name: style}, names relative to
-    ``module``) which reduce-scatter its output hook runs."""
+    ``module``) which reduce-scatter its output hook runs; with "triton", a plain ``nn.Linear``
+    whose output is scattered (``Shard(d)``) also fuses its matmul with the reduce-scatter
+    (``matmul_reduce_scatter.py``; ``FUSE_ROWWISE_LINEAR`` there turns that off)."""
+    from . import matmul_reduce_scatter as mrs
     from .styles import _RowwiseParallel, resolve_style
 
     for name, style in styles.items():
-        if isinstance(resolve_style(style, True), _RowwiseParallel):
-            setattr(module.get_submodule(name), SP_KERNEL_ATTR, backend)
+        resolved = resolve_style(style, True)
+        if isinstance(resolved, _RowwiseParallel):
+            sub = module.get_submodule(name)
+            setattr(sub, SP_KERNEL_ATTR, backend)
+            target = resolved.output_layouts[0]
+            if backend == "triton" and mrs.FUSE_ROWWISE_LINEAR and isinstance(target, Shard):
+                mrs.mark_fused_rowwise(sub, target.dim)
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,27 +169,40 @@ class _Workspace:
         self.max_programs = min(sms, (pad_slots - _SLOT0) // self.world)
         if self.max_programs < 1:
             raise RuntimeError(f"signal pad of {pad_slots} slots is too small for {self.world} ranks")
-        self.calls, self.stream, self.views = 0, None, {}
+        self.calls, self.stream, self.views, self.plans, self.side = 0, None, {}, {}, None
+        from triton_kernels.sp_reduce_scatter import pad8
+        self.pads8 = pad8(self.pads)  # the kernel's 8 pad arguments, built once
         # pads start at zero: zero ours, then no peer signals before every rank did (the barrier)
         self.pads[self.rank][_SLOT0:].zero_()
         self.hdl.barrier(channel=0)
         torch.cuda.synchronize()
 
-    def begin(self, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
-        """This call's buffer half on every rank (views of ``numel`` elements); orders this
-        call's launch after the previous one."""
+    def begin(self) -> int:
+        """This call's buffer half (0 or 1); orders this call's launch after the previous one
+        (the kernel's double-buffering argument needs one stream order per workspace)."""
         stream = torch.cuda.current_stream()
         if self.stream is not None and self.stream != stream:
             stream.wait_stream(self.stream)
         self.stream = stream
-        half = self.calls % 2
         self.calls += 1
+        return (self.calls - 1) & 1
+
+    def buffers(self, half: int, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+        """Half ``half`` of every rank's buffer as ``(numel,)`` views (built once per key:
+        ``get_buffer`` makes a tensor, which costs microseconds per call)."""
         key = (half, dtype, numel)
-        if key not in self.views:
+        views = self.views.get(key)
+        if views is None:
             esize = torch.empty((), dtype=dtype).element_size()
             off = (self.offset + half * self.half_bytes) // esize
-            self.views[key] = [self.hdl.get_buffer(p, (numel,), dtype, off) for p in range(self.world)]
-        return self.views[key]
+            views = self.views[key] = [self.hdl.get_buffer(p, (numel,), dtype, off) for p in range(self.world)]
+        return views
+
+    def side_stream(self) -> torch.cuda.Stream:
+        """The stream of the fused matmul's copy-engine pushes (one per workspace)."""
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        return self.side
 
 
 def _workspace(group: dist.ProcessGroup, nbytes: int) -> _Workspace:
@@ -182,6 +213,36 @@ def _workspace(group: dist.ProcessGroup, nbytes: int) -> _Workspace:
         half = max(_MIN_HALF_BYTES, 1 << (nbytes - 1).bit_length())
         _WORKSPACES[group.group_name] = ws = _Workspace(group, half)
     return ws
+
+
+class _CallPlan:
+    """What one call shape needs on one workspace, built on its first call: output shape,
+    grid and tile (``LaunchConfig``), row strides and both halves' buffer arguments padded to
+    8. The per-call path is then a dict lookup, ``torch.empty`` and the launch: no shape
+    arithmetic, no checks, no ``get_buffer`` views, no argument lists (issue 6: the unfused
+    kernel's time was flat at 0.13-0.17 ms below 32 MB, a per-call cost)."""
+
+    def __init__(self, ws: _Workspace, x: torch.Tensor, dim: int):
+        from triton_kernels.sp_reduce_scatter import _as_chunks, launch_config, pad8
+
+        x2, self.out_shape = _as_chunks(x, dim, ws.world)  # (outer, W*M)
+        outer, wm = x2.shape
+        self.contiguous = x.is_contiguous()
+        self.stride_xo, self.stride_oo = wm, wm // ws.world
+        self.cfg = launch_config(outer, wm // ws.world, ws.max_programs)
+        self.bufs8 = [pad8(ws.buffers(h, x.dtype, x2.numel())) for h in (0, 1)]
+
+
+def _call_plan(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> tuple[_Workspace, _CallPlan]:
+    """The workspace and the cached plan of this call shape (creating or growing the
+    workspace, a collective, on the first call of a shape that does not fit)."""
+    ws = _WORKSPACES.get(group.group_name)
+    key = (x.shape, x.stride(), x.dtype, dim)
+    plan = ws.plans.get(key) if ws is not None else None
+    if plan is None:
+        ws = _workspace(group, x.numel() * x.element_size())
+        plan = ws.plans[key] = _CallPlan(ws, x, dim)
+    return ws, plan
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,18 +268,20 @@ def cannot_serve(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> str | N
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    from triton_kernels.sp_reduce_scatter import _as_chunks, launch_reduce_scatter, reduce_scatter_simulated
-
-    world, rank = group.size(), group.rank()
-    x2, out_shape = _as_chunks(x, dim, world)  # (outer, W*M)
     if x.device.type != "cuda":  # interpreter (tests): every rank's partial, then the kernel phases
+        from triton_kernels.sp_reduce_scatter import _as_chunks, reduce_scatter_simulated
+
+        x2, out_shape = _as_chunks(x, dim, group.size())  # (outer, W*M)
         gathered = _gather0(x2, group)  # (W, outer, W*M)
-        return reduce_scatter_simulated(gathered, 1)[rank].reshape(out_shape)
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    ws = _workspace(group, x2.numel() * x2.element_size())
-    buffers = ws.begin(x.dtype, x2.numel())
-    launch_reduce_scatter(x2, out.view(x2.shape[0], -1), buffers, ws.pads, rank, slot0=_SLOT0,
-                          max_programs=ws.max_programs)
+        return reduce_scatter_simulated(gathered, 1)[group.rank()].reshape(out_shape)
+    from triton_kernels.sp_reduce_scatter import launch
+
+    ws, plan = _call_plan(x, dim, group)
+    if not plan.contiguous:
+        x = x.contiguous()
+    out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+    half = ws.begin()
+    launch(plan.cfg, x, out, plan.stride_xo, plan.stride_oo, plan.bufs8[half], ws.pads8, ws.rank, ws.world, _SLOT0)
     return out
 
 
@@ -262,12 +325,20 @@ def sequence_reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup)
             size; CUDA (or CPU under ``TRITON_INTERPRET=1``).
         dim: the scattered dim (the sequence, 1, for SP).
         group: 2..8 ranks; on CUDA they must share one host (symmetric memory).
+
+    Per-call cost: a shape already seen skips the checks (they passed on its first call and
+    depend only on the cached shape, dtype and group); without autograd (no grad needed) the
+    ``autograd.Function`` is skipped too (about 10 us of Python per call).
     """
     dim = dim % max(x.dim(), 1)
-    reason = cannot_serve(x, dim, group)
-    if reason is not None:
-        raise ValueError(f"sequence_reduce_scatter cannot serve this call: {reason}")
-    return _SequenceReduceScatter.apply(x, dim, group)
+    ws = _WORKSPACES.get(group.group_name) if x.is_cuda else None
+    if ws is None or (x.shape, x.stride(), x.dtype, dim) not in ws.plans:
+        reason = cannot_serve(x, dim, group)
+        if reason is not None:
+            raise ValueError(f"sequence_reduce_scatter cannot serve this call: {reason}")
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SequenceReduceScatter.apply(x, dim, group)
+    return _reduce_scatter(x, dim, group)
 
 
 def _scatter_dim(dt: DTensor, target: tuple) -> int | None:

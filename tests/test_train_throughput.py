@@ -1,0 +1,80 @@
+"""benchmarks/train_throughput.py: the FLOP convention against a hand count, layout parsing,
+pipeline splits, the config list and the targets (no processes are launched)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_throughput as tt  # noqa: E402
+
+
+def test_flops_per_token_hand_count():
+    d, kv, f, v, layers, s = 4096, 1024, 14336, 128256, 8, 8192
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # wq wo, wk wv, w1 w2 w3, two norms
+    n = layers * per_layer + d + v * d  # final norm, output head; no input embedding
+    args = tt.model_args("8B", layers, s)
+    assert args.ffn_hidden_dim == f
+    assert args.num_params() == n + v * d
+    got = tt.flops_per_token(args, s)
+    assert got["matmul_params"] == n
+    assert got["dense"] == 6 * n
+    assert got["attention"] == 12 * layers * d * s  # TorchTitan's 12 l h q t: not halved
+    assert got["total"] == 6 * n + 12 * layers * d * s
+    assert got["total_causal"] == 6 * n + 6 * layers * d * s
+    from dtensor_parallel.trainer.metrics import flops_per_token
+    assert flops_per_token(args, s) == got["total"]  # one convention in the repo
+
+
+def test_parse_layout():
+    assert tt.parse_layout("1gpu").world_size == 1
+    assert tt.parse_layout("fsdp4") == tt.Layout("fsdp4", dp_shard=4)
+    assert tt.parse_layout("tp2sp") == tt.Layout("tp2sp", tp=2, sp=True)
+    lay = tt.parse_layout("tp2sp-fsdp2-pp2")
+    assert (lay.world_size, lay.dp_shard, lay.tp, lay.pp, lay.cp) == (8, 2, 2, 2, 1)
+    assert tt.parse_layout("cp2").triton_families == ("attention",)
+    assert tt.parse_layout("tp4sp").triton_families == ("sp_reduce_scatter",)
+    assert tt.parse_layout("pp4").triton_families == ()
+    for bad in ("tp2", "fsdp1", "dp2", "fsdp2-fsdp2", "pp2sp", "2gpu", ""):
+        with pytest.raises(ValueError):
+            tt.parse_layout(bad)
+
+
+def test_stage_layers_follow_torchtitans_default_split():
+    assert tt.stage_layers(8, 2) == [4, 4]
+    assert tt.stage_layers(8, 4) == [2, 3, 2, 1]  # embedding and head weigh one layer each
+    assert tt.stage_layers(32, 4) == [8, 9, 8, 7]
+    with pytest.raises(ValueError):
+        tt.stage_layers(2, 4)
+
+
+def test_configs_put_triton_only_where_a_kernel_family_applies():
+    cfgs = tt.configs(["1gpu", "tp2sp", "cp2"], ["ours", "torchtitan"], [False, True], ["torch", "triton"])
+    keys = [c.key for c in cfgs]
+    assert "ours/1gpu/triton/eager" not in keys
+    assert {"ours/tp2sp/triton/eager", "ours/cp2/triton/compile", "torchtitan/cp2/-/compile"} <= set(keys)
+    assert "ours/cp2/torch/eager" not in keys  # the fp32 reference ring is no training path
+    assert len(keys) == 2 * (2 + 3 + 2)
+    assert keys.index("torchtitan/cp2/-/eager") < keys.index("ours/1gpu/torch/compile")  # eager first
+
+
+def _row(fw, layout, tps_gpu, world, kernels=None, compile=False, mfu=0.4):
+    kernels = kernels or ("torch" if fw == "ours" else "-")
+    cfg = tt.RunConfig(fw, layout, kernels, compile)
+    return {"impl": cfg.key, "framework": fw, "layout": layout, "kernels": kernels, "compile": compile,
+            "status": "ok", "tokens_per_s": tps_gpu * world, "tokens_per_s_per_gpu": tps_gpu, "mfu": mfu}
+
+
+def test_targets():
+    rows = [_row("ours", "1gpu", 1000, 1), _row("torchtitan", "1gpu", 800, 1, mfu=0.3),
+            _row("ours", "fsdp2", 950, 2), _row("torchtitan", "fsdp2", 1000, 2),
+            _row("ours", "tp2sp", 800, 2, "triton"), {"impl": "ours/pp2/torch/eager", "status": "timeout"}]
+    got = {t["name"]: t for t in tt.targets(rows)}
+    assert got["1gpu eager kernels=torch: ours / TorchTitan tokens/s"]["value"] == pytest.approx(1.25)
+    assert got["fsdp2 eager kernels=torch: ours / TorchTitan tokens/s"]["value"] == pytest.approx(0.95)
+    assert got["1gpu eager: MFU (989 TFLOP/s, attention not halved)"]["value"] == pytest.approx(0.4)
+    eff = got["fsdp2 eager kernels=torch: scaling efficiency (tokens/s/GPU over 1gpu's)"]
+    assert (eff["value"], eff["torchtitan"], eff["goal"]) == (pytest.approx(0.95), pytest.approx(1.25), 0.9)
+    assert got["tp2sp eager kernels=triton: scaling efficiency (tokens/s/GPU over 1gpu's)"]["value"] == 0.8
+    assert not any("pp2" in name for name in got)  # no TorchTitan row, no scaling target
