@@ -51,7 +51,7 @@ STEPS = 3
 TARGET = 0.10
 
 # name, degrees (their product is the world size it runs at), plan fields, micro-batch
-# size, micro-batches a step
+# size, micro-batches a step[, (flavour, layers, sequence) instead of FLAVOUR x LAYERS, SEQ]
 CONFIGS = [
     ("fsdp2", dict(dp_shard=2), dict(), 1, 1),
     ("fsdp2_selective", dict(dp_shard=2), dict(recompute="selective"), 1, 1),
@@ -63,6 +63,14 @@ CONFIGS = [
     ("tp2_sp_fsdp2", dict(dp_shard=2, tp=2), dict(sequence_parallel=True), 1, 1),
     ("tp4_sp_selective", dict(dp_shard=1, tp=4), dict(sequence_parallel=True, recompute="selective"), 2, 1),
     ("pp2_fsdp2_1f1b_m4", dict(pp=2, dp_shard=2), dict(pipeline_schedule="1f1b"), 1, 4),
+    # eight ranks (issue 11): the 70B and 405B recipes' layers at their real sizes and TP
+    # degrees, cut to fit one node (flavour, layers, sequence)
+    ("llama3_70b_tp8_sp_selective_x4", dict(dp_shard=1, tp=8), dict(sequence_parallel=True, recompute="selective"),
+     1, 1, ("70B", 4, 8192)),
+    ("llama3_70b_tp4_sp_fsdp2_full_x4", dict(dp_shard=2, tp=4), dict(sequence_parallel=True, recompute="full"),
+     1, 1, ("70B", 4, 8192)),
+    ("llama3_405b_tp8_sp_selective_x2", dict(dp_shard=1, tp=8), dict(sequence_parallel=True, recompute="selective"),
+     1, 1, ("405B", 2, 8192)),
 ]
 
 
@@ -114,16 +122,17 @@ class PhaseProbe:
                      "saved_parameters_gib": self.saved_params / GIB, "logits_gib": self.logits_bytes / GIB}
 
 
-def run_config(name, degrees, plan_fields, mbs, n_micro, device) -> dict:
+def run_config(name, degrees, plan_fields, mbs, n_micro, device, shape=None) -> dict:
     world = dist.get_world_size()
-    args = llama3_args(FLAVOUR, n_layers=LAYERS, max_seq_len=SEQ)
+    flavour, layers, seq = shape or (FLAVOUR, LAYERS, SEQ)
+    args = llama3_args(flavour, n_layers=layers, max_seq_len=seq)
     dims = ParallelDims(**degrees, world_size=world)
     plan = ParallelPlan(mixed_precision="bf16", micro_batch_size=mbs, global_batch_size=mbs * n_micro * dims.dp,
                         **plan_fields)
     # the measurement is the largest over the ranks, so the estimate is the largest over pp ranks
-    est = max((estimate_memory(args, dims, plan, seq_len=SEQ, micro_batch_size=mbs, n_micro=n_micro, pp_rank=r)
+    est = max((estimate_memory(args, dims, plan, seq_len=seq, micro_batch_size=mbs, n_micro=n_micro, pp_rank=r)
                for r in range(dims.pp)), key=lambda e: e.peak_bytes)
-    row = {"impl": name, "shape": f"{FLAVOUR}-shaped x{LAYERS} layers, seq {SEQ}, mbs {mbs} x {n_micro}",
+    row = {"impl": name, "shape": f"{flavour}-shaped x{layers} layers, seq {seq}, mbs {mbs} x {n_micro}",
            "degrees": degrees, "plan": plan_fields, "predicted_gib": est.peak_bytes / GIB,
            "predicted_phase": est.peak_phase, "predicted_weights_gib": (est.param_bytes + est.buffer_bytes) / GIB,
            "predicted_breakdown_gib": {k: v / GIB for k, v in est.breakdown().items()},
@@ -138,7 +147,7 @@ def run_config(name, degrees, plan_fields, mbs, n_micro, device) -> dict:
     after_init = torch.cuda.memory_allocated(device) if CUDA else 0
     opt = build_optimizer(pm.named_parameters(), lr=1e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(pm.dp_rank)
-    x = torch.randint(0, args.vocab_size, (mbs * n_micro, SEQ + 1), generator=g)
+    x = torch.randint(0, args.vocab_size, (mbs * n_micro, seq + 1), generator=g)
     times = []
     peak, phases = 0, {}
     for step in range(STEPS):
@@ -187,7 +196,7 @@ def main() -> int:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **extra)
     world = dist.get_world_size()
     rows = []
-    for name, degrees, plan_fields, mbs, n_micro in CONFIGS:
+    for name, degrees, plan_fields, mbs, n_micro, *shape in CONFIGS:
         need = 1
         for v in degrees.values():
             need *= v
@@ -198,7 +207,7 @@ def main() -> int:
                 print(f"{name}: {rows[-1]['error']}", flush=True)
             continue
         try:
-            row = run_config(name, degrees, plan_fields, mbs, n_micro, device)
+            row = run_config(name, degrees, plan_fields, mbs, n_micro, device, *shape)
         except Exception as e:  # a row, not a crash
             row = {"impl": name, "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc(limit=4)}

@@ -492,6 +492,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU (gloo, perf_counter; set TRITON_INTERPRET=1): checks the logic only")
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--ep-shape", default="4096,8,2", metavar="H,E,K",
+                   help="hidden, experts, top-k of the expert-parallel part (issue 11's anchor: 7168,256,8)")
     p.add_argument("--no-deepseek", action="store_true", help="skip the H7168 top-8 shapes of part 1")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
@@ -539,13 +541,16 @@ def main() -> None:
             traceback.print_exc()
         print(f"single-GPU parts done in {time.perf_counter() - t_start:.1f} s", flush=True)
     dist.barrier()
-    part_ep(t, h, 8, 2, dtype, device, bench, emit)
+    eh, ee, ek = (int(v) for v in args.ep_shape.split(","))
+    if args.smoke:
+        eh = h
+    part_ep(t, eh, ee, ek, dtype, device, bench, emit)
 
     def save() -> tuple[list[dict], Path]:
         e_str = str(dtype).removeprefix("torch.")
         shapes_p1 = [f"T{t} H{hh} E{e} top{k} {e_str}" for _, hh, e, k in shapes]
         targets = targets_of(rows, shapes_p1, f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
-                             f"{t} tokens/GPU H{h} E8 top2 {e_str}, ep{world}")
+                             f"{t} tokens/GPU H{eh} E{ee} top{ek} {e_str}, ep{world}")
         path = write_results(
             NAME + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
             grouped_mm=hasattr(torch, "_grouped_mm"), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",

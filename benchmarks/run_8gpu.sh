@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 11's one-node run (device kind nvidia-h100-x8 or nvidia-h200-x8), in device-tool
+# calls of under 10 minutes each. PARTs, in the order given:
+#   tests    the world-8 NCCL parity matrix (tests/test_gpu_world8.py: TP8+SP, PP4 x TP2
+#            interleaved, CP8 with both kernels, EP8, TP2 x PP2 x CP2)
+#   ring     ring attention at CP8, 8K tokens a GPU, 32 / 8 heads, head dim 128, causal
+#            (anchor: zigzag ring attention at ~90% of single-GPU flash fwd+bwd on 8 GPUs)
+#   moe      MoE dispatch at EP8, 4096 tokens, H7168, 256 experts, top-8 (anchor: DeepEP
+#            intranode dispatch / combine ~153 / 158 GB/s)
+#   sp       the SP reduce-scatter and the fused row-parallel matmul at TP8
+#   memory   the 70B / 405B recipes' layers at their real sizes and TP degrees, cut to fit
+#            the node, measured peak against the estimator (benchmarks/memory_estimate.py)
+# Usage: bash benchmarks/run_8gpu.sh tests ring
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-gpu_out}
+status=0
+for part in "$@"; do
+  case $part in
+    tests) NPROC=8 GPU_TESTS=tests/test_gpu_world8.py TEST_TIMEOUT=300 bash benchmarks/run_gpu.sh "" || status=1
+           mv "$OUT/gpu_tests.log" "$OUT/gpu8_tests.log" ;;
+    ring) NPROC=8 BENCH_TIMEOUT=200 bash benchmarks/run_gpu.sh - "ring_attention.py --tokens 8192" || status=1 ;;
+    moe) NPROC=8 BENCH_TIMEOUT=200 bash benchmarks/run_gpu.sh - \
+           "moe_dispatch.py --no-deepseek --tokens 4096 --ep-shape 7168,256,8" || status=1 ;;
+    sp) NPROC=8 BENCH_TIMEOUT=200 bash benchmarks/run_gpu.sh - sp_reduce_scatter.py || status=1 ;;
+    memory) NPROC=8 BENCH_TIMEOUT=200 bash benchmarks/run_gpu.sh - memory_estimate.py || status=1 ;;
+    *) echo "unknown part $part (tests, ring, moe, sp, memory)"; status=2 ;;
+  esac
+done
+exit $status
