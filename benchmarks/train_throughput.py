@@ -533,6 +533,8 @@ def driver_args(argv: list[str]):
     p.add_argument("--budget", type=float, default=510, help="seconds for everything")
     p.add_argument("--min-start", type=float, default=60, help="start no config with less time left")
     p.add_argument("--max-parallel", type=int, default=8, help="concurrent configs (GPU subsets)")
+    p.add_argument("--only", metavar="REGEX", help="keep the configs whose key (framework/layout/kernels/"
+                   "eager|compile) matches")
     p.add_argument("--name", default=NAME, help="results file <name>.json/.log in $OUT")
     p.add_argument("--profile", metavar="LAYOUT", help="profile the matching configs of this layout only")
     p.add_argument("--dry", action="store_true", help="CPU smoke run: tiny model, gloo, 2 steps")
@@ -566,6 +568,8 @@ def main(argv: list[str]) -> None:
     layouts = [args.profile] if args.profile else args.layouts.split(",")
     cfgs = configs(layouts, args.frameworks.split(","), [c == "on" for c in args.compile.split(",")],
                    args.kernels.split(","))
+    if args.only:  # e.g. a rerun of some configs after a fix
+        cfgs = [c for c in cfgs if re.search(args.only, c.key)]
     if args.dry:  # torch's CP dispatcher has no rule for CPU attention kernels
         cfgs = [c for c in cfgs if c.framework == "ours" or parse_layout(c.layout).cp == 1]
     print(f"{len(cfgs)} configs, budget {args.budget:.0f} s, timeout {args.timeout:.0f} s each: "

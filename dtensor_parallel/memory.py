@@ -85,7 +85,9 @@ Peak: with one micro-batch per step, the largest of the loss peak (static + acti
 logits + the weights gathered at the loss; gradients are None after
 ``zero_grad(set_to_none=True)``), the last block's backward (the logits freed; 2 gathered
 blocks, their unsharded gradients and, under recompute, the rematerialized block) and the
-end of backward (static + gradients + root gradients + gathered weights); with several
+end of backward (static + gradients + root gradients + gathered weights; without FSDP
+under TP also the rest of the vocabulary of the embedding's gradient, which DTensor's
+backward leaves replicated until ``ParallelModel`` cuts it to its shard); with several
 micro-batches (accumulation or PP) the gradients of the earlier ones are there too. The
 optimizer step costs static + gradients + the fp32 temporary. Not modelled: the CUDA
 context, NCCL buffers and allocator fragmentation (``--headroom``), load imbalance of
@@ -442,8 +444,11 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         bwd_grads = pb * block + gbytes
     at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
     at_block_bwd = static + activations - act.logits_saved + gathered + bwd_grads + recompute_t + earlier_grads
+    # the vocab-parallel embedding's gradient leaves DTensor's backward replicated (the whole
+    # vocabulary) until ParallelModel cuts it to its shard; FSDP reshards it itself
+    embed_grad = 4 * args.vocab_size * args.dim * (1 - 1 / dims.tp) if first and dims.tp > 1 and not fsdp else 0
     at_bwd_end = static + earlier_grads + gathered + bwd_grads if fsdp and dims.pp > 1 else \
-        static + gbytes + gathered + bwd_grads
+        static + gbytes + gathered + bwd_grads + embed_grad
     at_opt = pbytes + gbytes + obytes + buffers + 4 * n  # foreach AdamW: sqrt(exp_avg_sq) temporary
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}

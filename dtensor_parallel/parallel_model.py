@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .context_parallel import context_parallel_region, zigzag_indices
 from . import moe_stats
 from .expert_parallel import reduce_expert_grads
-from .grads import gather_full, global_grad_norm, reduce_partial_grads
+from .grads import gather_full, global_grad_norm, reduce_partial_grads, shard_replicated_grads
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
@@ -217,8 +217,10 @@ class ParallelModel:
         moe_stats.update_expert_biases(self._moe)
 
     def _finish_grads(self) -> None:
-        """The reductions FSDP does not do: partial (SP norm) and expert gradients."""
+        """The reductions FSDP does not do: partial (SP norm) and expert gradients, and
+        replicated gradients of sharded weights cut to their shards."""
         reduce_partial_grads(self.parameters())
+        shard_replicated_grads(self.parameters())
         if self._experts is not None:
             reduce_expert_grads(*self._experts)
 

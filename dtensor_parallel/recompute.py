@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .tensor_parallel import matmul_reduce_scatter, sp_reduce_scatter  # noqa: F401 - register the custom ops
+
 _aten = torch.ops.aten
 _SAVE_OPS = {
     _aten.mm.default,
@@ -37,6 +39,9 @@ _SAVE_OPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._grouped_mm.default if hasattr(_aten, "_grouped_mm") else _aten.mm.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    # SP's Triton reduce-scatters (custom ops): saved, else backward reruns GEMM + communication
+    torch.ops.dtensor_parallel.matmul_reduce_scatter.default,
+    torch.ops.dtensor_parallel.sequence_reduce_scatter.default,
 }
 
 

@@ -3,6 +3,7 @@ really compiles: no graph break sends a block back to eager."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from .harness import run_distributed
 from .parity import one_step_parity
+from .test_matmul_reduce_scatter import SP_TRITON, fused_parity_counting, rowwise_layers  # (and NCCL env)
 
 
 def _parity_and_dynamo_stats(kind: str, mesh_kwargs: dict, plan_kwargs: dict) -> tuple[float, int, int]:
@@ -34,11 +36,53 @@ def test_compiled_blocks_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict)
         assert graphs >= 1 and breaks == 0, f"{graphs} graphs compiled, {breaks} graph breaks"
 
 
+
+def _sp_triton_compiled_stats(fuse: bool) -> tuple[float, int, int, int, int]:
+    """TP2+SP with the Triton reduce-scatter, compiled, selective recompute: one_step_parity,
+    the fused / unfused Triton calls (spies) and the dynamo stats."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    plan = {**SP_TRITON, "compile": True, "recompute": "selective"}
+    loss, fused, unfused = fused_parity_counting("llama", {"tp": 2}, plan, fuse=fuse, batch=8)
+    return loss, fused, unfused, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def _check_sp_triton_compiled(results: list, fuse: bool) -> None:
+    n = rowwise_layers("llama")  # one call per row-parallel layer: none rerun by recompute
+    assert len({r[0] for r in results}) == 1, results
+    for _, fused, unfused, graphs, breaks in results:
+        # the ops were once @torch.compiler.disable: a break per layer, every block eager
+        assert graphs >= 1 and breaks == 0, f"{graphs} graphs compiled, {breaks} graph breaks"
+        assert (fused, unfused) == ((n, 0) if fuse else (0, n)), results
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU ranks run Triton in the interpreter")
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused_matmul", "unfused"])
+def test_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
+    """The Triton SP path (custom ops) compiles without a graph break under selective
+    recompute, keeps parity, and the compiled backward does not rerun the ops."""
+    _check_sp_triton_compiled(run_distributed(2, _sp_triton_compiled_stats, fuse), fuse)
+
+
+# On 2 x H100 (torch 2.11, 2026-11-27) the unfused case compiled with no break and kept
+# parity, but never called the Triton op: the output hook took DTensor's NCCL path under
+# compile. Not yet understood (on CPU it takes the op); strict, so a fix shows.
+_UNFUSED_ON_GPU = pytest.param(False, id="unfused", marks=pytest.mark.xfail(
+    strict=True, reason="under compile on CUDA the unfused hook falls back to NCCL"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("fuse", [pytest.param(True, id="fused_matmul"), _UNFUSED_ON_GPU])
+def test_gpu_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
+    """``pytest -m gpu tests/test_compile.py``: the same on 2 GPUs (symmetric memory, nccl)."""
+    _check_sp_triton_compiled(run_distributed(2, _sp_triton_compiled_stats, fuse, backend="nccl"), fuse)
+
+
 def test_context_parallel_region_is_seen_from_other_threads() -> None:
     """autograd runs CUDA backward (and the forward that recompute reruns in it) on its own
     device thread: the region's positions and ring must be visible there."""
-    import torch.distributed as dist
-
     from dtensor_parallel.context_parallel import context_parallel_region, local_positions
     from dtensor_parallel.context_parallel.sharding import RegionState
 
@@ -49,14 +93,10 @@ def test_context_parallel_region_is_seen_from_other_threads() -> None:
         seen["ring"] = RegionState.ring
 
     pos = torch.tensor([0, 1, 6, 7])
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        with context_parallel_region(dist.group.WORLD, pos):
-            t = threading.Thread(target=other_thread)
-            t.start()
-            t.join()
-    finally:
-        dist.destroy_process_group()
-    assert torch.equal(seen["positions"], pos) and seen["ring"] is not None
+    group = object()  # the region only stores it; the ring would use it (no process group needed)
+    with context_parallel_region(group, pos):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert torch.equal(seen["positions"], pos) and seen["ring"][0] is group
     assert RegionState.ring is None and torch.equal(local_positions(4), torch.arange(4))  # restored

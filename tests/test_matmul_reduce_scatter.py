@@ -19,7 +19,7 @@ from dtensor_parallel.tensor_parallel import sp_reduce_scatter as sprs
 
 from .harness import run_distributed
 from .kernel_checks import ATOL, check_against_torch
-from .parity import TINY_LLAMA, one_step_parity
+from .parity import TINY_LLAMA, case_device, one_step_parity
 from .toy_gpt import ToyGPT
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (DESIGN.md)
@@ -181,6 +181,37 @@ def test_gloo_parity_through_the_fused_rowwise_linear(world: int, mesh_kwargs: d
     assert all((f, u) == (rowwise_layers(kind), 0) for _, f, u in results), results
 
 
+def _opcheck_custom_ops() -> list[dict]:
+    """torch.library.opcheck of both custom ops on this rank's device: schema, the fake
+    implementation against the real output (shape, strides, storage offset), the autograd
+    registration, and AOTAutograd tracing (the compiled path)."""
+    dev = case_device()
+    name = dist.group.WORLD.group_name
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, w, y = (torch.randn(shape, generator=g).to(dev).requires_grad_() for shape in ((2, 8, 6), (5, 6), (3, 8, 5)))
+    ops = torch.ops.dtensor_parallel
+    return [torch.library.opcheck(ops.matmul_reduce_scatter.default, (x, w, 1, name, "copy")),
+            torch.library.opcheck(ops.sequence_reduce_scatter.default, (y, 1, name))]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the reduce in the interpreter")
+def test_gloo_custom_ops_pass_opcheck() -> None:
+    results = run_distributed(2, _opcheck_custom_ops)
+    assert all(v == "SUCCESS" for r in results for d in r for v in d.values()), results
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the reduce in the interpreter")
+@pytest.mark.parametrize("recompute,fuse,runs", [("selective", True, 1), ("selective", False, 1), ("full", True, 2)])
+def test_gloo_selective_recompute_saves_the_reduce_scatter(recompute: str, fuse: bool, runs: int) -> None:
+    """Selective recompute saves the custom ops' outputs (recompute.py): each runs once per
+    layer, in forward only, as without recompute; full recompute (the control) reruns them."""
+    plan = {**SP_TRITON, "recompute": recompute}
+    results = run_distributed(2, fused_parity_counting, "llama", {"tp": 2}, plan, fuse=fuse, batch=8)
+    want = (runs * rowwise_layers("llama"), 0) if fuse else (0, runs * rowwise_layers("llama"))
+    assert len({loss for loss, _, _ in results}) == 1, results
+    assert all((f, u) == want for _, f, u in results), (results, want)
+
+
 # ----------------------------------------------------------------------------------------
 # GPUs: symmetric memory against the same chunk GEMMs + NCCL
 # ----------------------------------------------------------------------------------------
@@ -264,6 +295,10 @@ class TestGPU:
     def test_fused_tp4(self) -> None:
         stats = run_distributed(4, _gpu_against_nccl, GPU_CASES[:3], 6, backend="nccl")
         assert len(set(map(str, stats))) == 1, stats
+
+    def test_custom_ops_pass_opcheck(self) -> None:
+        results = run_distributed(2, _opcheck_custom_ops, backend="nccl")
+        assert all(v == "SUCCESS" for r in results for d in r for v in d.values()), results
 
     @pytest.mark.parametrize("kind", ["llama", "toy"])
     def test_one_step_parity_tp2_sp_fused(self, kind: str) -> None:

@@ -43,3 +43,27 @@ def test_twenty_steps_track_single_device(layout: str, kind: str) -> None:
 ])
 def test_gradient_accumulation_parity(plan_kwargs: dict) -> None:
     run_distributed(4, one_step_parity, "llama", {"tp": 2, "dp_shard": 2}, plan_kwargs, batch=8)
+
+
+def _grads_sharded_like_params(mesh_kwargs: dict, plan_kwargs: dict) -> list[str]:
+    import copy
+
+    from .parity import make_batch, make_model, plan_for
+    from dtensor_parallel import build_mesh, parallelize
+
+    ref = make_model("llama")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(**mesh_kwargs), plan_for("llama", **plan_kwargs))
+    x, y = make_batch(ref.args.vocab_size, 4, 16)
+    pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    return [f"{n}: {p.placements} grad {p.grad.placements} {tuple(p.grad.to_local().shape)}"
+            for n, p in pm.named_parameters()
+            if hasattr(p, "placements") and (p.grad.placements != p.placements
+                                             or p.grad.to_local().shape != p.to_local().shape)]
+
+
+@pytest.mark.parametrize("plan_kwargs", [{"sequence_parallel": True}, {}])
+def test_gradients_are_sharded_like_their_weights(plan_kwargs: dict) -> None:
+    """The vocab-parallel embedding's gradient comes out of DTensor's backward replicated
+    (the whole vocabulary on every tp rank); the optimizer must see it sharded."""
+    for mismatched in run_distributed(2, _grads_sharded_like_params, {"tp": 2}, plan_kwargs):
+        assert not mismatched, mismatched

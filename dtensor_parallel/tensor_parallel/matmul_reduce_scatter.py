@@ -33,7 +33,12 @@ each call, so the pushes of call N go after this rank's launch N-1, whose barrie
 peer entered launch N-1, so its launch N-2 (the last reader of the half call N writes) is done.
 
 Autograd: forward as above; backward ``g = all_gather(dout, dim)`` (NCCL), ``dx = g @ w``,
-``dw = g^T x`` (the unfused layer's backward). A bias (``Replicate``) is added after the
+``dw = g^T x`` (the unfused layer's backward). The op is the custom op
+``torch.ops.dtensor_parallel.matmul_reduce_scatter`` (local tensors, the group by name, a fake
+implementation for shapes, ``register_autograd`` for the backward, whose all-gather is a
+functional collective): dynamo traces :func:`rowwise_forward` without a graph break (one inside
+a checkpointed block would run the whole block eagerly), and selective recompute saves the
+op's output instead of rerunning the GEMM and its communication in backward. A bias (``Replicate``) is added after the
 reduce-scatter, on the DTensor, so its gradient is ``Partial`` like the SP norm weights'.
 
 Wiring: with ``kernels['sp_reduce_scatter']`` resolved to ``"triton"``, every row-parallel plain
@@ -196,25 +201,38 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.Proces
     return out.view(*shape, weight.shape[0])
 
 
-class _MatmulReduceScatter(torch.autograd.Function):
-    """Fused matmul + reduce-scatter in forward; all-gather (NCCL) + the two GEMMs in backward."""
+@torch.library.custom_op("dtensor_parallel::matmul_reduce_scatter", mutates_args=())
+def _matmul_reduce_scatter_op(x: torch.Tensor, weight: torch.Tensor, dim: int, group_name: str,
+                              push: str) -> torch.Tensor:
+    """The fused op on local tensors: opaque to dynamo and inductor (no graph break), and an op
+    the selective recompute policy saves (``recompute.py``: no rerun of its communication)."""
+    return _forward(x, weight, dim, sprs._group(group_name), push)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.ProcessGroup,
-                push: str) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.dim, ctx.group = dim, group
-        return _forward(x, weight, dim, group, push)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        g = sprs._all_gather(grad.contiguous(), ctx.dim, ctx.group)  # (*pre, S, *post, N)
-        gx = g @ weight if ctx.needs_input_grad[0] else None  # (*pre, S, *post, K)
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # (N, K)
-        return gx, gw, None, None, None
+@_matmul_reduce_scatter_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, dim: int, group_name: str, push: str) -> torch.Tensor:
+    shape = list(x.shape[:-1])
+    shape[dim] //= sprs._group(group_name).size()
+    return x.new_empty((*shape, weight.shape[0]))  # (*pre, S/W, *post, N)
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, ctx.dim, ctx.group_name, _ = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """All-gather (functional collective, NCCL) + the two GEMMs: the unfused layer's backward."""
+    x, weight = ctx.saved_tensors
+    g = sprs._all_gather(grad.contiguous(), ctx.dim, ctx.group_name)  # (*pre, S, *post, N)
+    gx = g @ weight if ctx.needs_input_grad[0] else None  # (*pre, S, *post, K)
+    gw = None
+    if ctx.needs_input_grad[1]:
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # (N, K)
+    return gx, gw, None, None, None
+
+
+_matmul_reduce_scatter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_cannot_serve(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.ProcessGroup) -> str | None:
@@ -227,7 +245,6 @@ def fused_cannot_serve(x: torch.Tensor, weight: torch.Tensor, dim: int, group: d
     return sprs.cannot_serve(x, dim, group)
 
 
-@torch.compiler.disable
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.ProcessGroup,
                           *, push: str = "copy") -> torch.Tensor:
     """``reduce_scatter(x @ weight.T, dim)`` over ``group``, the communication hidden behind the GEMM.
@@ -246,9 +263,9 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, dim: int, group
         raise ValueError(f"matmul_reduce_scatter cannot serve this call: {reason}")
     if push not in PUSH_MODES:
         raise ValueError(f"push={push!r}: use one of {PUSH_MODES}")
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _MatmulReduceScatter.apply(x, weight, dim, group, push)
-    return _forward(x, weight, dim, group, push)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _matmul_reduce_scatter_op(x, weight, dim, group.group_name, push)
+    return _forward(x, weight, dim, group, push)  # eager without autograd: no op dispatch
 
 
 def matmul_reduce_scatter_simulated(xs: torch.Tensor, ws: torch.Tensor, dim: int,
@@ -306,7 +323,6 @@ def _is_shard(placements: tuple, dim: int, ndim: int) -> bool:
     return len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim % ndim == dim
 
 
-@torch.compiler.disable
 def rowwise_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward of a row-parallel Linear marked for the fused op: the op on the local
     tensors when it can serve (every rank decides alike), else ``F.linear`` on the DTensors

@@ -10,7 +10,7 @@ its docstring)::
 
     forward:  out_r = sum_p x_p[:, chunk r]   Triton: push to peers' symmetric buffers,
                                                signal-pad barrier, fp32 sum (one launch)
-    backward: dx = all_gather(dout, dim)       NCCL all_gather_into_tensor (exact: a copy)
+    backward: dx = all_gather(dout, dim)       functional all_gather_into_tensor (NCCL; exact: a copy)
 
 Workspace: per process group, one symmetric-memory allocation of two halves (the kernel
 double-buffers), created on first use by a collective rendezvous, grown (all ranks at the same
@@ -25,7 +25,12 @@ Per-call cost (issue 6 measured a flat 0.13-0.17 ms per call below 32 MB): every
 depends only on the call shape (output shape, grid, both halves' buffer views padded to the
 kernel's 8 pointer arguments, the checks) is built on the first call of a shape and cached on the
 workspace (``_CallPlan``); a call is then a dict lookup, ``torch.empty``, the stream check and
-``JITFunction.run``, and without autograd the ``autograd.Function`` is skipped.
+``JITFunction.run``, and without autograd the custom op's dispatch is skipped.
+
+torch.compile and selective recompute: with autograd the op is the custom op
+``torch.ops.dtensor_parallel.sequence_reduce_scatter`` (local tensors, the group by name; a
+fake implementation gives shapes, ``register_autograd`` the all-gather), opaque to dynamo and
+inductor, so a compiled block has no graph break, and ``recompute.py`` saves its output.
 
 Choosing the backend (:func:`check_sp_reduce_scatter`, before any collective): ``"torch"``
 always gives DTensor's own redistribute. ``"triton"`` needs symmetric memory; where it cannot
@@ -51,9 +56,11 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.distributed_c10d import _resolve_process_group  # group name -> group (2.11+)
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 logger = logging.getLogger(__name__)
+funcol_ops = torch.ops._c10d_functional
 
 #: module attribute read by the rowwise output hook: "triton" or "torch"
 SP_KERNEL_ATTR = "sp_reduce_scatter_backend"
@@ -273,7 +280,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torc
 
         x2, out_shape = _as_chunks(x, dim, group.size())  # (outer, W*M)
         gathered = _gather0(x2, group)  # (W, outer, W*M)
-        return reduce_scatter_simulated(gathered, 1)[group.rank()].reshape(out_shape)
+        out = reduce_scatter_simulated(gathered, 1)[group.rank()]  # a view at an offset: copy it,
+        return out.reshape(out_shape).clone()  # as an op's output must be (its fake says so)
     from triton_kernels.sp_reduce_scatter import launch
 
     ws, plan = _call_plan(x, dim, group)
@@ -295,28 +303,46 @@ def _gather0(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.view(world, *t.shape)
 
 
-def _all_gather(grad: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """(..., S/W, ...) on each rank -> (..., S, ...), rank p's block at chunk p."""
-    world = group.size()
-    gathered = _gather0(grad if grad.dim() else grad.view(1), group)  # (W, ..., S/W, ...)
-    g = gathered.movedim(0, dim)  # (..., W, S/W, ...)
+def _group(name: str) -> dist.ProcessGroup:
+    """The process group registered under ``name`` (custom ops take groups by name)."""
+    return _resolve_process_group(name)
+
+
+def _all_gather(grad: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    """(..., S/W, ...) on each rank -> (..., S, ...), rank p's block at chunk p. A functional
+    collective (NCCL, gloo), so AOTAutograd can trace it into a compiled backward."""
+    world = _group(group_name).size()
+    t = (grad if grad.dim() else grad.view(1)).contiguous()
+    flat = funcol_ops.wait_tensor(funcol_ops.all_gather_into_tensor(t, world, group_name))  # (W*d0, ...)
+    g = flat.view(world, *t.shape).movedim(0, dim)  # (..., W, S/W, ...)
     return g.reshape(*grad.shape[:dim], world * grad.shape[dim], *grad.shape[dim + 1:])
 
 
-class _SequenceReduceScatter(torch.autograd.Function):
-    """Reduce-scatter along ``dim`` in forward (Triton), all-gather in backward (NCCL)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
+@torch.library.custom_op("dtensor_parallel::sequence_reduce_scatter", mutates_args=())
+def _sequence_reduce_scatter_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    """Reduce-scatter along ``dim`` (Triton); an op, so dynamo traces it without a graph break
+    and the selective recompute policy can save its output (``recompute.py``)."""
+    return _reduce_scatter(x, dim, _group(group_name))
 
 
-@torch.compiler.disable
+@_sequence_reduce_scatter_op.register_fake
+def _(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] //= _group(group_name).size()
+    return x.new_empty(shape)
+
+
+def _rs_setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    _, ctx.dim, ctx.group_name = inputs
+
+
+def _rs_backward(ctx, grad: torch.Tensor):
+    return _all_gather(grad, ctx.dim, ctx.group_name), None, None  # all-gather in backward
+
+
+_sequence_reduce_scatter_op.register_autograd(_rs_backward, setup_context=_rs_setup_context)
+
+
 def sequence_reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum ``x`` over ``group`` and keep this rank's chunk of ``dim`` (autograd: all-gather).
 
@@ -326,18 +352,21 @@ def sequence_reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup)
         dim: the scattered dim (the sequence, 1, for SP).
         group: 2..8 ranks; on CUDA they must share one host (symmetric memory).
 
-    Per-call cost: a shape already seen skips the checks (they passed on its first call and
-    depend only on the cached shape, dtype and group); without autograd (no grad needed) the
-    ``autograd.Function`` is skipped too (about 10 us of Python per call).
+    With autograd (or under ``torch.compile``) it is the custom op
+    ``torch.ops.dtensor_parallel.sequence_reduce_scatter``. Per-call cost in eager: a shape
+    already seen skips the checks (they passed on its first call and depend only on the cached
+    shape, dtype and group); without autograd the op's dispatch is skipped too (about 10 us of
+    Python per call). Under ``torch.compile`` the checks run once, at trace time.
     """
     dim = dim % max(x.dim(), 1)
-    ws = _WORKSPACES.get(group.group_name) if x.is_cuda else None
+    compiling = torch.compiler.is_compiling()
+    ws = _WORKSPACES.get(group.group_name) if x.is_cuda and not compiling else None
     if ws is None or (x.shape, x.stride(), x.dtype, dim) not in ws.plans:
         reason = cannot_serve(x, dim, group)
         if reason is not None:
             raise ValueError(f"sequence_reduce_scatter cannot serve this call: {reason}")
-    if x.requires_grad and torch.is_grad_enabled():
-        return _SequenceReduceScatter.apply(x, dim, group)
+    if compiling or (x.requires_grad and torch.is_grad_enabled()):
+        return _sequence_reduce_scatter_op(x, dim, group.group_name)
     return _reduce_scatter(x, dim, group)
 
 
