@@ -35,14 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
-import gc
 import json
-import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,184 +154,6 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
     return out
 
 
-# ---- worker: one config under torchrun ------------------------------------------------
-def _sync() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def build_ours(lay: Layout, args, device):
-    """Our library: build_mesh -> meta Llama -> parallelize -> AdamW; a step function."""
-    import torch
-    from dtensor_parallel import ParallelPlan, build_mesh, parallelize
-    from dtensor_parallel.models import Llama
-
-    mesh = build_mesh(pp=lay.pp, dp_shard=lay.dp_shard, cp=lay.cp, tp=lay.tp)
-    with torch.device("meta"):
-        model = Llama(model_args(args.shape, args.layers, args.seq))
-    n_micro = args.microbatches if lay.pp > 1 else 1
-    kernels = {f: "triton" for f in lay.triton_families} if args.kernels == "triton" else "torch"
-    plan = ParallelPlan(sequence_parallel=lay.sp, recompute="selective", compile=args.compile,
-                        kernels=kernels, mixed_precision="bf16", micro_batch_size=1,
-                        global_batch_size=n_micro * lay.dp_shard,
-                        pipeline_schedule="1f1b" if lay.pp > 1 else None,
-                        layers_per_stage=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None)
-    pm = parallelize(model, mesh, plan)
-    pm.init_weights(seed=0)
-    opt = torch.optim.AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                            fused=True)
-
-    def step(x, y):
-        loss = pm.forward_backward(x, y)
-        pm.clip_grad_norm_(1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    fsdp = lay.dp_shard * lay.cp > 1  # parallelize applies FSDP over dp_shard x cp
-    info = {"autocast": "FSDP MixedPrecisionPolicy(bf16, fp32)" if fsdp else "torch.autocast(bf16) (no FSDP)",
-            "plan_kernels": plan.kernels}
-    return step, (lambda t: float(t)), pm.dp_rank, pm.dp_size, info
-
-
-def profile_summary(prof, cuda: bool, steps: int) -> tuple[str, float, float]:
-    """Top kernels by device time (CPU ops on CPU); (table, NCCL ms/step, all ms/step)."""
-    import torch
-
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    events = sorted((e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0),
-                    key=lambda e: -getattr(e, attr))
-    total = sum(getattr(e, attr) for e in events) / 1e3 / steps
-    nccl = sum(getattr(e, attr) for e in events if "nccl" in e.key.lower()) / 1e3 / steps
-    lines = [f"{'ms/step':>9} {'%':>6} {'calls':>6}  kernel"]
-    for e in events[:40]:
-        ms = getattr(e, attr) / 1e3 / steps
-        lines.append(f"{ms:9.2f} {100 * ms / total:6.2f} {e.count // steps:6d}  {e.key[:120]}")
-    return "\n".join(lines) + "\n", nccl, total
-
-
-def init_worker():
-    """The process group of this torchrun (NCCL on GPUs, gloo on CPU); returns the device."""
-    import torch
-    import torch.distributed as dist
-
-    faulthandler.register(signal.SIGTERM, chain=True)  # a timed-out run logs where it hung
-    if not torch.cuda.is_available():
-        dist.init_process_group("gloo")
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
-    return device
-
-
-def timed_steps(step, x, y, args, label: str) -> tuple[list[float], list]:
-    """Warm-up, then timed steps (host-synchronized wall time); the peak memory counters
-    restart after the warm-up."""
-    import torch
-
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        _sync()
-        t0 = time.perf_counter()
-        losses.append(step(x, y))
-        _sync()
-        times.append(time.perf_counter() - t0)
-        if label:
-            print(f"{label} step {i + 1}: {1e3 * times[-1]:.1f} ms", flush=True)
-    return times, losses
-
-
-def profile_steps(step, x, y, header: str, n: int = 2) -> str:
-    """torch.profiler over n more steps: every rank's NCCL and total kernel time, rank 0's top kernels."""
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(n):
-            step(x, y)
-        _sync()
-    table, nccl_ms, total_ms = profile_summary(prof, cuda, steps=n)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, (dist.get_rank(), nccl_ms, total_ms))
-    return (f"{header}: {n} profiled steps\n"
-            + "".join(f"rank {r}: NCCL kernels {a:.1f} ms/step (overlapped or not) of {b:.1f} ms/step of kernels\n"
-                      for r, a, b in per_rank) + "rank 0:\n" + table)
-
-
-def worker(args) -> None:
-    import torch
-    import torch.distributed as dist
-    from torch._dynamo.utils import counters
-
-    t_start = time.perf_counter()
-    device = init_worker()
-    cuda, rank, world = device.type == "cuda", dist.get_rank(), dist.get_world_size()
-    lay = parse_layout(args.layout)
-    n_micro = args.microbatches if lay.pp > 1 else 1
-    margs = model_args(args.shape, args.layers, args.seq)
-    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile)
-    torch.manual_seed(0)  # TorchTitan initializes from the global RNG
-    if args.framework == "ours":
-        step, global_loss, dp_rank, dp_size, info = build_ours(lay, args, device)
-    else:
-        import torchtitan_adapter
-        run = torchtitan_adapter.build(lay, dims=SHAPES[args.shape], n_layers=args.layers, seq=args.seq,
-                                       n_micro=n_micro, compile=args.compile,
-                                       stage_layers=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None,
-                                       device=device)
-        step, global_loss, dp_rank, dp_size, info = run.step, run.global_loss, run.dp_rank, run.dp_size, run.info
-    global_batch = n_micro * dp_size
-    g = torch.Generator().manual_seed(1234)  # the same tokens for both frameworks
-    mine = torch.randint(0, margs.vocab_size, (global_batch, args.seq + 1), generator=g).chunk(dp_size)[dp_rank]
-    x, y = mine[:, :-1].contiguous().to(device), mine[:, 1:].contiguous().to(device)
-    label = f"[{cfg.key}]" if rank == 0 else ""
-    if label:
-        print(f"{label} built in {time.perf_counter() - t_start:.1f} s", flush=True)
-
-    gc.collect()
-    gc.disable()  # both frameworks alike (TorchTitan's trainer also turns automatic GC off)
-    times, losses = timed_steps(step, x, y, args, label)
-    prof_text = profile_steps(step, x, y, cfg.key) if args.profile else None
-    gc.enable()
-    dynamo = {"dynamo_graphs": counters["stats"].get("unique_graphs", 0),  # 0 under compile: ran eagerly
-              "dynamo_graph_breaks": sum(counters["graph_break"].values())}
-    loss_first, loss_last = global_loss(losses[0]), global_loss(losses[-1])
-    mem = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [0, 0]
-    stats = torch.tensor([statistics.median(times[args.warmup:]), *mem], device=device)
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank, the fullest GPU
-    if rank == 0:
-        step_s, f = stats[0].item(), flops_per_token(margs, args.seq)
-        tokens_step = global_batch * args.seq
-        tps_gpu = tokens_step / step_s / world
-        row = {"impl": cfg.key, **asdict(cfg), "status": "ok", "world_size": world,
-               "device": torch.cuda.get_device_name() if cuda else "cpu",
-               "shape": f"llama3-{args.shape} dims x {args.layers} layers, seq {args.seq}, "
-                        f"{global_batch} seqs/step ({n_micro} micro-batches/rank), bf16",
-               "n_layers": args.layers, "params": margs.num_params(), "global_batch": global_batch,
-               "micro_batches": n_micro, "tokens_per_step": tokens_step,
-               "median_ms": 1e3 * step_s, "step_ms": [round(1e3 * t, 2) for t in times],
-               "tokens_per_s": tokens_step / step_s, "tokens_per_s_per_gpu": tps_gpu,
-               "tflops_per_gpu": tps_gpu * f["total"] / 1e12,
-               "mfu": tps_gpu * f["total"] / PEAK_FLOPS if cuda else None,
-               "mfu_causal": tps_gpu * f["total_causal"] / PEAK_FLOPS if cuda else None,
-               "peak_allocated_gib": stats[1].item() if cuda else None,
-               "peak_reserved_gib": stats[2].item() if cuda else None,
-               "loss_first": loss_first, "loss_last": loss_last,
-               "loss_finite": math.isfinite(loss_first) and math.isfinite(loss_last), **dynamo, **info}
-        Path(args.result).write_text(json.dumps(row) + "\n")
-        if prof_text is not None:
-            (Path(os.environ["OUT"]) / f"profile_{_slug(cfg)}.txt").write_text(prof_text)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 # ---- targets --------------------------------------------------------------------------
 def targets(rows: list[dict]) -> list[dict]:
     """ours / TorchTitan tokens/s per layout (goal 1.0), MFU on 1 GPU (goal 0.45), scaling
@@ -377,13 +195,13 @@ class Running:
     deadline: float
 
 
-def _slug(cfg: RunConfig) -> str:
+def config_slug(cfg: RunConfig) -> str:
     return cfg.key.replace("/", "_").replace("-", "x")
 
 
 def launch(cfg: RunConfig, gpus: list[str] | None, args, tmp: Path) -> Running:
     lay = parse_layout(cfg.layout)
-    result, log = tmp / f"{_slug(cfg)}.json", tmp / f"{_slug(cfg)}.log"
+    result, log = tmp / f"{config_slug(cfg)}.json", tmp / f"{config_slug(cfg)}.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(lay.world_size),
            str(Path(__file__).resolve()), "--worker", "--framework", cfg.framework, "--layout", cfg.layout,
            "--kernels", cfg.kernels, "--shape", args.shape, "--layers", str(args.layers), "--seq", str(args.seq),
@@ -505,18 +323,6 @@ def drive(cfgs: list[RunConfig], args, out_dir: Path) -> list[dict]:
     return rows
 
 
-def worker_args(argv: list[str]):
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker", action="store_true")
-    for name in ("framework", "layout", "kernels", "shape", "result"):
-        p.add_argument(f"--{name}", required=True)
-    for name in ("layers", "seq", "microbatches", "warmup", "steps"):
-        p.add_argument(f"--{name}", type=int, required=True)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--profile", action="store_true")
-    return p.parse_args(argv)
-
-
 def driver_args(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layouts", default="1gpu,fsdp2,tp2sp,pp2,cp2", help="comma-separated, e.g. tp4sp,pp4,fsdp4")
@@ -550,7 +356,8 @@ def driver_args(argv: list[str]):
 
 
 def main(argv: list[str]) -> None:
-    if "--worker" in argv:
+    if "--worker" in argv:  # one config, under torchrun (throughput_worker.py)
+        from throughput_worker import worker, worker_args
         return worker(worker_args(argv))
     args = driver_args(argv)
     default = Path(tempfile.gettempdir()) / NAME if args.dry else ROOT / "benchmarks" / "results"
