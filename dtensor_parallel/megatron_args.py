@@ -30,7 +30,8 @@ flag                                       overlay key
                                            virtual stages: "interleaved_1f1b" (Megatron's)
 --bf16                                     plan.mixed_precision="bf16" (absent: fp32)
 --fp16                                     ValueError: no fp16 loss scaling; use --bf16
---kernels torch|triton|auto                plan.kernels *(ours)*
+--kernels torch|triton|auto                plan.kernels *(ours)*; or per family:
+                                           attention=triton,sp_reduce_scatter=auto
 --compile                                  plan.compile=True *(ours)*
 --num-experts N                            model.moe.n_experts (the [model.moe] table)
 --moe-router-topk N                        model.moe.top_k
@@ -105,7 +106,7 @@ import shlex
 import warnings
 from typing import Any, Callable, NamedTuple
 
-from .plan import ParallelPlan
+from .plan import KERNEL_BACKENDS, KERNEL_FAMILIES, ParallelPlan
 
 
 class _Flag(NamedTuple):
@@ -117,6 +118,26 @@ class _Flag(NamedTuple):
 
 
 _f = _Flag
+
+
+def _kernels_arg(value: str) -> str | dict[str, str]:
+    """``--kernels triton`` (every family) or ``--kernels attention=triton,sp_reduce_scatter=auto``."""
+    if "=" not in value:
+        if value not in KERNEL_BACKENDS:
+            raise ValueError(value)
+        return value
+    out = {}
+    for item in value.split(","):
+        family, sep, backend = (part.strip() for part in item.partition("="))
+        if family not in KERNEL_FAMILIES or backend not in KERNEL_BACKENDS:
+            raise ValueError(value)
+        out[family] = backend
+    return out
+
+
+# what the parser's error says the flag expects
+_kernels_arg.__name__ = (f"{'|'.join(KERNEL_BACKENDS)}, or family=backend pairs joined by commas over the "
+                         f"families {', '.join(KERNEL_FAMILIES)} (e.g. attention=triton,sp_reduce_scatter=auto)")
 _SHARDING = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 _FLAGS: dict[str, _Flag] = {
     "--tensor-model-parallel-size": _f("parallel", "tp", int),
@@ -138,7 +159,7 @@ _FLAGS: dict[str, _Flag] = {
                               ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")),
     "--bf16": _f(None, None),
     "--fp16": _f(None, None),
-    "--kernels": _f("plan", "kernels", str, ("torch", "triton", "auto")),
+    "--kernels": _f("plan", "kernels", _kernels_arg),
     "--compile": _f("plan", "compile"),
     "--num-experts": _f("model", "moe.n_experts", int),
     "--moe-router-topk": _f("model", "moe.top_k", int),

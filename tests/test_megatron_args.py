@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 
 from dtensor_parallel import megatron_args
-from dtensor_parallel.megatron_args import (deep_merge, parse_megatron_args,
-                                            plan_and_degrees_from_megatron)
+from dtensor_parallel.megatron_args import (
+    deep_merge,
+    parse_megatron_args,
+    plan_and_degrees_from_megatron,
+)
 from dtensor_parallel.mesh import ParallelDims
 from dtensor_parallel.plan import ParallelPlan
 
@@ -233,3 +237,16 @@ def test_moe_flags_fill_the_model_moe_table():
     assert out["parallel"]["ep"] == 4
     with pytest.raises(ValueError, match="--moe-token-dispatcher-type"):
         parse_megatron_args("--moe-token-dispatcher-type allgather")
+
+
+def test_kernels_per_family():
+    """One backend for every kernel family, or family=backend pairs (plan.kernels' dict)."""
+    cfg = parse_megatron_args("--kernels attention=triton,sp_reduce_scatter=auto")
+    assert cfg["plan"]["kernels"] == {"attention": "triton", "sp_reduce_scatter": "auto"}
+    _, plan = plan_and_degrees_from_megatron(["--kernels", "attention=triton,moe_dispatch=triton"])
+    assert [plan.kernel_backend(f) for f in ("attention", "sp_reduce_scatter", "moe_dispatch")] == \
+        ["triton", "torch", "triton"]
+    for bad in ("attention=", "flash=triton", "cuda"):
+        expected = re.escape("--kernels expects torch|triton|auto, or family=backend pairs") + f".*got '{bad}'"
+        with pytest.raises(ValueError, match=expected):
+            parse_megatron_args(["--kernels", bad])
