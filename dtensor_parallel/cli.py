@@ -62,7 +62,7 @@ def relaunch(nproc: int, recipe: str, flags: list[str]) -> int:
 
 def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
     from .trainer import load_config, train
-    from .trainer.loop import preflight
+    from .trainer.loop import preflight, resolve_device
 
     launch = args.nproc_per_node is not None and not under_torchrun()
     try:  # config errors: one clear line (before spawning ranks) instead of a traceback per rank
@@ -70,6 +70,7 @@ def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
         if launch and args.nproc_per_node < 1:
             raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
         preflight(cfg, args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1")))
+        resolve_device(cfg.cluster.device, args.nproc_per_node if launch else None)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"dtensor-parallel train: error: {e}", file=sys.stderr)
         return 2

@@ -10,14 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dtensor_parallel.cli import main as cli_main
 from dtensor_parallel.models.llama import llama3_args
 from dtensor_parallel.trainer import config_from_dict, load_config
-from dtensor_parallel.trainer.data import MarkovTokenStream, TokenFileDataset
+from dtensor_parallel.trainer.data import MarkovTokenStream, TokenFileDataset, write_token_file
 from dtensor_parallel.trainer.metrics import flops_per_token, format_progress, mfu
 from dtensor_parallel.trainer.schedule import build_optimizer, build_scheduler, lr_at
 
@@ -59,14 +58,13 @@ def test_scheduler_and_weight_decay_groups():
 
 
 # ---- data -------------------------------------------------------------------------------
-def _token_file(path: Path, tokens: np.ndarray) -> Path:
-    tokens.tofile(path)
-    return path
+def _token_file(path: Path, tokens: torch.Tensor, dtype: str = "uint16") -> Path:
+    return write_token_file(path, tokens, dtype)
 
 
 def test_token_windows_disjoint_correct_and_resumable(tmp_path):
     L, G, dp, n = 16, 8, 4, 16 * 40 + 1  # 40 windows -> 5 steps per epoch
-    path = _token_file(tmp_path / "t.bin", np.arange(n, dtype=np.uint32))
+    path = _token_file(tmp_path / "t.bin", torch.arange(n), "uint32")
     ranks = [TokenFileDataset(path, dtype="uint32", seq_len=L, vocab_size=n, global_batch_size=G,
                               dp_rank=r, dp_size=dp, seed=3) for r in range(dp)]
     epoch_windows: list[int] = []
@@ -93,11 +91,11 @@ def test_token_windows_disjoint_correct_and_resumable(tmp_path):
 
 def test_token_file_errors(tmp_path):
     kw = dict(seq_len=16, global_batch_size=4)
-    bad = np.zeros(1000, dtype=np.uint16)
+    bad = torch.zeros(1000, dtype=torch.int64)
     bad[700] = 3000
     with pytest.raises(ValueError, match=r"token id 3000 .* >= vocab_size 2048.*--vocab-size"):
         TokenFileDataset(_token_file(tmp_path / "v.bin", bad), dtype="uint16", vocab_size=2048, **kw)
-    small = _token_file(tmp_path / "s.bin", np.zeros(16 * 4, dtype=np.uint16))  # 3 windows < 4
+    small = _token_file(tmp_path / "s.bin", torch.zeros(16 * 4, dtype=torch.int64))  # 3 windows < 4
     with pytest.raises(ValueError, match=r"too small.*3 windows.*global_batch_size=4"):
         TokenFileDataset(small, dtype="uint16", vocab_size=2048, **kw)
     with pytest.raises(FileNotFoundError, match="mock"):
@@ -197,6 +195,30 @@ def test_cli_rejects_before_launching(capsys):
     assert rc == 2 and "does not divide world size 3" in capsys.readouterr().err
 
 
+def test_device_choice_cpu_recipes_and_cuda_checked_before_launch(capsys, monkeypatch):
+    """The debug recipes run on gloo CPU ranks even where GPUs exist; ``--device cuda``
+    needs a GPU per local rank, checked before any rank spawns."""
+    from dtensor_parallel.trainer.loop import resolve_device
+
+    assert load_config(DEBUG_RECIPE).cluster.device == "cpu"
+    assert load_config(REPO / "recipes" / "debug_moe.toml").cluster.device == "cpu"
+    assert load_config(REPO / "recipes" / "llama3_8b.toml").cluster.device == "auto"
+    assert load_config(DEBUG_RECIPE, ["--device", "cuda"]).cluster.device == "cuda"
+    with pytest.raises(ValueError, match=r"device='gpu': choose one of"):
+        config_from_dict({"cluster": {"device": "gpu"}})
+    assert resolve_device("cpu", 64) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", 2) == "cuda"
+    with pytest.raises(ValueError, match=r"--nproc-per-node 4 .* 2 are visible.*--device cpu"):
+        resolve_device("cuda", 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--device", "cuda"])
+    assert rc == 2 and "no GPU is visible: run with --device cpu" in capsys.readouterr().err
+
+
 # ---- metrics ----------------------------------------------------------------------------
 def test_flops_per_token_and_mfu():
     args = llama3_args("8B")
@@ -264,7 +286,7 @@ def test_debug_recipe_context_parallel_cp2_tp2(tmp_path):
 
 def test_token_file_end_to_end_fsdp2_with_profile(tmp_path):
     chain = MarkovTokenStream(vocab_size=2048, seq_len=4096, global_batch_size=16, seed=7)
-    tokens = torch.cat(chain.batch(0)[0].unbind()).numpy().astype(np.uint16)  # 65536 learnable tokens
+    tokens = torch.cat(chain.batch(0)[0].unbind())  # 65536 learnable tokens
     data = _token_file(tmp_path / "tokens.bin", tokens)
     steps, metrics = 10, tmp_path / "run" / "metrics.jsonl"
     proc = _train_cli(2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer",

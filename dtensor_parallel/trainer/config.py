@@ -12,7 +12,7 @@ a typo in a recipe never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
-import tomllib
+import sys
 import types
 import typing
 import warnings
@@ -24,9 +24,16 @@ from ..megatron_args import deep_merge, parse_megatron_args
 from ..models.llama import ModelArgs, llama3_args
 from ..models.moe import MoEArgs
 from ..plan import ParallelPlan
+from .data import TOKEN_DTYPES as _TOKEN_FILE_DTYPES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, declared in pyproject for these versions only
+    import tomli as tomllib
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
-TOKEN_DTYPES = ("uint16", "uint32")
+DEVICES = ("auto", "cpu", "cuda")
+TOKEN_DTYPES = tuple(_TOKEN_FILE_DTYPES)
 MODEL_NAMES = ("llama3",)
 
 
@@ -37,10 +44,13 @@ class ClusterConfig:
     ``nodes x nproc_per_node`` is the world size ``dtensor-parallel plan`` simulates;
     ``gpu_memory`` (e.g. ``"80GiB"``) the memory it checks each rank against;
     ``interconnect`` between nodes: ``"nvlink"``, ``"ib"`` or ``"ethernet"``.
+    ``device`` where the ranks run: ``"cuda"`` (one GPU a rank, NCCL), ``"cpu"`` (gloo, even
+    on a machine with GPUs: the debug recipes), or ``"auto"`` (cuda when a GPU is visible).
     """
 
     description: str = ""
     nproc_per_node: int | None = None
+    device: str = "auto"
     gpu: str | None = None
     nodes: int = 1
     gpu_memory: str | None = None
@@ -353,6 +363,8 @@ def validate(cfg: TrainConfig) -> None:
     if not d.synthetic and d.dtype == "uint16" and args.vocab_size > 2 ** 16:
         raise ValueError(f"[data] dtype='uint16' cannot hold token ids of a vocab of {args.vocab_size}: "
                          f"write the token file as uint32 and set [data] dtype = 'uint32'")
+    if cfg.cluster.device not in DEVICES:
+        raise ValueError(f"[cluster] device={cfg.cluster.device!r}: choose one of {DEVICES}")
     if lg.log_interval < 1:
         raise ValueError(f"[logging] log_interval={lg.log_interval} must be >= 1")
     for key in ("pp", "cp", "tp", "ep"):

@@ -11,14 +11,17 @@ takes rows ``[r G/dp, (r+1) G/dp)``, so the ranks' rows are disjoint.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
-TOKEN_DTYPES: dict[str, type] = {"uint16": np.uint16, "uint32": np.uint32}
+# Token files are read with torch alone (a private memory map through ``torch.from_file``):
+# torch's uint16/uint32 tensors support slicing, stacking and ``.to(torch.int64)``, which
+# is all the reader needs, so numpy is not a dependency.
+TOKEN_DTYPES: dict[str, torch.dtype] = {"uint16": torch.uint16, "uint32": torch.uint32}
 VOCAB_SCAN_TOKENS = 1 << 24  # tokens checked against vocab_size up front (every batch is checked too)
 
 
@@ -39,7 +42,7 @@ def _rows(global_batch: int, dp_rank: int, dp_size: int) -> slice:
 
 
 class TokenFileDataset:
-    """Windows of ``seq_len + 1`` tokens from a flat ``np.memmap`` of token ids.
+    """Windows of ``seq_len + 1`` tokens from a flat file of token ids, memory-mapped.
 
     Window ``i`` is ``tokens[i L : i L + L + 1]`` (``L = seq_len``; consecutive windows
     share one token, so every token is a label once): input ``w[:-1]``, label ``w[1:]``.
@@ -56,11 +59,11 @@ class TokenFileDataset:
             raise FileNotFoundError(
                 f"token file {str(self.path)!r} does not exist: point [data] path (--data-path) at "
                 f"a flat {'/'.join(TOKEN_DTYPES)} file of token ids (e.g. written with "
-                f"np.asarray(ids, dtype=np.uint16).tofile(path)), or use synthetic data with "
+                f"dtensor_parallel.trainer.data.write_token_file(path, ids)), or use synthetic data with "
                 f"[data] mock = true (--mock-data)")
         if dtype not in TOKEN_DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {list(TOKEN_DTYPES)}")
-        itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+        itemsize = TOKEN_DTYPES[dtype].itemsize
         size = self.path.stat().st_size
         if size % itemsize:
             raise ValueError(
@@ -76,39 +79,41 @@ class TokenFileDataset:
                 f"seq_len+1={seq_len + 1} tokens, but one step needs global_batch_size="
                 f"{global_batch_size} distinct windows ({global_batch_size * seq_len + 1} tokens): "
                 f"give a larger token file, or lower --seq-length / --global-batch-size")
-        self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPES[dtype], mode="r")
+        # shared=False maps the file privately (pages load on first touch; the file is never written)
+        self.tokens = torch.from_file(str(self.path), shared=False, size=n_tokens, dtype=TOKEN_DTYPES[dtype])
         self.steps_per_epoch = self.n_windows // global_batch_size
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._perm: tuple[int, torch.Tensor] | None = None
         for start in range(0, min(n_tokens, VOCAB_SCAN_TOKENS), 1 << 22):
             self._check_vocab(self.tokens[start:start + (1 << 22)], offset=start)
 
-    def _check_vocab(self, ids: np.ndarray, offset: int = 0) -> None:
-        top = int(ids.max()) if ids.size else 0
+    def _check_vocab(self, ids: torch.Tensor, offset: int = 0) -> None:
+        ids = ids.to(torch.int64)  # unsigned 16/32-bit tensors have no reductions in torch
+        top = int(ids.max()) if ids.numel() else 0
         if top >= self.vocab_size:
-            pos = offset + int(np.argmax(ids >= self.vocab_size))
+            pos = offset + int((ids.flatten() >= self.vocab_size).nonzero()[0])
             raise ValueError(
                 f"{self.path}: token id {top} (first bad id at token {pos}) >= vocab_size "
                 f"{self.vocab_size}: set [model] vocab_size (--vocab-size) to the tokenizer's "
                 f"vocabulary, or check [data] dtype (a uint32 file read as uint16, or the reverse, "
                 f"gives garbage ids)")
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n_windows, generator=g))
         return self._perm[1]
 
-    def window_indices(self, step: int) -> np.ndarray:
+    def window_indices(self, step: int) -> torch.Tensor:
         """The ``G`` window indices of global step ``step`` (all ranks' rows)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         return self._permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
-        idx = self.window_indices(step)[self.rows]
-        w = np.stack([self.tokens[i * L:i * L + L + 1] for i in idx]).astype(np.int64)  # (b, L+1)
+        idx = self.window_indices(step)[self.rows].tolist()
+        w = torch.stack([self.tokens[i * L:i * L + L + 1] for i in idx]).to(torch.int64)  # (b, L+1)
         self._check_vocab(w)
-        w_t = torch.from_numpy(w)
-        return w_t[:, :-1].contiguous(), w_t[:, 1:].contiguous()
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
 class MarkovTokenStream:
@@ -169,3 +174,17 @@ def build_batch_source(*, path: str | None, dtype: str, mock: bool, seq_len: int
 def uniform_loss(vocab_size: int) -> float:
     """ln(V): the loss of a model that has learned nothing."""
     return math.log(vocab_size)
+
+
+def write_token_file(path: str | Path, ids: torch.Tensor, dtype: str = "uint16") -> Path:
+    """Write token ids as the flat file ``TokenFileDataset`` reads (native byte order)."""
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {list(TOKEN_DTYPES)}")
+    ids = torch.as_tensor(ids).flatten().to(torch.int64)
+    top = (1 << (8 * TOKEN_DTYPES[dtype].itemsize)) - 1
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > top):
+        raise ValueError(f"token ids must lie in [0, {top}] for dtype={dtype!r}: use uint32 for larger vocabularies")
+    data = ids.to(TOKEN_DTYPES[dtype]).contiguous()
+    path = Path(path)
+    path.write_bytes(ctypes.string_at(data.data_ptr(), data.nbytes))
+    return path

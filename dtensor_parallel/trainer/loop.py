@@ -38,12 +38,31 @@ PROFILE_FIRST_STEP = 2  # skip the first steps (allocator warm-up, lazy init)
 PROFILE_NUM_STEPS = 3
 
 
-def init_distributed() -> bool:
-    """Init the default group (nccl on CUDA, else gloo) from torchrun's environment, or a
-    world of one without it. Returns whether this call created the group."""
+def resolve_device(device: str, nproc_per_node: int | None = None) -> str:
+    """``[cluster] device`` -> "cuda" or "cpu"; a CUDA run needs a GPU for each local rank.
+
+    ``nproc_per_node``: the local ranks about to be launched (checked before they spawn)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ValueError("[cluster] device='cuda' (--device cuda) but no GPU is visible: "
+                             "run with --device cpu (gloo ranks on this CPU)")
+        if nproc_per_node is not None and nproc_per_node > gpus:
+            raise ValueError(f"--nproc-per-node {nproc_per_node} with device 'cuda' needs {nproc_per_node} GPUs "
+                             f"on this host, but {gpus} are visible: launch at most {gpus} ranks per node, or "
+                             f"run on the CPU with --device cpu")
+    return device
+
+
+def init_distributed(device: str = "auto") -> bool:
+    """Init the default group (nccl for device "cuda", gloo for "cpu") from torchrun's
+    environment, or a world of one without it. Returns whether this call created the group."""
     if dist.is_initialized():
         return False
-    cuda = torch.cuda.is_available()
+    local_ranks = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+    cuda = resolve_device(device, local_ranks) == "cuda"
     backend = "nccl" if cuda else "gloo"
     kwargs = {}
     if cuda:
@@ -144,7 +163,7 @@ def start_from_checkpoint(cfg: TrainConfig, pm, opt, sched, global_batch: int) -
 def train(cfg: TrainConfig) -> list[float]:
     """Run ``cfg.training.steps`` optimizer steps; returns the loss of each step (from the
     resumed step on, when resuming)."""
-    owns_group = init_distributed()
+    owns_group = init_distributed(cfg.cluster.device)
     try:
         return _train(cfg)
     finally:
