@@ -1,4 +1,4 @@
-"""Predicted peak memory (dtensor_parallel.memory) against torch.cuda.max_memory_allocated.
+"""Predicted peak memory (dtensor_parallel.planning.memory) against torch.cuda.max_memory_allocated.
 
 Run on 2 and on 4 GPUs (each configuration is a few real training steps of a
 Llama-3-8B-shaped model with fewer layers, bf16; a run takes the configurations of its
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize  # noqa: E402
-from dtensor_parallel.memory import GIB, estimate_memory  # noqa: E402
+from dtensor_parallel.planning.memory import GIB, estimate_memory  # noqa: E402
 from dtensor_parallel.mesh import ParallelDims  # noqa: E402
 from dtensor_parallel.models.llama import Llama, llama3_args  # noqa: E402
 from dtensor_parallel.trainer.schedule import build_optimizer  # noqa: E402

@@ -40,7 +40,7 @@ bf16 activations and weights; router weights fp32 (as MoE's router makes them).
 
 2. ``part: moe_layer``. ``MoE(dim 4096, MoEArgs(8 experts, top 2, ffn 14336))``, 8192 tokens
    (batch 1), forward and forward+backward (grads of the input, expert weights and router):
-   ``moe_dispatch_triton`` / ``moe_dispatch_torch`` (``dispatch_backend``; both run the
+   ``moe_dispatch_triton`` / ``moe_dispatch_torch`` (``ParallelDispatch(kernels=...)``; both run the
    experts through ``grouped_swiglu``, ``torch._grouped_mm`` where torch has it), against
    ``loop_over_experts`` (written here: per expert, ``torch.where`` its tokens, index them,
    SwiGLU with plain matmuls, ``index_add_`` back with the router weights; same router and
@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, without PYTHONPATH
 from dtensor_parallel import build_mesh  # noqa: E402
-from dtensor_parallel.expert_parallel import build_expert_groups, dispatch_combine
+from dtensor_parallel.expert_parallel import ParallelDispatch, build_expert_groups, dispatch_combine
 from dtensor_parallel.mesh import ParallelDims
 from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots, grouped_swiglu
 from triton_kernels import moe_dispatch as md
@@ -310,7 +310,7 @@ def part_moe_layer(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device
 
     def layer(backend: str):
         def fn():
-            moe.dispatch_backend = backend
+            moe.dispatch = ParallelDispatch(kernels=backend)
             return moe(x)
         return fn
 
@@ -331,7 +331,6 @@ def part_moe_layer(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device
         except Exception as e:  # noqa: BLE001
             row["error"] = err_text(e)
         emit(row)
-    moe.dispatch_backend = "torch"
     del moe, x, rows
     if device.type == "cuda":
         torch.cuda.empty_cache()

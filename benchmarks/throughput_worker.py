@@ -26,15 +26,34 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_ours(lay: Layout, args, device):
-    """Our library: build_mesh -> meta Llama -> parallelize -> AdamW; a step function."""
+def hf_llama(margs, seq: int, device):
+    """transformers' LlamaForCausalLM of our Llama's shape (fp32, random init on ``device``;
+    default RoPE: the Llama 3.1 frequency scaling changes no FLOP)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=margs.vocab_size, hidden_size=margs.dim, intermediate_size=margs.ffn_hidden_dim,
+        num_hidden_layers=margs.n_layers, num_attention_heads=margs.n_heads, num_key_value_heads=margs.n_kv_heads,
+        max_position_embeddings=seq, rms_norm_eps=margs.norm_eps, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": margs.rope_theta})
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(cfg).float()
+
+
+def build_ours(lay: Layout, args, device, hf: bool = False):
+    """Our library: build_mesh -> meta Llama -> parallelize -> AdamW; a step function.
+    ``hf``: the same with transformers' LlamaForCausalLM (no rules: its built-in plan)."""
     import torch
     from dtensor_parallel import ParallelPlan, build_mesh, parallelize
     from dtensor_parallel.models import Llama
 
     mesh = build_mesh(pp=lay.pp, dp_shard=lay.dp_shard, cp=lay.cp, tp=lay.tp)
-    with torch.device("meta"):
-        model = Llama(model_args(args.shape, args.layers, args.seq))
+    if hf:
+        model = hf_llama(model_args(args.shape, args.layers, args.seq), args.seq, device)
+    else:
+        with torch.device("meta"):
+            model = Llama(model_args(args.shape, args.layers, args.seq))
     n_micro = args.microbatches if lay.pp > 1 else 1
     kernels = {f: "triton" for f in lay.triton_families} if args.kernels == "triton" else "torch"
     plan = ParallelPlan(sequence_parallel=lay.sp, recompute="selective", compile=args.compile,
@@ -43,7 +62,8 @@ def build_ours(lay: Layout, args, device):
                         pipeline_schedule="1f1b" if lay.pp > 1 else None,
                         layers_per_stage=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None)
     pm = parallelize(model, mesh, plan)
-    pm.init_weights(seed=0)
+    if not hf:
+        pm.init_weights(seed=0)
     opt = torch.optim.AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=True)
 
@@ -143,8 +163,8 @@ def worker(args) -> None:
     margs = model_args(args.shape, args.layers, args.seq)
     cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile)
     torch.manual_seed(0)  # TorchTitan initializes from the global RNG
-    if args.framework == "ours":
-        step, global_loss, dp_rank, dp_size, info = build_ours(lay, args, device)
+    if args.framework in ("ours", "hf"):
+        step, global_loss, dp_rank, dp_size, info = build_ours(lay, args, device, hf=args.framework == "hf")
     else:
         import torchtitan_adapter
         run = torchtitan_adapter.build(lay, dims=SHAPES[args.shape], n_layers=args.layers, seq=args.seq,

@@ -128,7 +128,7 @@ def flops_per_token(args, seq: int) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    framework: str  # "ours" | "torchtitan"
+    framework: str  # "ours" | "torchtitan" | "hf" (transformers' Llama through our parallelize)
     layout: str
     kernels: str  # "torch" | "triton" (ours), "-" (torchtitan)
     compile: bool
@@ -145,7 +145,7 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
         for name in layouts:
             lay = parse_layout(name)
             for fw in frameworks:
-                for k in (kernels if fw == "ours" else ["-"]):
+                for k in (kernels if fw in ("ours", "hf") else ["-"]):
                     if k == "triton" and not lay.triton_families:
                         continue
                     if k == "torch" and lay.cp > 1:  # our "torch" ring blocks are the fp32 reference
@@ -161,6 +161,16 @@ def targets(rows: list[dict]) -> list[dict]:
     ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
     out = []
     for r in ok.values():
+        if r["framework"] == "hf":  # transformers' Llama through parallelize against our Llama
+            mine = ok.get(r["impl"].replace("hf/", "ours/", 1))
+            if mine is not None:
+                label = r["impl"].replace("hf/", "", 1)
+                out.append({"name": f"{label}: transformers Llama / our Llama tokens/s",
+                            "value": r["tokens_per_s"] / mine["tokens_per_s"], "goal": 0.95, "higher_is_better": True})
+                if r["peak_allocated_gib"] and mine["peak_allocated_gib"]:  # (None on the CPU dry run)
+                    out.append({"name": f"{label}: transformers Llama / our Llama peak allocated",
+                                "value": r["peak_allocated_gib"] / mine["peak_allocated_gib"], "goal": 1.05,
+                                "higher_is_better": False})
         if r["framework"] != "ours":
             continue
         mode = "compile" if r["compile"] else "eager"

@@ -3,7 +3,7 @@
 Commands live in one table (:data:`COMMANDS`): each names a help line, a function that
 adds its own arguments, and a function that runs it with the parsed arguments and the
 leftover Megatron-style flags (``--train-iters 50 --lr 1e-3 ...``, see
-:mod:`dtensor_parallel.megatron_args`). ``plan``, ``schedule`` and ``suggest`` plug in
+:mod:`dtensor_parallel.trainer.megatron_args`). ``plan``, ``schedule`` and ``suggest`` plug in
 by adding a row.
 
 ``train`` outside torchrun with ``--nproc-per-node N`` re-launches itself through
@@ -94,7 +94,7 @@ def _schedule_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_schedule(args: argparse.Namespace, flags: list[str]) -> int:
-    from .pipeline.draw import render_schedule
+    from .planning.draw import render_schedule
     from .pipeline.schedules import default_virtual
 
     name = args.schedule or ("interleaved_1f1b" if (args.vpp or 1) > 1 else "1f1b")
@@ -120,7 +120,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(args: argparse.Namespace, flags: list[str]) -> int:
-    from .dry_run import run_plan
+    from .planning.dry_run import run_plan
 
     code, report = run_plan(args.recipe, flags, gpu_memory=args.gpu_memory, world_size=args.world_size,
                             out=args.out, headroom=args.headroom)
@@ -144,7 +144,7 @@ def _suggest_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_suggest(args: argparse.Namespace, flags: list[str]) -> int:
-    from .planner import suggest
+    from .planning.planner import suggest
 
     try:
         result = suggest(params=args.params, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         epilog = ("Any other --flag is a Megatron-Core flag laid over the recipe (see "
-                  "dtensor_parallel.megatron_args)") if cmd.takes_megatron_flags else None
+                  "dtensor_parallel.trainer.megatron_args)") if cmd.takes_megatron_flags else None
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=epilog, allow_abbrev=False)
         cmd.add_arguments(p)
     return parser

@@ -13,8 +13,8 @@ from torch.distributed.tensor import DTensor, Replicate
 
 
 @torch.no_grad()
-def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int,
-                     device: torch.device) -> torch.Tensor:
+def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int, device: torch.device,
+                     extra_replicas: dict[nn.Parameter, int] | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients, whatever their placements, with one all-reduce.
 
     Each rank adds the squares of its local gradient shards, divided by how many ranks
@@ -22,8 +22,10 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int,
     ``Replicate``; for a plain tensor, every rank of one pipeline stage), then one
     all-reduce sums over the world. Different pipeline stages hold different parameters,
     so their squares simply add. Reducing DTensor norms instead costs one collective per
-    (mesh, placements) group and per mesh dim.
+    (mesh, placements) group and per mesh dim. ``extra_replicas``: copies a DTensor's
+    placements do not show (an EP-sharded expert also lives on its edp ranks).
     """
+    extra_replicas = extra_replicas or {}
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for p in params:
         g = p.grad
@@ -36,7 +38,7 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int,
                     raise RuntimeError(f"gradient with Partial placement {g.placements}: reduce it "
                                        f"before taking the norm")
                 copies *= size if placement.is_replicate() else 1
-            copies *= getattr(p, "_dtp_extra_replicas", 1)  # e.g. expert shards on edp ranks
+            copies *= extra_replicas.get(p, 1)
             local = g.to_local()
         else:
             copies, local = ranks_per_replica, g

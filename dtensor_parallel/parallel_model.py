@@ -18,6 +18,7 @@ schedule over the micro-batches.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from typing import Iterator
 
@@ -26,14 +27,37 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .context_parallel import context_parallel_region, zigzag_indices
-from . import moe_stats
+from .context_parallel import zigzag_indices
 from .expert_parallel import reduce_expert_grads
+from .expert_parallel import statistics as moe_stats
 from .grads import gather_full, global_grad_norm, reduce_partial_grads, shard_replicated_grads
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
 from .tensor_parallel.loss import IGNORE_INDEX, cross_entropy_sum, loss_context
+from .validation import check_sequence
+
+
+def takes_position_ids(module: nn.Module) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return "position_ids" in params
+
+
+def logits_of(out):
+    """The logits of a forward's output: a tensor, a ``ModelOutput`` / dict with ``logits``,
+    or a tuple whose first item is the logits (the model's own loss is never asked for:
+    labels are not passed to it)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ValueError(f"the model's forward returned {type(out).__name__}"
+                     f"{' with keys ' + str(list(out.keys())) if isinstance(out, dict) else ''}: parallelize "
+                     f"needs the logits as a tensor, a ModelOutput or dict with 'logits', or a tuple whose first "
+                     f"item is the logits")
 
 
 class ParallelModel:
@@ -52,17 +76,19 @@ class ParallelModel:
         self._loss_mesh = submesh(mesh, "dp_cp") if dims.dp_cp > 1 else None
         self._cp_mesh = submesh(mesh, "cp") if dims.cp > 1 else None
         self._state_order = state_order
-        self._experts = experts  # (EP-sharded expert parameters, ExpertGroups) or None
+        # full positions for models that would otherwise derive them from the length they
+        # see (a sequence shard under SP, a stage's input under PP); CP's zigzag ones always
+        self._pass_positions = takes_position_ids(modules[0]) and (
+            dims.cp > 1 or plan.sequence_parallel or pipeline is not None)
+        if pipeline is not None:  # stages exchange tensors: a ModelOutput leaves as its logits
+            for m in modules:
+                m.register_forward_hook(lambda _m, _inp, out: logits_of(out))
+        # ({expert parameter: ranks holding the same shard}, ExpertGroups) or None
+        self._experts = experts
         self._moe = moe_stats.moe_layers(modules)
-        if self._moe:
-            # the MoE layers run token parallel over tp (with or without SP: MoEParallel),
-            # so the tp ranks hold other positions of the same sequences, as the cp ranks do
-            moe_stats.set_reduction_groups(
-                self._moe,
-                seq_groups=[submesh(mesh, d).get_group() for d, on in (("cp", dims.cp > 1), ("tp", dims.tp > 1)) if on],
-                batch_groups=[self._dp_mesh.get_group()] if self._dp_mesh is not None else [])
-            if pipeline is not None:
-                moe_stats.collect_only_inside(self._moe, pipeline)
+        self._moe_step = moe_stats.share_step(self._moe) if self._moe else None
+        if self._moe and pipeline is not None:
+            moe_stats.collect_only_inside(self._moe_step, pipeline)
 
     # ---- nn.Module-like surface -------------------------------------------------------
     @property
@@ -112,12 +138,12 @@ class ParallelModel:
         self._check_inputs(input_ids)
         # only a pipeline splits a forward into micro-batches; otherwise any batch will do
         n_micro = self._micro_batches(input_ids.shape[0]) if self.pipeline is not None else 1
-        (input_ids,), cp_region = self._context_parallel(input_ids.to(self.device))
+        (input_ids,), model_kwargs = self._context_parallel(input_ids.to(self.device))
         no_grad = torch.no_grad() if self.pipeline is not None else contextlib.nullcontext()
-        with self._autocast(), no_grad, cp_region():
+        with self._autocast(), no_grad:
             if self.pipeline is not None:
-                return self.pipeline.forward(input_ids, n_micro)
-            return self.module(input_ids)
+                return self.pipeline.forward(input_ids, n_micro, model_kwargs)
+            return logits_of(self.module(input_ids, **model_kwargs))
 
     # ---- checks (local, before any collective) -----------------------------------------
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -125,15 +151,7 @@ class ParallelModel:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        seq, cp, tp = input_ids.shape[1], self.dims.cp, self.dims.tp
-        if cp > 1 and seq % (2 * cp):
-            raise ValueError(f"sequence length {seq} is not divisible by 2 x cp = {2 * cp}, which "
-                             f"zigzag context parallelism cuts it into: pad or cut the sequence to a "
-                             f"multiple of {2 * cp}")
-        if self.plan.sequence_parallel and (seq // cp) % tp:
-            raise ValueError(f"sequence length {seq // cp}{' per cp rank' if cp > 1 else ''} is not "
-                             f"divisible by tp={tp}, which sequence parallelism shards it over: pad or "
-                             f"cut the sequence to a multiple of {tp * (2 * cp if cp > 1 else 1)}")
+        check_sequence(input_ids.shape[1], self.dims, self.plan.sequence_parallel)
 
     def _micro_batches(self, b_local: int) -> int:
         plan, dp = self.plan, self.dims.dp
@@ -170,35 +188,39 @@ class ParallelModel:
         return t
 
     def _context_parallel(self, input_ids: torch.Tensor, *others: torch.Tensor):
-        """Under CP: this rank's zigzag shard of each tensor and a factory of the
-        ring-attention region; otherwise the tensors unchanged and a null context."""
+        """Under CP: this rank's zigzag shard of each tensor, and the model's keyword
+        arguments: ``position_ids``, the shard's true positions (b, s/cp), which the
+        model's RoPE must use; otherwise the tensors unchanged and, where the layout
+        needs them, the full positions."""
         if self._cp_mesh is None:
-            return (input_ids, *others), contextlib.nullcontext
+            if not self._pass_positions:
+                return (input_ids, *others), {}
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            return (input_ids, *others), {"position_ids": positions}
         idx = zigzag_indices(input_ids.shape[1], self.dims.cp, self._cp_mesh.get_local_rank(), input_ids.device)
-        backend = self.plan.kernel_backend("attention")
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        group = self._cp_mesh.get_group()
-        return tuple(t[:, idx] for t in (input_ids, *others)), lambda: context_parallel_region(group, idx, backend)
+        position_ids = idx.expand(input_ids.shape[0], -1)  # (b, s/cp): splits into micro-batches
+        return tuple(t[:, idx] for t in (input_ids, *others)), {"position_ids": position_ids}
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward over this rank's batch, in micro-batches; gradients
         accumulate into ``.grad``. Returns the global mean token loss (same on every rank)."""
         self._check_inputs(input_ids, labels)
         n_micro = self._micro_batches(input_ids.shape[0])
-        moe_stats.start_step(self._moe, n_micro)
+        if self._moe:
+            moe_stats.start_step(self._moe, self._moe_step, n_micro)
         device = self.device
-        (input_ids, labels), cp_region = self._context_parallel(input_ids.to(device), labels.to(device))
+        (input_ids, labels), model_kwargs = self._context_parallel(input_ids.to(device), labels.to(device))
         n_tokens = self._loss_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
         if self.pipeline is not None:
-            with loss_context(self.loss_parallel), self._autocast(), cp_region():
-                total = self.pipeline.forward_backward(input_ids, labels, n_micro, n_tokens)
+            with loss_context(self.loss_parallel), self._autocast():
+                total = self.pipeline.forward_backward(input_ids, labels, n_micro, n_tokens, model_kwargs)
             self._finish_grads()
             return self._loss_sum(self.pipeline.sum_over_pp(total))
         total = torch.zeros((), device=device, dtype=torch.float32)
-        for x, y in zip(input_ids.chunk(n_micro), labels.chunk(n_micro)):
-            with loss_context(self.loss_parallel), self._autocast(), cp_region():
-                loss_sum = cross_entropy_sum(self.module(x), y)
+        micro_kwargs = [{k: v.chunk(n_micro)[i] for k, v in model_kwargs.items()} for i in range(n_micro)]
+        for x, y, kwargs in zip(input_ids.chunk(n_micro), labels.chunk(n_micro), micro_kwargs):
+            with loss_context(self.loss_parallel), self._autocast():
+                loss_sum = cross_entropy_sum(logits_of(self.module(x, **kwargs)), y)
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
         self._finish_grads()
@@ -227,7 +249,9 @@ class ParallelModel:
     # ---- gradients, weights ------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients over every stage and placement (one all-reduce)."""
-        return global_grad_norm(self.parameters(), dist.get_world_size() // self.dims.pp, self.device)
+        extra = self._experts[0] if self._experts is not None else {}
+        return global_grad_norm(self.parameters(), dist.get_world_size() // self.dims.pp, self.device,
+                                extra_replicas=extra)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -1,7 +1,17 @@
-"""parallelize(model, mesh, plan): an ordered chain of ``apply_*`` steps.
+"""parallelize(model, mesh, plan): the whole story, as an ordered chain of ``apply_*`` steps.
 
-    validate -> PP split -> (per stage) TP/SP -> recompute -> compile -> FSDP/HSDP/DDP
-             -> ParallelModel (with a pipeline schedule when pp > 1)
+    1. resolve the plan (the model's default plan, ``plans/``) and validate the layout once
+       (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, PP split)
+    2. PP: split into this rank's stage modules (``pipeline/split.py``)
+    3. for each stage module:
+         EP      apply_expert_parallel   (expert_parallel/)  shard experts, inject the dispatcher
+         TP/SP   apply_tensor_parallel   (tensor_parallel/)  styles by rule, SP kernels by plan
+         CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
+         recompute apply_recompute       (recompute.py)      checkpoint each block
+         compile block.compile()                             per block
+         DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP
+    4. the pipeline runtime over the stages (``pipeline/runtime.py``)
+    5. ``ParallelModel``: forward, forward_backward, gradients, state dicts
 
 Why this order:
 
@@ -9,99 +19,57 @@ Why this order:
    bad plan raises the same ``ValueError`` on every rank before any collective can hang.
 2. **PP split next**: a stage is a pruned copy of the model, and every later step treats
    each stage module exactly as it would treat the whole model (the composable stage).
-3. **TP before everything else**: it replaces parameters by tp-sharded DTensors and installs
-   the input/output redistributions; later steps must see the final parameters. EP's
-   groups are built before it and its experts sharded just before it, per stage: experts
-   are not tensor-sharded (expert-tensor-parallel size 1), and the MoE layers run token
-   parallel over tp (``expert_parallel.py``).
-4. **recompute before compile**: the checkpointed forward is what gets compiled, so the
+3. **EP before TP**: experts are not tensor-sharded (expert-tensor-parallel size 1) and the
+   MoE layers run token parallel over tp; EP's groups are made once from the mesh, its
+   experts sharded per stage. **TP before the rest**: it replaces parameters by
+   tp-sharded DTensors and installs the input/output redistributions; later steps must
+   see the final parameters.
+4. **CP after TP**: it only hooks the attention call sites (no parameters), so it sees the
+   modules TP left in place; under SP the site's input is already gathered.
+5. **recompute before compile**: the checkpointed forward is what gets compiled, so the
    compiler sees the recompute region (compiling first would hide it).
-5. **compile before FSDP**: FSDP's hooks stay outside the compiled block, where they
+6. **compile before FSDP**: FSDP's hooks stay outside the compiled block, where they
    overlap the all-gathers with compute (TorchTitan's order).
-6. **FSDP last**: it shards whatever parameters exist, TP's DTensors included, onto the
+7. **FSDP last**: it shards whatever parameters exist, TP's DTensors included, onto the
    data-parallel dims of the same root mesh (2-D FSDP x TP parameters).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, data_parallel_mesh
-from .expert_parallel import (apply_expert_parallel, build_expert_groups, check_expert_layout, check_experts,
-                              needs_expert_groups)
+from .expert_parallel import apply_expert_parallel, build_dispatch, check_experts
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
-from .pipeline.layout import pipeline_layout
 from .pipeline.runtime import PipelineRuntime
-from .pipeline.split import build_stage_module
+from .plans.hf import is_hf_causal_lm, prepare_hf_model
+from .pipeline.split import PassThrough, build_stage_module
 from .plan import ParallelPlan
 from .recompute import apply_recompute
-from .tensor_parallel import apply_tensor_parallel, check_tp_divisibility, match_modules, resolve_rules
-from .tensor_parallel.sp_reduce_scatter import apply_sp_reduce_scatter, check_sp_reduce_scatter
-from .tensor_parallel.styles import VocabHead
-
-
-def resolve_plan(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
-    """Fill the plan's None fields (blocks, rules, heads) from the model's own defaults."""
-    defaults = model.parallel_defaults() if hasattr(model, "parallel_defaults") else {}
-    filled = {k: defaults[k] for k in ("blocks", "rules", "num_heads", "num_kv_heads")
-              if getattr(plan, k) is None and k in defaults}
-    return replace(plan, **filled) if filled else plan
-
-
-def check_kernels(plan: ParallelPlan, device_type: str) -> None:
-    """Triton kernels need a GPU, or Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    for family, backend in plan.kernels.items():
-        if backend == "triton" and device_type != "cuda" and not interpreted:
-            raise ValueError(f"kernels[{family!r}]='triton' needs CUDA devices, but the mesh is on "
-                             f"{device_type!r}: use kernels='torch' (or 'auto', which picks torch off GPU)")
-
-
-def validate(model: nn.Module, dims: ParallelDims, plan: ParallelPlan):
-    """All local checks; returns (block names, tp styles, pipeline layout or None)."""
-    if plan.sequence_parallel and dims.tp == 1:
-        raise ValueError("sequence_parallel=True needs tp > 1 (SP shards activations over the tp "
-                         "ranks): build the mesh with tp >= 2 or set sequence_parallel=False")
-    if plan.blocks is None:
-        raise ValueError(f"{type(model).__name__} has no parallel_defaults(): name its repeated "
-                         f"blocks in the plan, e.g. ParallelPlan(blocks='layers.*', rules={{...}})")
-    block_names = [n for n, _ in match_modules(model, plan.blocks)]
-    if not block_names:
-        raise ValueError(f"blocks={plan.blocks!r} matches no module of {type(model).__name__}: "
-                         f"give the glob of the repeated blocks, e.g. 'layers.*'")
-    if dims.tp > 1 and not plan.rules:
-        raise ValueError(f"tp={dims.tp} but the plan has no TP rules for {type(model).__name__}: "
-                         f"give rules={{'blocks.*.q': 'colwise', ...}} or build the mesh with tp=1")
-    styles = resolve_rules(model, plan.rules or {})
-    check_tp_divisibility(model, styles, dims.tp, plan.num_heads, plan.num_kv_heads)
-    if plan.micro_batch_size and plan.global_batch_size:
-        per_step = plan.micro_batch_size * dims.dp
-        if plan.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size({plan.global_batch_size}) is not a multiple of micro_batch_size"
-                f"({plan.micro_batch_size}) * dp({dims.dp}) = {per_step}: change one of them")
-    n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
-               if plan.micro_batch_size and plan.global_batch_size else None)
-    layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
-    check_expert_layout(model, dims, plan.expert_parallel, styles)
-    return block_names, styles, layout
+from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
+from .tensor_parallel.styles import AttentionSite, TPKernels, VocabHead
+from .validation import check_kernels, kernel_backend, resolve_plan, validate_layout
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = None) -> ParallelModel:
     """Apply the plan's strategies to ``model`` and wrap it in a ParallelModel. Without PP
     the model is parallelized in place; with PP each of this rank's stages is a pruned
-    copy of it, sharing its parameters."""
+    copy of it, sharing its parameters. The chain, in order (the module docstring says why):"""
+    # 1. resolve and validate the layout once: local checks only, before any collective
     dims = ParallelDims.from_mesh(mesh)
     plan = resolve_plan(model, plan or ParallelPlan())
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
-    block_names, styles, layout = validate(model, dims, plan)
+    resolved = validate_layout(model, dims, plan)
+    block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
+    if is_hf_causal_lm(model):  # a transformers LM: our causal attention in its registry, no KV cache
+        prepare_hf_model(model)
 
+    # 2. pipeline stages: this rank's pruned copies of the model (or the model itself)
     state_order = None
     if layout is None:
         stage_ids, stage_modules, stage_blocks = [0], [model], [block_names]
@@ -114,25 +82,37 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                                             is_last=s == layout.n_stages - 1)
                          for s, blocks in zip(stage_ids, stage_blocks)]
 
-    loss_parallel = False
+    # 3. each stage: EP -> TP/SP -> CP -> recompute -> compile -> DP
     dp_mesh = data_parallel_mesh(mesh, dims)
-    expert_groups, expert_params = None, []
-    if needs_expert_groups(dims, plan.expert_parallel, bool(check_experts(model, 1))):
-        expert_groups = build_expert_groups(mesh, dims, plan.expert_parallel)
-    dispatch = plan.kernel_backend("moe_dispatch")
-    if dispatch == "auto":
-        dispatch = "triton" if mesh.device_type == "cuda" else "torch"
-    for module in stage_modules:
-        for moe in check_experts(module, 1):
-            moe.dispatch_backend = dispatch
+    dispatch, expert_groups = build_dispatch(model, mesh, dims, plan.expert_parallel,
+                                             kernel_backend(plan, "moe_dispatch", mesh))
+    expert_params: dict = {}  # {expert parameter: ranks holding the same shard}
+    loss_parallel = False
     for module, names in zip(stage_modules, stage_blocks):
         present = {n: st for n, st in styles.items() if _present(module, n)}
-        stage_experts = (apply_expert_parallel(check_experts(module, 1), expert_groups)
-                         if expert_groups is not None else [])
-        expert_params += stage_experts
-        loss_parallel |= _parallelize_stage(module, [module.get_submodule(n) for n in names],
-                                            mesh, dims, plan, present, dp_mesh, set(stage_experts), sp_backend)
+        blocks = [module.get_submodule(n) for n in names]
+        stage_experts = {}
+        if dispatch is not None:  # EP: experts sharded over ep, the dispatcher injected
+            stage_experts = apply_expert_parallel(check_experts(module, 1), expert_groups, dispatch)
+            expert_params |= stage_experts
+        if dims.tp > 1 and present:  # TP / SP
+            apply_tensor_parallel(module, submesh(mesh, "tp"), present, plan.sequence_parallel,
+                                  TPKernels(reduce_scatter=sp_backend, fused=plan.fused_rowwise))
+            loss_parallel |= any(isinstance(st, VocabHead) for st in present.values())
+        if dims.cp > 1:  # CP: ring attention at each attention call site
+            apply_context_parallel({n: module.get_submodule(n) for n, st in present.items()
+                                    if isinstance(st, AttentionSite)},
+                                   submesh(mesh, "cp").get_group(), kernel_backend(plan, "attention", mesh))
+        apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
+        if plan.compile:  # per block, after recompute (it compiles the checkpointed forward)
+            for block in blocks:
+                block.compile()
+        if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too
+            apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
+                                reshard_after_forward=plan.reshard_after_forward,
+                                ignored_params=set(stage_experts) or None)
 
+    # 4. the pipeline runtime, 5. the model every layout shares
     pipeline = None
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
@@ -144,31 +124,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
 
 
 def _present(module: nn.Module, name: str) -> bool:
+    """Whether this stage holds the named module (not another stage's pass-through)."""
     try:
-        return module.get_submodule(name) is not None
+        return not isinstance(module.get_submodule(name), PassThrough)
     except AttributeError:
         return False
-
-
-def _parallelize_stage(module: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh, dims: ParallelDims,
-                       plan: ParallelPlan, styles: dict, dp_mesh: DeviceMesh | None,
-                       expert_params: set[nn.Parameter], sp_backend: str) -> bool:
-    """The chain on one module (the whole model, or one pipeline stage). Returns whether
-    its output is vocab-sharded logits (loss parallel)."""
-    loss_parallel = False
-    if dims.tp > 1 and styles:
-        apply_tensor_parallel(module, submesh(mesh, "tp"), styles, plan.sequence_parallel)
-        apply_sp_reduce_scatter(module, styles, sp_backend)
-        loss_parallel = any(isinstance(s, VocabHead) for s in styles.values())
-
-    apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
-
-    if plan.compile:
-        for block in blocks:
-            block.compile()
-
-    if dp_mesh is not None:
-        apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
-                            reshard_after_forward=plan.reshard_after_forward,
-                            ignored_params=expert_params or None)
-    return loss_parallel

@@ -16,7 +16,7 @@ Every field is checked in ``__post_init__``; errors name the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -48,6 +48,10 @@ class ParallelPlan:
             it cannot run is a ``ValueError`` before any collective; ``"auto"`` takes Triton
             where it can run and otherwise torch (for ``sp_reduce_scatter`` with one log line
             saying why: ``tensor_parallel/sp_reduce_scatter.py``).
+        fused_rowwise: with the Triton SP reduce-scatter, run each plain row-parallel
+            ``nn.Linear``'s matmul and reduce-scatter as one op (chunked GEMMs pushed into
+            symmetric memory, ``tensor_parallel/matmul_reduce_scatter.py``); False keeps the
+            unfused kernel after the matmul. A ``Rowwise(fused=...)`` rule overrides it per module.
         micro_batch_size / global_batch_size: sequences per forward per data-parallel rank,
             and per optimizer step over all data-parallel ranks; their ratio over dp is the
             number of accumulated micro-batches.
@@ -81,6 +85,7 @@ class ParallelPlan:
     recompute_num_layers: int | None = None
     compile: bool = False
     kernels: str | dict[str, str] = "torch"
+    fused_rowwise: bool = True
     micro_batch_size: int | None = None
     global_batch_size: int | None = None
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
@@ -133,17 +138,6 @@ class ParallelPlan:
             raise TypeError(f"rules must be a dict of module-name glob -> style, got {type(self.rules)}")
         if self.blocks is not None and not isinstance(self.blocks, str):
             raise TypeError(f"blocks must be a glob string such as 'layers.*', got {self.blocks!r}")
-
-    @classmethod
-    def from_megatron(cls, argv: list[str] | str, **plan_fields: Any) -> "ParallelPlan":
-        """A plan from a Megatron-Core launch line (``--sequence-parallel``,
-        ``--recompute-granularity``, ``--micro-batch-size`` ...). The degrees from the same
-        line: :func:`dtensor_parallel.megatron_args.plan_and_degrees_from_megatron`."""
-        from .megatron_args import plan_and_degrees_from_megatron
-
-        _, plan = plan_and_degrees_from_megatron(argv, blocks=plan_fields.pop("blocks", None),
-                                                 rules=plan_fields.pop("rules", None))
-        return replace(plan, **plan_fields) if plan_fields else plan
 
     def kernel_backend(self, family: str) -> str:
         """The backend chosen for one kernel family."""

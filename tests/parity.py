@@ -91,7 +91,7 @@ def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
         return loss.detach()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for m in moes:
-        m.aux_loss_scale = 1.0 / n_micro
+        m.step.aux_loss_scale = 1.0 / n_micro
     n_tokens = (y != -100).sum()
     total = torch.zeros(())
     per_micro = lambda t: t.view(dp, n_micro, -1, t.shape[-1])  # noqa: E731
@@ -101,7 +101,7 @@ def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
         (loss_sum / n_tokens).backward()
         total = total + loss_sum.detach().cpu()
     for m in moes:
-        m.aux_loss_scale = 1.0
+        m.step.aux_loss_scale = 1.0
     return total / n_tokens.cpu()
 
 

@@ -78,25 +78,3 @@ _UNFUSED_ON_GPU = pytest.param(False, id="unfused", marks=pytest.mark.xfail(
 def test_gpu_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
     """``pytest -m gpu tests/test_compile.py``: the same on 2 GPUs (symmetric memory, nccl)."""
     _check_sp_triton_compiled(run_distributed(2, _sp_triton_compiled_stats, fuse, backend="nccl"), fuse)
-
-
-def test_context_parallel_region_is_seen_from_other_threads() -> None:
-    """autograd runs CUDA backward (and the forward that recompute reruns in it) on its own
-    device thread: the region's positions and ring must be visible there."""
-    from dtensor_parallel.context_parallel import context_parallel_region, local_positions
-    from dtensor_parallel.context_parallel.sharding import RegionState
-
-    seen = {}
-
-    def other_thread() -> None:
-        seen["positions"] = local_positions(4)
-        seen["ring"] = RegionState.ring
-
-    pos = torch.tensor([0, 1, 6, 7])
-    group = object()  # the region only stores it; the ring would use it (no process group needed)
-    with context_parallel_region(group, pos):
-        t = threading.Thread(target=other_thread)
-        t.start()
-        t.join()
-    assert torch.equal(seen["positions"], pos) and seen["ring"][0] is group
-    assert RegionState.ring is None and torch.equal(local_positions(4), torch.arange(4))  # restored

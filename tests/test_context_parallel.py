@@ -40,8 +40,13 @@ CP_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["llama", "toy"])
-@pytest.mark.parametrize("layout", list(CP_LAYOUTS))
+# the toy model (SDPA intercepted at its attention module) on every torch-kernel layout; the
+# Triton ring, slow in the interpreter, on the Llama (the same kernel either way)
+CP_CASES = [(name, kind) for name in CP_LAYOUTS for kind in ("llama", "toy")
+            if kind == "llama" or "triton" not in name]
+
+
+@pytest.mark.parametrize("layout,kind", CP_CASES, ids=[f"{n}-{k}" for n, k in CP_CASES])
 def test_context_parallel_parity(layout: str, kind: str) -> None:
     """The Llama calls our attention (ring with un-repeated kv heads); the toy model calls
     F.scaled_dot_product_attention, which the context-parallel region turns into the ring."""
@@ -161,3 +166,79 @@ def test_torch_backend_row_chunks_give_the_same_result(monkeypatch, causal: bool
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            is_causal=causal, scale=0.3)
     torch.testing.assert_close(chunked[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_runs_only_at_the_named_call_sites_on_their_own_thread(monkeypatch) -> None:
+    """Applied to modules, not the process: F.scaled_dot_product_attention is never
+    reassigned; an SDPA call becomes the ring only inside a named site's forward, on the
+    thread running it (not in another module, not in a concurrent thread); and a recompute
+    that reruns the site's forward inside the backward goes through the ring again."""
+    import threading
+
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from dtensor_parallel.context_parallel import RingAttentionMode, apply_context_parallel
+    from dtensor_parallel.context_parallel import attention as cp_attention
+
+    calls: list[str] = []
+
+    def fake_ring(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append(self.site)
+        return cp_attention._SDPA(q, k, v, is_causal=is_causal)
+
+    monkeypatch.setattr(RingAttentionMode, "attention", fake_ring)
+    sdpa_before = F.scaled_dot_product_attention
+    other_thread_ran = threading.Event()
+
+    class Site(torch.nn.Module):
+        def __init__(self, probe_thread: bool = False):
+            super().__init__()
+            self.probe_thread = probe_thread
+
+        def forward(self, q):
+            assert F.scaled_dot_product_attention is sdpa_before  # nothing reassigned
+            if self.probe_thread:  # another thread's SDPA while this forward is inside the mode
+                t = threading.Thread(target=lambda: (F.scaled_dot_product_attention(q, q, q), other_thread_ran.set()))
+                t.start()
+                t.join()
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    site, bystander = Site(probe_thread=True), Site()
+    apply_context_parallel({"blocks.0.attn": site}, group=None, backend="torch")
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    site(q)
+    assert calls == ["blocks.0.attn"] and other_thread_ran.is_set()  # the thread's call was plain SDPA
+    bystander(q)
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == ["blocks.0.attn"]  # outside the site: plain SDPA
+    site.probe_thread = False
+    calls.clear()
+    checkpoint(site, q, use_reentrant=False).sum().backward()
+    assert calls == ["blocks.0.attn", "blocks.0.attn"]  # forward, then the recompute in backward
+    with pytest.raises(RuntimeError, match="boom"):  # a forward that raises leaves the mode
+        site.register_forward_pre_hook(lambda m, i: (_ for _ in ()).throw(RuntimeError("boom")))
+        site(q)
+    calls.clear()
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == []
+
+
+def test_context_parallel_refuses_a_model_without_positions_or_sites() -> None:
+    """Before any collective: a forward without position_ids would compute each shard's
+    positions from its own length (silently wrong RoPE); no attention site, no ring."""
+    from dtensor_parallel.validation import check_context_parallel
+    from dtensor_parallel.tensor_parallel import resolve_rules
+
+    from .toy_gpt import TOY_RULES, ToyGPT
+
+    class NoPositions(ToyGPT):
+        def forward(self, idx):
+            return super().forward(idx)
+
+    model = NoPositions()
+    with pytest.raises(ValueError, match=r"takes no position_ids.*silently wrong RoPE"):
+        check_context_parallel(model, resolve_rules(model, TOY_RULES), cp=2)
+    rules = {k: v for k, v in TOY_RULES.items() if v != "attention"}
+    with pytest.raises(ValueError, match=r"cp=2 needs the attention call sites .*'attention'"):
+        check_context_parallel(ToyGPT(), resolve_rules(model, rules), cp=2)

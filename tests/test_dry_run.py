@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dtensor_parallel.cli import main
-from dtensor_parallel.dry_run import dry_run, mesh_groups, run_plan
-from dtensor_parallel.memory import estimate_memory, local_param_numels
 from dtensor_parallel.mesh import ParallelDims
+from dtensor_parallel.planning.dry_run import dry_run, mesh_groups, run_plan
+from dtensor_parallel.planning.memory import estimate_memory, local_param_numels
 from dtensor_parallel.trainer import load_config
 
 RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.toml"))
@@ -51,7 +51,7 @@ def test_recipe_dry_run_matches_estimator(recipe: Path) -> None:
 
 
 def _param_names(args):
-    from dtensor_parallel.memory import param_specs
+    from dtensor_parallel.planning.memory import param_specs
     return [p.name for p in param_specs(args)]
 
 

@@ -143,7 +143,9 @@ def test_tp_moe_needs_a_moe_rule() -> None:
     fake_world(2)
     with torch.device("meta"):
         model = Llama(TINY_MOE)
-    rules = {k: v for k, v in model.parallel_defaults()["rules"].items() if not k.startswith("layers.3.feed_forward")}
+    from dtensor_parallel.plans import llama_plan
+
+    rules = {k: v for k, v in llama_plan(model)["rules"].items() if not k.startswith("layers.3.feed_forward")}
     with CommDebugMode() as comm, pytest.raises(ValueError,
                                                 match=r"MoE layer 'layers.3.feed_forward' has no 'moe' TP"):
         parallelize(model, build_mesh(tp=2), ParallelPlan(rules=rules))

@@ -146,7 +146,7 @@ def fused_parity_counting(kind: str, mesh_kwargs: dict, plan_kwargs: dict, fuse:
     """one_step_parity, counting the fused forwards and the unfused Triton reduce-scatters
     (spies); ``fuse=False``: the row-parallel Linears keep the unfused kernel."""
     calls = {"fused": 0, "unfused": 0}
-    orig_fused, orig_rs, orig_flag = mrs._forward, sprs._reduce_scatter, mrs.FUSE_ROWWISE_LINEAR
+    orig_fused, orig_rs = mrs._forward, sprs._reduce_scatter
 
     def fused(*a, **k):
         calls["fused"] += 1
@@ -156,11 +156,11 @@ def fused_parity_counting(kind: str, mesh_kwargs: dict, plan_kwargs: dict, fuse:
         calls["unfused"] += 1
         return orig_rs(*a, **k)
 
-    mrs._forward, sprs._reduce_scatter, mrs.FUSE_ROWWISE_LINEAR = fused, unfused, fuse
+    mrs._forward, sprs._reduce_scatter = fused, unfused
     try:
-        loss = one_step_parity(kind, mesh_kwargs, plan_kwargs, **kwargs)
+        loss = one_step_parity(kind, mesh_kwargs, {**plan_kwargs, "fused_rowwise": fuse}, **kwargs)
     finally:
-        mrs._forward, sprs._reduce_scatter, mrs.FUSE_ROWWISE_LINEAR = orig_fused, orig_rs, orig_flag
+        mrs._forward, sprs._reduce_scatter = orig_fused, orig_rs
     return loss, calls["fused"], calls["unfused"]
 
 

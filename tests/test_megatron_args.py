@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 
-from dtensor_parallel import megatron_args
-from dtensor_parallel.megatron_args import (
+from dtensor_parallel.mesh import ParallelDims
+from dtensor_parallel.plan import ParallelPlan
+from dtensor_parallel.trainer import megatron_args
+from dtensor_parallel.trainer.megatron_args import (
     deep_merge,
     parse_megatron_args,
     plan_and_degrees_from_megatron,
 )
-from dtensor_parallel.mesh import ParallelDims
-from dtensor_parallel.plan import ParallelPlan
 
 # Llama-3-70B as a Megatron-LM user launches it (pretrain_gpt.py), pasted from a shell script.
 LLAMA3_70B = r"""

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dtensor_parallel import ParallelPlan
-from dtensor_parallel.memory import (activation_bytes, estimate_memory, in_flight, local_param_numels,
-                                     parse_bytes, parse_count)
 from dtensor_parallel.mesh import ParallelDims
 from dtensor_parallel.models.llama import ModelArgs, TransformerBlock, llama3_args, rope_cache
+from dtensor_parallel.planning.memory import (activation_bytes, estimate_memory, in_flight, local_param_numels,
+                                              parse_bytes, parse_count)
 
 
 def test_units() -> None:

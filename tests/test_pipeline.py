@@ -11,7 +11,7 @@ from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 from dtensor_parallel.models import Llama
 from dtensor_parallel.pipeline.layout import pipeline_layout
 from dtensor_parallel.pipeline.schedules import theoretical_bubble
-from dtensor_parallel.pipeline.split import (build_stage_module, split_pre_post, stage_layer_counts,
+from dtensor_parallel.pipeline.split import (PassThrough, build_stage_module, split_pre_post, stage_layer_counts,
                                              stages_of_rank, virtual_stages_from_layers)
 
 from .harness import run_distributed
@@ -60,12 +60,21 @@ def test_pre_post_modules_and_stage_pruning_keep_names() -> None:
     names = [f"layers.{i}" for i in range(4)]
     mid = build_stage_module(model, names, ["layers.2"], is_first=False, is_last=False)
     assert [n for n, _ in mid.named_parameters()][0].startswith("layers.2.")
-    assert mid.tok_embeddings is None and mid.output is None
+    assert isinstance(mid.tok_embeddings, PassThrough) and isinstance(mid.output, PassThrough)
     assert mid.layers["2"].attention.wq.weight is model.layers["2"].attention.wq.weight  # shared
     first = build_stage_module(ToyGPT(), [f"h.{i}" for i in range(4)], ["h.0", "h.1"], True, False)
     assert sorted({n.split(".")[0] + "." + n.split(".")[1] for n, _ in first.named_parameters()
                    if n.startswith("h.")}) == ["h.0", "h.1"]
-    assert first.lm_head is None and first.ln_f is None and first.wte is not None
+    assert isinstance(first.lm_head, PassThrough) and isinstance(first.ln_f, PassThrough)
+    assert isinstance(first.wte, torch.nn.Embedding)
+    # a module without parameters registered after the blocks (a rotary embedding) stays on
+    # every stage; other stages' modules pass their input on
+    toy = ToyGPT()
+    toy.rotary = torch.nn.Identity()
+    first = build_stage_module(toy, [f"h.{i}" for i in range(4)], ["h.0", "h.1"], True, False)
+    assert isinstance(first.rotary, torch.nn.Identity)
+    x = torch.randn(2, 3, 32)
+    assert first.lm_head(x, "ignored", key=1) is x
 
 
 def test_layout_from_plan() -> None:

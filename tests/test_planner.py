@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtensor_parallel.cli import main
-from dtensor_parallel.planner import suggest
+from dtensor_parallel.planning.planner import suggest
 
 
 def test_under_1b_is_data_parallel_only() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from dtensor_parallel.cli import main
-from dtensor_parallel.pipeline.draw import (ascii_timeline, action_orders, bubble_fraction, draw_png,
-                                            n_stages_of, simulate, stage_times)
 from dtensor_parallel.pipeline.schedules import theoretical_bubble
+from dtensor_parallel.planning.draw import (ascii_timeline, action_orders, bubble_fraction, draw_png,
+                                            n_stages_of, simulate, stage_times)
 
 CASES = [("gpipe", 1), ("gpipe", 2), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 3),
          ("zero_bubble", 1), ("zero_bubble", 2), ("zbv", 2)]

@@ -190,7 +190,7 @@ def test_ffn_hidden_dim_and_unsupported_features():
 
 def test_cli_rejects_before_launching(capsys):
     rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "4", "--expert-model-parallel-size", "2"])
-    assert rc == 2 and "ep=2 needs an MoE model" in capsys.readouterr().err
+    assert rc == 2 and "ep=2 (expert_parallel) needs an MoE model" in capsys.readouterr().err
     rc = cli_main(["train", str(DEBUG_RECIPE), "--nproc-per-node", "3"])
     assert rc == 2 and "does not divide world size 3" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from torch import nn
 TOY_RULES = {
     "wte": "embedding",
     "h.*.ln_1": "norm",
+    "h.*.attn": "attention",  # its forward calls F.scaled_dot_product_attention: the ring runs there under CP
     "h.*.attn.c_q": "colwise",
     "h.*.attn.c_k": "colwise",
     "h.*.attn.c_v": "colwise",
@@ -79,10 +80,10 @@ class ToyGPT(nn.Module):
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.1, 0.1)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        # a pipeline stage lacks the modules of other stages: skip what is None
-        x = self.wte(idx) if self.wte is not None else idx
+    def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # no positional encoding: position_ids is accepted (the contract context parallelism
+        # checks) and unused. Unmodified under PP: other stages' modules pass their input on
+        x = self.wte(idx)
         for block in self.h:
             x = block(x)
-        x = self.ln_f(x) if self.ln_f is not None else x
-        return self.lm_head(x) if self.lm_head is not None else x
+        return self.lm_head(self.ln_f(x))

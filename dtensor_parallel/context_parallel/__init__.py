@@ -1,6 +1,7 @@
-"""Context parallelism on the "cp" dim: zigzag sequence sharding and ring attention."""
+"""Context parallelism on the "cp" dim: zigzag sequence sharding and ring attention,
+applied to the attention call sites the plan names (``apply_context_parallel``)."""
 
-from .attention import attention, context_parallel_region
-from .sharding import local_positions, zigzag_indices
+from .attention import RingAttentionMode, apply_context_parallel
+from .sharding import zigzag_indices
 
-__all__ = ["attention", "context_parallel_region", "local_positions", "zigzag_indices"]
+__all__ = ["RingAttentionMode", "apply_context_parallel", "zigzag_indices"]

@@ -1,69 +1,77 @@
-"""The attention entry point models call, and the region that turns it into ring attention.
+"""Ring attention at a module's own attention call: the context-parallel step's mechanism.
 
-Outside a context-parallel region :func:`attention` is PyTorch's SDPA. Inside
-:func:`context_parallel_region` (entered by ``ParallelModel`` around forward and
-backward when cp > 1) it is ring attention over the cp group, and so is a call of
-``torch.nn.functional.scaled_dot_product_attention`` (looked up at call time, as in
-``F.scaled_dot_product_attention(...)``): the region swaps that function for the ring.
-So a user's model needs no change beyond reading positions from
-:func:`~dtensor_parallel.context_parallel.local_positions` if it uses RoPE.
+:func:`apply_context_parallel` gives every attention call site the plan names (style
+``"attention"``: the module whose ``forward`` calls
+``torch.nn.functional.scaled_dot_product_attention``) its own :class:`RingAttentionMode`,
+entered by a forward pre-hook and left by a forward hook that runs even when the forward
+raises. While it is entered, an SDPA call *made on this thread by that module's forward*
+runs ring attention over the cp group (``ring.py``); every other call of any other model,
+thread or library is untouched, and nothing in ``torch.nn.functional`` is reassigned.
 
-Why a swap and not a ``TorchFunctionMode``: activation recompute reruns the forward
-inside the backward, where the autograd engine does not carry the Python function-mode
-stack (seen with torch 2.13: the recomputed forward called plain SDPA and checkpointing
-failed on mismatched saved tensors). The swapped function is there all along the region.
+Why a per-module ``TorchFunctionMode`` and not a wrapper around the whole step: activation
+recompute reruns a block's forward inside the backward, on the autograd engine's thread,
+which does not inherit the training thread's mode stack. The hooks run again with the
+recomputed forward, on whichever thread runs it, so the ring is there too.
+
+The mode holds all its state (the group and the block kernel): no class attribute, no
+global. RoPE positions of the zigzag shards reach the model as its ``position_ids``
+forward argument (``ParallelModel`` passes them), so the ring needs none.
 """
 
 from __future__ import annotations
 
-import contextlib
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .blocks import get_backend
 from .ring import ring_attention
-from .sharding import RegionState, reset_region, set_region
+
+_SDPA = F.scaled_dot_product_attention
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = True,
-              scale: float | None = None) -> torch.Tensor:
-    """Attention with grouped-query k/v (b, hkv, s, d), hq a multiple of hkv."""
-    state = RegionState.ring
-    if state is not None:
-        group, backend = state
-        return ring_attention(q, k, v, causal=is_causal, scale=scale, group=group, backend=backend)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return _SDPA(q, k, v, is_causal=is_causal, scale=scale)
+class RingAttentionMode(TorchFunctionMode):
+    """Inside: ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` is ring attention
+    over ``group`` with the block kernel ``backend`` ("torch" or "triton"); every other
+    function runs as it is."""
+
+    def __init__(self, group: dist.ProcessGroup, backend: str, site: str):
+        super().__init__()
+        self.group, self.backend, self.site = group, get_backend(backend), site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return self.attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False) -> torch.Tensor:
+        if attn_mask is not None:
+            raise NotImplementedError(
+                f"{self.site}: context parallel attention takes no attn_mask (its zigzag shards are "
+                f"causal by position): call SDPA with is_causal=True and attn_mask=None")
+        if dropout_p:
+            raise NotImplementedError(f"{self.site}: context parallel attention takes no attention dropout")
+        return ring_attention(query, key, value, causal=is_causal, scale=scale, group=self.group,
+                              backend=self.backend)
 
 
-_SDPA = F.scaled_dot_product_attention  # PyTorch's own, kept before any swap
+def apply_context_parallel(sites: dict[str, nn.Module], group: dist.ProcessGroup, backend: str) -> None:
+    """Install the ring on each ``{name: module}`` attention call site (one mode per site)."""
+    for name, module in sites.items():
+        mode = RingAttentionMode(group, backend, name)
+        module.register_forward_pre_hook(partial(_enter, mode))
+        module.register_forward_hook(partial(_leave, mode), always_call=True)
 
 
-def _sdpa_in_region(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
-    if RegionState.ring is None:  # after the region
-        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                     scale=scale, enable_gqa=enable_gqa)
-    if attn_mask is not None:
-        raise NotImplementedError("context parallel attention takes no attn_mask: use is_causal=True")
-    if dropout_p:
-        raise NotImplementedError("context parallel attention takes no attention dropout")
-    return attention(query, key, value, is_causal=is_causal, scale=scale)
+def _enter(mode: RingAttentionMode, module: nn.Module, inputs: tuple) -> None:
+    mode.__enter__()  # (a pre-hook's return value would replace the inputs: return None)
 
 
-@contextlib.contextmanager
-def context_parallel_region(group: dist.ProcessGroup, positions: torch.Tensor, backend: str = "torch"):
-    """Ring attention on ``group`` and RoPE positions ``positions`` for the code inside."""
-    previous = set_region((group, get_backend(backend)), positions)
-    swapped = F.scaled_dot_product_attention is _SDPA  # a nested region leaves the swap alone
-    if swapped:
-        F.scaled_dot_product_attention = _sdpa_in_region
-    try:
-        yield
-    finally:
-        if swapped:
-            F.scaled_dot_product_attention = _SDPA
-        reset_region(previous)
+def _leave(mode: RingAttentionMode, module: nn.Module, inputs: tuple, output) -> None:
+    mode.__exit__(None, None, None)

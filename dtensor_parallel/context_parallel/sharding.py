@@ -6,26 +6,13 @@ attention chunk i attends to i+1 chunks' worth of keys, so every rank gets
 the last rank 2cp - 1 times the first's (Striped/zigzag attention; Brandon et al. 2023,
 Zhu "ring-flash-attention").
 
-The positions a rank holds are what RoPE must see: :func:`local_positions` returns them
-inside a :func:`~dtensor_parallel.context_parallel.context_parallel_region` and
-``arange(s)`` outside, so a model reads positions the same way in every layout.
+The positions a rank holds are what RoPE must see: ``ParallelModel`` passes them to the
+model as its ``position_ids`` forward argument.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-class RegionState:
-    """The active context-parallel region (set by ``context_parallel_region``): the ring's
-    ``(group, backend)`` and this rank's token positions. Plain class attributes, not
-    ContextVars: autograd runs CUDA backward, and so the blocks that recompute rematerializes,
-    on its own device thread, which does not see a ContextVar set by the training thread; and
-    torch.compile cannot trace ``ContextVar.get`` (the graph break dropped every block inside
-    a recompute region back to eager)."""
-
-    ring: tuple | None = None
-    positions: torch.Tensor | None = None
 
 
 def zigzag_indices(seq_len: int, cp: int, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -38,25 +25,3 @@ def zigzag_indices(seq_len: int, cp: int, rank: int, device: torch.device | str 
     first = torch.arange(rank * c, (rank + 1) * c, device=device)
     second = torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c, device=device)
     return torch.cat([first, second])
-
-
-def local_positions(seq_len_local: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The global positions of this rank's tokens (``arange`` without context parallel)."""
-    pos = RegionState.positions
-    if pos is None:
-        return torch.arange(seq_len_local, device=device)
-    if pos.numel() != seq_len_local:
-        raise ValueError(f"context parallel region holds {pos.numel()} positions, the model sees a "
-                         f"sequence of {seq_len_local}")
-    return pos.to(device)
-
-
-def set_region(ring: tuple | None, positions: torch.Tensor | None) -> tuple:
-    """Enter a region; returns what :func:`reset_region` restores (regions nest)."""
-    previous = (RegionState.ring, RegionState.positions)
-    RegionState.ring, RegionState.positions = ring, positions
-    return previous
-
-
-def reset_region(previous: tuple) -> None:
-    RegionState.ring, RegionState.positions = previous

@@ -1,4 +1,5 @@
-"""Reference models. Each carries its own parallel plan (``parallel_defaults()``)."""
+"""Reference models: plain ``nn.Module``s that import nothing of the strategies. Their
+default plans (blocks, rules) are data in ``dtensor_parallel/plans``."""
 
 from .llama import LLAMA3_FLAVOURS, Llama, ModelArgs, llama3_args
 

@@ -12,7 +12,11 @@ Parallel-friendly by construction:
   from a global constant, so tensor parallelism needs no model change;
 - layers live in a ``ModuleDict`` keyed by layer index, so a pipeline stage can drop
   layers and keep the original parameter names;
-- :meth:`Llama.parallel_defaults` gives the blocks and TP rules, so
+- positions come in as ``position_ids`` (``arange`` when absent), so context parallelism
+  passes each zigzag shard its true positions; attention is a plain SDPA call, which the
+  context-parallel step turns into ring attention at this module only;
+- it imports nothing of the library's strategies: its default plan (blocks and rules) is
+  data in ``dtensor_parallel/plans/llama.py``, so
   ``parallelize(llama, mesh, ParallelPlan(sequence_parallel=True))`` needs no rules.
 """
 
@@ -26,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import init
-from ..context_parallel import attention, local_positions
 from .moe import MoE, MoEArgs
 
 
@@ -149,11 +152,13 @@ def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> tor
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) as in Meta's reference. x: (b, s, h, d);
-    rope: (s, d/2, 2) cos/sin rows of the tokens' positions."""
+    rope: (s, d/2, 2) or (b, s, d/2, 2) cos/sin rows of the tokens' positions."""
     b, s, h, d = x.shape
+    if rope.dim() == 3:
+        rope = rope[:s]  # a table from position 0 (the first s rows)
     xp = x.float().reshape(b, s, h, d // 2, 2)  # (b, s, h, d/2, 2)
-    cos = rope[:s, None, :, 0]  # (s, 1, d/2)
-    sin = rope[:s, None, :, 1]
+    cos = rope[..., None, :, 0]  # ([b,] s, 1, d/2)
+    sin = rope[..., None, :, 1]
     x0, x1 = xp[..., 0], xp[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (b, s, h, d/2, 2)
     return out.flatten(3).type_as(x)
@@ -183,16 +188,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x (b, s, dim); rope: the cos/sin rows of the tokens' positions, (s, d/2, 2) or
+        (b, s, d/2, 2)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)  # (b, s, local heads, d)
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, local kv heads, d)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        # the tokens' global positions: arange(s), or this rank's zigzag chunks under CP
-        rope = rope_table[local_positions(s, rope_table.device)]  # (s, d/2, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-        out = attention(q, k, v, is_causal=True)  # SDPA, or ring attention under CP
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -223,27 +228,31 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama 3. ``forward(tokens (b, s)) -> logits (b, s, vocab)``."""
+    """Llama 3. ``forward(tokens (b, s), position_ids (b, s) or (s,) = arange(s)) -> logits
+    (b, s, vocab)``; a pipeline stage without the embedding takes hidden states (b, s, dim)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope", rope_cache(args), persistent=False)
 
     @classmethod
     def from_flavour(cls, flavour: str, **overrides) -> "Llama":
         return cls(llama3_args(flavour, **overrides))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)  # (b, s, dim); a pipeline stage without it passes hidden states on
+        if position_ids is None:
+            rope = self.rope[:tokens.shape[1]]  # (s, d/2, 2)
+        else:  # the tokens' global positions (this rank's zigzag chunks under CP)
+            rope = self.rope[position_ids]  # ([b,] s, d/2, 2)
         for layer in self.layers.values():
-            h = layer(h, self.rope)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+            h = layer(h, rope)
+        return self.output(self.norm(h))
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None, seed: int = 0) -> None:
@@ -273,52 +282,3 @@ class Llama(nn.Module):
                 init.normal_(p, name, seed, std=0.02 / math.sqrt(2 * (int(parts[1]) + 1)))
             else:
                 init.normal_(p, name, seed, std=0.02)
-
-    def parallel_defaults(self) -> dict:
-        """Blocks and TP rules for ParallelPlan fields the user leaves as None.
-
-        MoE layers (expert-tensor-parallel size 1, Megatron-Core's default): the layer runs
-        token parallel over tp on the sequence shard (``moe`` style: router replicated,
-        experts left to expert parallelism), so the norm before it keeps its output
-        sequence-sharded; a shared expert gathers the layer's tokens once and is
-        colwise/rowwise like a dense feed-forward, scattering back to the tokens.
-        """
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import PrepareModuleInput
-
-        from ..tensor_parallel.styles import Norm, Rowwise  # lazily: the styles import models.moe
-
-        n = self.args.n_layers
-        kinds = {moe: [i for i in range(n) if self.args.is_moe_layer(i) == moe] for moe in (False, True)}
-
-        def per_layer(moe: bool, suffix: str, style) -> dict:
-            """One glob if every layer is of this kind, else one name per layer of it."""
-            if len(kinds[moe]) == n:
-                return {f"layers.*.{suffix}": style}
-            return {f"layers.{i}.{suffix}": style for i in kinds[moe]}
-
-        rules = {
-            "tok_embeddings": "embedding",
-            "layers.*.attention_norm": "norm",
-            "layers.*.attention.wq": "colwise",
-            "layers.*.attention.wk": "colwise",
-            "layers.*.attention.wv": "colwise",
-            "layers.*.attention.wo": "rowwise",
-            **per_layer(False, "ffn_norm", "norm"),
-            **per_layer(False, "feed_forward.w1", "colwise"),
-            **per_layer(False, "feed_forward.w3", "colwise"),
-            **per_layer(False, "feed_forward.w2", "rowwise"),
-            **per_layer(True, "ffn_norm", Norm(gather_output=False)),
-            **per_layer(True, "feed_forward", "moe"),
-        }
-        if self.args.moe is not None and self.args.moe.n_shared_experts:
-            rules |= {  # the MoE's (tokens, dim) rows are Shard(0) on tp
-                "layers.*.feed_forward.shared": PrepareModuleInput(input_layouts=Shard(0),
-                                                                   desired_input_layouts=Replicate()),
-                "layers.*.feed_forward.shared.w1": "colwise",
-                "layers.*.feed_forward.shared.w3": "colwise",
-                "layers.*.feed_forward.shared.w2": Rowwise(output_layout=Shard(0)),
-            }
-        rules |= {"norm": "norm", "output": "head"}
-        return {"blocks": "layers.*", "rules": rules, "num_heads": self.args.n_heads,
-                "num_kv_heads": self.args.n_kv_heads}

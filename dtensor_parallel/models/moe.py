@@ -25,12 +25,21 @@ CUDA where it exists; a loop over experts elsewhere).
 Training with the balancing losses: the layer's output carries them into the backward
 (``_AuxLossGrad``: identity forward, gradient 1 for the loss), so any backward through the
 model, a pipeline stage's included, trains the router; the language-model loss the caller
-computes stays pure. ``aux_loss_scale`` weights each forward (1 / micro-batches under
-``ParallelModel``). Under data/context/sequence parallelism each rank's ``aux_loss`` is
-its share of the whole micro-batch's loss (see ``Router._aux_loss`` and
-``dtensor_parallel/moe_stats.py``). The layer keeps its last share in ``self.aux_loss``,
-its routed-token counts in ``self.tokens_per_expert``, and the step's sums in
-``step_aux_loss`` / ``step_routed_counts``.
+computes stays pure. ``step.aux_loss_scale`` weights each forward (1 / micro-batches under
+``ParallelModel``). The layer keeps its last share in ``self.aux_loss``, its routed-token
+counts in ``self.tokens_per_expert``, and the step's sums in ``step_aux_loss`` /
+``step_routed_counts``.
+
+The layer knows nothing of parallelism. It takes two injected objects, each with a
+one-device default here:
+
+- ``dispatch`` (:class:`LocalDispatch`): how routed rows are permuted, run through the
+  experts, and combined back, and how the routing statistics are summed over the ranks
+  holding the micro-batch's other tokens. Expert parallelism (all-to-all to the ranks
+  owning the experts), the Triton permute kernels and the statistic reductions of a
+  parallel layout implement the same methods (``dtensor_parallel/expert_parallel``);
+- ``step`` (:class:`MoEStep`): the training step's accounting (the aux loss weight per
+  forward, whether this forward counts), shared by the layers of one model.
 """
 
 from __future__ import annotations
@@ -39,7 +48,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -76,16 +84,16 @@ class Router(nn.Module):
         self.args = args
         self.gate = nn.Linear(dim, args.n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(args.n_experts), persistent=True)
-        # set by ParallelModel (dtensor_parallel/moe_stats.py): the process groups over which
-        # the balancing statistics are summed; empty on one device
-        self.seq_groups: tuple = ()
-        self.batch_groups: tuple = ()
         self.routed_counts: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, batch: int, dispatch: "LocalDispatch | None" = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, dim) with T = batch * seq. Returns top-k expert ids (T, k), combine weights
         (T, k) and this rank's share of the auxiliary loss (a scalar; see ``_aux_loss``).
-        Also keeps ``self.routed_counts``: slots per expert (E,) over every rank's tokens."""
+        Also keeps ``self.routed_counts``: slots per expert (E,) over every rank's tokens.
+        ``dispatch`` sums the statistics over the ranks holding the other tokens (default:
+        one device)."""
+        dispatch = dispatch if dispatch is not None else LocalDispatch()
         a = self.args
         dt = torch.promote_types(x.dtype, torch.float32)  # at least fp32
         logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # (T, E)
@@ -95,24 +103,23 @@ class Router(nn.Module):
         weights = scores.gather(-1, expert_ids)
         if a.route_norm and a.top_k > 1:
             weights = weights / weights.sum(-1, keepdim=True)
-        return expert_ids, weights, self._aux_loss(logits, scores, expert_ids, batch)
+        return expert_ids, weights, self._aux_loss(logits, scores, expert_ids, batch, dispatch)
 
-    def _aux_loss(self, logits, scores, expert_ids, batch: int) -> torch.Tensor:
+    def _aux_loss(self, logits, scores, expert_ids, batch: int, dispatch: "LocalDispatch") -> torch.Tensor:
         """This rank's share of the balancing losses of the whole micro-batch.
 
         The statistics (slots per expert, token and sequence counts) are summed over the
-        ranks holding the micro-batch's other tokens (``seq_groups``: the same sequences'
-        other positions, cp and tp under SP; ``batch_groups``: other sequences, dp), and
+        ranks holding the micro-batch's other tokens (``dispatch.sum_over_sequence``: the
+        same sequences' other positions, cp and tp; ``sum_over_batch``: other sequences, dp), and
         the score sums enter with the rank's own tokens only. So the shares of all ranks
         add up to the loss of the whole micro-batch, and since data-parallel gradients are
         summed, the gradient is exactly that of one device seeing the whole micro-batch.
         Without groups the share is the loss itself."""
         a = self.args
         E, k, T = a.n_experts, a.top_k, logits.shape[0]
-        groups = (*self.seq_groups, *self.batch_groups)
         stats = torch.cat([torch.bincount(expert_ids.reshape(-1), minlength=E).to(logits.dtype),
                            logits.new_tensor([T])])
-        stats = _sum_over(stats, groups)
+        stats = dispatch.sum_over_batch(dispatch.sum_over_sequence(stats.detach()))
         self.routed_counts, tokens = stats[:E], stats[E]
         loss = logits.new_zeros(())
         if a.load_balance != "none" and a.aux_loss_coeff:
@@ -124,8 +131,8 @@ class Router(nn.Module):
             else:  # per sequence, then averaged over the micro-batch's sequences
                 onehot = F.one_hot(expert_ids, E).sum(1).to(scores.dtype).view(batch, -1, E)
                 per_seq = torch.cat([onehot.sum(1), onehot.new_full((batch, 1), onehot.shape[1])], 1)
-                per_seq = _sum_over(per_seq, self.seq_groups)  # (b, E + 1): slots and length
-                n_seq = _sum_over(logits.new_tensor([batch]), self.batch_groups)[0]
+                per_seq = dispatch.sum_over_sequence(per_seq.detach())  # (b, E + 1): slots and length
+                n_seq = dispatch.sum_over_batch(logits.new_tensor([batch]))[0]
                 f = per_seq[:, :E] / (per_seq[:, E:] * k)  # (b, E)
                 p_share = probs.view(batch, -1, E).sum(1) / per_seq[:, E:]
                 loss = loss + a.aux_loss_coeff * E * (f * p_share).sum() / n_seq
@@ -139,14 +146,6 @@ class Router(nn.Module):
         over-loaded ones' (sign of the gap to the mean load). Call after each step."""
         load = tokens_per_expert.float()
         self.expert_bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
-
-
-def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:
-    """Sum of a statistics tensor over ranks (no gradient flows through it)."""
-    t = t.detach()
-    for g in groups:
-        t = funcol.all_reduce(t, "sum", g)
-    return t
 
 
 class _AuxLossGrad(torch.autograd.Function):
@@ -198,6 +197,48 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
 
 
+class LocalDispatch:
+    """How an MoE layer moves its tokens and sums its routing statistics on one device.
+
+    ``permute``: the (token, expert) copies sorted by expert (capacity applied);
+    ``run_experts``: the grouped SwiGLU over expert-contiguous rows; ``combine``: the
+    weighted sum of each token's expert outputs (unpermute); ``sum_over_sequence`` /
+    ``sum_over_batch``: a statistics tensor summed over the ranks holding the other
+    positions of the same sequences / the other sequences (here: itself).
+    """
+
+    def permute(self, flat: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, capacity: int | None):
+        """flat (T, d), expert_ids (T, k) -> rows (N, d), slots (N,) = t * k + j, counts (E,)."""
+        slots, counts, _ = expert_slots(expert_ids, n_experts, capacity)
+        return flat[slots // expert_ids.shape[1]], slots, counts
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(rows, w1, w3, w2, counts)
+
+    def combine(self, y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """y (N, d) expert outputs in slot order -> (T, d): each token's weighted sum."""
+        k = weights.shape[1]
+        w = weights.reshape(-1)[slots].unsqueeze(-1).to(y.dtype)  # (N, 1); dropped slots are absent
+        return torch.zeros_like(flat).index_add_(0, slots // k, y * w)
+
+    def sum_over_sequence(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum_over_batch(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+@dataclass
+class MoEStep:
+    """The training step's accounting, shared by a model's MoE layers: the weight of each
+    forward's auxiliary loss (1 / micro-batches) and whether a forward counts towards the
+    step's statistics (a pipeline's shape-inference forward does not)."""
+
+    aux_loss_scale: float = 1.0
+    collect_stats: bool = True
+
+
 class MoE(nn.Module):
     """Routed experts (+ optional shared experts) replacing a dense SwiGLU feed-forward."""
 
@@ -215,14 +256,11 @@ class MoE(nn.Module):
             self.shared = FeedForward(dim, f * args.n_shared_experts)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
-        # the auxiliary loss's weight per forward: 1 / micro-batches (set by ParallelModel)
-        self.aux_loss_scale = 1.0
-        # summed over the forwards of a training step (reset by moe_stats.start_step)
+        # summed over the forwards of a training step (reset at the start of each step)
         self.step_aux_loss: torch.Tensor | None = None
         self.step_routed_counts: torch.Tensor | None = None
-        self.collect_stats = True  # a pipeline turns it on only around real micro-batch forwards
-        self.ep_groups = None  # set by expert parallelism: experts sharded, tokens exchanged
-        self.dispatch_backend = "torch"  # "triton": the kernels of triton_kernels/moe_dispatch.py
+        self.dispatch: LocalDispatch = LocalDispatch()  # injected: see the module docstring
+        self.step = MoEStep()
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w3, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
@@ -234,38 +272,21 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         flat = x.reshape(-1, d)  # (T, d)
-        expert_ids, weights, self.aux_loss = self.router(flat, b)
-        k = self.args.top_k
+        expert_ids, weights, self.aux_loss = self.router(flat, b, self.dispatch)
         capacity = self.capacity(flat.shape[0])
-        kernels = self.dispatch_backend == "triton" and capacity is None  # the kernels are dropless
-        if kernels:
-            from triton_kernels.moe_dispatch import permute, unpermute
-            rows, slots = permute(flat, expert_ids, n_experts=self.args.n_experts)  # same order as below
-            counts = torch.bincount(expert_ids.reshape(-1), minlength=self.args.n_experts)
-        else:
-            slots, counts, _ = expert_slots(expert_ids, self.args.n_experts, capacity)
-            rows = flat[slots // k]  # (N, d) permuted: one copy per kept (token, expert)
+        rows, slots, counts = self.dispatch.permute(flat, expert_ids, self.args.n_experts, capacity)
         self.tokens_per_expert = counts.detach()
-        if self.ep_groups is None:
-            y = grouped_swiglu(rows, self.w1, self.w3, self.w2, counts)  # (N, d)
-        else:  # expert parallel: the rows travel to the ranks holding their experts and back
-            from ..expert_parallel import dispatch_combine
-            w1, w3, w2 = (w.to_local() for w in (self.w1, self.w3, self.w2))
-            y = dispatch_combine(rows, counts, lambda x, c: grouped_swiglu(x, w1, w3, w2, c), self.ep_groups)
-        if kernels:
-            out = unpermute(y, slots, weights).to(flat.dtype)  # weighted combine, fp32 accumulation
-        else:
-            w = weights.reshape(-1)[slots].unsqueeze(-1).to(y.dtype)  # (N, 1); dropped slots are absent
-            out = torch.zeros_like(flat).index_add_(0, slots // k, y * w)  # unpermute + combine
+        y = self.dispatch.run_experts(rows, counts, self.w1, self.w3, self.w2)  # (N, d)
+        out = self.dispatch.combine(y, slots, weights, flat).to(flat.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)
         out = out.view(b, s, d)
-        aux = self.aux_loss * self.aux_loss_scale
+        aux = self.aux_loss * self.step.aux_loss_scale
         if aux.requires_grad and torch.is_grad_enabled():
             out = _AuxLossGrad.apply(out, aux)
         # a recompute inside the backward must not count again (torch's early-stopping
         # checkpoint never reaches this line; without early stop it would)
-        if self.collect_stats and torch._C._current_graph_task_id() == -1:
+        if self.step.collect_stats and torch._C._current_graph_task_id() == -1:
             self._add_step_stats(aux.detach(), self.router.routed_counts)
         return out
 

@@ -90,9 +90,10 @@ class PipelineRuntime:
         return {"return_outputs": False} if "return_outputs" in params else {}
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_microbatches: int,
-                         n_tokens: torch.Tensor) -> torch.Tensor:
+                         n_tokens: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
         """One schedule step; returns this rank's summed micro-batch losses (0 off the last
-        stage)."""
+        stage). ``model_kwargs`` (``position_ids`` under CP) reach every stage's forward,
+        split into micro-batches along dim 0 like the inputs."""
         self._n_tokens = n_tokens
         sched = self.schedule(n_microbatches)
         losses: list[torch.Tensor] = []
@@ -102,7 +103,7 @@ class PipelineRuntime:
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
         t0 = time.perf_counter()
-        sched.step(*args, **kwargs, **self._step_kwargs(sched))
+        sched.step(*args, **kwargs, **(model_kwargs or {}), **self._step_kwargs(sched))
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
         self.step_s = time.perf_counter() - t0
@@ -112,10 +113,10 @@ class PipelineRuntime:
             total += loss.detach().float()
         return total
 
-    def forward(self, x: torch.Tensor, n_microbatches: int):
+    def forward(self, x: torch.Tensor, n_microbatches: int, model_kwargs: dict | None = None):
         """Forward only; the logits on the ranks holding the last stage, None elsewhere."""
         sched = self.schedule(n_microbatches, training=False)
-        out = sched.step(*((x,) if self.is_first else ()))
+        out = sched.step(*((x,) if self.is_first else ()), **(model_kwargs or {}))
         return out if self.is_last else None
 
     def sum_over_pp(self, t: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 A stage is a pruned copy of the whole model: the blocks of other stages are removed from
 their container (``ModuleDict`` or ``ModuleList``; the remaining keys keep their indices,
-so parameter names stay those of the full model), and the modules before the blocks
-(embedding) live only on the first stage, those after (final norm, head) only on the last;
-elsewhere they are set to ``None``. So the model's own ``forward`` runs each stage if it
-skips a missing module (``h = self.embed(x) if self.embed is not None else x``), as
-TorchTitan requires too. Parameters are not copied: each stage holds the original tensors.
+so parameter names stay those of the full model), and the modules with parameters before
+the blocks (embedding) live only on the first stage, those after (final norm, head) only on
+the last; elsewhere they become :class:`PassThrough` modules that return their first
+input. Modules without parameters (rotary embeddings, buffers) stay on every stage. So an
+unmodified ``forward`` runs on each stage: a Hugging Face ``LlamaModel`` embeds with a
+pass-through (the hidden states come in where the token ids would), builds its rotary
+table, runs this stage's layers, and its final norm and head pass the hidden states on.
+Parameters are not copied: each stage holds the original tensors.
 
 Layer counts are checked before anything is built: a count that does not split as asked
 is a ``ValueError`` with the arithmetic, never a dropped or duplicated layer (Megatron once
@@ -116,6 +119,14 @@ def blocks_container(block_names: list[str]) -> str:
     return parents.pop()
 
 
+class PassThrough(nn.Module):
+    """Another stage's module (embedding, final norm, head) on this stage: returns its first
+    input, so the model's forward needs no change."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
 def _set(model: nn.Module, name: str, value: nn.Module | None) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -135,8 +146,7 @@ def build_stage_module(model: nn.Module, block_names: list[str], keep_blocks: li
     for key in list(holder._modules):
         if key not in keep:
             del holder._modules[key]  # ModuleList/ModuleDict iterate _modules.values()
-    for name in pre if not is_first else []:
-        _set(stage, name, None)
-    for name in post if not is_last else []:
-        _set(stage, name, None)
+    for name in (pre if not is_first else []) + (post if not is_last else []):
+        if any(True for _ in model.get_submodule(name).parameters()):  # parameterless ones stay
+            _set(stage, name, PassThrough())
     return stage

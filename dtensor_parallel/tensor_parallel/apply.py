@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from .styles import TPStyle, resolve_style, style_from_rule
+from .styles import TPKernels, TPStyle, _RowwiseParallel, resolve_style, style_from_rule
 
 
 def glob_match(pattern: str, name: str) -> bool:
@@ -77,8 +77,21 @@ def check_tp_divisibility(model: nn.Module, styles: dict[str, TPStyle | Parallel
                 f"divides {size}{' or pad the vocabulary to a multiple of tp' if kind == 'vocab' else ''}")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
-                          styles: dict[str, TPStyle | ParallelStyle], sequence_parallel: bool) -> None:
-    """Distribute each matched module over ``tp_mesh`` with its resolved style."""
-    plan = {name: resolve_style(style, sequence_parallel) for name, style in styles.items()}
-    parallelize_module(model, tp_mesh, plan)
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[str, TPStyle | ParallelStyle],
+                          sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> None:
+    """Distribute each matched module over ``tp_mesh`` with its style, resolved with the
+    plan's kernel choices (styles that resolve to None, such as the attention call site,
+    have nothing to do under TP). A plain ``nn.Linear`` whose style asks for the fused
+    matmul + Triton reduce-scatter is first replaced by a ``FusedRowwiseLinear`` holding the
+    same parameters; any other module keeps the unfused reduce-scatter."""
+    from .matmul_reduce_scatter import FusedRowwiseLinear
+
+    plan = {name: resolve_style(style, sequence_parallel, kernels) for name, style in styles.items()}
+    for name, style in plan.items():
+        if isinstance(style, _RowwiseParallel) and style.fused_scatter_dim is not None:
+            module = model.get_submodule(name)
+            if type(module) is nn.Linear:
+                parent, _, attr = name.rpartition(".")
+                model.get_submodule(parent).register_module(
+                    attr, FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim))
+    parallelize_module(model, tp_mesh, {name: style for name, style in plan.items() if style is not None})

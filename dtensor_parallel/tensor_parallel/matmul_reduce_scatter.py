@@ -42,7 +42,7 @@ op's output instead of rerunning the GEMM and its communication in backward. A b
 reduce-scatter, on the DTensor, so its gradient is ``Partial`` like the SP norm weights'.
 
 Wiring: with ``kernels['sp_reduce_scatter']`` resolved to ``"triton"``, every row-parallel plain
-``nn.Linear`` under SP becomes a :class:`FusedRowwiseLinear` (``apply_sp_reduce_scatter``) whose
+``nn.Linear`` under SP becomes a :class:`FusedRowwiseLinear` (``apply_tensor_parallel``) whose
 forward runs this op on the local tensors and returns the ``Shard(seq)`` DTensor the rowwise
 output hook expects (which then has nothing to redistribute). Whenever the op cannot serve (same
 rules as the unfused kernel, plus: input ``Shard(-1)`` and weight ``Shard(1)`` on one 1-D mesh,
@@ -63,10 +63,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import sp_reduce_scatter as sprs
 
-#: module attribute set by ``apply_sp_reduce_scatter``: the dim the output is scattered on
-FUSED_DIM_ATTR = "sp_fused_scatter_dim"
-#: False: row-parallel Linears keep the unfused reduce-scatter (read by apply_sp_reduce_scatter)
-FUSE_ROWWISE_LINEAR = True
 #: "copy" (copy engine, the default) or "gemm" (the GEMM stores into the peer's slot)
 PUSH_MODES = ("copy", "gemm")
 
@@ -323,14 +319,13 @@ def _is_shard(placements: tuple, dim: int, ndim: int) -> bool:
     return len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim % ndim == dim
 
 
-def rowwise_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The forward of a row-parallel Linear marked for the fused op: the op on the local
-    tensors when it can serve (every rank decides alike), else ``F.linear`` on the DTensors
-    (then the output hook reduce-scatters)."""
+def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The forward of a row-parallel Linear whose output is scattered on ``dim``: the fused
+    op on the local tensors when it can serve (every rank decides alike), else ``F.linear``
+    on the DTensors (then the output hook reduce-scatters)."""
     w, b = mod.weight, mod.bias
-    dim = getattr(mod, FUSED_DIM_ATTR, None)
-    if (dim is None or getattr(mod, sprs.SP_KERNEL_ATTR, "torch") != "triton" or not isinstance(x, DTensor)
-            or not isinstance(w, DTensor) or x.device_mesh.ndim != 1 or w.device_mesh != x.device_mesh):
+    if (not isinstance(x, DTensor) or not isinstance(w, DTensor) or x.device_mesh.ndim != 1
+            or w.device_mesh != x.device_mesh):
         return F.linear(x, w, b)
     mesh, ndim = x.device_mesh, x.ndim
     dim = dim % ndim
@@ -355,17 +350,22 @@ def rowwise_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 class FusedRowwiseLinear(nn.Linear):
     """A row-parallel ``nn.Linear`` whose forward fuses the matmul with the SP reduce-scatter
-    (:func:`rowwise_forward`); parameters, state dict and everything else are nn.Linear's."""
+    on ``scatter_dim`` (:func:`rowwise_forward`); parameters, state dict and everything else
+    are nn.Linear's. ``apply_tensor_parallel`` puts one in a plain Linear's place (holding
+    that Linear's own parameters, so names and optimizer state are unchanged) when the
+    style asks for the fused op."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scatter_dim: int = 1, **kw):
+        super().__init__(in_features, out_features, bias, **kw)
+        self.scatter_dim = scatter_dim
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scatter_dim: int) -> "FusedRowwiseLinear":
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, scatter_dim=scatter_dim)
+        for name, p in linear.named_parameters(recurse=False):
+            new.register_parameter(name, p)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rowwise_forward(self, x)
-
-
-def mark_fused_rowwise(module: nn.Module, scatter_dim: int) -> bool:
-    """Make a plain row-parallel ``nn.Linear`` (already distributed) run the fused op; False
-    (untouched) for any other module type, which keeps the unfused reduce-scatter."""
-    if type(module) is not nn.Linear:
-        return False
-    module.__class__ = FusedRowwiseLinear
-    setattr(module, FUSED_DIM_ATTR, scatter_dim)
-    return True
+        return rowwise_forward(self, x, self.scatter_dim)

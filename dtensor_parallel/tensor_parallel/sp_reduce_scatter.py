@@ -62,8 +62,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 logger = logging.getLogger(__name__)
 funcol_ops = torch.ops._c10d_functional
 
-#: module attribute read by the rowwise output hook: "triton" or "torch"
-SP_KERNEL_ATTR = "sp_reduce_scatter_backend"
 _SLOT0 = 64  # first signal-pad slot of the kernel; the workspace's init barrier (channel 0) uses [0, tp)
 _MIN_HALF_BYTES = 1 << 20
 _WORKSPACES: dict[str, "_Workspace"] = {}
@@ -125,24 +123,6 @@ def check_sp_reduce_scatter(plan, mesh) -> str:
         _FALLBACK_LOGGED = True
         logger.warning("kernels['sp_reduce_scatter']='auto': using the torch (NCCL) reduce-scatter, since %s", reason)
     return "torch"
-
-
-def apply_sp_reduce_scatter(module: nn.Module, styles: dict, backend: str) -> None:
-    """Tell every row-parallel module of ``styles`` ({name: style}, names relative to
-    ``module``) which reduce-scatter its output hook runs; with "triton", a plain ``nn.Linear``
-    whose output is scattered (``Shard(d)``) also fuses its matmul with the reduce-scatter
-    (``matmul_reduce_scatter.py``; ``FUSE_ROWWISE_LINEAR`` there turns that off)."""
-    from . import matmul_reduce_scatter as mrs
-    from .styles import _RowwiseParallel, resolve_style
-
-    for name, style in styles.items():
-        resolved = resolve_style(style, True)
-        if isinstance(resolved, _RowwiseParallel):
-            sub = module.get_submodule(name)
-            setattr(sub, SP_KERNEL_ATTR, backend)
-            target = resolved.output_layouts[0]
-            if backend == "triton" and mrs.FUSE_ROWWISE_LINEAR and isinstance(target, Shard):
-                mrs.mark_fused_rowwise(sub, target.dim)
 
 
 # ----------------------------------------------------------------------------------------
@@ -382,10 +362,10 @@ def _scatter_dim(dt: DTensor, target: tuple) -> int | None:
     return target[0].dim % dt.ndim
 
 
-def redistribute_rowwise_output(mod: nn.Module, outputs: DTensor, output_layouts) -> DTensor:
-    """The rowwise output hook's redistribution: the Triton reduce-scatter when the module is
-    marked for it and the call qualifies, DTensor's own (NCCL) otherwise."""
-    if getattr(mod, SP_KERNEL_ATTR, "torch") == "triton":
+def redistribute_rowwise_output(outputs: DTensor, output_layouts, backend: str = "torch") -> DTensor:
+    """The rowwise output hook's redistribution: the Triton reduce-scatter when the style's
+    ``backend`` is "triton" and the call qualifies, DTensor's own (NCCL) otherwise."""
+    if backend == "triton":
         dim = _scatter_dim(outputs, tuple(output_layouts))
         if dim is not None:
             mesh = outputs.device_mesh

@@ -23,6 +23,12 @@ norm       Replicate            Shard(1) -> Replicate      all-gather / reduce-s
 moe        router Replicate,    Shard(1) -> Shard(1)       none / none (router grads Partial)
            experts untouched    (no SP) Replicate ->       local slice / all-gather in forward;
                                 Shard(1) -> Replicate      all-gather / local slice in backward
+head_norm  Replicate            local (b, s, h/t, d) ->    none / none (weight grads Partial,
+           (per-head norm:      local, as Shard(heads)     summed over tp after backward)
+           Qwen3 q/k norms)
+attention  (none)               unchanged                  none: it marks the module whose
+                                                           forward calls SDPA, where context
+                                                           parallelism runs the ring
 ========== ==================== ========================== ==================================
 
 The norm gathers its output (instead of each following column-parallel layer gathering
@@ -46,14 +52,26 @@ from .sp_reduce_scatter import redistribute_rowwise_output
 SEQ_DIM = 1
 
 
+@dataclass(frozen=True)
+class TPKernels:
+    """The plan's kernel choices a style resolves its own ``None`` options with:
+    ``reduce_scatter`` ("torch": NCCL through DTensor, or "triton": the symmetric-memory
+    kernel) for Partial -> Shard outputs under SP, and ``fused`` (a plain row-parallel
+    ``nn.Linear`` runs its matmul and the Triton reduce-scatter as one op)."""
+
+    reduce_scatter: str = "torch"
+    fused: bool = True
+
+
 class TPStyle:
-    """Base of our styles: ``resolve(sequence_parallel)`` gives the torch ParallelStyle."""
+    """Base of our styles: ``resolve(sequence_parallel, kernels)`` gives the torch
+    ParallelStyle, with the style's own options (its fields) over the plan's."""
 
     #: which module attribute must divide by tp (checked before any collective)
     sharded_feature: str | None = None
     module_types: tuple[type, ...] = (nn.Linear,)
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle | None:
         raise NotImplementedError
 
 
@@ -80,7 +98,8 @@ class _ColwiseParallel(ColwiseParallel):
 
 
 class _RowwiseParallel(RowwiseParallel):
-    """torch's RowwiseParallel with a synchronous output redistribution.
+    """torch's RowwiseParallel with a synchronous output redistribution, through the
+    reduce-scatter backend this style instance holds.
 
     torch redistributes with ``async_op=True``, so the local output is an
     ``AsyncCollectiveTensor``. When that output enters a ``torch.compile``-d block, the
@@ -88,13 +107,27 @@ class _RowwiseParallel(RowwiseParallel):
     tensor and its backward fails (seen with torch 2.13, 2026-11-26). A synchronous
     redistribution gives a plain tensor; on GPU the wait is a stream wait, not a host
     block, and the very next op (the residual add) needs the result anyway.
+
+    ``fused_scatter_dim``: set when a plain ``nn.Linear`` under this style runs the fused
+    matmul + reduce-scatter (``apply_tensor_parallel`` gives it a ``FusedRowwiseLinear``).
     """
 
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+    def __init__(self, *, reduce_scatter: str = "torch", fused: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.reduce_scatter, self.fused = reduce_scatter, fused
+
+    @property
+    def fused_scatter_dim(self) -> int | None:
+        target = self.output_layouts[0]
+        if self.reduce_scatter == "triton" and self.fused and isinstance(target, Shard):
+            return target.dim
+        return None
+
+    def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
+        # bound to the instance (torch binds this with partial(self._prepare_output_fn, ...))
         if tuple(outputs.placements) != tuple(output_layouts):
             # Partial -> Shard(seq) may take the Triton reduce-scatter (sp_reduce_scatter.py)
-            outputs = redistribute_rowwise_output(mod, outputs, output_layouts)
+            outputs = redistribute_rowwise_output(outputs, output_layouts, self.reduce_scatter)
         return outputs.to_local() if use_local_output else outputs
 
 
@@ -108,7 +141,7 @@ class Colwise(TPStyle):
     use_local_output: bool = True
     sharded_feature = "out_features"
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _ColwiseParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=self.output_layout, use_local_output=self.use_local_output)
@@ -117,18 +150,24 @@ class Colwise(TPStyle):
 @dataclass(frozen=True, kw_only=True)
 class Rowwise(TPStyle):
     """Row-parallel linear. ``output_layout=None``: Shard(1) under SP (reduce-scatter),
-    Replicate otherwise (all-reduce)."""
+    Replicate otherwise (all-reduce). ``reduce_scatter`` ("torch" or "triton") and
+    ``fused`` (matmul and Triton reduce-scatter as one op, for a plain ``nn.Linear``):
+    ``None`` takes the plan's (``kernels['sp_reduce_scatter']``, ``fused_rowwise``)."""
 
     input_layout: Placement = Shard(-1)
     output_layout: Placement | None = None
     use_local_output: bool = True
+    reduce_scatter: str | None = None
+    fused: bool | None = None
     sharded_feature = "in_features"
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _RowwiseParallel(
             input_layouts=self.input_layout,
             output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
-            use_local_output=self.use_local_output)
+            use_local_output=self.use_local_output,
+            reduce_scatter=self.reduce_scatter or kernels.reduce_scatter,
+            fused=kernels.fused if self.fused is None else self.fused)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +179,8 @@ class VocabEmbedding(TPStyle):
     sharded_feature = "num_embeddings"
     module_types = (nn.Embedding,)
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
+        # its masked partial sum keeps DTensor's own reduce-scatter (sp_reduce_scatter._scatter_dim)
         return _RowwiseParallel(
             input_layouts=Replicate(),
             output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
@@ -155,7 +195,7 @@ class VocabHead(TPStyle):
     input_layout: Placement | None = None
     sharded_feature = "out_features"
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _ColwiseParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=Shard(-1), use_local_output=False)
@@ -174,7 +214,7 @@ class Norm(TPStyle):
     sequence_dim: int = SEQ_DIM
     module_types = (nn.Module,)
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _NormParallel(sequence_parallel=sequence_parallel,
                              sequence_dim=self.sequence_dim, gather_output=self.gather_output)
 
@@ -233,20 +273,32 @@ class MoEParallel(TPStyle):
         from ..models.moe import MoE  # lazily: the models package imports these styles
         return (MoE,)
 
-    def resolve(self, sequence_parallel: bool) -> ParallelStyle:
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _MoEParallel(sequence_parallel=sequence_parallel)
 
 
-class _TokenParallelLinear(nn.Linear):
+class TokenParallelLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is a tp-``Replicate`` DTensor parameter but *reads* as
     the local tensor, whose gradient goes back as ``Partial`` (summed over tp later). The
     parameter itself (``_parameters['weight']``, ``named_parameters()``) stays the DTensor;
     FSDP sets it through ``_parameters`` too. Used for the MoE router gate, which the
-    router multiplies with plain local tokens."""
+    router multiplies with plain local tokens: the MoE style puts one in the gate's place,
+    holding the gate's own parameters (same names)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "TokenParallelLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.register_parameter("weight", linear.weight)
+        new.register_parameter("bias", linear.bias)
+        return new
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        w = self._parameters["weight"]
+        w = self._parameters.get("weight")
+        if w is None:  # (before registration: hasattr must say no)
+            raise AttributeError("weight")
         if isinstance(w, DTensor) and w.device_mesh.ndim == 1:  # tp only (or FSDP-unsharded)
             return w.to_local(grad_placements=[Partial()])
         return w
@@ -278,15 +330,61 @@ class _MoEParallel(ParallelStyle):
         return out.redistribute(placements=[self.layout]).to_local()  # all-gather; slice in backward
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        gate = module.router.gate
+        gate = TokenParallelLinear.from_linear(module.router.gate)
         gate.register_parameter("weight", nn.Parameter(distribute_tensor(gate.weight, device_mesh, [Replicate()])))
-        gate.__class__ = _TokenParallelLinear
+        module.router.gate = gate
         module.register_forward_pre_hook(lambda m, inp: self._to_sequence_shard(device_mesh, m, inp))
         module.register_forward_hook(lambda m, inp, out: self._from_sequence_shard(device_mesh, m, inp, out))
         return module
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadNorm(TPStyle):
+    """A norm over each head's features applied to tensor-parallel heads (Qwen3's q_norm /
+    k_norm, OLMo-style per-head norms): its input is this rank's heads, a plain local
+    ``(..., heads/t, head_dim)`` tensor. The weights become ``Replicate`` DTensors and the
+    input is read as ``Shard(head_dim - 1)``, so the norm runs on the local heads and each
+    weight's gradient is ``Partial`` (every rank saw other heads), summed over tp after
+    backward like the SP norms'. The output is local again."""
+
+    heads_dim: int = -2
+    module_types = (nn.Module,)
+
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
+        return _HeadNormParallel(heads_dim=self.heads_dim)
+
+
+class _HeadNormParallel(ParallelStyle):
+    def __init__(self, *, heads_dim: int):
+        super().__init__()
+        self.heads_dim = heads_dim
+
+    def _prepare_input(self, mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x, *rest = inputs
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [Shard(self.heads_dim % x.dim())], run_check=False)
+        return (x, *rest)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, _NormParallel._replicate_params, self._prepare_input,
+                                 lambda mod, out, mesh: out.to_local() if isinstance(out, DTensor) else out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSite(TPStyle):
+    """The module whose ``forward`` calls ``F.scaled_dot_product_attention``: the attention
+    call site. Tensor parallelism leaves it alone (its projections have their own rules);
+    context parallelism runs ring attention there (``context_parallel/attention.py``)."""
+
+    module_types = (nn.Module,)
+
+    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> None:  # type: ignore[override]
+        return None
+
+
 STYLE_NAMES: dict[str, type[TPStyle]] = {
+    "attention": AttentionSite,
+    "head_norm": HeadNorm,
     "colwise": Colwise,
     "rowwise": Rowwise,
     "embedding": VocabEmbedding,
@@ -307,13 +405,14 @@ def style_from_rule(rule: str | TPStyle | ParallelStyle) -> TPStyle | ParallelSt
     raise TypeError(f"a rule maps to a style name or a style object, got {rule!r}")
 
 
-def resolve_style(style: TPStyle | ParallelStyle, sequence_parallel: bool) -> ParallelStyle:
-    return style.resolve(sequence_parallel) if isinstance(style, TPStyle) else style
+def resolve_style(style: TPStyle | ParallelStyle, sequence_parallel: bool,
+                  kernels: TPKernels = TPKernels()) -> ParallelStyle | None:
+    return style.resolve(sequence_parallel, kernels) if isinstance(style, TPStyle) else style
 
 
 def is_tensor_parallel_head(style: TPStyle | ParallelStyle) -> bool:
     return isinstance(style, VocabHead)
 
 
-__all__ = ["Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "MoEParallel", "TPStyle",
+__all__ = ["AttentionSite", "HeadNorm", "TPKernels", "TokenParallelLinear", "Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "MoEParallel", "TPStyle",
            "STYLE_NAMES", "style_from_rule", "resolve_style"]

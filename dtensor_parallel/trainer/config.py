@@ -3,8 +3,8 @@
     cfg = load_config("recipes/debug.toml", ["--train-iters", "50", "--lr", "1e-3"])
 
 Order of precedence: dataclass defaults < recipe < command-line flags. The flags are parsed
-by :func:`dtensor_parallel.megatron_args.parse_megatron_args` into a nested overlay dict and
-merged with :func:`~dtensor_parallel.megatron_args.deep_merge`. Every key is checked: an
+by :func:`dtensor_parallel.trainer.megatron_args.parse_megatron_args` into a nested overlay dict and
+merged with :func:`~dtensor_parallel.trainer.megatron_args.deep_merge`. Every key is checked: an
 unknown section or key is a ``ValueError`` that names both (and the closest known key), so
 a typo in a recipe never silently falls back to a default.
 """
@@ -16,15 +16,16 @@ import sys
 import types
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..megatron_args import deep_merge, parse_megatron_args
+from ..mesh import ParallelDims
 from ..models.llama import ModelArgs, llama3_args
 from ..models.moe import MoEArgs
 from ..plan import ParallelPlan
 from .data import TOKEN_DTYPES as _TOKEN_FILE_DTYPES
+from .megatron_args import deep_merge, parse_megatron_args
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,48 +78,26 @@ class ModelConfig:
         return args
 
 
-@dataclass
-class ParallelConfig:
-    """Degrees of the one mesh; ``dp_shard=-1`` takes the rest of the world."""
+def _degrees_table() -> type:
+    """``[parallel]``: the fields of :class:`ParallelDims` (less ``world_size``, which is the
+    launch's) plus ``ep``, made from ParallelDims itself so the two never drift apart."""
+    spec = [(f.name, f.type, field(default=f.default)) for f in fields(ParallelDims) if f.name != "world_size"]
 
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = -1
-    cp: int = 1
-    tp: int = 1
-    ep: int = 1
+    def dims(self, world_size: int) -> ParallelDims:
+        """The validated degrees for a world of ``world_size`` ranks (``dp_shard=-1``: the rest)."""
+        return ParallelDims(**{k: v for k, v in asdict(self).items() if k != "ep"}, world_size=world_size)
+
+    return make_dataclass("ParallelConfig", [*spec, ("ep", int, field(default=1))], namespace={"dims": dims})
 
 
-@dataclass
-class PlanConfig:
-    """:class:`~dtensor_parallel.ParallelPlan` fields."""
+ParallelConfig = _degrees_table()
 
-    sequence_parallel: bool = False
-    recompute: str = "none"
-    recompute_method: str = "uniform"
-    recompute_num_layers: int | None = None
-    compile: bool = False
-    kernels: str | dict = "torch"
-    mixed_precision: str = "fp32"
-    virtual_stages: int | None = None
-    layers_per_virtual_stage: int | None = None
-    pipeline_schedule: str | None = None
-    layers_per_stage: list[int] | None = None
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
-
-    def to_parallel_plan(self, micro_batch_size: int | None = None,
-                         global_batch_size: int | None = None) -> ParallelPlan:
-        return ParallelPlan(
-            sequence_parallel=self.sequence_parallel, recompute=self.recompute,  # type: ignore[arg-type]
-            recompute_method=self.recompute_method,  # type: ignore[arg-type]
-            recompute_num_layers=self.recompute_num_layers, compile=self.compile,
-            kernels=self.kernels, mixed_precision=self.mixed_precision,  # type: ignore[arg-type]
-            micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
-            pipeline_schedule=self.pipeline_schedule, virtual_stages=self.virtual_stages,
-            layers_per_virtual_stage=self.layers_per_virtual_stage,
-            layers_per_stage=self.layers_per_stage, first_stage_layers=self.first_stage_layers,
-            last_stage_layers=self.last_stage_layers)
+#: ParallelPlan fields the recipe sets elsewhere ([training] batch sizes, [parallel] ep) or
+#: that belong to a user's own model (the trainer builds the built-in Llama)
+PLAN_FIELDS_SET_ELSEWHERE = {"micro_batch_size": "[training] micro_batch_size",
+                             "global_batch_size": "[training] global_batch_size",
+                             "expert_parallel": "[parallel] ep", "blocks": None, "rules": None,
+                             "num_heads": None, "num_kv_heads": None}
 
 
 @dataclass
@@ -187,8 +166,8 @@ class TrainConfig:
     name: str = "run"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # type: ignore[valid-type]
+    plan: ParallelPlan = field(default_factory=ParallelPlan)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -201,9 +180,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def parallel_plan(self, global_batch_size: int | None = None) -> ParallelPlan:
+        """The [plan] table's ParallelPlan with the batch sizes and ep of the other tables."""
+        t = self.training
+        return replace(self.plan, micro_batch_size=t.micro_batch_size,
+                       global_batch_size=global_batch_size or t.global_batch_size,
+                       expert_parallel=self.parallel.ep)
+
 
 SECTIONS: dict[str, type] = {"cluster": ClusterConfig, "model": ModelConfig, "parallel": ParallelConfig,
-            "plan": PlanConfig, "training": TrainingConfig, "data": DataConfig,
+            "plan": ParallelPlan, "training": TrainingConfig, "data": DataConfig,
             "logging": LoggingConfig, "checkpoint": CheckpointConfig}
 
 
@@ -299,6 +285,14 @@ def _moe_table(raw: Any) -> dict[str, Any]:
 
 def _build_section(section: str, cls: type, raw: dict[str, Any]) -> Any:
     known = {f.name: f for f in fields(cls)}
+    if cls is ParallelPlan:
+        known = {k: f for k, f in known.items() if k not in PLAN_FIELDS_SET_ELSEWHERE}
+        for key in raw:
+            if key in PLAN_FIELDS_SET_ELSEWHERE:
+                where = PLAN_FIELDS_SET_ELSEWHERE[key]
+                raise ValueError(f"[plan] {key} is not a recipe key here: "
+                                 + (f"set {where}" if where else "the trainer builds the built-in Llama, "
+                                    "whose plan the library knows"))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
@@ -323,8 +317,10 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if opt is str and isinstance(value, str):
             return value
-        if opt is dict and isinstance(value, dict):
+        if (opt is dict or typing.get_origin(opt) is dict) and isinstance(value, dict):
             return value
+        if typing.get_origin(opt) is typing.Literal and isinstance(value, str):
+            return value  # its own __post_init__ names the choices
         if typing.get_origin(opt) is list:
             items = value if isinstance(value, (list, tuple)) else [value]
             if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
@@ -386,4 +382,4 @@ def validate(cfg: TrainConfig) -> None:
         warnings.warn("[plan] sequence_parallel=true with [parallel] tp=1: disabling sequence "
                       "parallelism (as Megatron does)")
         cfg.plan.sequence_parallel = False
-    cfg.plan.to_parallel_plan(t.micro_batch_size, t.global_batch_size)  # ParallelPlan's own checks
+    cfg.parallel_plan()  # ParallelPlan's own checks of the whole plan

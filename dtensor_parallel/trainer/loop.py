@@ -14,7 +14,6 @@ bad recipe fails the same way on every rank instead of hanging.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import math
 import os
 import time
@@ -25,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
-from ..expert_parallel import ep_fold_size
 from ..mesh import ParallelDims, build_mesh
 from ..models.llama import Llama
 from ..parallelize import parallelize
+from ..validation import check_degrees
 from .config import TrainConfig
 from .data import build_batch_source
 from .metrics import (MetricsWriter, ProgressPrinter, flops_per_token, mfu, peak_memory_gib)
@@ -78,10 +77,8 @@ def init_distributed(device: str = "auto") -> bool:
 
 def parallel_dims(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """The degrees for this world, with a hint when the launch size does not fit."""
-    p = cfg.parallel
     try:
-        return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp,
-                            tp=p.tp, world_size=world_size)
+        return cfg.parallel.dims(world_size)
     except ValueError as e:
         n = cfg.cluster.nproc_per_node
         hint = f" (the recipe targets {n} ranks: pass --nproc-per-node {n})" if n and n != world_size else ""
@@ -91,17 +88,7 @@ def parallel_dims(cfg: TrainConfig, world_size: int) -> ParallelDims:
 def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """Every check that needs only the config and the world size: degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
     dims = parallel_dims(cfg, world_size)
-    if cfg.parallel.ep > 1 and cfg.model.args().moe is None:
-        raise ValueError(f"ep={cfg.parallel.ep} needs an MoE model: choose [model] flavour debug-moe, "
-                         f"mixtral-8x7b or deepseek-v3-shaped, or set ep = 1")
-    if ep_fold_size(dims) % cfg.parallel.ep:
-        raise ValueError(f"ep={cfg.parallel.ep} does not divide dp_shard({dims.dp_shard}) x cp({dims.cp}) x "
-                         f"tp({dims.tp}) = {ep_fold_size(dims)}, which expert parallelism is folded out of")
-    t = cfg.training
-    per_step = t.micro_batch_size * dims.dp
-    if t.global_batch_size is not None and t.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size({t.global_batch_size}) is not a multiple of micro_batch_size"
-                         f"({t.micro_batch_size}) * dp({dims.dp}) = {per_step}: change one of them")
+    check_degrees(dims, cfg.parallel_plan(), has_moe=cfg.model.args().moe is not None)  # the API's own checks
     return dims
 
 
@@ -177,7 +164,7 @@ def _train(cfg: TrainConfig) -> list[float]:
     dims = preflight(cfg, world)
     global_batch = t.global_batch_size or t.micro_batch_size * dims.dp
     args = cfg.model.args()
-    plan = replace(cfg.plan.to_parallel_plan(t.micro_batch_size, global_batch), expert_parallel=cfg.parallel.ep)
+    plan = cfg.parallel_plan(global_batch)
 
     mesh = build_mesh(pp=dims.pp, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
                       cp=dims.cp, tp=dims.tp)

@@ -3,8 +3,8 @@
 :func:`parse_megatron_args` turns ``pretrain_gpt.py``-style flags into a nested config
 *overlay* (only keys whose flag appeared are set); :func:`deep_merge` lays it over a TOML
 recipe; :func:`plan_and_degrees_from_megatron` gives ``build_mesh`` kwargs and a
-:class:`~dtensor_parallel.plan.ParallelPlan` (``ParallelPlan.from_megatron`` is meant to be a
-thin wrapper over it). Flags are Megatron's own unless marked *(ours)*.
+:class:`~dtensor_parallel.plan.ParallelPlan`. It lives with the trainer: the core API
+(``ParallelPlan``, ``parallelize``) never imports it. Flags are Megatron's own unless marked *(ours)*.
 
 =========================================  ============================================
 flag                                       overlay key
@@ -107,7 +107,7 @@ import shlex
 import warnings
 from typing import Any, Callable, NamedTuple
 
-from .plan import KERNEL_BACKENDS, KERNEL_FAMILIES, ParallelPlan
+from ..plan import KERNEL_BACKENDS, KERNEL_FAMILIES, ParallelPlan
 
 
 class _Flag(NamedTuple):
@@ -258,7 +258,7 @@ def _read(argv: list[str] | str) -> dict[str, Any]:
             close = difflib.get_close_matches(name, _FLAGS, n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"unknown flag {name}{hint} (known flags are listed in "
-                             f"dtensor_parallel.megatron_args)")
+                             f"dtensor_parallel.trainer.megatron_args)")
         i += 1
         if spec.convert is None:
             if eq:
@@ -306,7 +306,7 @@ def parse_megatron_args(argv: list[str] | str) -> dict[str, dict[str, Any]]:
             sub, key = key.split(".", 1)
             table = table.setdefault(sub, {})
         if key == "load_balance" and value == "global_aux_loss":
-            value = "aux_loss"  # ours is computed over the global micro-batch (moe_stats.py)
+            value = "aux_loss"  # ours is computed over the global micro-batch (expert_parallel/statistics.py)
         table[key] = value
 
     for name, value in raw.items():
@@ -378,8 +378,7 @@ def plan_and_degrees_from_megatron(
     come from the ``plan`` section, ``micro_batch_size``/``global_batch_size`` from
     ``training`` and ``num_heads``/``num_kv_heads`` from ``model``; absent ones keep
     ParallelPlan's defaults, which are Megatron's (no recompute, fp32). As in Megatron,
-    ``--sequence-parallel`` with tp=1 is dropped with a warning. ``ParallelPlan.from_megatron``
-    is to be a thin wrapper over this function.
+    ``--sequence-parallel`` with tp=1 is dropped with a warning.
 
     With virtual stages Megatron runs its interleaved schedule, and so do we (ParallelPlan's
     default) unless ``--pipeline-schedule`` (ours) names another.

@@ -15,7 +15,7 @@ one representative per pp rank, the rank at mesh coordinates ``(pp, 0, 0, 0, 0)`
 FSDP chunks are the largest (``torch.chunk`` gives the first ranks the rounded-up share).
 A 1024-rank DeepSeek-V3-shaped recipe is 16 meta-device parallelize calls, seconds.
 
-Activations, logits and transients come from the estimator (:mod:`dtensor_parallel.memory`,
+Activations, logits and transients come from the estimator (:mod:`dtensor_parallel.planning.memory`,
 which states its assumptions); its parameter bytes are checked equal to the dry run's.
 """
 
@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from .memory import (GIB, MemoryEstimate, activation_alternatives, estimate_memory, fmt_bytes,
                      local_param_numels, parse_bytes)
-from .mesh import FLATTENED_VIEWS, MESH_DIMS, ParallelDims
-from .plan import ParallelPlan
+from ..mesh import FLATTENED_VIEWS, MESH_DIMS, ParallelDims
+from ..plan import ParallelPlan
 
 DEFAULT_GPU_MEMORY = "80GiB"  # H100 SXM
 DEFAULT_HEADROOM = 0.10  # CUDA context, NCCL buffers, allocator fragmentation
@@ -81,8 +81,7 @@ def plan_of(cfg, dims: ParallelDims) -> tuple[ParallelPlan, int]:
     Kernels are set to torch: they change no shape, and Triton needs a GPU."""
     t = cfg.training
     global_batch = t.global_batch_size or t.micro_batch_size * dims.dp
-    plan = replace(cfg.plan.to_parallel_plan(t.micro_batch_size, global_batch),
-                   expert_parallel=cfg.parallel.ep, kernels="torch")
+    plan = replace(cfg.parallel_plan(global_batch), kernels="torch")
     return plan, global_batch // (t.micro_batch_size * dims.dp)
 
 
@@ -123,7 +122,7 @@ def mesh_groups(dims: ParallelDims, ep: int) -> dict[str, list[list[int]]]:
 def dry_run(cfg, world_size: int | None = None) -> DryRun:
     """Build the recipe's model on meta, parallelize it on a fake group of its world size
     as one representative rank per pp rank, and estimate each one's memory."""
-    from .trainer.loop import preflight
+    from ..trainer.loop import preflight
 
     world = world_size or world_size_of(cfg)
     dims = preflight(cfg, world)
@@ -178,9 +177,9 @@ def _rename(name: str, rename: dict[str, str]) -> str:
 def _parallelize_as(args, dims: ParallelDims, plan: ParallelPlan, rank: int, world: int):
     """Real parallelize as ``rank`` of a fake group: (local numels, example placements,
     buffer bytes)."""
-    from .mesh import build_mesh
-    from .models.llama import Llama
-    from .parallelize import parallelize
+    from ..mesh import build_mesh
+    from ..models.llama import Llama
+    from ..parallelize import parallelize
 
     with fake_rank(rank, world), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -351,7 +350,7 @@ SEGMENTS = (("weights", (66, 120, 215)), ("grads", (240, 150, 30)), ("AdamW", (5
 def draw_memory_png(run: DryRun, path: str, gpu_memory: int, headroom: float) -> tuple[int, int]:
     """Horizontal stacked bars (one per representative rank) of the memory at its peak
     phase; a black line at the GPU's memory, a grey one at the usable part."""
-    from .pipeline.draw import AXIS, INK, PAD, Canvas, text_width
+    from .draw import AXIS, INK, PAD, Canvas, text_width
 
     rows = [(f"RANK {rr.estimate.rank} PP {rr.estimate.coords['pp']}", list(rr.estimate.breakdown().values()),
              rr.estimate.peak_bytes) for rr in run.ranks]
@@ -396,7 +395,7 @@ def run_plan(recipe: str, flags: list[str], *, gpu_memory: str | None, world_siz
              out: str | None, headroom: float = DEFAULT_HEADROOM) -> tuple[int, str]:
     """The ``plan`` command: (exit code, report). 0 fits, 1 does not fit (the report names
     the fix), 2 a recipe error."""
-    from .trainer import load_config
+    from ..trainer import load_config
 
     try:
         cfg = load_config(recipe, flags)

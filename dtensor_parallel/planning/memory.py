@@ -3,7 +3,7 @@ activations, transient buffers and the peak, for the built-in Llama / MoE models
 
 The parameter, gradient and optimizer bytes are exact: each parameter's local shard is
 derived from the same rules ``parallelize`` applies, and ``dtensor-parallel plan`` checks
-them against the real shards of a dry run (``dry_run.py``; tested equal). Activations and
+them against the real shards of a dry run (``planning/dry_run.py``; tested equal). Activations and
 transients are a model of what PyTorch keeps, stated below, so that each term can be
 checked against a measurement (``benchmarks/memory_estimate.py``).
 
@@ -30,7 +30,7 @@ term                                         bytes per token
 ==========================================  ============================================
 two RMSNorms (fp32 input copy + output)      2 (4 + r) d / sp
 input of wq/wk/wv and of w1/w3               2 a d   (all-gathered under SP: full sequence)
-SDPA: q, k, v (GQA repeated to h), output    4 a d / t
+SDPA: q, k, v (kv heads not repeated), out   2 a (h + kv) hd / t
 SDPA log-sum-exp (fp32)                      4 h / t
 (input of wo: a view of the SDPA output)     0
 SwiGLU: w1 out, silu out, w3 out, product    4 a f / t
@@ -100,10 +100,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .expert_parallel import ep_fold_size, needs_expert_groups
-from .mesh import ParallelDims
-from .models.llama import ModelArgs
-from .plan import ParallelPlan
+from ..expert_parallel import ep_fold_size, needs_expert_groups
+from ..mesh import ParallelDims
+from ..models.llama import ModelArgs
+from ..plan import ParallelPlan
 
 GIB = 2 ** 30
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
@@ -209,7 +209,7 @@ def stage_layout(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, n_micr
     """The pipeline layout ``parallelize`` builds (None without PP)."""
     if dims.pp == 1:
         return None
-    from .pipeline.layout import pipeline_layout
+    from ..pipeline.layout import pipeline_layout
     return pipeline_layout([f"layers.{i}" for i in range(args.n_layers)], dims.pp, plan, n_micro)
 
 
@@ -271,7 +271,7 @@ def dense_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: Paral
         rs = 2 * a * d / t if sp_div > 1 else 0.0
         return (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
                 + 2 * a * f / t + 2 * a * d + rs)
-    return 2 * (4 + r) * d / sp_div + 2 * a * d + 4 * a * h * hd / t + 4 * h / t + 4 * a * f / t
+    return 2 * (4 + r) * d / sp_div + 2 * a * d + 2 * a * (h + kv) * hd / t + 4 * h / t + 4 * a * f / t
 
 
 def moe_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan,
@@ -291,7 +291,7 @@ def moe_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: Paralle
                 + (a * d / t if sp_div > 1 else 0.0))
         moe_tok = 4 * m.n_experts + m.top_k * (2 * a * fe + a * d) + (2 * a * fs + a * d if fs else 0.0)
         return attn + moe_tok / t
-    attn = (4 + r) * d / sp_div + a * d + 4 * a * h * hd / t + 4 * h / t
+    attn = (4 + r) * d / sp_div + a * d + 2 * a * (h + kv) * hd / t + 4 * h / t
     norm2 = (4 + r) * d / sp_div
     moe_tok = 4 * d + 12 * m.n_experts + m.top_k * (2 * a * d + 4 * a * fe) + (t * a * d + 4 * a * fs if fs else 0.0)
     return attn + norm2 + moe_tok / t
@@ -390,6 +390,9 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     ``numels`` (parameter -> local elements) replaces the analytic shards, e.g. by the dry
     run's real ones; by default :func:`local_param_numels`.
     """
+    from ..validation import check_degrees
+
+    check_degrees(dims, plan, has_moe=args.moe is not None)  # the API's own checks, no model needed
     layout = stage_layout(args, dims, plan, n_micro)
     numels = numels if numels is not None else local_param_numels(args, dims, plan, pp_rank, n_micro)
     n = sum(numels.values())

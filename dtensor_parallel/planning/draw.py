@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from .schedules import SCHEDULES, check_schedule, schedule_class, theoretical_bubble
-from .split import stages_of_rank
+from ..pipeline.schedules import SCHEDULES, check_schedule, schedule_class, theoretical_bubble
+from ..pipeline.split import stages_of_rank
 
 Action = tuple[str, int, int]  # (kind, stage, microbatch), kind in F, B, W, BW
 DEFAULT_TIMES: dict[str, float] = {"F": 1.0, "B": 1.0, "W": 1.0, "BW": 2.0}

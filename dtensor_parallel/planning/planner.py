@@ -18,7 +18,7 @@ Training on GPU Clusters", sec. 3 takeaways), in the order applied:
 5. **DP the rest** (FSDP over dp_shard: it shards weights, gradients and AdamW).
 6. **SP whenever TP > 1**; **interleaved 1F1B whenever PP > 1** (2 virtual stages where
    the layers split).
-7. Then the estimator (:mod:`dtensor_parallel.memory`): no recompute if it fits, else
+7. Then the estimator (:mod:`dtensor_parallel.planning.memory`): no recompute if it fits, else
    selective, else full; if none fits, more PP, then more TP (inside the node).
 """
 
@@ -27,11 +27,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .expert_parallel import ep_fold_size
+from ..expert_parallel import ep_fold_size
 from .memory import GIB, MemoryEstimate, estimate_memory, fmt_bytes, parse_bytes, parse_count
-from .mesh import ParallelDims
-from .models.llama import LLAMA3_FLAVOURS, MOE_FLAVOURS, ModelArgs
-from .plan import ParallelPlan
+from ..mesh import ParallelDims
+from ..models.llama import LLAMA3_FLAVOURS, MOE_FLAVOURS, ModelArgs
+from ..plan import ParallelPlan
 
 INTERCONNECTS = ("nvlink", "ib", "ethernet")
 CP_TOKENS = 8192  # sequence length a CP rank takes before the guide adds CP
@@ -147,7 +147,7 @@ def _tp_for(active: float, heads: int, kv_heads: int, gpus_per_node: int, interc
 def _schedule(args: ModelArgs, pp: int) -> tuple[dict, str]:
     """interleaved_1f1b with 2 stages a rank where the layers split (evenly, or with the
     remainder on the first/last stage), else 1f1b."""
-    from .pipeline.split import stage_layer_counts
+    from ..pipeline.split import stage_layer_counts
 
     n = args.n_layers
     for v, name in ((2, "interleaved_1f1b"), (1, "1f1b")):

@@ -4,8 +4,9 @@ aux-loss-free bias update.
 
 Semantics (the reference is one device running the same micro-batches): each MoE
 layer's balancing losses are those of a whole micro-batch, the sum over every rank's
-tokens of it (the router sums its statistics over the ``seq_groups`` and
-``batch_groups`` set here; see ``Router._aux_loss``), and a training step adds the mean
+tokens of it (the router sums its statistics through the layer's dispatcher, which
+``ParallelDispatch`` gives the sequence and batch groups; see ``Router._aux_loss``), and a
+training step adds the mean
 over its micro-batches to the objective. This is Megatron-Core's ``aux_loss`` computed
 over the global micro-batch rather than per data-parallel rank (its
 ``global_aux_loss``): the same value in every layout, so parity with one device is
@@ -18,36 +19,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .models.moe import MoE
+from ..models.moe import MoE, MoEStep
 
 
 def moe_layers(modules: list[nn.Module]) -> list[MoE]:
     return [m for module in modules for m in module.modules() if isinstance(m, MoE)]
 
 
-def set_reduction_groups(layers: list[MoE], seq_groups: list, batch_groups: list) -> None:
-    """``seq_groups``: the ranks holding other positions of the same sequences (cp, and tp:
-    MoE layers run token parallel over tp); ``batch_groups``: the ranks holding other
-    sequences (dp)."""
+def share_step(layers: list[MoE]) -> MoEStep:
+    """Give the layers one step-accounting object (returned), so a step sets it once."""
+    step = MoEStep()
     for moe in layers:
-        moe.router.seq_groups = tuple(seq_groups)
-        moe.router.batch_groups = tuple(batch_groups)
+        moe.step = step
+    return step
 
 
-def collect_only_inside(layers: list[MoE], pipeline) -> None:
+def collect_only_inside(step: MoEStep, pipeline) -> None:
     """Under a pipeline, count only the schedule's micro-batch forwards (not torch's
     shape-inference forward of the first step)."""
     def switch(on: bool) -> None:
-        for moe in layers:
-            moe.collect_stats = on
+        step.collect_stats = on
     switch(False)
     pipeline.around_forward_chunks(switch)
 
 
-def start_step(layers: list[MoE], n_micro: int) -> None:
+def start_step(layers: list[MoE], step: MoEStep, n_micro: int) -> None:
     """Before a step's forwards: each micro-batch's aux loss counts 1 / n_micro."""
+    step.aux_loss_scale = 1.0 / n_micro
     for moe in layers:
-        moe.aux_loss_scale = 1.0 / n_micro
         moe.step_aux_loss = moe.step_routed_counts = None
 
 
@@ -64,9 +63,8 @@ def step_stats(layers: list[MoE], pp_group: dist.ProcessGroup | None, device: to
     aux = max_load = min_load = torch.zeros((), device=device)
     if live:
         shares = torch.stack([moe.step_aux_loss.to(device).reshape(()) for moe in live])
-        router = live[0].router  # every layer has the same groups
-        for g in (*router.seq_groups, *router.batch_groups):  # the shares add up to the loss
-            dist.all_reduce(shares, group=g)
+        dispatch = live[0].dispatch  # every layer has the same groups
+        shares = dispatch.sum_over_batch(dispatch.sum_over_sequence(shares))  # the shares add up to the loss
         loads = torch.stack([moe.step_routed_counts.float().to(device) for moe in live])  # (layers, E)
         mean = loads.mean(1).clamp_min(1e-9)  # counts are already summed over those ranks
         aux, max_load, min_load = shares.sum(), (loads.max(1).values / mean).sum(), (loads.min(1).values / mean).sum()

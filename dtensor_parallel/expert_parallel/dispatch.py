@@ -1,0 +1,92 @@
+"""The MoE dispatchers of parallel layouts: the ``LocalDispatch`` interface of
+``models/moe.py`` with communication and kernels.
+
+:class:`ParallelDispatch` is injected into every MoE layer by ``apply_expert_parallel``:
+
+- ``permute`` / ``combine``: torch's sort and index-add, or the Triton permute/unpermute
+  kernels (``triton_kernels/moe_dispatch.py``, dropless only: under a capacity the torch
+  path runs);
+- ``run_experts``: with EP, the rows travel to the ranks holding their experts and back
+  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher); without, the local
+  grouped GEMM;
+- ``sum_over_sequence`` / ``sum_over_batch``: the routing statistics summed over the ranks
+  holding the same sequences' other positions (cp, and tp: MoE layers run token parallel
+  over tp) and over the ranks holding other sequences (dp).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import DTensor
+
+from ..models.moe import LocalDispatch, grouped_swiglu
+from .groups import ExpertGroups
+
+
+class ParallelDispatch(LocalDispatch):
+    def __init__(self, *, kernels: str = "torch", groups: ExpertGroups | None = None,
+                 seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = ()):
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"moe_dispatch kernels={kernels!r}: choose 'torch' or 'triton'")
+        self.kernels = kernels
+        self.groups = groups if groups is not None and groups.ep > 1 else None
+        self.seq_groups, self.batch_groups = tuple(seq_groups), tuple(batch_groups)
+
+    def permute(self, flat, expert_ids, n_experts, capacity):
+        if self.kernels != "triton" or capacity is not None:  # the kernels are dropless
+            return super().permute(flat, expert_ids, n_experts, capacity)
+        from triton_kernels.moe_dispatch import permute
+
+        rows, slots = permute(flat, expert_ids, n_experts=n_experts)  # the same order as torch's
+        return rows, slots, torch.bincount(expert_ids.reshape(-1), minlength=n_experts)
+
+    def combine(self, y, slots, weights, flat):
+        if self.kernels != "triton" or slots.numel() != weights.numel():  # dropped slots: torch
+            return super().combine(y, slots, weights, flat)
+        from triton_kernels.moe_dispatch import unpermute
+
+        return unpermute(y, slots, weights)  # weighted combine, fp32 accumulation
+
+    def run_experts(self, rows, counts, w1, w3, w2):
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (w1, w3, w2))
+        if self.groups is None:
+            return grouped_swiglu(rows, w1, w3, w2, counts)
+        return dispatch_combine(rows, counts, lambda x, c: grouped_swiglu(x, w1, w3, w2, c), self.groups)
+
+    def sum_over_sequence(self, t):
+        return _sum_over(t, self.seq_groups)
+
+    def sum_over_batch(self, t):
+        return _sum_over(t, self.batch_groups)
+
+
+def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:
+    """Sum of a statistics tensor over ranks (no gradient flows through it)."""
+    t = t.detach()
+    for g in groups:
+        t = funcol.all_reduce(t, "sum", g)
+    return t
+
+
+def dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts, groups: ExpertGroups) -> torch.Tensor:
+    """rows (N, d) sorted by global expert with ``counts`` (E,) rows each; ``experts(x,
+    local_counts)`` runs this rank's experts on rows grouped by local expert. Returns the
+    expert outputs in the order of ``rows``."""
+    ep, group = groups.ep, groups.ep_group
+    e_local = counts.numel() // ep
+    # (ep * e_local): from each source rank, its row count for each of our experts
+    recv = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, group))
+    send_split = counts.view(ep, e_local).sum(1).tolist()
+    recv_by_src = recv.view(ep, e_local)
+    recv_split = recv_by_src.sum(1).tolist()
+    got = funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, recv_split, send_split, group))
+    # rows arrive by source rank, then by local expert: a stable sort by local expert
+    # regroups them (by expert, then by source), on the device, without host syncs
+    local_expert = torch.arange(e_local, device=rows.device).repeat(ep)  # (ep * e_local)
+    perm = torch.sort(local_expert.repeat_interleave(recv_by_src.flatten(), output_size=got.shape[0]),
+                      stable=True).indices
+    y = torch.empty_like(got)
+    y = y.index_copy(0, perm, experts(got[perm], recv_by_src.sum(0)))
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(y, send_split, recv_split, group))

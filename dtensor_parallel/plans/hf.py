@@ -1,0 +1,112 @@
+"""Built-in plans for Hugging Face ``transformers`` causal LMs, chosen from the model's class.
+
+``transformers`` is never imported here at module import time: a model that is a
+transformers model already brought it in, and the plan only reads module names and the
+config. Supported decoder families (same module names, read from transformers 5.x):
+
+===========  ==================================================================
+Llama        q/k/v/o projections, gate/up/down MLP, RMSNorms; Llama 3.2 1B/3B tie
+             the head to the embedding (refused under TP and PP, see below)
+Mistral      the same; a sliding window longer than the sequence is plain causal
+Qwen2        the same with q/k/v biases (colwise shards them with the weights)
+Qwen3        the same with per-head ``q_norm`` / ``k_norm`` (style ``head_norm``)
+===========  ==================================================================
+
+Sequence parallelism starts at the first decoder layer's input, not at the embedding:
+transformers builds ``position_ids``, the rotary table and the causal mask from the
+embedding output's length, so that output stays whole (an all-reduce instead of a
+reduce-scatter, once per step) and the first layer takes its sequence shard (a local slice).
+
+Attention runs through our own entry in transformers' registry (``AttentionInterface``):
+causal SDPA with GQA, no mask tensor (``create_causal_mask`` returns None for an
+implementation it has no mask function for). The mask is what every layout needs: it does
+not depend on the sequence length a rank sees (SP, CP, PP stages), and ``position_ids`` that
+are not ``arange`` (CP's zigzag shards) are never taken for packed documents. Under
+context parallelism each attention module is an attention call site, so the same SDPA call
+becomes the ring there. Padding masks are not supported (the trainer packs sequences).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_NAME = "dtensor_parallel_causal"
+
+#: class name -> whether its attention has per-head q/k norms
+HF_CAUSAL_LMS: dict[str, bool] = {
+    "LlamaForCausalLM": False,
+    "MistralForCausalLM": False,
+    "Qwen2ForCausalLM": False,
+    "Qwen3ForCausalLM": True,
+}
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__ in HF_CAUSAL_LMS and hasattr(model, "config") and hasattr(model, "model")
+
+
+def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
+    """``{"blocks", "rules", "num_heads", "num_kv_heads"}`` for a supported transformers LM."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    from ..tensor_parallel.styles import VocabEmbedding
+
+    cfg = model.config
+    attn = "model.layers.*.self_attn"
+    rules: dict = {
+        # whole (Replicate) output: transformers derives positions and masks from its length
+        "model.embed_tokens": VocabEmbedding(output_layout=Replicate()),
+        "model.layers.*.input_layernorm": "norm",
+        attn: "attention",
+        f"{attn}.q_proj": "colwise",
+        f"{attn}.k_proj": "colwise",
+        f"{attn}.v_proj": "colwise",
+        f"{attn}.o_proj": "rowwise",
+        "model.layers.*.post_attention_layernorm": "norm",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "model.norm": "norm",
+        "lm_head": "head",
+    }
+    if sequence_parallel:
+        # the first layer takes this rank's sequence shard (a local slice): its norm expects
+        # the residual stream sequence-sharded
+        rules["model.layers.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                     use_local_output=True)
+    if HF_CAUSAL_LMS[type(model).__name__]:
+        rules |= {f"{attn}.q_norm": "head_norm", f"{attn}.k_norm": "head_norm"}
+    return {"blocks": "model.layers.*", "rules": rules, "num_heads": cfg.num_attention_heads,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+
+
+def prepare_hf_model(model: nn.Module) -> None:
+    """Make a transformers LM fit for training under parallelize (local, before any
+    collective): our causal attention registered and selected; no KV cache."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError as e:  # a transformers model without transformers cannot happen; be clear anyway
+        raise ImportError("transformers models need the transformers package: pip install transformers") from e
+    AttentionInterface.register(ATTENTION_NAME, causal_attention)
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.config.use_cache = False
+
+
+def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q (b, hq, s, d), k/v (b, hkv, s, d) ->
+    ((b, s, hq, d), None). Causal, GQA without repeating k/v; the mask tensor is ignored
+    (it is None: no mask function is registered for this implementation)."""
+    if dropout:
+        raise NotImplementedError(f"{type(module).__name__}: attention dropout {dropout} is not supported "
+                                  f"under parallelize; set config.attention_dropout = 0.0")
+    if sliding_window is not None and key.shape[2] > sliding_window:
+        raise NotImplementedError(f"{type(module).__name__}: a sliding window of {sliding_window} tokens is "
+                                  f"shorter than this sequence ({key.shape[2]}): not supported under parallelize")
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
