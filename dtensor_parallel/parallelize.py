@@ -106,7 +106,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
         apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
         if plan.compile:  # per block, after recompute (it compiles the checkpointed forward)
             for block in blocks:
-                block.compile()
+                # static shapes: blocks that see two input shapes (a transformers model's first
+                # layer takes the whole sequence and slices its SP shard) get a graph each,
+                # instead of one dynamic-shape graph, which DTensor inputs fail to trace
+                # (torch 2.11, H200: "unhashable type: non-nested SymInt" in the RMSNorm)
+                block.compile(dynamic=False)
         if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too
             apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
                                 reshard_after_forward=plan.reshard_after_forward,

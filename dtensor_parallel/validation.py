@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, replace
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from .mesh import ParallelDims
 from .plan import ParallelPlan

@@ -35,7 +35,6 @@ CP_LAYOUTS = {
                               {"sequence_parallel": True, "recompute": "selective"}),
     # the Triton ring (in the interpreter here; head dim 8 runs zero-padded to 16)
     "cp2_triton": (2, {"cp": 2}, {"kernels": {"attention": "triton"}}),
-    "cp4_triton": (4, {"cp": 4}, {"kernels": {"attention": "triton"}}),
     "cp2_tp2_sp_triton": (4, {"cp": 2, "tp": 2}, {"sequence_parallel": True, "kernels": {"attention": "triton"}}),
 }
 

@@ -1,5 +1,5 @@
-"""One full node's layouts (issue 11) on 8 gloo ranks: TP8+SP, PP4 x TP2 interleaved, CP8
-ring, EP8 and the 4-D TP2 x PP2 x CP2; loss and every gradient equal the single-device
+"""One full node's layouts (issue 11) on 8 gloo ranks: TP8+SP, PP4 x TP2 interleaved, EP8
+and the 4-D TP2 x PP2 x CP2 (the CP8 ring runs on 8 GPUs only: CI's 15 minutes on 2 cores); loss and every gradient equal the single-device
 model's. ``tests/test_gpu_world8.py`` runs the same table on 8 GPUs through NCCL, plus the
 CP8 ring with the Triton block kernel (8 interpreter ranks are too slow for the CPU suite;
 tests/test_context_parallel.py runs the Triton ring at CP4)."""
@@ -17,7 +17,6 @@ WORLD8_LAYOUTS = {
     "pp4_tp2_interleaved": ("llama8", {"pp": 4, "tp": 2},
                             {"micro_batch_size": 2, "virtual_stages": 2, "pipeline_schedule": "interleaved_1f1b",
                              "sequence_parallel": True}),
-    "cp8_torch": ("llama", {"cp": 8}, {}),
     "ep8": ("moe8", {"dp_shard": 8}, {"expert_parallel": 8}),
     "tp2_pp2_cp2": ("llama", {"pp": 2, "cp": 2, "tp": 2}, {"micro_batch_size": 2, "sequence_parallel": True}),
 }

@@ -55,7 +55,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.distributed_c10d import _resolve_process_group  # group name -> group (2.11+)
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
