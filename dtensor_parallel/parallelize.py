@@ -45,9 +45,9 @@ from .expert_parallel import apply_expert_parallel, build_dispatch, check_expert
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.runtime import PipelineRuntime
-from .plans.hf import is_hf_causal_lm, prepare_hf_model
 from .pipeline.split import PassThrough, build_stage_module
 from .plan import ParallelPlan
+from .plans.hf import is_hf_causal_lm, prepare_hf_model
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
