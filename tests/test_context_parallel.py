@@ -221,6 +221,13 @@ def test_ring_runs_only_at_the_named_call_sites_on_their_own_thread(monkeypatch)
     calls.clear()
     F.scaled_dot_product_attention(q, q, q)
     assert calls == []
+    other = Site()  # a pre-hook that raises before ours entered: the exit hook pops nothing
+    apply_context_parallel({"blocks.1.attn": other}, group=None, backend="torch")
+    other.register_forward_pre_hook(lambda m, i: (_ for _ in ()).throw(RuntimeError("early")), prepend=True)
+    with pytest.raises(RuntimeError, match="early"):
+        other(q)
+    bystander(q)
+    assert calls == []
 
 
 def test_context_parallel_refuses_a_model_without_positions_or_sites() -> None:

@@ -42,6 +42,7 @@ class RingAttentionMode(TorchFunctionMode):
     def __init__(self, group: dist.ProcessGroup, backend: str, site: str):
         super().__init__()
         self.group, self.backend, self.site = group, get_backend(backend), site
+        self.entered = 0  # how many forwards of the site are inside (recursion, recompute)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -71,7 +72,10 @@ def apply_context_parallel(sites: dict[str, nn.Module], group: dist.ProcessGroup
 
 def _enter(mode: RingAttentionMode, module: nn.Module, inputs: tuple) -> None:
     mode.__enter__()  # (a pre-hook's return value would replace the inputs: return None)
+    mode.entered += 1
 
 
 def _leave(mode: RingAttentionMode, module: nn.Module, inputs: tuple, output) -> None:
-    mode.__exit__(None, None, None)
+    if mode.entered:  # (always called: also when an earlier pre-hook raised before ours ran)
+        mode.entered -= 1
+        mode.__exit__(None, None, None)
