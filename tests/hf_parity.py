@@ -40,9 +40,7 @@ def make_hf_model(arch: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = hf_config(arch)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), attn_implementation="sdpa").float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -50,9 +48,9 @@ def make_hf_model(arch: str, seed: int = 0):
     return model.to(case_device())
 
 
-def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
-    """Mean token loss of the global batch on one device (micro-batches as a pipeline runs
-    them make no difference to a dense model's gradient)."""
+def reference_step(model, x, y) -> torch.Tensor:
+    """Mean token loss of the global batch on one device, backward (micro-batches as a
+    pipeline runs them make no difference to a dense model's gradient)."""
     logits = model(input_ids=x).logits
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     loss.backward()
