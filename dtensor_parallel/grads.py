@@ -23,7 +23,8 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int, dev
     all-reduce sums over the world. Different pipeline stages hold different parameters,
     so their squares simply add. Reducing DTensor norms instead costs one collective per
     (mesh, placements) group and per mesh dim. ``extra_replicas``: copies a DTensor's
-    placements do not show (an EP-sharded expert also lives on its edp ranks).
+    placements do not show (an EP-sharded expert also lives on its edp ranks; a tied weight's
+    copies on the first and last pipeline stages).
     """
     extra_replicas = extra_replicas or {}
     sq = torch.zeros((), device=device, dtype=torch.float32)
@@ -41,7 +42,7 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int, dev
             copies *= extra_replicas.get(p, 1)
             local = g.to_local()
         else:
-            copies, local = ranks_per_replica, g
+            copies, local = ranks_per_replica * extra_replicas.get(p, 1), g
         sq += local.float().pow(2).sum() / copies
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)

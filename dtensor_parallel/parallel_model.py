@@ -35,12 +35,27 @@ from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
 from .tensor_parallel.loss import IGNORE_INDEX, cross_entropy_sum, loss_context
+from .tied import TiedGradSync, to_empty_keeping_ties
 from .validation import check_sequence
 
 
 def takes_position_ids(module: nn.Module) -> bool:
     params = inspect.signature(module.forward).parameters
     return "position_ids" in params
+
+
+def stage_output(out) -> torch.Tensor:
+    """What a pipeline stage sends on: the logits of its output, not a view. (A
+    transformers LM slices its hidden states before the head, ``h[:, -0:]``, a pass-through
+    off the last stage; the zero-bubble schedules ``detach_()`` stage outputs, which a view
+    refuses. A view of the whole of its base is the base; any other view is copied.)"""
+    t = logits_of(out)
+    base = t._base
+    if base is None:
+        return t
+    if base.shape == t.shape and base.stride() == t.stride() and base.storage_offset() == t.storage_offset():
+        return base
+    return t.clone()
 
 
 def logits_of(out):
@@ -63,7 +78,9 @@ def logits_of(out):
 class ParallelModel:
     def __init__(self, modules: list[nn.Module], mesh: DeviceMesh, plan: ParallelPlan, dims: ParallelDims,
                  *, loss_parallel: bool, autocast_bf16: bool, pipeline: PipelineRuntime | None = None,
-                 state_order: list[str] | None = None, experts: tuple | None = None):
+                 state_order: list[str] | None = None, experts: tuple | None = None,
+                 tied_sync: TiedGradSync | None = None, tied_names: list[list[str]] | None = None,
+                 attention_window: int | None = None):
         self.stage_modules = modules
         self.mesh = mesh
         self.plan = plan
@@ -76,13 +93,16 @@ class ParallelModel:
         self._loss_mesh = submesh(mesh, "dp_cp") if dims.dp_cp > 1 else None
         self._cp_mesh = submesh(mesh, "cp") if dims.cp > 1 else None
         self._state_order = state_order
+        self._tied_sync = tied_sync  # PP: tied weights' copies on the first and last stage
+        self.tied_names = tied_names or []  # names sharing one parameter, the canonical first
+        self._attention_window = attention_window  # a sliding window (transformers models)
         # full positions for models that would otherwise derive them from the length they
         # see (a sequence shard under SP, a stage's input under PP); CP's zigzag ones always
         self._pass_positions = takes_position_ids(modules[0]) and (
             dims.cp > 1 or plan.sequence_parallel or pipeline is not None)
         if pipeline is not None:  # stages exchange tensors: a ModelOutput leaves as its logits
             for m in modules:
-                m.register_forward_hook(lambda _m, _inp, out: logits_of(out))
+                m.register_forward_hook(lambda _m, _inp, out: stage_output(out))
         # ({expert parameter: ranks holding the same shard}, ExpertGroups) or None
         self._experts = experts
         self._moe = moe_stats.moe_layers(modules)
@@ -100,10 +120,16 @@ class ParallelModel:
         return self.stage_modules[0]
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        return itertools.chain.from_iterable(m.parameters() for m in self.stage_modules)
+        for _, p in self.named_parameters():
+            yield p
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return itertools.chain.from_iterable(m.named_parameters() for m in self.stage_modules)
+        """Each parameter once, also where this rank's stage modules share one."""
+        seen: set[int] = set()
+        for name, p in itertools.chain.from_iterable(m.named_parameters() for m in self.stage_modules):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
 
     def train(self, mode: bool = True) -> "ParallelModel":
         for m in self.stage_modules:
@@ -152,6 +178,12 @@ class ParallelModel:
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         check_sequence(input_ids.shape[1], self.dims, self.plan.sequence_parallel)
+        window = self._attention_window
+        if window is not None and input_ids.shape[1] > window:
+            raise ValueError(f"sequence length {input_ids.shape[1]} is longer than the model's sliding attention "
+                             f"window ({window} tokens), which parallelize's causal attention does not apply: "
+                             f"cut sequences to at most {window} tokens, or set config.sliding_window = None "
+                             f"to train with full causal attention")
 
     def _micro_batches(self, b_local: int) -> int:
         plan, dp = self.plan, self.dims.dp
@@ -245,11 +277,15 @@ class ParallelModel:
         shard_replicated_grads(self.parameters())
         if self._experts is not None:
             reduce_expert_grads(*self._experts)
+        if self._tied_sync is not None:
+            self._tied_sync.sync()
 
     # ---- gradients, weights ------------------------------------------------------------
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients over every stage and placement (one all-reduce)."""
-        extra = self._experts[0] if self._experts is not None else {}
+        extra = dict(self._experts[0]) if self._experts is not None else {}
+        if self._tied_sync is not None:
+            extra |= self._tied_sync.replicas()
         return global_grad_norm(self.parameters(), dist.get_world_size() // self.dims.pp, self.device,
                                 extra_replicas=extra)
 
@@ -285,11 +321,21 @@ class ParallelModel:
 
     def init_weights(self, seed: int = 0) -> None:
         """Materialize meta parameters on the mesh's device and initialize them (each rank
-        only its shards; the same weights in every layout). Needs the model's
-        ``init_weights(buffer_device, seed)``."""
-        for m in self.stage_modules:
-            if not hasattr(m, "init_weights"):
-                raise TypeError(f"{type(m).__name__} has no init_weights(); initialize it yourself")
-            if any(p.is_meta for p in m.parameters()):
-                m.to_empty(device=self.device)
-            m.init_weights(buffer_device=self.device, seed=seed)
+        only its shards; the same weights in every layout). Our models: their
+        ``init_weights(buffer_device, seed)``; transformers models: transformers' own
+        ``_init_weights`` per module (``checkpoint/hf_pretrained.py``)."""
+        from .checkpoint.hf_pretrained import init_hf_weights, is_transformers_model
+
+        if all(is_transformers_model(m) for m in self.stage_modules):
+            init_hf_weights(self.stage_modules, self.device, seed,
+                            skip={n for names in self.tied_names for n in names[1:]})
+        else:
+            for m in self.stage_modules:
+                if not callable(getattr(m, "init_weights", None)) or is_transformers_model(m):
+                    raise TypeError(f"{type(m).__name__} has no init_weights(buffer_device, seed); "
+                                    f"initialize it yourself")
+                if any(p.is_meta for p in m.parameters()):
+                    to_empty_keeping_ties(m, self.device)
+                m.init_weights(buffer_device=self.device, seed=seed)
+        if self._tied_sync is not None:  # tied copies on other stages: equal to the first's
+            self._tied_sync.broadcast_weights()

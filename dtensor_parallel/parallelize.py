@@ -1,16 +1,19 @@
 """parallelize(model, mesh, plan): the whole story, as an ordered chain of ``apply_*`` steps.
 
     1. resolve the plan (the model's default plan, ``plans/``) and validate the layout once
-       (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, PP split)
+       (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, tied weights,
+       PP split; a meta-device shape probe where the plan has no head counts)
     2. PP: split into this rank's stage modules (``pipeline/split.py``)
     3. for each stage module:
          EP      apply_expert_parallel   (expert_parallel/)  shard experts, inject the dispatcher
-         TP/SP   apply_tensor_parallel   (tensor_parallel/)  styles by rule, SP kernels by plan
+         TP/SP   apply_tensor_parallel   (tensor_parallel/)  styles by rule, SP kernels by plan;
+                 retie_after_tp          (tied.py)           a tied head takes the embedding's DTensor
          CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
          recompute apply_recompute       (recompute.py)      checkpoint each block
          compile block.compile()                             per block
          DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP
-    4. the pipeline runtime over the stages (``pipeline/runtime.py``)
+    4. the pipeline runtime over the stages (``pipeline/runtime.py``), and the sum of a tied
+       weight's gradients over the stages holding a copy (``tied.py``)
     5. ``ParallelModel``: forward, forward_backward, gradients, state dicts
 
 Why this order:
@@ -45,13 +48,14 @@ from .expert_parallel import apply_expert_parallel, build_dispatch, check_expert
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.runtime import PipelineRuntime
-from .pipeline.split import PassThrough, build_stage_module
+from .pipeline.split import PassThrough, build_stage_module, stages_using
 from .plan import ParallelPlan
-from .plans.hf import is_hf_causal_lm, prepare_hf_model
+from .plans.hf import hf_attention_window, is_hf_causal_lm, prepare_hf_model
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
 from .tensor_parallel.styles import AttentionSite, TPKernels, VocabHead
+from .tied import TiedGradSync, retie_after_tp, separate_stage_copies
 from .validation import check_kernels, kernel_backend, resolve_plan, validate_layout
 
 
@@ -66,8 +70,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
+    window = None
     if is_hf_causal_lm(model):  # a transformers LM: our causal attention in its registry, no KV cache
         prepare_hf_model(model)
+        window = hf_attention_window(model)  # (FSDP renames the class: read it now)
 
     # 2. pipeline stages: this rank's pruned copies of the model (or the model itself)
     state_order = None
@@ -81,6 +87,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
         stage_modules = [build_stage_module(model, block_names, blocks, is_first=s == 0,
                                             is_last=s == layout.n_stages - 1)
                          for s, blocks in zip(stage_ids, stage_blocks)]
+        separate_stage_copies(stage_modules, resolved.tied)  # one rank, two stages: a copy each
 
     # 3. each stage: EP -> TP/SP -> CP -> recompute -> compile -> DP
     dp_mesh = data_parallel_mesh(mesh, dims)
@@ -99,6 +106,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
             apply_tensor_parallel(module, submesh(mesh, "tp"), present, plan.sequence_parallel,
                                   TPKernels(reduce_scatter=sp_backend, fused=plan.fused_rowwise))
             loss_parallel |= any(isinstance(st, VocabHead) for st in present.values())
+            retie_after_tp(module, resolved.tied)  # the head takes the embedding's DTensor again
         if dims.cp > 1:  # CP: ring attention at each attention call site
             apply_context_parallel({n: module.get_submodule(n) for n, st in present.items()
                                     if isinstance(st, AttentionSite)},
@@ -116,14 +124,23 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                                 reshard_after_forward=plan.reshard_after_forward,
                                 ignored_params=set(stage_experts) or None)
 
-    # 4. the pipeline runtime, 5. the model every layout shares
-    pipeline = None
+    # 4. the pipeline runtime (tied weights: the stages' copies sum their gradients),
+    # 5. the model every layout shares
+    pipeline = tied_sync = None
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
                                    layout.schedule, mesh_device(mesh))
+        if resolved.tied:
+            all_blocks = [layout.blocks_of(s) for s in range(layout.n_stages)]
+            using = [set().union(*(stages_using(model, block_names, all_blocks, n) for n in names))
+                     for names in resolved.tied]  # a copy on each of these stages
+            tied_sync = TiedGradSync.build(resolved.tied, stage_modules, [layout.ranks_of(u) for u in using],
+                                           [len(u) for u in using], mesh)
     return ParallelModel(stage_modules, mesh, plan, dims, loss_parallel=loss_parallel,
                          autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
-                         pipeline=pipeline, state_order=state_order,
+                         pipeline=pipeline, state_order=state_order, tied_sync=tied_sync,
+                         tied_names=resolved.tied,
+                         attention_window=window,
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
 
 

@@ -7,7 +7,8 @@ the memory estimator, the planner and the dry run all call it.
 - :func:`validate_layout`: everything that also needs the model: the plan's blocks and
   rules match modules, tp divides heads, kv heads, hidden and vocab sizes, context
   parallelism has attention call sites and a forward taking ``position_ids``, experts
-  divide by ep, and the pipeline split. Returns the resolved ``Layout``.
+  divide by ep, tied weights, and the pipeline split; without head counts in the plan, a
+  meta-device probe of one block under its tp shapes. Returns the resolved ``Layout``.
 - :func:`check_sequence`: a batch's sequence length against cp (zigzag) and SP, at the
   first call with that batch.
 
@@ -26,16 +27,18 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .mesh import ParallelDims
 from .plan import ParallelPlan
+from .tied import check_tied, tied_groups
 
 
 @dataclass
 class Layout:
-    """The validated layout: the blocks' names, every matched module's style, and the
-    pipeline layout (None without PP)."""
+    """The validated layout: the blocks' names, every matched module's style, the
+    pipeline layout (None without PP), and the names of tied parameters (``tied.py``)."""
 
     block_names: list[str]
     styles: dict
     pipeline: object | None
+    tied: list[list[str]]
 
 
 def resolve_plan(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
@@ -100,6 +103,7 @@ def validate_layout(model: nn.Module, dims: ParallelDims, plan: ParallelPlan) ->
     from .expert_parallel import check_expert_layout
     from .pipeline.layout import pipeline_layout
     from .tensor_parallel import check_tp_divisibility, match_modules, resolve_rules
+    from .tensor_parallel.shape_probe import probe_tp_shapes
 
     check_degrees(dims, plan)
     if plan.blocks is None:
@@ -114,16 +118,19 @@ def validate_layout(model: nn.Module, dims: ParallelDims, plan: ParallelPlan) ->
                          f"give rules={{'blocks.*.q': 'colwise', ...}} or build the mesh with tp=1")
     styles = resolve_rules(model, plan.rules or {})
     check_tp_divisibility(model, styles, dims.tp, plan.num_heads, plan.num_kv_heads)
+    if dims.tp > 1 and (plan.num_heads is None or plan.num_kv_heads is None):
+        probe_tp_shapes(model, block_names[0], styles, dims.tp)  # heads unknown: one block on meta
     check_expert_layout(model, dims, plan.expert_parallel, styles)  # (the MoE-specific message first)
     if dims.tp > 1:
         check_tp_coverage(model, styles, dims.tp)
-    check_tied_parameters(model, dims)
+    tied = tied_groups(model)
+    check_tied(model, tied, styles, dims.tp, dims.pp, block_names)
     if dims.cp > 1:
         check_context_parallel(model, styles, dims.cp)
     n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
                if plan.micro_batch_size and plan.global_batch_size else None)
     layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
-    return Layout(block_names, styles, layout)
+    return Layout(block_names, styles, layout, tied)
 
 
 def check_tp_coverage(model: nn.Module, styles: dict, tp: int) -> None:
@@ -147,23 +154,6 @@ def check_tp_coverage(model: nn.Module, styles: dict, tp: int) -> None:
             f"would be one rank's share. Give its module a rule: 'colwise'/'rowwise' (linears, their "
             f"biases too), 'norm' (norms on the residual stream), 'head_norm' (norms over each "
             f"head's features, such as q_norm/k_norm), 'embedding' or 'head'")
-
-
-def check_tied_parameters(model: nn.Module, dims: ParallelDims) -> None:
-    """One Parameter used by two modules (tied input embedding and output head) stays one
-    parameter under FSDP (both in the root unit). TP would shard it once per style and PP
-    would hold a copy per stage, each with only its own use's gradient: refuse, naming it."""
-    seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen and (dims.tp > 1 or dims.pp > 1):
-            what = "tp" if dims.tp > 1 else "pp"
-            raise ValueError(
-                f"{name} is the same parameter as {seen[id(p)]} (tied weights, e.g. tie_word_embeddings=True) "
-                f"and {what}={getattr(dims, what)} would split it into two that train apart. Untie them before "
-                f"parallelize (for a transformers model: config.tie_word_embeddings=False and "
-                f"model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())), "
-                f"or train it with FSDP/DDP/CP alone (tp=1, pp=1)")
-        seen.setdefault(id(p), name)
 
 
 def check_context_parallel(model: nn.Module, styles: dict, cp: int) -> None:

@@ -34,13 +34,14 @@ def hf_config(arch: str, **overrides):
     return cls(**{**common, **extra, **overrides})
 
 
-def make_hf_model(arch: str, seed: int = 0):
+def make_hf_model(arch: str, seed: int = 0, **overrides):
     """A transformers model with random weights; norms (q/k norms too) non-trivial so their
     gradients are tested."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), attn_implementation="sdpa").float()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides),
+                                                          attn_implementation="sdpa").float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -58,10 +59,11 @@ def reference_step(model, x, y) -> torch.Tensor:
 
 
 def hf_one_step_parity(arch: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int = 4, seq: int = 16,
-                       steps: int = 1) -> float:
-    """Loss and every gradient equal to the single-device model's, then every parameter
-    after an AdamW step; ``steps`` > 1: the losses of that many steps track one device."""
-    ref = make_hf_model(arch)
+                       steps: int = 1, layers: int = 2) -> float:
+    """Loss, every gradient and the gradient norm equal to the single-device model's, then
+    every parameter after an AdamW step; ``steps`` > 1: the losses of that many steps track
+    one device."""
+    ref = make_hf_model(arch, num_hidden_layers=layers)
     model = copy.deepcopy(ref)
     pm = parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))
     # eps 1e-5: Adam's first steps are about lr * sign(g), so with a tiny eps an element whose
@@ -77,6 +79,8 @@ def hf_one_step_parity(arch: str, mesh_kwargs: dict, plan_kwargs: dict, batch: i
         assert rel_err(loss, ref_loss) <= REL_TOL, f"step {step}: loss {loss.item()} != reference {ref_loss.item()}"
         if step == 0:
             assert_grads_match(pm, ref)
+            ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+            assert rel_err(pm.grad_norm(), ref_norm) <= REL_TOL, "gradient norm"
         opt_ref.step()
         opt_ref.zero_grad()
         opt.step()

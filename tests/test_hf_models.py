@@ -28,18 +28,24 @@ LAYOUTS = {  # name: (world, mesh, plan)
     "pp2_tp2_sp": (4, {"pp": 2, "tp": 2}, {"sequence_parallel": True, **PP}),
     "pp2_fsdp2": (4, {"pp": 2, "dp_shard": 2}, PP),
     "cp2_pp2": (4, {"cp": 2, "pp": 2}, PP),
+    # 4 layers: tied copies on pp ranks 0 and 3 (their own group), and on one rank (V shape)
+    "pp4_interleaved": (4, {"pp": 4}, {"virtual_stages": 2, **PP}),
+    "pp2_zbv": (2, {"pp": 2}, {"pipeline_schedule": "zbv", **PP}),
 }
-# every layout on Llama; each other architecture on the layouts that exercise what it adds
-# (Qwen2's biases and Qwen3's per-head norms under TP and SP, positions under CP and PP)
-CASES = [("llama", name) for name in LAYOUTS] + [
-    ("qwen3", "tp2_sp_fsdp2"), ("qwen3", "cp2_tp2_sp"), ("qwen3", "pp2_tp2_sp"), ("qwen2", "tp2_sp_fsdp2"),
-    ("mistral", "tp2_sp_fsdp2"), ("llama_tied", "fsdp4"), ("llama_tied", "cp2_fsdp2")]
+LAYERS = {"pp4_interleaved": 8, "pp2_zbv": 4}
+# every architecture (Llama tied and untied, Mistral, Qwen2's biases, Qwen3's per-head
+# norms) on every layout; the tied Llama also on interleaved PP4 (its copies on pp ranks 0
+# and 3, their own group) and ZBV (both copies on one rank)
+MATRIX = [name for name in LAYOUTS if name not in ("pp4_interleaved", "pp2_zbv")]
+CASES = [(arch, name) for arch in ARCHS for name in MATRIX] + [
+    ("llama_tied", "pp4_interleaved"), ("llama_tied", "pp2_zbv"), ("llama", "pp2_zbv")]
 
 
 @pytest.mark.parametrize("arch,layout", CASES, ids=[f"{a}-{n}" for a, n in CASES])
 def test_hf_model_matches_one_device(arch: str, layout: str) -> None:
     world, mesh_kwargs, plan_kwargs = LAYOUTS[layout]
-    losses = run_distributed(world, hf_one_step_parity, arch, mesh_kwargs, plan_kwargs)
+    losses = run_distributed(world, hf_one_step_parity, arch, mesh_kwargs, plan_kwargs,
+                             layers=LAYERS.get(layout, 2))
     assert len(set(losses)) == 1
 
 
@@ -76,14 +82,20 @@ def test_builtin_plan_covers_every_parameter(arch: str) -> None:
 
 @pytest.mark.parametrize("arch,mesh_kwargs,match", [
     ("llama", {"tp": 4}, r"tp=4 does not divide the 2 kv heads"),
-    ("llama_tied", {"tp": 2, "dp_shard": 2}, r"lm_head.weight is the same parameter as model.embed_tokens.weight"),
-    ("llama_tied", {"pp": 2, "dp_shard": 2}, r"tied weights.*pp=2"),
+    # tied embedding and head with a rule that would shard the head's copy differently
+    ("llama_tied", {"tp": 2, "dp_shard": 2},
+     r"model.embed_tokens.weight and lm_head.weight are one parameter .* Got \{'lm_head.weight': 'Colwise'\}"),
 ])
 def test_hf_errors_before_any_collective(arch: str, mesh_kwargs: dict, match: str) -> None:
+    from dtensor_parallel.plans import hf_plan
+
     fake_world(4)
     model = _meta_hf(arch, num_key_value_heads=2) if mesh_kwargs.get("tp") == 4 else _meta_hf(arch)
+    rules = None
+    if arch == "llama_tied":
+        rules = hf_plan(model)["rules"] | {"lm_head": "colwise"}
     with CommDebugMode() as comm, pytest.raises(ValueError, match=match):
-        parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(micro_batch_size=1))
+        parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(micro_batch_size=1, rules=rules))
     assert comm.get_total_counts() == 0
 
 
@@ -119,3 +131,25 @@ def test_hf_reference_is_independent() -> None:
     parallelize(model, build_mesh(), ParallelPlan())
     assert ref.config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == "dtensor_parallel_causal"
+
+
+@pytest.mark.parametrize("arch,overrides,window", [
+    ("mistral", {"sliding_window": 8}, 8),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}, 8),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": False}, None),
+])
+def test_sliding_window_shorter_than_the_sequence_is_refused(arch: str, overrides: dict, window) -> None:
+    """The whole sequence against the window, before any collective (under CP each rank
+    sees only s/cp keys, so the attention call alone could not tell)."""
+    from dtensor_parallel.plans.hf import hf_attention_window
+
+    fake_world(2)
+    model = _meta_hf(arch, **overrides)
+    assert hf_attention_window(model) == window
+    pm = parallelize(model, build_mesh(cp=2), ParallelPlan())
+    x = torch.zeros(2, 16, dtype=torch.long)
+    if window is None:
+        return
+    with CommDebugMode() as comm, pytest.raises(ValueError, match=r"sequence length 16 is longer than .* \(8 tokens\)"):
+        pm.forward_backward(x, x)
+    assert comm.get_total_counts() == 0

@@ -144,3 +144,17 @@ def test_forward_takes_any_batch_without_pipeline() -> None:
     with simulated_ranks(2):
         pm = parallelize(copy.deepcopy(ref), build_mesh(tp=2), plan_for("llama", global_batch_size=4))
         assert pm(x).shape == (3, 16, TINY_LLAMA.vocab_size)
+
+
+def test_user_model_heads_that_tp_does_not_divide_are_found_by_the_shape_probe() -> None:
+    """No config, no head counts in the plan: 2 heads of 16 features at tp=4 divide every
+    linear's width (32 / 4) but not the heads; a meta-device probe of one block turns the
+    view error the first forward would raise into a ValueError naming the module."""
+    from .toy_gpt import ToyGPT
+
+    fake_world(4)
+    _raises_before_collectives(ToyGPT(d=32, n_heads=2), build_mesh(tp=4),
+                               ParallelPlan(blocks=TOY_BLOCKS, rules=TOY_RULES),
+                               r"tp=4: h\.0\.attn fails with the shapes .*RuntimeError: shape .*num_heads=")
+    fake_world(2)  # tp=2 divides the 2 heads: the probe passes, the layout builds
+    parallelize(ToyGPT(d=32, n_heads=2), build_mesh(tp=2), ParallelPlan(blocks=TOY_BLOCKS, rules=TOY_RULES))

@@ -27,6 +27,10 @@ class PipelineLayout:
     def stages_of(self, pp_rank: int) -> list[int]:
         return stages_of_rank(pp_rank, self.pp, self.virtual, SCHEDULES[self.schedule].style)
 
+    def ranks_of(self, stages: set[int]) -> list[int]:
+        """The pp ranks that run any of ``stages``."""
+        return [r for r in range(self.pp) if set(self.stages_of(r)) & stages]
+
 
 def pipeline_layout(block_names: list[str], pp: int, plan, n_microbatches: int | None = None) -> PipelineLayout:
     """Check the plan's pipeline fields against the blocks and build the layout (local)."""

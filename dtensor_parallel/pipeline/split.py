@@ -119,6 +119,21 @@ def blocks_container(block_names: list[str]) -> str:
     return parents.pop()
 
 
+def stages_using(model: nn.Module, block_names: list[str], stage_blocks: list[list[str]], param_name: str) -> set[int]:
+    """The stages whose module keeps the module of ``param_name``: its block's stage, the
+    first stage for modules before the blocks, the last for those after, every stage for
+    parameters of the model's own (non-module) attributes."""
+    for stage, blocks in enumerate(stage_blocks):
+        if any(param_name.startswith(b + ".") for b in blocks):
+            return {stage}
+    pre, post = split_pre_post(model, blocks_container(block_names))
+    if any(param_name.startswith(m + ".") for m in pre):
+        return {0}
+    if any(param_name.startswith(m + ".") for m in post):
+        return {len(stage_blocks) - 1}
+    return set(range(len(stage_blocks)))
+
+
 class PassThrough(nn.Module):
     """Another stage's module (embedding, final norm, head) on this stage: returns its first
     input, so the model's forward needs no change."""

@@ -83,6 +83,20 @@ def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
             "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
 
 
+def hf_attention_window(model: nn.Module) -> int | None:
+    """The shortest sliding attention window of any layer (None: every layer attends to the
+    whole causal prefix). Mistral windows every layer (``sliding_window``); Qwen2/Qwen3 only
+    the layers ``layer_types`` marks ``sliding_attention`` (``use_sliding_window``)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def prepare_hf_model(model: nn.Module) -> None:
     """Make a transformers LM fit for training under parallelize (local, before any
     collective): our causal attention registered and selected; no KV cache."""
@@ -104,7 +118,8 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if dropout:
         raise NotImplementedError(f"{type(module).__name__}: attention dropout {dropout} is not supported "
                                   f"under parallelize; set config.attention_dropout = 0.0")
-    if sliding_window is not None and key.shape[2] > sliding_window:
+    if sliding_window is not None and key.shape[2] > sliding_window:  # (the whole sequence is checked
+        # before any collective, ParallelModel._check_inputs; this is the local backstop)
         raise NotImplementedError(f"{type(module).__name__}: a sliding window of {sliding_window} tokens is "
                                   f"shorter than this sequence ({key.shape[2]}): not supported under parallelize")
     out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
