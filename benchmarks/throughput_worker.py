@@ -209,6 +209,7 @@ def worker(args) -> None:
                "peak_allocated_gib": stats[1].item() if cuda else None,
                "peak_reserved_gib": stats[2].item() if cuda else None,
                "loss_first": loss_first, "loss_last": loss_last,
+               "losses": [round(global_loss(v), 4) for v in losses],  # every step's (read after timing)
                "loss_finite": math.isfinite(loss_first) and math.isfinite(loss_last), **dynamo, **info}
         Path(args.result).write_text(json.dumps(row) + "\n")
         if prof_text is not None:

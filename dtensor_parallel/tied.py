@@ -72,15 +72,23 @@ def check_tied(model: nn.Module, groups: list[list[str]], styles: dict, tp: int,
 
 
 def to_empty_keeping_ties(module: nn.Module, device: torch.device) -> None:
-    """``module.to_empty(device)``, then the tied parameters tied again: moving a plain meta
-    parameter replaces it by a new Parameter per module that uses it (torch's ``_apply``
-    cannot change a tensor's device in place), which silently unties them."""
+    """``module.to_empty(device)`` that keeps every Parameter object: each one's storage is
+    swapped in place (``torch.utils.swap_tensors``). A plain ``to_empty`` from meta to CUDA
+    replaces a parameter by a new Parameter object per module that uses it, which silently
+    unties tied weights and leaves stale every reference taken before (the tied copies'
+    gradient sum, the expert-parallel gradient groups, an optimizer built first); from meta
+    to CPU it happens to keep them, so only GPUs would show it. Ties are asserted after."""
     groups = tied_groups(module)
-    module.to_empty(device=device)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        module.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
     for names in groups:
         first = module.get_parameter(names[0])
-        for name in names[1:]:
-            setattr(module.get_submodule(_owner(name)), name.rpartition(".")[2], first)
+        if any(module.get_parameter(n) is not first for n in names[1:]):
+            raise RuntimeError(f"materializing untied {names}")
 
 
 def separate_stage_copies(stage_modules: list[nn.Module], groups: list[list[str]]) -> None:

@@ -78,3 +78,30 @@ _UNFUSED_ON_GPU = pytest.param(False, id="unfused", marks=pytest.mark.xfail(
 def test_gpu_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
     """``pytest -m gpu tests/test_compile.py``: the same on 2 GPUs (symmetric memory, nccl)."""
     _check_sp_triton_compiled(run_distributed(2, _sp_triton_compiled_stats, fuse, backend="nccl"), fuse)
+
+
+def test_the_ring_is_a_graph_break() -> None:
+    """Compiled blocks run the ring eagerly: ``ring_attention`` is ``torch.compiler.disable``d
+    (Dynamo used to trace into its Triton launches and fail: torch 2.11 on 2 x H200, "Can't
+    construct an AttrSource without a valid base source"; ``tests/test_gpu_hf.py``
+    cp2_triton_compile runs the compiled CP block on GPUs). Checked by Dynamo itself: a
+    compiled function calling it gets a graph break there (a cheap CPU check; tracing the
+    interpreted kernels under compile took two minutes of CI)."""
+    import torch._dynamo
+
+    from dtensor_parallel.context_parallel import ring
+
+    calls = []
+
+    def fake_ring(*args, **kwargs):
+        calls.append(torch.compiler.is_compiling())
+        return args[0]
+
+    disabled = torch.compiler.disable(fake_ring)
+    assert type(ring.ring_attention) is type(disabled) and ring.ring_attention.__wrapped__.__name__ == "ring_attention"
+
+    def block(q):
+        return torch.sin(disabled(q * 2, causal=True, scale=None, group=None, backend=None)) + 1
+
+    explain = torch._dynamo.explain(block)(torch.randn(4))
+    assert explain.graph_break_count >= 1 and calls == [False]

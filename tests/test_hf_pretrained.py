@@ -18,7 +18,7 @@ from dtensor_parallel.checkpoint.hf_pretrained import init_hf_weights, load_pret
 from .harness import run_distributed
 from .hf_parity import hf_config, make_hf_model, reference_step
 from .local_ranks import fake_world
-from .parity import REL_TOL, make_batch, rel_err
+from .parity import REL_TOL, assert_grads_match, make_batch, rel_err
 
 PP = {"micro_batch_size": 1}
 LAYOUTS = {  # name: (world, mesh, plan)
@@ -73,11 +73,12 @@ def load_and_step(arch: str, folder: str, mesh_kwargs: dict, plan_kwargs: dict) 
     assert sum(read) == held, f"read {sum(read)} elements, holds {held}"
     got, want = pm.full_state_dict(), ref.state_dict()
     for name, t in want.items():
-        assert torch.equal(got[name], t), name
+        assert torch.equal(got[name], t.cpu()), name
     x, y = make_batch(ref.config.vocab_size, 4, 16, seed=1)
     ref_loss = reference_step(ref, x, y)
     loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
     assert rel_err(loss, ref_loss) <= REL_TOL
+    assert_grads_match(pm, ref)  # (tied copies summed: the sync holds the materialized parameters)
     return loss.item()
 
 
@@ -94,19 +95,21 @@ def init_matches_one_device(arch: str, mesh_kwargs: dict, plan_kwargs: dict) -> 
     """pm.init_weights gives the weights the same seed gives one device, buffers included
     (the rotary table transformers computes), tied copies equal."""
     pm = parallelize(_meta_model(arch), build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))
+    before = [id(p) for p in pm.parameters()]
     pm.init_weights(seed=3)
+    assert [id(p) for p in pm.parameters()] == before, "materializing replaced Parameter objects"
     one = _meta_model(arch)
     skip = {n for names in pm.tied_names for n in names[1:]}
-    init_hf_weights([one], torch.device("cpu"), seed=3, skip=skip)
+    init_hf_weights([one], pm.device, seed=3, skip=skip)  # (the same device: the same random stream)
     got, want = pm.full_state_dict(), one.state_dict()
     assert list(got) == list(want)
     for name, t in want.items():
-        assert torch.equal(got[name], t), name
+        assert torch.equal(got[name], t.cpu()), name
     real = transformers.AutoModelForCausalLM.from_config(hf_config(arch))  # transformers' own init
     for name, t in real.named_buffers():
         for m in pm.stage_modules:
             if name in dict(m.named_buffers()):
-                assert torch.equal(dict(m.named_buffers())[name], t), name
+                assert torch.allclose(dict(m.named_buffers())[name].cpu(), t, rtol=1e-6, atol=0), name
     assert torch.equal(got["model.norm.weight"], torch.ones_like(got["model.norm.weight"]))
     std = got["model.layers.0.mlp.up_proj.weight"].std().item()
     assert abs(std - real.config.initializer_range) < 0.1 * real.config.initializer_range

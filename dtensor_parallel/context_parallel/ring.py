@@ -107,6 +107,11 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+# Compiled blocks run the ring eagerly (one graph break): Dynamo would otherwise trace into
+# the autograd Function and the Triton launches, and on torch 2.11 it fails there ("Can't
+# construct an AttrSource without a valid base source" at the autotuner's config pruning on
+# an H200, a fake-tensor error inside the interpreter on CPU). Issue 21 is the ring in the graph.
+@torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
                    group: dist.ProcessGroup, backend) -> torch.Tensor:
     """q (b, hq, s_local, d), k/v (b, hkv, s_local, d), sequences zigzag-sharded over
