@@ -235,3 +235,97 @@ def test_hf_bad_checkpoints(tmp_path):
     path = write_hf(tmp_path / "absent", {k: v for k, v in src.items() if "layers.2.mlp.up_proj" not in k}, ARGS)
     _rejects(model, path, r"tensor 'model.layers.2.mlp.up_proj.weight' \(our 'layers.2.feed_forward.w3.weight'\) "
                           r"is not in the Hugging Face checkpoint")
+
+
+# ---- configs saved by transformers itself: both RoPE formats, every RoPE type we compute ------
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 500000.0},
+    # Llama 3.1's scaling with a short original context, so that it moves most frequencies
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+}
+
+
+def _transformers_llama(tmp_path: Path, rope: dict, legacy: bool):
+    """A LlamaForCausalLM saved by transformers; ``legacy``: its config.json rewritten in
+    transformers 4's format (top-level rope_theta, rope_scaling with the old 'type' key)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters=dict(rope), tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_theta"] == rope["rope_theta"]  # transformers 5 writes this format
+    if legacy:
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        kind = params.pop("rope_type")
+        cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **params}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_import_hf_rope_matches_transformers(tmp_path, rope: str, legacy: bool):
+    """Logits of our Llama built from the folder's config and imported equal transformers' on
+    the same folder, fp32; the legacy config gives transformers itself the same logits."""
+    import transformers
+
+    hf = _transformers_llama(tmp_path, ROPES[rope], legacy)
+    args = model_args_from_hf(tmp_path)
+    assert args.rope_theta == ROPES[rope]["rope_theta"]
+    assert args.rope_scaling_factor == ROPES[rope].get("factor")
+    model = Llama(args)
+    model.init_weights(buffer_device="cpu", seed=1)
+    import_hf(model, tmp_path)
+    tokens = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = model(tokens)
+        assert (got - want).norm() <= 1e-5 * want.norm(), f"{(got - want).norm() / want.norm():.2e}"
+        if legacy:  # transformers reads the old format as it wrote the new one
+            again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(tokens).logits
+            assert torch.allclose(again, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                          "original_max_position_embeddings": 16}}, r"rope_parameters.rope_type='yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, r"rope_type='dynamic'"),
+    ({"rope_parameters": {"rope_type": "default"}}, r"rope_parameters has no rope_theta"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "partial_rotary_factor": 0.5}},
+     r"rope_parameters.partial_rotary_factor=0.5 is not part of 'linear' RoPE"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "llama3", "factor": 8.0}}, r"lacks '\w+_freq_factor'|lacks"),
+    ({"attention_bias": True}, r"attention_bias=True, but our Llama has attention_bias=False"),
+    ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+])
+def test_import_hf_refuses_configs_it_would_compute_differently(tmp_path, change: dict, match: str):
+    _transformers_llama(tmp_path, ROPES["default"], legacy=False)
+    model = Llama(model_args_from_hf(tmp_path))  # built before the config changes
+    model.init_weights(buffer_device="cpu", seed=1)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        model_args_from_hf(tmp_path)
+    with pytest.raises(ValueError, match=match):  # and an import into the model built before
+        import_hf(model, tmp_path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["rope_parameters", "rope_scaling"])
+def test_import_hf_refuses_another_rope_base(tmp_path, legacy: bool):
+    """A model built with theta 10000 does not take a checkpoint of theta 500000 (either format)."""
+    _transformers_llama(tmp_path, ROPES["default"], legacy=legacy)
+    model = Llama(model_args_from_hf(tmp_path, rope_theta=10000.0))
+    model.init_weights(buffer_device="cpu", seed=1)
+    with pytest.raises(ValueError, match=r"RoPE rope_theta=500000.0 but this model has 10000.0"):
+        import_hf(model, tmp_path)

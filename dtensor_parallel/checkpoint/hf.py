@@ -33,6 +33,10 @@ read and un-permuted. Everything that can be wrong with the files -- a missing s
 truncated file, a tensor of another shape, a config of another model -- is checked from
 the headers before any parameter is written, and the error names the file or tensor.
 
+The config (``hf_llama_config.py``): both RoPE formats (transformers 5's ``rope_parameters``
+and the older top-level keys) and the RoPE types our Llama computes; anything it would
+compute differently is a ``ValueError`` naming the key, checked before any tensor is read.
+
 Export: each pipeline stage's writer rank (coordinate 0 on every non-pp mesh dim) gathers
 its stage's tensors one by one (``full_tensor()``, over the stage's own mesh) and writes
 them into shards of at most ``max_shard_bytes``; global rank 0 writes the index and
@@ -59,6 +63,7 @@ from torch.distributed.tensor import DTensor
 from ..models.llama import ModelArgs
 from . import atomic
 from .dcp import _full_model_names, _stages, checkpoint_group, model_state_dict
+from .hf_llama_config import check_config, hf_config, model_args_from_hf
 from .safetensors_dir import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, HFCheckpoint, local_box
 
 
@@ -110,60 +115,6 @@ def permute_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)  # (h d, dim)
 
 
-# ---- config ---------------------------------------------------------------------------------
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
-    """``config.json`` of a ``LlamaForCausalLM`` with these args."""
-    if args.moe is not None:
-        raise NotImplementedError("Hugging Face interop covers dense Llama 3 (this model has MoE layers)")
-    scaling = None
-    if args.rope_scaling_factor is not None:
-        scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
-                   "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-                   "original_max_position_embeddings": args.rope_original_max_len}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
-            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": scaling,
-            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
-
-
-def model_args_from_hf(config: dict[str, Any] | str | Path, **overrides) -> ModelArgs:
-    """ModelArgs of a Hugging Face Llama ``config.json`` (a dict, the file, or its directory)."""
-    if not isinstance(config, dict):
-        p = Path(config)
-        config = json.loads((p / CONFIG_FILE if p.is_dir() else p).read_text())
-    rs = config.get("rope_scaling") or None
-    if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3",):
-        raise ValueError(f"rope_scaling {rs} is not Llama 3's ('rope_type': 'llama3')")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim", hidden // heads) != hidden // heads:
-        raise ValueError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads = {hidden // heads}")
-    kw = dict(dim=hidden, n_layers=config["num_hidden_layers"], n_heads=heads,
-              n_kv_heads=config.get("num_key_value_heads", heads), vocab_size=config["vocab_size"],
-              ffn_hidden=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-5),
-              rope_theta=float(config.get("rope_theta", 10000.0)),
-              max_seq_len=config.get("max_position_embeddings", 8192),
-              rope_scaling_factor=rs["factor"] if rs else None)
-    if rs:
-        kw.update(rope_low_freq_factor=rs.get("low_freq_factor", 1.0),
-                  rope_high_freq_factor=rs.get("high_freq_factor", 4.0),
-                  rope_original_max_len=rs.get("original_max_position_embeddings", 8192))
-    return ModelArgs(**{**kw, **overrides})
-
-
-def _check_config(ckpt: HFCheckpoint, args: ModelArgs) -> None:
-    if ckpt.config is None:
-        return
-    ours = hf_config(args)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta"):
-        if key in ckpt.config and float(ckpt.config[key]) != float(ours[key]):
-            raise ValueError(f"{ckpt.path / CONFIG_FILE}: {key}={ckpt.config[key]} but this model has "
-                             f"{ours[key]}: the checkpoint is of another model shape")
-
-
 def _read_box(handle, hf: str, offsets, sizes, heads: int | None, rows: int) -> torch.Tensor:
     """The box ``offsets``/``sizes`` of our (Meta-layout) tensor from the HF tensor ``hf``."""
     sl = handle.get_slice(hf)
@@ -194,7 +145,7 @@ def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
     Every check runs before the first parameter is written; no collective is needed."""
     args = _llama_args(model)
     ckpt = HFCheckpoint(path)
-    _check_config(ckpt, args)
+    check_config(ckpt.config, args, ckpt.path / CONFIG_FILE)
     tied = bool(ckpt.config and ckpt.config.get("tie_word_embeddings")) and "lm_head.weight" not in ckpt.entries
     params = model_state_dict(model)
     plan = []

@@ -46,6 +46,7 @@ class ModelArgs:
     rope_theta: float = 500000.0
     # Llama 3.1 rope scaling (factor 8, low 1, high 4, original context 8192); None = off
     rope_scaling_factor: float | None = 8.0
+    rope_scaling_type: str = "llama3"  # or "linear": every frequency / factor
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
@@ -127,7 +128,8 @@ def llama3_args(flavour: str, **overrides) -> ModelArgs:
 
 
 def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
-    """(max_seq_len, head_dim/2, 2) table of cos and sin, with Llama 3.1 frequency scaling.
+    """(max_seq_len, head_dim/2, 2) table of cos and sin, with Llama 3.1 frequency scaling
+    (or linear: every frequency divided by the factor).
 
     Scaling (Llama 3.1): wavelengths shorter than original_len/high_freq_factor keep their
     frequency, longer than original_len/low_freq_factor are divided by ``factor``, and the
@@ -135,7 +137,11 @@ def rope_cache(args: ModelArgs, device: torch.device | str | None = None) -> tor
     """
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float64) / hd))
-    if args.rope_scaling_factor is not None:
+    if args.rope_scaling_type not in ("llama3", "linear"):
+        raise ValueError(f"rope_scaling_type={args.rope_scaling_type!r}: choose 'llama3' or 'linear'")
+    if args.rope_scaling_factor is not None and args.rope_scaling_type == "linear":
+        freqs = freqs / args.rope_scaling_factor  # position interpolation
+    elif args.rope_scaling_factor is not None:
         factor = args.rope_scaling_factor
         low_wavelen = args.rope_original_max_len / args.rope_low_freq_factor
         high_wavelen = args.rope_original_max_len / args.rope_high_freq_factor
