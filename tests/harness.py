@@ -3,6 +3,16 @@
 Starting a process group costs seconds (spawn + ``import torch`` per rank), so one pool of
 ``world_size`` workers lives for the whole pytest session and runs case after case. The
 function runs on every rank; it must be defined at module level (it is pickled by name).
+
+Idle gloo groups are not free: each keeps a TCP event-loop thread that wakes about a hundred
+times a second, and the groups the session's meshes create pile up in a pool that lives for
+the whole session (138 per worker measured at the end of a run). Across a few pools that
+took most of CI's two cores from the running tests (the suite went from ~14 to ~18
+minutes). So at most two pools live at once (the least recently used is closed), and a
+pool whose ranks hold more than :data:`MAX_GROUPS` groups is restarted before its next
+case. (Destroying the groups after each case instead is not possible: DTensor caches
+redistribution plans by mesh, and an equal mesh of a later case would reach a destroyed
+group through them.)
 Any rank's exception fails the call with that rank's traceback; a rank that does not
 answer within the timeout (a hang) fails it too, and the pool is torn down and rebuilt.
 """
@@ -19,6 +29,8 @@ from typing import Any, Callable
 
 _POOLS: dict[tuple[int, str], "_Pool"] = {}
 CASE_TIMEOUT_S = float(os.environ.get("DTP_TEST_TIMEOUT", "300"))
+MAX_POOLS = 2
+MAX_GROUPS = 48
 
 
 def _worker(rank: int, world_size: int, backend: str, store_path: str, tasks, results) -> None:
@@ -43,9 +55,10 @@ def _worker(rank: int, world_size: int, backend: str, store_path: str, tasks, re
             break
         fn, args, kwargs = item
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            value, ok = fn(*args, **kwargs), True
         except BaseException:  # noqa: BLE001 - report every failure to the parent
-            results.put((rank, False, traceback.format_exc()))
+            value, ok = traceback.format_exc(), False
+        results.put((rank, ok, value, len(getattr(dist.distributed_c10d._world, "pg_map", ()))))
     dist.destroy_process_group()
 
 
@@ -56,6 +69,7 @@ class _Pool:
         self.key = (world_size, backend)
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.groups = 0  # process groups the ranks hold (the most of any rank, after the last case)
         fd, store_path = tempfile.mkstemp(prefix="dtp_store_")
         os.close(fd)
         os.unlink(store_path)  # the store creates it; a stale file would confuse it
@@ -72,7 +86,8 @@ class _Pool:
         while len(out) + len(failures) < self.world_size:
             timeout = 10.0 if failures else CASE_TIMEOUT_S
             try:
-                rank, ok, value = self.results.get(timeout=timeout)
+                rank, ok, value, groups = self.results.get(timeout=timeout)
+                self.groups = max(self.groups, groups)
             except queue.Empty:
                 self.close(force=True)
                 missing = sorted(set(range(self.world_size)) - set(out))
@@ -102,11 +117,15 @@ def run_distributed(world_size: int, fn: Callable, *args, backend: str = "gloo",
     """Run ``fn(*args, **kwargs)`` on every rank of a process group (gloo on CPU; nccl
     with one GPU per rank); return each rank's result."""
     key = (world_size, backend)
-    pool = _POOLS.get(key)
-    if pool is None or not all(p.is_alive() for p in pool.procs):
-        if pool is not None:
-            pool.close(force=True)
-        pool = _POOLS[key] = _Pool(world_size, backend)
+    pool = _POOLS.pop(key, None)  # (re-inserted last: the dict's order is the use order)
+    if pool is not None and (not all(p.is_alive() for p in pool.procs) or pool.groups > MAX_GROUPS):
+        pool.close(force=not all(p.is_alive() for p in pool.procs))
+        pool = None
+    if pool is None:
+        while len(_POOLS) >= MAX_POOLS:  # the least recently used pool goes
+            _POOLS[next(iter(_POOLS))].close()
+        pool = _Pool(world_size, backend)
+    _POOLS[key] = pool
     return pool.run(fn, args, kwargs)
 
 
