@@ -158,6 +158,29 @@ def _run_suggest(args: argparse.Namespace, flags: list[str]) -> int:
     return 0 if result.fits else 1
 
 
+# ---- export-hf ----------------------------------------------------------------------------
+def _export_hf_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a training checkpoint (step_N directory, or a root: its newest complete one)")
+    p.add_argument("out", help="the Hugging Face folder to write (must not exist)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="dtype of the written tensors (default bf16)")
+    p.add_argument("--max-shard-size", default="5GiB", help="largest safetensors file (default 5GiB)")
+
+
+def _run_export_hf(args: argparse.Namespace, flags: list[str]) -> int:
+    from .checkpoint.hf_from_checkpoint import export_checkpoint_to_hf
+    from .planning.memory import parse_bytes
+
+    try:
+        out = export_checkpoint_to_hf(args.checkpoint, args.out, dtype=args.dtype,
+                                      max_shard_bytes=parse_bytes(args.max_shard_size))
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        print(f"dtensor-parallel export-hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from a TOML recipe (Megatron flags override it)",
                      _train_arguments, _run_train),
@@ -166,6 +189,9 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("check a recipe on a simulated cluster of its full size (meta model, fake process "
                     "group, no GPU): mesh, per-rank shards and memory, PNG chart; exits 1 if it does not fit",
                     _plan_arguments, _run_plan),
+    "export-hf": Command("write a training checkpoint of any layout as a Hugging Face Llama folder (config, "
+                         "sharded safetensors, index), one tensor at a time, in one process",
+                         _export_hf_arguments, _run_export_hf, takes_megatron_flags=False),
     "suggest": Command("recommend degrees (TP, PP, CP, EP, DP, SP, schedule) for a model size and cluster, "
                        "following the decision guide, checked by the memory estimator",
                        _suggest_arguments, _run_suggest, takes_megatron_flags=False),

@@ -12,7 +12,7 @@ import transformers  # the test extra: a missing install fails collection instea
 from torch.distributed.tensor import DTensor
 
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
-from dtensor_parallel.checkpoint import hf_pretrained
+from dtensor_parallel.checkpoint import safetensors_dir
 from dtensor_parallel.checkpoint.hf_pretrained import init_hf_weights, load_pretrained
 
 from .harness import run_distributed
@@ -40,7 +40,7 @@ def load_and_step(arch: str, folder: str, mesh_kwargs: dict, plan_kwargs: dict) 
     pm = parallelize(_meta_model(arch), build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))
     pm.init_weights(seed=1)
     read = []
-    real_open = hf_pretrained.safe_open
+    real_open = safetensors_dir.safe_open
 
     class Counting:  # safe_open, recording the elements of every slice read
         def __init__(self, *args, **kwargs):
@@ -63,11 +63,11 @@ def load_and_step(arch: str, folder: str, mesh_kwargs: dict, plan_kwargs: dict) 
                     return t
             return Slice()
 
-    hf_pretrained.safe_open = Counting
+    safetensors_dir.safe_open = Counting
     try:
         result = load_pretrained(pm, folder)
     finally:
-        hf_pretrained.safe_open = real_open
+        safetensors_dir.safe_open = real_open
     assert not result.missing, result.missing
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in pm.parameters())
     assert sum(read) == held, f"read {sum(read)} elements, holds {held}"

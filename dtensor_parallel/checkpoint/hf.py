@@ -50,13 +50,11 @@ import json
 import os
 import re
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
@@ -64,7 +62,7 @@ from ..models.llama import ModelArgs
 from . import atomic
 from .dcp import _full_model_names, _stages, checkpoint_group, model_state_dict
 from .hf_llama_config import check_config, hf_config, model_args_from_hf
-from .safetensors_dir import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, HFCheckpoint, local_box
+from .safetensors_dir import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, HFCheckpoint, by_file, local_box
 
 
 _LAYER_MAP = {
@@ -168,15 +166,11 @@ def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
         if extra:
             raise ValueError(f"the Hugging Face checkpoint {ckpt.path} holds tensors this model lacks: "
                              f"{extra[:4]}{' ...' if len(extra) > 4 else ''} (another model shape?)")
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for name, t, hf, f in plan:
-            if f not in handles:
-                handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            offsets, sizes = local_box(t)
-            piece = _read_box(handles[f], hf, offsets, sizes, _rotary_heads(name, args), t.shape[0])
-            local = t.to_local() if isinstance(t, DTensor) else t
-            local.copy_(piece.to(dtype=local.dtype).view(local.shape))
+    for handle, (name, t, hf, f) in by_file(plan, lambda item: item[3]):
+        offsets, sizes = local_box(t)
+        piece = _read_box(handle, hf, offsets, sizes, _rotary_heads(name, args), t.shape[0])
+        local = t.to_local() if isinstance(t, DTensor) else t
+        local.copy_(piece.view(local.shape))  # (casts on the way: no second, fp32 copy of the box)
 
 
 def _writer_of_stage(model) -> bool:

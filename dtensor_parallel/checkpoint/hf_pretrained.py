@@ -28,19 +28,17 @@ naming it. No collective is needed: each rank reads its own boxes.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..init import param_seed
 from ..tied import to_empty_keeping_ties
-from .safetensors_dir import DTYPES, HFCheckpoint, local_box
+from .safetensors_dir import DTYPES, HFCheckpoint, by_file, local_box
 
 #: config entries that decide tensor shapes or numerics: a folder whose config differs is
 #: another model (checked when both configs have the key)
@@ -169,17 +167,13 @@ def load_pretrained(model, path: str | Path, *, strict: bool = True) -> LoadResu
         raise ValueError(f"{ckpt.path} lacks parameter(s) {missing_params[:4]}"
                          f"{' ...' if len(missing_params) > 4 else ''}; load_pretrained(..., strict=False) keeps "
                          f"their init (pm.init_weights())")
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for name, t, key, f in plan:
-            if f not in handles:
-                handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            offsets, sizes = local_box(t)
-            local = t.to_local() if isinstance(t, DTensor) else t
-            if any(s == 0 for s in sizes):
-                continue
-            piece = handles[f].get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
-            local.copy_(piece.to(dtype=local.dtype).view(local.shape))
+    for handle, (name, t, key, f) in by_file(plan, lambda item: item[3]):
+        offsets, sizes = local_box(t)
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if any(s == 0 for s in sizes):
+            continue
+        piece = handle.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+        local.copy_(piece.view(local.shape))  # (casts on the way: no second copy of the box)
     return LoadResult(loaded=[p[0] for p in plan], missing=missing)
 
 

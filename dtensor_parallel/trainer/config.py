@@ -152,10 +152,13 @@ class CheckpointConfig:
     the last step; ``load`` a checkpoint (or a root: its newest) to start from;
     ``resume = "auto"`` continues from the newest complete checkpoint under ``save``
     (else ``load``), or starts afresh when there is none. ``async_save`` writes in a
-    background thread and publishes at the next save or the end of the run."""
+    background thread and publishes at the next save or the end of the run.
+    ``init_from_hf``: a Hugging Face Llama folder the weights start from (each rank reads its
+    slices) when no checkpoint is resumed."""
 
     save: str | None = None
     load: str | None = None
+    init_from_hf: str | None = None
     save_interval: int | None = None
     resume: str = "none"  # "auto" | "none"
     async_save: bool = False
@@ -374,6 +377,9 @@ def validate(cfg: TrainConfig) -> None:
     if ck.save_interval is not None and not ck.save:
         raise ValueError("[checkpoint] save_interval (--save-interval) needs a directory to save into: "
                          "set [checkpoint] save (--save DIR)")
+    if ck.init_from_hf and ck.load:
+        raise ValueError("[checkpoint] init_from_hf (--init-from-hf) and load (--load) both give the starting "
+                         "weights: keep one")
     if ck.resume == "auto" and not (ck.save or ck.load):
         raise ValueError("[checkpoint] resume='auto' (--resume auto) looks for checkpoints under save or "
                          "load: set --save DIR (or --load DIR)")

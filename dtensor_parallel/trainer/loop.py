@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
+from ..checkpoint import Checkpointer, import_hf, latest_checkpoint, load_checkpoint
 from ..mesh import ParallelDims, build_mesh
 from ..models.llama import Llama
 from ..parallelize import parallelize
@@ -89,6 +89,12 @@ def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """Every check that needs only the config and the world size: degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
     dims = parallel_dims(cfg, world_size)
     check_degrees(dims, cfg.parallel_plan(), has_moe=cfg.model.args().moe is not None)  # the API's own checks
+    if cfg.checkpoint.init_from_hf:  # the folder's headers and config against the recipe's model
+        from ..checkpoint.hf_llama_config import check_config
+        from ..checkpoint.safetensors_dir import CONFIG_FILE, HFCheckpoint
+
+        ckpt = HFCheckpoint(cfg.checkpoint.init_from_hf)
+        check_config(ckpt.config, cfg.model.args(), ckpt.path / CONFIG_FILE)
     return dims
 
 
@@ -182,6 +188,10 @@ def _train(cfg: TrainConfig) -> list[float]:
                               global_batch_size=global_batch, dp_rank=dp_rank, dp_size=dims.dp,
                               seed=t.seed)
     start = start_from_checkpoint(cfg, pm, opt, sched, global_batch)
+    if start == 0 and cfg.checkpoint.init_from_hf:  # (a resumed checkpoint supersedes it)
+        import_hf(pm, cfg.checkpoint.init_from_hf)
+        if rank == 0:
+            print(f"[{cfg.name}] weights from the Hugging Face folder {cfg.checkpoint.init_from_hf}", flush=True)
     ck = cfg.checkpoint
     saver = Checkpointer(ck.save, interval=ck.save_interval, async_save=ck.async_save) if ck.save else None
     source = "synthetic" if cfg.data.synthetic else cfg.data.path

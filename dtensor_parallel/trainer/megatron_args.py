@@ -75,6 +75,7 @@ flag                                       overlay key
 --save-interval N                          checkpoint.save_interval
 --async-save                               checkpoint.async_save=True
 --resume auto|none                         checkpoint.resume *(ours)*
+--init-from-hf DIR                         checkpoint.init_from_hf *(ours)*: a Hugging Face folder
 --device auto|cpu|cuda                     cluster.device *(ours)*: gloo on CPU or NCCL on GPUs
 =========================================  ============================================
 
@@ -209,6 +210,7 @@ _FLAGS: dict[str, _Flag] = {
     "--save-interval": _f("checkpoint", "save_interval", int),
     "--async-save": _f("checkpoint", "async_save"),
     "--resume": _f("checkpoint", "resume", str, ("auto", "none")),
+    "--init-from-hf": _f("checkpoint", "init_from_hf", str),
     "--device": _f("cluster", "device", str, ("auto", "cpu", "cuda")),  # ours: where the ranks run
     # accepted no-ops: what our Llama already is
     "--swiglu": _f(None, None),
