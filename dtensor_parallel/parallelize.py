@@ -50,7 +50,7 @@ from .parallel_model import ParallelModel
 from .pipeline.runtime import PipelineRuntime
 from .pipeline.split import PassThrough, build_stage_module, stages_using
 from .plan import ParallelPlan
-from .plans.hf import hf_attention_window, is_hf_causal_lm, prepare_hf_model
+from .plans.hf import check_hf_attention, hf_attention_window, is_transformers_causal_lm, prepare_hf_model
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
@@ -68,10 +68,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     plan = resolve_plan(model, plan or ParallelPlan())
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
+    hf = is_transformers_causal_lm(model)
+    if hf:  # what our causal attention would not compute for it (soft-capping, bidirectional)
+        check_hf_attention(model)
     resolved = validate_layout(model, dims, plan)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
     window = None
-    if is_hf_causal_lm(model):  # a transformers LM: our causal attention in its registry, no KV cache
+    if hf:  # a transformers LM: our causal attention in its registry, no KV cache
         prepare_hf_model(model)
         window = hf_attention_window(model)  # (FSDP renames the class: read it now)
 

@@ -107,7 +107,12 @@ def validate_layout(model: nn.Module, dims: ParallelDims, plan: ParallelPlan) ->
 
     check_degrees(dims, plan)
     if plan.blocks is None:
-        raise ValueError(f"the library has no default plan for {type(model).__name__}: name its repeated "
+        from .plans.hf import HF_CAUSAL_LMS, is_transformers_causal_lm
+
+        known = (f" (built-in plans: {', '.join(HF_CAUSAL_LMS)}; most transformers decoders name theirs "
+                 f"'model.layers.*', see dtensor_parallel/plans/hf.py for the rules of that family)"
+                 if is_transformers_causal_lm(model) else "")
+        raise ValueError(f"the library has no default plan for {type(model).__name__}{known}: name its repeated "
                          f"blocks in the plan, e.g. ParallelPlan(blocks='layers.*', rules={{...}})")
     block_names = [n for n, _ in match_modules(model, plan.blocks)]
     if not block_names:
@@ -130,6 +135,10 @@ def validate_layout(model: nn.Module, dims: ParallelDims, plan: ParallelPlan) ->
     n_micro = (plan.global_batch_size // (plan.micro_batch_size * dims.dp)
                if plan.micro_batch_size and plan.global_batch_size else None)
     layout = pipeline_layout(block_names, dims.pp, plan, n_micro) if dims.pp > 1 else None
+    if layout is not None:  # a later stage must hand its input to its first block unchanged
+        from .pipeline.stage_probe import check_stage_input
+
+        check_stage_input(model, block_names, layout.blocks_of(1))
     return Layout(block_names, styles, layout, tied)
 
 

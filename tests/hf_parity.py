@@ -17,7 +17,15 @@ from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 
 from .parity import REL_TOL, assert_grads_match, case_device, make_batch, rel_err
 
-ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "qwen3")  # the built-in plans
+#: the rules a user writes for a transformers decoder of the Llama family's module names
+USER_RULES = {
+    "model.embed_tokens": "embedding", "model.layers.*.input_layernorm": "norm",
+    "model.layers.*.self_attn": "attention", "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise", "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.post_attention_layernorm": "norm",
+    "model.layers.*.mlp.gate_proj": "colwise", "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise", "model.norm": "norm", "lm_head": "head"}
 
 
 def hf_config(arch: str, **overrides):
@@ -28,9 +36,14 @@ def hf_config(arch: str, **overrides):
                   tie_word_embeddings=False, rms_norm_eps=1e-6)
     cls = {"llama": transformers.LlamaConfig, "llama_tied": transformers.LlamaConfig,
            "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[arch]
+           "qwen3": transformers.Qwen3Config, "granite": transformers.GraniteConfig,
+           "gemma2": transformers.Gemma2Config}[arch]
     extra = {"llama_tied": {"tie_word_embeddings": True}, "mistral": {"sliding_window": None},
-             "qwen3": {"head_dim": 8}}.get(arch, {})
+             "qwen3": {"head_dim": 8},
+             # no built-in plan: multipliers on the embedding, residuals, attention scores, logits
+             "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                         "logits_scaling": 4.0},
+             "gemma2": {"head_dim": 8}}.get(arch, {})
     return cls(**{**common, **extra, **overrides})
 
 

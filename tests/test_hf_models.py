@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 
 from .harness import run_distributed
-from .hf_parity import ARCHS, hf_one_step_parity, make_hf_model
+from .hf_parity import ARCHS, USER_RULES, hf_one_step_parity, make_hf_model
 from .local_ranks import fake_world
 
 PP = {"micro_batch_size": 1}
@@ -152,4 +152,29 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(arch: str, override
         return
     with CommDebugMode() as comm, pytest.raises(ValueError, match=r"sequence length 16 is longer than .* \(8 tokens\)"):
         pm.forward_backward(x, x)
+    assert comm.get_total_counts() == 0
+
+
+@pytest.mark.parametrize("layout", ["tp2_sp_fsdp2", "cp2_tp2_sp", "cp2_fsdp2"])
+def test_other_transformers_lm_with_user_rules(layout: str) -> None:
+    """An architecture without a built-in plan (Granite: multipliers on the embedding, the
+    residuals, the attention scores and the logits) through blocks and rules a user writes:
+    our attention, positions and head counts still apply, and it matches one device."""
+    world, mesh_kwargs, plan_kwargs = LAYOUTS[layout]
+    plan_kwargs = {**plan_kwargs, "blocks": "model.layers.*", "rules": USER_RULES}
+    losses = run_distributed(world, hf_one_step_parity, "granite", mesh_kwargs, plan_kwargs)
+    assert len(set(losses)) == 1
+
+
+@pytest.mark.parametrize("arch,mesh_kwargs,match", [
+    # Granite's forward scales the embedding output: a later stage would scale its input again
+    ("granite", {"pp": 2}, r"pp: GraniteForCausalLM.forward changes the embedding's output before the first block"),
+    ("gemma2", {"tp": 2}, r"attn_logit_softcapping=50.0 .* not supported"),
+])
+def test_what_an_unsupported_architecture_would_get_wrong_is_refused(arch: str, mesh_kwargs: dict, match: str) -> None:
+    fake_world(2)
+    rules = USER_RULES if arch == "granite" else {}
+    with CommDebugMode() as comm, pytest.raises(ValueError, match=match):
+        parallelize(_meta_hf(arch), build_mesh(**mesh_kwargs),
+                    ParallelPlan(blocks="model.layers.*", rules=rules or None, micro_batch_size=1))
     assert comm.get_total_counts() == 0

@@ -3,7 +3,7 @@
 ``default_plan(model, plan)`` fills the ``ParallelPlan`` fields a user leaves as None.
 Lookup order: a plan registered for the model's class (the built-in Llama); a supported
 Hugging Face ``transformers`` causal LM, by its class name (``hf.py``: Llama, Mistral,
-Qwen2, Qwen3); else the model's own ``parallel_defaults()`` method, for a user's model that
+Qwen2, Qwen3; any other transformers causal LM: head counts from its config); else the model's own ``parallel_defaults()`` method, for a user's model that
 carries its plan with it. Models stay plain ``nn.Module``s: they never import this package.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.llama import Llama
 from ..plan import ParallelPlan
-from .hf import hf_plan, is_hf_causal_lm
+from .hf import hf_head_counts, hf_plan, is_hf_causal_lm, is_transformers_causal_lm
 from .llama import llama_plan
 
 PLANS: dict[type, Callable[[nn.Module], dict]] = {Llama: llama_plan}
@@ -28,6 +28,8 @@ def default_plan(model: nn.Module, plan: ParallelPlan | None = None) -> dict:
             return PLANS[cls](model)
     if is_hf_causal_lm(model):
         return hf_plan(model, sequence_parallel=plan is not None and plan.sequence_parallel)
+    if is_transformers_causal_lm(model):  # another architecture: its blocks and rules are the user's
+        return hf_head_counts(model)
     if hasattr(model, "parallel_defaults"):
         return model.parallel_defaults()
     return {}

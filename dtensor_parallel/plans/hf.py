@@ -17,6 +17,12 @@ transformers builds ``position_ids``, the rotary table and the causal mask from 
 embedding output's length, so that output stays whole (an all-reduce instead of a
 reduce-scatter, once per step) and the first layer takes its sequence shard (a local slice).
 
+Any other transformers decoder-only causal LM (``...ForCausalLM``) takes ``blocks`` and
+``rules`` from the user (the module names of this family are a starting point) and gets
+everything else here as the supported ones do: our attention, no KV cache, full or zigzag
+``position_ids``, head counts from its config, and a ``ValueError`` before any collective
+for what the attention below would not compute (soft-capping, bidirectional attention).
+
 Attention runs through our own entry in transformers' registry (``AttentionInterface``):
 causal SDPA with GQA, no mask tensor (``create_causal_mask`` returns None for an
 implementation it has no mask function for). The mask is what every layout needs: it does
@@ -43,8 +49,42 @@ HF_CAUSAL_LMS: dict[str, bool] = {
 }
 
 
+def is_transformers_causal_lm(model: nn.Module) -> bool:
+    """Any transformers decoder-only causal LM (``...ForCausalLM``, not encoder-decoder): it
+    gets our causal attention and the sequence checks below whether or not the library has a
+    built-in plan for it (other architectures bring their own blocks and rules)."""
+    cfg = getattr(model, "config", None)
+    return (type(model).__name__.endswith("ForCausalLM") and cfg is not None
+            and hasattr(model, "set_attn_implementation") and not getattr(cfg, "is_encoder_decoder", False))
+
+
 def is_hf_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__ in HF_CAUSAL_LMS and hasattr(model, "config") and hasattr(model, "model")
+    """A transformers causal LM the library has a built-in plan for."""
+    return type(model).__name__ in HF_CAUSAL_LMS and is_transformers_causal_lm(model) and hasattr(model, "model")
+
+
+def hf_head_counts(model: nn.Module) -> dict:
+    """Head counts from a transformers config (for architectures without a built-in plan:
+    their blocks and rules come from the user, the divisibility checks from the config)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        return {}
+    return {"num_heads": heads, "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads}
+
+
+def check_hf_attention(model: nn.Module) -> None:
+    """What our causal attention would silently not compute, from the config: refused before
+    any collective."""
+    cfg = model.config
+    for key in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(cfg, key, None):
+            raise ValueError(f"{type(model).__name__}: config.{key}={getattr(cfg, key)} (tanh soft-capping of the "
+                             f"attention scores) is not supported under parallelize, whose attention is plain "
+                             f"causal SDPA")
+    if getattr(cfg, "is_causal", True) is False:
+        raise ValueError(f"{type(model).__name__}: config.is_causal=False (bidirectional attention) is not "
+                         f"supported under parallelize, whose attention is causal")
 
 
 def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
@@ -118,6 +158,10 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if dropout:
         raise NotImplementedError(f"{type(module).__name__}: attention dropout {dropout} is not supported "
                                   f"under parallelize; set config.attention_dropout = 0.0")
+    for name in ("softcap", "s_aux", "sinks"):  # what plain causal SDPA would silently leave out
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{type(module).__name__}: attention with {name!r} (soft-capping or "
+                                      f"attention sinks) is not supported under parallelize")
     if sliding_window is not None and key.shape[2] > sliding_window:  # (the whole sequence is checked
         # before any collective, ParallelModel._check_inputs; this is the local backstop)
         raise NotImplementedError(f"{type(module).__name__}: a sliding window of {sliding_window} tokens is "
