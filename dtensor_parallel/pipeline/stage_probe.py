@@ -10,9 +10,10 @@ Each would be silently wrong from stage 1 on.
 
 The probe builds a later stage's module (every rank builds the same one, so every rank
 reaches the same verdict before any collective) and runs its forward on meta tensors up
-to the first block: if the first block's input is not the very tensor a pass-through
-returned, parallelize raises a ``ValueError``. A forward that cannot run on meta is not
-probed.
+to the first block, in eval mode: if the first block's input is not the very tensor a
+pass-through returned, parallelize raises a ``ValueError``. A forward that cannot run on
+meta is not probed; a dropout after the embedding (eval: the identity) is let through, so
+in training a later stage applies it again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Reached(Exception):
 
 def check_stage_input(model: nn.Module, block_names: list[str], later_blocks: list[str], seq_len: int = 8) -> None:
     stage = build_stage_module(model, block_names, later_blocks, is_first=False, is_last=False)
+    stage.eval()  # (a copy: an embedding dropout of p=0 returns its input instead of a new tensor)
     first_block = stage.get_submodule(later_blocks[0])
     passed: list[torch.Tensor] = []
     seen: dict[str, object] = {}
