@@ -164,3 +164,52 @@ def test_load_pretrained_missing_and_extra_tensors(tmp_path) -> None:
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"holds tensors this model lacks: \['model.layers.9.mlp.up_proj.weight'\]"):
         load_pretrained(model, tmp_path)
+
+
+def tied_step_save_load(root: str, save_layout: str, load_layout: str):
+    """One AdamW step in ``save_layout``, saved; loaded into ``load_layout``: every parameter
+    and optimizer moment equal, the tied copy's moments those of the one parameter."""
+    import warnings
+
+    from dtensor_parallel.checkpoint import load_checkpoint, optimizer_state_dict, save_checkpoint
+    from dtensor_parallel.grads import gather_full
+
+    layouts = {"pp2": ({"pp": 2}, {"micro_batch_size": 1}), "fsdp2": ({"dp_shard": 2}, {}),
+               "zbv": ({"pp": 2}, {"micro_batch_size": 1, "pipeline_schedule": "zbv"})}
+
+    def build(layout):
+        mesh_kwargs, plan_kwargs = layouts[layout]
+        pm = parallelize(make_hf_model("llama_tied", num_hidden_layers=4), build_mesh(**mesh_kwargs),
+                         ParallelPlan(**plan_kwargs))
+        return pm, torch.optim.AdamW(pm.parameters(), lr=1e-2)
+
+    def full_optimizer(pm, opt):
+        named = ((f"{n}.{k}", v) for n, st in optimizer_state_dict(pm, opt).items() for k, v in st.items())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return gather_full(named, pm._pp_group())
+
+    pm, opt = build(save_layout)
+    x, y = make_batch(128, 4, 16, seed=1)
+    pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    opt.step()
+    want_opt, want_model = full_optimizer(pm, opt), pm.full_state_dict()
+    save_checkpoint(root, 1, pm, opt)
+    pm2, opt2 = build(load_layout)
+    load_checkpoint(root, pm2, opt2)
+    got_opt, got_model = full_optimizer(pm2, opt2), pm2.full_state_dict()
+    assert set(got_opt) == set(want_opt) and "model.embed_tokens.weight.exp_avg" in got_opt
+    assert not any(k.startswith("lm_head.weight") for k in got_opt)  # one name for the tied weight
+    for k, v in want_opt.items():
+        assert torch.equal(got_opt[k], v), k
+    for k, v in want_model.items():
+        assert torch.equal(got_model[k], v), k
+    for p, state in opt2.state.items():  # every copy has its own moments (no shared tensor)
+        for q, other in opt2.state.items():
+            if p is not q:
+                assert all(state[k] is not other[k] for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("save_layout,load_layout", [("pp2", "fsdp2"), ("fsdp2", "pp2"), ("pp2", "zbv")])
+def test_tied_optimizer_state_reshards_across_pipeline_layouts(save_layout: str, load_layout: str, tmp_path) -> None:
+    run_distributed(2, tied_step_save_load, str(tmp_path / "ckpt"), save_layout, load_layout)

@@ -71,8 +71,13 @@ def _stages(model) -> list[nn.Module]:
 
 
 def _named_parameters(model) -> Iterator[tuple[str, nn.Parameter]]:
+    """This rank's parameters, a tied weight's copy under its canonical name (the one every
+    layout has: ``lm_head.weight`` tied to ``model.embed_tokens.weight`` is a parameter of its
+    own only on the last pipeline stage), so its optimizer state reshards across PP."""
+    canonical = {n: names[0] for names in (getattr(model, "tied_names", None) or []) for n in names[1:]}
     for m in _stages(model):
-        yield from m.named_parameters()
+        for name, p in m.named_parameters():
+            yield canonical.get(name, name), p
 
 
 def model_state_dict(model) -> dict[str, torch.Tensor]:
@@ -367,9 +372,14 @@ def load_checkpoint(path: str | Path, model, opt: torch.optim.Optimizer | None =
         set_model_state_dict(m, own, options=StateDictOptions(strict=True))
     if with_opt:
         names = {p: n for n, p in _named_parameters(model)}
+        taken: set[int] = set()
         for p, state in opt.state.items():
             for key in state:
-                state[key] = flat[f"optim.{names[p]}.{key}"]
+                value = flat[f"optim.{names[p]}.{key}"]
+                if isinstance(value, torch.Tensor) and id(value) in taken:  # two copies of a tied weight
+                    value = value.clone()  # on one rank (the V schedule): each its own moments
+                taken.add(id(value))
+                state[key] = value
         saved_groups = meta.get("optimizer_param_groups") or []
         if len(saved_groups) == len(opt.param_groups):
             for g, saved in zip(opt.param_groups, saved_groups):
