@@ -62,7 +62,7 @@ from ..models.llama import ModelArgs
 from . import atomic
 from .dcp import _full_model_names, _stages, checkpoint_group, model_state_dict
 from .hf_llama_config import check_config, hf_config, model_args_from_hf
-from .safetensors_dir import CONFIG_FILE, DTYPES, INDEX_FILE, SINGLE_FILE, HFCheckpoint, by_file, local_box
+from .safetensors_dir import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, HFCheckpoint, by_file, local_box
 
 
 _LAYER_MAP = {
@@ -153,13 +153,7 @@ def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
             hf = "model.embed_tokens.weight"
         if hf not in ckpt.entries:
             raise ValueError(f"tensor {hf!r} (our {name!r}) is not in the Hugging Face checkpoint {ckpt.path}")
-        f, shape, dtype = ckpt.entries[hf]
-        if shape != tuple(t.shape):
-            raise ValueError(f"tensor {hf!r} has shape {list(shape)} in {f} but our {name!r} has "
-                             f"{list(t.shape)}: the checkpoint is of another model shape")
-        if dtype not in DTYPES:
-            raise ValueError(f"tensor {hf!r} in {f} has dtype {dtype}, which we do not read")
-        plan.append((name, t, hf, f))
+        plan.append((name, t, hf, ckpt.file_of(hf, tuple(t.shape), f"our {name!r}")))
     if strict:
         ours = {hf_name(n) for n in (_full_model_names(model) or params)}
         extra = sorted(n for n in ckpt.entries if n not in ours and not n.endswith("rotary_emb.inv_freq"))

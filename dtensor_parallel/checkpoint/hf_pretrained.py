@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..init import param_seed
 from ..tied import to_empty_keeping_ties
-from .safetensors_dir import DTYPES, HFCheckpoint, by_file, local_box
+from .safetensors_dir import HFCheckpoint, by_file, local_box
 
 #: config entries that decide tensor shapes or numerics: a folder whose config differs is
 #: another model (checked when both configs have the key)
@@ -151,13 +151,7 @@ def load_pretrained(model, path: str | Path, *, strict: bool = True) -> LoadResu
             if key is None or key not in ckpt.entries:
                 missing.append(name)
                 continue
-            f, shape, dtype = ckpt.entries[key]
-            if shape != tuple(t.shape):
-                raise ValueError(f"tensor {key!r} has shape {list(shape)} in {f} but the model's {name!r} has "
-                                 f"{list(t.shape)}: the checkpoint is of another model shape")
-            if dtype not in DTYPES:
-                raise ValueError(f"tensor {key!r} in {f} has dtype {dtype}, which is not read")
-            plan.append((name, t, key, f))
+            plan.append((name, t, key, ckpt.file_of(key, tuple(t.shape), f"the model's {name!r}")))
     extra = sorted(n for n in ckpt.entries if n not in all_names)
     if strict and extra:
         raise ValueError(f"{ckpt.path} holds tensors this model lacks: {extra[:4]}{' ...' if len(extra) > 4 else ''} "

@@ -94,6 +94,17 @@ class HFCheckpoint:
         cfg = self.path / CONFIG_FILE
         self.config = _read_json(cfg, "config") if cfg.is_file() else None
 
+    def file_of(self, key: str, shape: tuple[int, ...], what: str) -> Path:
+        """The file holding tensor ``key``, checked to have ``shape`` and a dtype we read;
+        ``what`` names the model's tensor in the error."""
+        f, saved, dtype = self.entries[key]
+        if saved != tuple(shape):
+            raise ValueError(f"tensor {key!r} has shape {list(saved)} in {f} but {what} has {list(shape)}: "
+                             f"the checkpoint is of another model shape")
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {key!r} in {f} has dtype {dtype}, which is not read")
+        return f
+
 
 def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of this rank's shard in the global tensor."""
