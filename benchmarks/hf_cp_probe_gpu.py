@@ -194,6 +194,21 @@ def run_config(name: str, a, device, x, y) -> dict:
     return row
 
 
+def targets(rows: list[dict]) -> list[dict]:
+    """Per configuration, the worst parameter's gradient cosine against the fp32 one-device
+    truth, judged against the same run's one-device bf16 model (the bf16 noise floor), less
+    2e-4: a CP2 gradient no further from the truth than bf16 itself."""
+    out = []
+    for row in rows:
+        if "error" in row:
+            continue
+        floor = row["bf16_floor_vs_truth"]["worst"][0][0]
+        out.append({"name": f"{row['config']}: worst per-parameter gradient cosine vs fp32 one device",
+                    "value": row["grads_vs_fp32_truth"]["worst"][0][0], "goal": round(floor - 2e-4, 5),
+                    "higher_is_better": True})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, default=1024)
@@ -245,7 +260,8 @@ def main() -> None:
                 with open(a.out, "w") as f:
                     json.dump({"args": vars(a), "torch": torch.__version__,
                                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                               "rows": rows}, f, indent=1)
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows, "targets": targets(rows)},
+                              f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
 

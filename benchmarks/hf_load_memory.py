@@ -171,11 +171,12 @@ def main() -> None:
            "torch": torch.__version__, "model": f"Llama 3 8B-shaped, {a.layers} layers, bf16 on disk, fp32 params",
            "layout": f"FSDP{a.world} (gloo ranks)", "checkpoint_bf16_mib": total / MIB,
            "model_fp32_mib": model_fp32_mib, "rows": rows,
-           "targets": {"peak_over_budget_max": {"value": max(r["peak_over_budget"] for r in rows), "goal": 1.25,
-                                                "met": max(r["peak_over_budget"] for r in rows) <= 1.25}}}
+           "targets": [{"name": "worst rank's peak RSS over (its shard + the largest bf16 box)",
+                        "value": max(r["peak_over_budget"] for r in rows), "goal": 1.25,
+                        "higher_is_better": False}]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out}: worst peak / (shard + one box) = {out['targets']['peak_over_budget_max']['value']:.2f}")
+    print(f"wrote {a.out}: worst peak / (shard + one box) = {out['targets'][0]['value']:.2f}")
 
 
 if __name__ == "__main__":
