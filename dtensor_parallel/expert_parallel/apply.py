@@ -41,14 +41,15 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..mesh import ParallelDims, submesh
-from ..models.moe import MoE
+from ..models.moe import MoELayer
 from .dispatch import ParallelDispatch
 from .groups import ExpertGroups, build_expert_groups, needs_expert_groups
 
 
-def check_experts(model: nn.Module, ep: int) -> list[MoE]:
-    """The MoE modules, each with a number of experts that ep divides (local check)."""
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
+def check_experts(model: nn.Module, ep: int) -> list[MoELayer]:
+    """The MoE layers (ours, or a transformers MoE block adapted by ``plans/hf_moe.py``),
+    each with a number of experts that ep divides (local check)."""
+    moes = [m for m in model.modules() if isinstance(m, MoELayer)]
     if ep > 1 and not moes:
         raise ValueError(f"expert_parallel={ep} but {type(model).__name__} has no MoE layers: set it to 1")
     for m in moes:
@@ -88,7 +89,7 @@ def build_dispatch(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, ep: i
     return dispatch, groups
 
 
-def apply_expert_parallel(moes: list[MoE], groups: ExpertGroups | None, dispatch: ParallelDispatch
+def apply_expert_parallel(moes: list[MoELayer], groups: ExpertGroups | None, dispatch: ParallelDispatch
                           ) -> dict[nn.Parameter, int]:
     """Give each MoE layer ``dispatch`` and, under EP, shard its expert weights on dim 0
     over the ep group. Returns the expert parameters (FSDP must leave them alone) with
@@ -99,13 +100,16 @@ def apply_expert_parallel(moes: list[MoE], groups: ExpertGroups | None, dispatch
         m.dispatch = dispatch
         if groups is None:
             continue
-        for name in ("w1", "w2", "w3"):
-            full = getattr(m, name)
+        for name in m.expert_weights:  # each (n_experts, ...)
+            owner_name, _, attr = name.rpartition(".")
+            owner = m.get_submodule(owner_name)
+            full = getattr(owner, attr)
             if groups.ep == 1:  # TP without EP: replicated, summed over the whole stage
                 params[full] = 1
                 continue
-            sharded = nn.Parameter(distribute_tensor(full.data, groups.ep_mesh, [Shard(0)], src_data_rank=None))
-            m.register_parameter(name, sharded)
+            sharded = nn.Parameter(distribute_tensor(full.data, groups.ep_mesh, [Shard(0)], src_data_rank=None),
+                                   requires_grad=full.requires_grad)
+            owner.register_parameter(attr, sharded)
             params[sharded] = groups.edp_size  # the same shard lives on the edp ranks
     return params
 

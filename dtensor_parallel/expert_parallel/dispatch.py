@@ -7,8 +7,8 @@
   kernels (``triton_kernels/moe_dispatch.py``, dropless only: under a capacity the torch
   path runs);
 - ``run_experts``: with EP, the rows travel to the ranks holding their experts and back
-  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher); without, the local
-  grouped GEMM;
+  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher); without, the layer's
+  local grouped GEMM;
 - ``sum_over_sequence`` / ``sum_over_batch``: the routing statistics summed over the ranks
   holding the same sequences' other positions (cp, and tp: MoE layers run token parallel
   over tp) and over the ranks holding other sequences (dp).
@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch.distributed.tensor import DTensor
 
-from ..models.moe import LocalDispatch, grouped_swiglu
+from ..models.moe import LocalDispatch
 from .groups import ExpertGroups
 
 
@@ -49,11 +48,10 @@ class ParallelDispatch(LocalDispatch):
 
         return unpermute(y, slots, weights)  # weighted combine, fp32 accumulation
 
-    def run_experts(self, rows, counts, w1, w3, w2):
-        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (w1, w3, w2))
+    def run_experts(self, rows, counts, experts):
         if self.groups is None:
-            return grouped_swiglu(rows, w1, w3, w2, counts)
-        return dispatch_combine(rows, counts, lambda x, c: grouped_swiglu(x, w1, w3, w2, c), self.groups)
+            return experts(rows, counts)
+        return dispatch_combine(rows, counts, experts, self.groups)
 
     def sum_over_sequence(self, t):
         return _sum_over(t, self.seq_groups)

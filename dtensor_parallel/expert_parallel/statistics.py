@@ -5,7 +5,7 @@ aux-loss-free bias update.
 Semantics (the reference is one device running the same micro-batches): each MoE
 layer's balancing losses are those of a whole micro-batch, the sum over every rank's
 tokens of it (the router sums its statistics through the layer's dispatcher, which
-``ParallelDispatch`` gives the sequence and batch groups; see ``Router._aux_loss``), and a
+``ParallelDispatch`` gives the sequence and batch groups; see ``models.moe.balancing_loss``), and a
 training step adds the mean
 over its micro-batches to the objective. This is Megatron-Core's ``aux_loss`` computed
 over the global micro-batch rather than per data-parallel rank (its
@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.moe import MoE, MoEStep
+from ..models.moe import MoELayer, MoEStep
 
 
-def moe_layers(modules: list[nn.Module]) -> list[MoE]:
-    return [m for module in modules for m in module.modules() if isinstance(m, MoE)]
+def moe_layers(modules: list[nn.Module]) -> list[MoELayer]:
+    return [m for module in modules for m in module.modules() if isinstance(m, MoELayer)]
 
 
-def share_step(layers: list[MoE]) -> MoEStep:
+def share_step(layers: list[MoELayer]) -> MoEStep:
     """Give the layers one step-accounting object (returned), so a step sets it once."""
     step = MoEStep()
     for moe in layers:
@@ -43,14 +43,14 @@ def collect_only_inside(step: MoEStep, pipeline) -> None:
     pipeline.around_forward_chunks(switch)
 
 
-def start_step(layers: list[MoE], step: MoEStep, n_micro: int) -> None:
+def start_step(layers: list[MoELayer], step: MoEStep, n_micro: int) -> None:
     """Before a step's forwards: each micro-batch's aux loss counts 1 / n_micro."""
     step.aux_loss_scale = 1.0 / n_micro
     for moe in layers:
         moe.step_aux_loss = moe.step_routed_counts = None
 
 
-def step_stats(layers: list[MoE], pp_group: dist.ProcessGroup | None, device: torch.device) -> dict[str, float]:
+def step_stats(layers: list[MoELayer], pp_group: dist.ProcessGroup | None, device: torch.device) -> dict[str, float]:
     """The last step's balancing statistics over the whole model (every rank gets the
     same; collective over the pipeline stages):
 
@@ -78,7 +78,7 @@ def step_stats(layers: list[MoE], pp_group: dist.ProcessGroup | None, device: to
     return {"moe_aux_loss": aux, "moe_max_load": max_load / n, "moe_min_load": min_load / n}
 
 
-def update_expert_biases(layers: list[MoE]) -> None:
+def update_expert_biases(layers: list[MoELayer]) -> None:
     """Aux-loss-free balancing (DeepSeek-V3): after the optimizer step, nudge each layer's
     expert bias by the step's routed counts (the same on every rank holding the layer)."""
     for moe in layers:

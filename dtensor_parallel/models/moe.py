@@ -40,6 +40,11 @@ one-device default here:
   parallel layout implement the same methods (``dtensor_parallel/expert_parallel``);
 - ``step`` (:class:`MoEStep`): the training step's accounting (the aux loss weight per
   forward, whether this forward counts), shared by the layers of one model.
+
+:class:`MoELayer` is that forward, whatever the weights' names and layout; :class:`MoE` is
+ours (``w1``/``w3``/``w2`` as (E, dim, F) / (E, F, dim)), and ``plans/hf_moe.py`` adapts
+transformers' sparse blocks (fused ``gate_up_proj``) to it, so expert parallelism, the TP
+style and the statistics see one kind of layer.
 """
 
 from __future__ import annotations
@@ -89,56 +94,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, batch: int, dispatch: "LocalDispatch | None" = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, dim) with T = batch * seq. Returns top-k expert ids (T, k), combine weights
-        (T, k) and this rank's share of the auxiliary loss (a scalar; see ``_aux_loss``).
-        Also keeps ``self.routed_counts``: slots per expert (E,) over every rank's tokens.
-        ``dispatch`` sums the statistics over the ranks holding the other tokens (default:
-        one device)."""
-        dispatch = dispatch if dispatch is not None else LocalDispatch()
-        a = self.args
-        dt = torch.promote_types(x.dtype, torch.float32)  # at least fp32
-        logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # (T, E)
-        scores = logits.softmax(-1) if a.score_func == "softmax" else logits.sigmoid()
-        choice = scores + self.expert_bias if a.expert_bias else scores
-        expert_ids = choice.topk(a.top_k, dim=-1).indices  # (T, k)
-        weights = scores.gather(-1, expert_ids)
-        if a.route_norm and a.top_k > 1:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return expert_ids, weights, self._aux_loss(logits, scores, expert_ids, batch, dispatch)
-
-    def _aux_loss(self, logits, scores, expert_ids, batch: int, dispatch: "LocalDispatch") -> torch.Tensor:
-        """This rank's share of the balancing losses of the whole micro-batch.
-
-        The statistics (slots per expert, token and sequence counts) are summed over the
-        ranks holding the micro-batch's other tokens (``dispatch.sum_over_sequence``: the
-        same sequences' other positions, cp and tp; ``sum_over_batch``: other sequences, dp), and
-        the score sums enter with the rank's own tokens only. So the shares of all ranks
-        add up to the loss of the whole micro-batch, and since data-parallel gradients are
-        summed, the gradient is exactly that of one device seeing the whole micro-batch.
-        Without groups the share is the loss itself."""
-        a = self.args
-        E, k, T = a.n_experts, a.top_k, logits.shape[0]
-        stats = torch.cat([torch.bincount(expert_ids.reshape(-1), minlength=E).to(logits.dtype),
-                           logits.new_tensor([T])])
-        stats = dispatch.sum_over_batch(dispatch.sum_over_sequence(stats.detach()))
-        self.routed_counts, tokens = stats[:E], stats[E]
-        loss = logits.new_zeros(())
-        if a.load_balance != "none" and a.aux_loss_coeff:
-            probs = scores / scores.sum(-1, keepdim=True) if a.score_func == "sigmoid" else scores
-            if a.load_balance == "aux_loss":
-                f = self.routed_counts / (tokens * k)  # (E,) fraction of the slots
-                p_share = probs.sum(0) / tokens  # (E,) this rank's part of the mean score
-                loss = loss + a.aux_loss_coeff * E * (f * p_share).sum()
-            else:  # per sequence, then averaged over the micro-batch's sequences
-                onehot = F.one_hot(expert_ids, E).sum(1).to(scores.dtype).view(batch, -1, E)
-                per_seq = torch.cat([onehot.sum(1), onehot.new_full((batch, 1), onehot.shape[1])], 1)
-                per_seq = dispatch.sum_over_sequence(per_seq.detach())  # (b, E + 1): slots and length
-                n_seq = dispatch.sum_over_batch(logits.new_tensor([batch]))[0]
-                f = per_seq[:, :E] / (per_seq[:, E:] * k)  # (b, E)
-                p_share = probs.view(batch, -1, E).sum(1) / per_seq[:, E:]
-                loss = loss + a.aux_loss_coeff * E * (f * p_share).sum() / n_seq
-        if a.z_loss_coeff:
-            loss = loss + a.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).sum() / tokens
-        return loss
+        (T, k) and this rank's share of the auxiliary loss (see :func:`route`); keeps
+        ``self.routed_counts``."""
+        bias = self.expert_bias if self.args.expert_bias else None
+        expert_ids, weights, aux, self.routed_counts = route(x, token_local(self.gate.weight), self.args, batch,
+                                                             dispatch, bias)
+        return expert_ids, weights, aux
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
@@ -146,6 +107,63 @@ class Router(nn.Module):
         over-loaded ones' (sign of the gap to the mean load). Call after each step."""
         load = tokens_per_expert.float()
         self.expert_bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, args: MoEArgs, batch: int, dispatch: "LocalDispatch | None" = None,
+          expert_bias: torch.Tensor | None = None):
+    """The router's math, in at least fp32. x: (T, dim) with T = batch * seq, ``weight``
+    (E, dim). Returns top-k expert ids (T, k), combine weights (T, k), this rank's share of
+    the auxiliary loss (a scalar; see :func:`balancing_loss`) and the slots per expert (E,)
+    over every rank's tokens. ``dispatch`` sums the statistics over the ranks holding the
+    other tokens (default: one device); ``expert_bias`` shifts the choice only."""
+    dispatch = dispatch if dispatch is not None else LocalDispatch()
+    a = args
+    dt = torch.promote_types(x.dtype, torch.float32)
+    logits = F.linear(x.to(dt), weight.to(dt))  # (T, E)
+    scores = logits.softmax(-1) if a.score_func == "softmax" else logits.sigmoid()
+    choice = scores + expert_bias if expert_bias is not None else scores
+    expert_ids = choice.topk(a.top_k, dim=-1).indices  # (T, k)
+    weights = scores.gather(-1, expert_ids)
+    if a.route_norm and a.top_k > 1:
+        weights = weights / weights.sum(-1, keepdim=True)
+    aux, routed_counts = balancing_loss(logits, scores, expert_ids, batch, dispatch, a)
+    return expert_ids, weights, aux, routed_counts
+
+
+def balancing_loss(logits, scores, expert_ids, batch: int, dispatch: "LocalDispatch", a: MoEArgs):
+    """This rank's share of the balancing losses of the whole micro-batch, and the slots
+    per expert (E,) over every rank's tokens.
+
+    The statistics (slots per expert, token and sequence counts) are summed over the
+    ranks holding the micro-batch's other tokens (``dispatch.sum_over_sequence``: the
+    same sequences' other positions, cp and tp; ``sum_over_batch``: other sequences, dp), and
+    the score sums enter with the rank's own tokens only. So the shares of all ranks
+    add up to the loss of the whole micro-batch, and since data-parallel gradients are
+    summed, the gradient is exactly that of one device seeing the whole micro-batch.
+    Without groups the share is the loss itself."""
+    E, k, T = a.n_experts, a.top_k, logits.shape[0]
+    stats = torch.cat([torch.bincount(expert_ids.reshape(-1), minlength=E).to(logits.dtype),
+                       logits.new_tensor([T])])
+    stats = dispatch.sum_over_batch(dispatch.sum_over_sequence(stats.detach()))
+    routed_counts, tokens = stats[:E], stats[E]
+    loss = logits.new_zeros(())
+    if a.load_balance != "none" and a.aux_loss_coeff:
+        probs = scores / scores.sum(-1, keepdim=True) if a.score_func == "sigmoid" else scores
+        if a.load_balance == "aux_loss":
+            f = routed_counts / (tokens * k)  # (E,) fraction of the slots
+            p_share = probs.sum(0) / tokens  # (E,) this rank's part of the mean score
+            loss = loss + a.aux_loss_coeff * E * (f * p_share).sum()
+        else:  # per sequence, then averaged over the micro-batch's sequences
+            onehot = F.one_hot(expert_ids, E).sum(1).to(scores.dtype).view(batch, -1, E)
+            per_seq = torch.cat([onehot.sum(1), onehot.new_full((batch, 1), onehot.shape[1])], 1)
+            per_seq = dispatch.sum_over_sequence(per_seq.detach())  # (b, E + 1): slots and length
+            n_seq = dispatch.sum_over_batch(logits.new_tensor([batch]))[0]
+            f = per_seq[:, :E] / (per_seq[:, E:] * k)  # (b, E)
+            p_share = probs.view(batch, -1, E).sum(1) / per_seq[:, E:]
+            loss = loss + a.aux_loss_coeff * E * (f * p_share).sum() / n_seq
+    if a.z_loss_coeff:
+        loss = loss + a.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).sum() / tokens
+    return loss, routed_counts
 
 
 class _AuxLossGrad(torch.autograd.Function):
@@ -197,11 +215,30 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
 
 
+def grouped_glu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+                act=F.silu) -> torch.Tensor:
+    """Per-expert gated MLP in transformers' fused layout (Mixtral, Qwen-MoE): x (N, dim);
+    gate_up (E, 2F, dim), the gate's rows then the up projection's; down (E, dim, F);
+    ``act`` the gate's activation. The weights are read transposed, the layout
+    ``torch._grouped_mm`` takes as it is."""
+    f = down.shape[-1]
+    if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(act(h[:, :f]) * h[:, f:], down.transpose(-2, -1), offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        h = F.linear(x[start:start + n], gate_up[e])
+        outs.append(F.linear(act(h[:, :f]) * h[:, f:], down[e]))
+        start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, down.shape[1])
+
+
 class LocalDispatch:
     """How an MoE layer moves its tokens and sums its routing statistics on one device.
 
     ``permute``: the (token, expert) copies sorted by expert (capacity applied);
-    ``run_experts``: the grouped SwiGLU over expert-contiguous rows; ``combine``: the
+    ``run_experts``: the layer's grouped experts over expert-contiguous rows; ``combine``: the
     weighted sum of each token's expert outputs (unpermute); ``sum_over_sequence`` /
     ``sum_over_batch``: a statistics tensor summed over the ranks holding the other
     positions of the same sequences / the other sequences (here: itself).
@@ -212,9 +249,10 @@ class LocalDispatch:
         slots, counts, _ = expert_slots(expert_ids, n_experts, capacity)
         return flat[slots // expert_ids.shape[1]], slots, counts
 
-    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                    w2: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(rows, w1, w3, w2, counts)
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor, experts) -> torch.Tensor:
+        """``experts(x, counts)``: the layer's grouped experts (this rank's weights) on rows
+        grouped by expert."""
+        return experts(rows, counts)
 
     def combine(self, y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """y (N, d) expert outputs in slot order -> (T, d): each token's weighted sum."""
@@ -239,12 +277,103 @@ class MoEStep:
     collect_stats: bool = True
 
 
-class MoE(nn.Module):
-    """Routed experts (+ optional shared experts) replacing a dense SwiGLU feed-forward."""
+def token_local(w: torch.Tensor) -> torch.Tensor:
+    """A weight an MoE layer multiplies with its own tokens only: under TP (the ``moe``
+    style) a tp-``Replicate`` DTensor, read as the local tensor with a ``Partial`` gradient
+    (each tp rank saw other tokens; summed over tp later). Any other tensor as it is."""
+    from torch.distributed.tensor import DTensor, Partial
 
-    def __init__(self, dim: int, args: MoEArgs):
+    if isinstance(w, DTensor) and w.device_mesh.ndim == 1:  # tp only (or FSDP-unsharded)
+        return w.to_local(grad_placements=[Partial()])
+    return w
+
+
+def local_tensor(w: torch.Tensor) -> torch.Tensor:
+    """An expert weight as this rank holds it (its ep shard under EP)."""
+    from torch.distributed.tensor import DTensor
+
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+class MoELayer(nn.Module):
+    """What every MoE layer does, whatever its weights' names and layout: route, permute,
+    run the grouped experts, combine, add the shared experts, carry the balancing losses
+    into the backward and keep the step's statistics. Subclasses say where their weights
+    are: :class:`MoE` (ours) and the transformers adapter (``plans/hf_moe.py``).
+
+    ``expert_weights``: names of the routed experts' parameters (dim 0 the expert index:
+    what expert parallelism shards); ``token_parallel_weights``: the weights the layer
+    multiplies with its own tokens only (the router's): the ``moe`` TP style replicates them
+    over tp and the layer reads them with :func:`token_local`."""
+
+    expert_weights: tuple[str, ...] = ()
+    token_parallel_weights: tuple[str, ...] = ()
+
+    def __init__(self, args: MoEArgs):
         super().__init__()
         self.args = args
+        self.aux_loss: torch.Tensor | None = None
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.routed_counts: torch.Tensor | None = None
+        # summed over the forwards of a training step (reset at the start of each step)
+        self.step_aux_loss: torch.Tensor | None = None
+        self.step_routed_counts: torch.Tensor | None = None
+        self.dispatch: LocalDispatch = LocalDispatch()  # injected: see the module docstring
+        self.step = MoEStep()
+
+    def route(self, flat: torch.Tensor, batch: int):
+        """(expert ids (T, k), combine weights (T, k), aux loss share, slots per expert (E,))."""
+        raise NotImplementedError
+
+    def grouped_experts(self):
+        """``f(rows, counts)``: this rank's grouped experts (plain local weights)."""
+        raise NotImplementedError
+
+    def shared_output(self, flat: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def capacity(self, n_tokens: int) -> int | None:
+        c = self.args.capacity_factor
+        return None if c is None else math.ceil(c * n_tokens * self.args.top_k / self.args.n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)  # (T, d)
+        expert_ids, weights, self.aux_loss, self.routed_counts = self.route(flat, b)
+        capacity = self.capacity(flat.shape[0])
+        rows, slots, counts = self.dispatch.permute(flat, expert_ids, self.args.n_experts, capacity)
+        self.tokens_per_expert = counts.detach()
+        y = self.dispatch.run_experts(rows, counts, self.grouped_experts())  # (N, d)
+        out = self.dispatch.combine(y, slots, weights, flat).to(flat.dtype)
+        shared = self.shared_output(flat)
+        if shared is not None:
+            out = out + shared
+        out = out.view(b, s, d)
+        aux = self.aux_loss * self.step.aux_loss_scale
+        if aux.requires_grad and torch.is_grad_enabled():
+            out = _AuxLossGrad.apply(out, aux)
+        # a recompute inside the backward must not count again (torch's early-stopping
+        # checkpoint never reaches this line; without early stop it would)
+        if self.step.collect_stats and torch._C._current_graph_task_id() == -1:
+            self._add_step_stats(aux.detach(), self.routed_counts)
+        return out
+
+    def _add_step_stats(self, aux: torch.Tensor, counts: torch.Tensor) -> None:
+        if self.step_aux_loss is None:
+            self.step_aux_loss, self.step_routed_counts = aux.clone(), counts.clone()
+        else:
+            self.step_aux_loss += aux
+            self.step_routed_counts += counts
+
+
+class MoE(MoELayer):
+    """Routed experts (+ optional shared experts) replacing a dense SwiGLU feed-forward."""
+
+    expert_weights = ("w1", "w2", "w3")
+    token_parallel_weights = ("router.gate.weight",)
+
+    def __init__(self, dim: int, args: MoEArgs):
+        super().__init__(args)
         self.router = Router(dim, args)
         e, f = args.n_experts, args.hidden_dim
         self.w1 = nn.Parameter(torch.empty(e, dim, f))
@@ -254,45 +383,17 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             from .llama import FeedForward
             self.shared = FeedForward(dim, f * args.n_shared_experts)
-        self.aux_loss: torch.Tensor | None = None
-        self.tokens_per_expert: torch.Tensor | None = None
-        # summed over the forwards of a training step (reset at the start of each step)
-        self.step_aux_loss: torch.Tensor | None = None
-        self.step_routed_counts: torch.Tensor | None = None
-        self.dispatch: LocalDispatch = LocalDispatch()  # injected: see the module docstring
-        self.step = MoEStep()
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w3, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
 
-    def capacity(self, n_tokens: int) -> int | None:
-        c = self.args.capacity_factor
-        return None if c is None else math.ceil(c * n_tokens * self.args.top_k / self.args.n_experts)
+    def route(self, flat: torch.Tensor, batch: int):
+        ids, weights, aux = self.router(flat, batch, self.dispatch)
+        return ids, weights, aux, self.router.routed_counts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        flat = x.reshape(-1, d)  # (T, d)
-        expert_ids, weights, self.aux_loss = self.router(flat, b, self.dispatch)
-        capacity = self.capacity(flat.shape[0])
-        rows, slots, counts = self.dispatch.permute(flat, expert_ids, self.args.n_experts, capacity)
-        self.tokens_per_expert = counts.detach()
-        y = self.dispatch.run_experts(rows, counts, self.w1, self.w3, self.w2)  # (N, d)
-        out = self.dispatch.combine(y, slots, weights, flat).to(flat.dtype)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        out = out.view(b, s, d)
-        aux = self.aux_loss * self.step.aux_loss_scale
-        if aux.requires_grad and torch.is_grad_enabled():
-            out = _AuxLossGrad.apply(out, aux)
-        # a recompute inside the backward must not count again (torch's early-stopping
-        # checkpoint never reaches this line; without early stop it would)
-        if self.step.collect_stats and torch._C._current_graph_task_id() == -1:
-            self._add_step_stats(aux.detach(), self.router.routed_counts)
-        return out
+    def grouped_experts(self):
+        w1, w3, w2 = (local_tensor(w) for w in (self.w1, self.w3, self.w2))
+        return lambda x, counts: grouped_swiglu(x, w1, w3, w2, counts)
 
-    def _add_step_stats(self, aux: torch.Tensor, counts: torch.Tensor) -> None:
-        if self.step_aux_loss is None:
-            self.step_aux_loss, self.step_routed_counts = aux.clone(), counts.clone()
-        else:
-            self.step_aux_loss += aux
-            self.step_routed_counts += counts
+    def shared_output(self, flat: torch.Tensor) -> torch.Tensor | None:
+        return self.shared(flat) if self.shared is not None else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .styles import SEQ_DIM, TPKernels, TPStyle
@@ -25,8 +25,9 @@ class MoEParallel(TPStyle):
     the output all-gathered (its gradient sliced). So the tp ranks hold distinct tokens in
     both cases and expert parallelism may fold over them (``expert_parallel.py``).
 
-    The router gate becomes a ``Replicate`` DTensor on tp that the router reads as its local
-    tensor with a ``Partial`` gradient (each rank saw other tokens), reduced like the SP norm
+    The router's weights (the layer's ``token_parallel_weights``) become ``Replicate``
+    DTensors on tp that the layer reads as local tensors with a ``Partial`` gradient
+    (``models.moe.token_local``: each rank saw other tokens), reduced like the SP norm
     weights (FSDP, or ``reduce_partial_grads``). The routed experts are left alone (they are
     EP-sharded or replicated by ``apply_expert_parallel``); a shared expert gets its own
     rules (gather the tokens once, colwise, rowwise back to ``Shard(0)``).
@@ -34,38 +35,11 @@ class MoEParallel(TPStyle):
 
     @property
     def module_types(self) -> tuple[type, ...]:  # type: ignore[override]
-        from ..models.moe import MoE  # lazily: the models package imports these styles
-        return (MoE,)
+        from ..models.moe import MoELayer  # lazily: the models package imports these styles
+        return (MoELayer,)
 
     def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _MoEParallel(sequence_parallel=sequence_parallel)
-
-
-class TokenParallelLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is a tp-``Replicate`` DTensor parameter but *reads* as
-    the local tensor, whose gradient goes back as ``Partial`` (summed over tp later). The
-    parameter itself (``_parameters['weight']``, ``named_parameters()``) stays the DTensor;
-    FSDP sets it through ``_parameters`` too. Used for the MoE router gate, which the
-    router multiplies with plain local tokens: the MoE style puts one in the gate's place,
-    holding the gate's own parameters (same names)."""
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "TokenParallelLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.register_parameter("weight", linear.weight)
-        new.register_parameter("bias", linear.bias)
-        return new
-
-    @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        w = self._parameters.get("weight")
-        if w is None:  # (before registration: hasattr must say no)
-            raise AttributeError("weight")
-        if isinstance(w, DTensor) and w.device_mesh.ndim == 1:  # tp only (or FSDP-unsharded)
-            return w.to_local(grad_placements=[Partial()])
-        return w
 
 
 class _MoEParallel(ParallelStyle):
@@ -94,9 +68,12 @@ class _MoEParallel(ParallelStyle):
         return out.redistribute(placements=[self.layout]).to_local()  # all-gather; slice in backward
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        gate = TokenParallelLinear.from_linear(module.router.gate)
-        gate.register_parameter("weight", nn.Parameter(distribute_tensor(gate.weight, device_mesh, [Replicate()])))
-        module.router.gate = gate
+        for name in module.token_parallel_weights:  # the router's: read locally (models.moe.token_local)
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            w = getattr(owner, attr)
+            owner.register_parameter(attr, nn.Parameter(distribute_tensor(w, device_mesh, [Replicate()]),
+                                                        requires_grad=w.requires_grad))
         module.register_forward_pre_hook(lambda m, inp: self._to_sequence_shard(device_mesh, m, inp))
         module.register_forward_hook(lambda m, inp, out: self._from_sequence_shard(device_mesh, m, inp, out))
         return module

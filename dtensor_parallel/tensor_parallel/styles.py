@@ -292,7 +292,7 @@ class AttentionSite(TPStyle):
         return None
 
 
-from .moe_style import MoEParallel, TokenParallelLinear  # noqa: E402 - it builds on the classes above
+from .moe_style import MoEParallel  # noqa: E402 - it builds on the classes above
 
 STYLE_NAMES: dict[str, type[TPStyle]] = {
     "attention": AttentionSite,
@@ -326,5 +326,5 @@ def is_tensor_parallel_head(style: TPStyle | ParallelStyle) -> bool:
     return isinstance(style, VocabHead)
 
 
-__all__ = ["AttentionSite", "HeadNorm", "TPKernels", "TokenParallelLinear", "Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "MoEParallel", "TPStyle",
+__all__ = ["AttentionSite", "HeadNorm", "TPKernels", "Colwise", "Rowwise", "VocabEmbedding", "VocabHead", "Norm", "MoEParallel", "TPStyle",
            "STYLE_NAMES", "style_from_rule", "resolve_style"]
