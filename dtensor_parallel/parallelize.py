@@ -1,6 +1,7 @@
 """parallelize(model, mesh, plan): the whole story, as an ordered chain of ``apply_*`` steps.
 
-    1. resolve the plan (the model's default plan, ``plans/``) and validate the layout once
+    1. a transformers LM: its MoE blocks computed as our MoE layers (``plans/hf_moe.py``);
+       resolve the plan (the model's default plan, ``plans/``) and validate the layout once
        (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, tied weights,
        PP split; a meta-device shape probe where the plan has no head counts)
     2. PP: split into this rank's stage modules (``pipeline/split.py``)
@@ -51,6 +52,7 @@ from .pipeline.runtime import PipelineRuntime
 from .pipeline.split import PassThrough, build_stage_module, stages_using
 from .plan import ParallelPlan
 from .plans.hf import check_hf_attention, hf_attention_window, is_transformers_causal_lm, prepare_hf_model
+from .plans.hf_moe import adapt_hf_moe_blocks
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
@@ -65,12 +67,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     copy of it, sharing its parameters. The chain, in order (the module docstring says why):"""
     # 1. resolve and validate the layout once: local checks only, before any collective
     dims = ParallelDims.from_mesh(mesh)
+    hf = is_transformers_causal_lm(model)
+    if hf:  # what our causal attention would not compute for it (soft-capping, bidirectional);
+        check_hf_attention(model)  # its MoE blocks (if any) as our MoE layers, with the same parameters
+        adapt_hf_moe_blocks(model)
     plan = resolve_plan(model, plan or ParallelPlan())
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
-    hf = is_transformers_causal_lm(model)
-    if hf:  # what our causal attention would not compute for it (soft-capping, bidirectional)
-        check_hf_attention(model)
     resolved = validate_layout(model, dims, plan)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
     window = None

@@ -10,6 +10,9 @@ Llama        q/k/v/o projections, gate/up/down MLP, RMSNorms; Llama 3.2 1B/3B ti
 Mistral      the same; a sliding window longer than the sequence is plain causal
 Qwen2        the same with q/k/v biases (colwise shards them with the weights)
 Qwen3        the same with per-head ``q_norm`` / ``k_norm`` (style ``head_norm``)
+Mixtral,     MoE layers (``hf_moe.py``: transformers' sparse blocks computed as our MoE
+Qwen2-MoE,   layers, so expert parallelism and the ``moe`` TP style apply); Qwen2-MoE's
+Qwen3-MoE    shared expert colwise/rowwise, Qwen3-MoE's q/k norms as Qwen3's
 ===========  ==================================================================
 
 Sequence parallelism starts at the first decoder layer's input, not at the embedding:
@@ -38,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hf_moe import HF_MOE_LMS, feed_forward_rules
+
 ATTENTION_NAME = "dtensor_parallel_causal"
 
 #: class name -> whether its attention has per-head q/k norms
@@ -46,6 +51,7 @@ HF_CAUSAL_LMS: dict[str, bool] = {
     "MistralForCausalLM": False,
     "Qwen2ForCausalLM": False,
     "Qwen3ForCausalLM": True,
+    **HF_MOE_LMS,  # Mixtral, Qwen2-MoE, Qwen3-MoE (hf_moe.py)
 }
 
 
@@ -105,10 +111,7 @@ def hf_plan(model: nn.Module, sequence_parallel: bool = False) -> dict:
         f"{attn}.k_proj": "colwise",
         f"{attn}.v_proj": "colwise",
         f"{attn}.o_proj": "rowwise",
-        "model.layers.*.post_attention_layernorm": "norm",
-        "model.layers.*.mlp.gate_proj": "colwise",
-        "model.layers.*.mlp.up_proj": "colwise",
-        "model.layers.*.mlp.down_proj": "rowwise",
+        **feed_forward_rules(model),  # dense MLPs, or MoE layers (hf_moe.py)
         "model.norm": "norm",
         "lm_head": "head",
     }
