@@ -25,6 +25,9 @@ LAYOUTS = {  # name: (world, mesh, plan)
     "tp2_fsdp2": (4, {"tp": 2, "dp_shard": 2}, {}),  # FSDP x TP: strided shards
     "pp2_tp2_sp": (4, {"pp": 2, "tp": 2}, {"sequence_parallel": True, **PP}),
     "cp2_fsdp2": (4, {"cp": 2, "dp_shard": 2}, {}),
+    # MoE: each rank reads its own experts' per-expert tensors (and under TP2 the full experts)
+    "ep2_tp2_sp": (4, {"tp": 2, "dp_shard": 2}, {"expert_parallel": 2, "sequence_parallel": True}),
+    "ep2_pp2": (4, {"pp": 2, "dp_shard": 2}, {"expert_parallel": 2, **PP}),
 }
 
 
@@ -75,7 +78,8 @@ def load_and_step(arch: str, folder: str, mesh_kwargs: dict, plan_kwargs: dict) 
     for name, t in want.items():
         assert torch.equal(got[name], t.cpu()), name
     x, y = make_batch(ref.config.vocab_size, 4, 16, seed=1)
-    ref_loss = reference_step(ref, x, y)
+    n_micro = pm._micro_batches(4 // pm.dims.dp) if pm.pipeline is not None else 1
+    ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp)
     loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
     assert rel_err(loss, ref_loss) <= REL_TOL
     assert_grads_match(pm, ref)  # (tied copies summed: the sync holds the materialized parameters)
@@ -83,7 +87,8 @@ def load_and_step(arch: str, folder: str, mesh_kwargs: dict, plan_kwargs: dict) 
 
 
 @pytest.mark.parametrize("arch,layout", [("llama_tied", "tp2_fsdp2"), ("llama_tied", "pp2_tp2_sp"),
-                                         ("qwen3", "pp2_tp2_sp"), ("qwen2", "cp2_fsdp2")])
+                                         ("qwen3", "pp2_tp2_sp"), ("qwen2", "cp2_fsdp2"),
+                                         ("mixtral", "ep2_tp2_sp"), ("qwen2_moe", "ep2_pp2")])
 def test_load_pretrained_into_shards(arch: str, layout: str, tmp_path) -> None:
     make_hf_model(arch).save_pretrained(tmp_path)
     world, mesh_kwargs, plan_kwargs = LAYOUTS[layout]
@@ -111,7 +116,8 @@ def init_matches_one_device(arch: str, mesh_kwargs: dict, plan_kwargs: dict) -> 
             if name in dict(m.named_buffers()):
                 assert torch.allclose(dict(m.named_buffers())[name].cpu(), t, rtol=1e-6, atol=0), name
     assert torch.equal(got["model.norm.weight"], torch.ones_like(got["model.norm.weight"]))
-    std = got["model.layers.0.mlp.up_proj.weight"].std().item()
+    linear = "mlp.experts.gate_up_proj" if "model.layers.0.mlp.experts.gate_up_proj" in got else "mlp.up_proj.weight"
+    std = got[f"model.layers.0.{linear}"].std().item()
     assert abs(std - real.config.initializer_range) < 0.1 * real.config.initializer_range
     if "lm_head.weight" in skip:
         assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
@@ -122,7 +128,7 @@ def init_matches_one_device(arch: str, mesh_kwargs: dict, plan_kwargs: dict) -> 
 
 
 @pytest.mark.parametrize("arch,layout", [("llama_tied", "pp2_tp2_sp"), ("llama_tied", "cp2_fsdp2"),
-                                         ("qwen3", "tp2_fsdp2")])
+                                         ("qwen3", "tp2_fsdp2"), ("mixtral", "ep2_tp2_sp")])
 def test_init_weights_is_layout_independent(arch: str, layout: str) -> None:
     world, mesh_kwargs, plan_kwargs = LAYOUTS[layout]
     run_distributed(world, init_matches_one_device, arch, mesh_kwargs, plan_kwargs)

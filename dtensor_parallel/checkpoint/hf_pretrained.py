@@ -18,7 +18,8 @@ checkpoint holds, are made here too. Tied weights' copies on two pipeline stages
 equal afterwards (one broadcast over the ranks holding them).
 
 **Load** (:func:`load_pretrained`). Names are transformers' own, so a parameter's name is its
-key in the folder; a tied copy (``lm_head.weight`` with ``tie_word_embeddings``) reads its
+key in the folder (MoE experts: the per-expert tensors ``save_pretrained`` writes,
+``hf_expert_keys.py``); a tied copy (``lm_head.weight`` with ``tie_word_embeddings``) reads its
 canonical key (``model.embed_tokens.weight``), which is all ``save_pretrained`` writes. Every
 check runs on the headers before the first tensor is written: a tensor of another shape, a
 config of another model (sizes, heads, vocabulary, tying), a tensor the model lacks. A
@@ -38,12 +39,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..init import param_seed
 from ..tied import to_empty_keeping_ties
+from .hf_expert_keys import expert_keys, per_expert_reads, stored_names
 from .safetensors_dir import HFCheckpoint, by_file, local_box
 
 #: config entries that decide tensor shapes or numerics: a folder whose config differs is
 #: another model (checked when both configs have the key)
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "num_local_experts",
+               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -141,18 +144,22 @@ def load_pretrained(model, path: str | Path, *, strict: bool = True) -> LoadResu
         raise ValueError("the model still has meta tensors: call pm.init_weights() (it materializes them on the "
                          "mesh's device) before load_pretrained")
     aliases = _tied_aliases(model, stages)
-    # every name of the whole model (under PP, the other stages' too): what the folder may hold
-    all_names = set(getattr(model, "_state_order", None) or []) | {
-        n for m in stages for n in m.state_dict()} | set(aliases)
-    plan, missing = [], []
+    config = getattr(stages[0], "config", None)
+    model_type = getattr(config, "model_type", None)
+    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    # every name of the whole model (under PP, the other stages' too) as the folder may hold it
+    names = set(getattr(model, "_state_order", None) or []) | {n for m in stages for n in m.state_dict()} | set(aliases)
+    all_keys = {k for n in names for k in stored_names(n, model_type) + expert_keys(n, n_experts, model_type)}
+    reads, loaded, missing = [], [], []
     for m in stages:
         for name, t in _persistent_tensors(m):
-            key = name if name in ckpt.entries else aliases.get(name)
-            if key is None or key not in ckpt.entries:
+            r = _reads_of(ckpt, name, t, aliases.get(name), model_type)
+            if r is None:
                 missing.append(name)
-                continue
-            plan.append((name, t, key, ckpt.file_of(key, tuple(t.shape), f"the model's {name!r}")))
-    extra = sorted(n for n in ckpt.entries if n not in all_names)
+            else:
+                loaded.append(name)
+                reads += r
+    extra = sorted(n for n in ckpt.entries if n not in all_keys)
     if strict and extra:
         raise ValueError(f"{ckpt.path} holds tensors this model lacks: {extra[:4]}{' ...' if len(extra) > 4 else ''} "
                          f"(another model?); load_pretrained(..., strict=False) ignores them")
@@ -161,14 +168,31 @@ def load_pretrained(model, path: str | Path, *, strict: bool = True) -> LoadResu
         raise ValueError(f"{ckpt.path} lacks parameter(s) {missing_params[:4]}"
                          f"{' ...' if len(missing_params) > 4 else ''}; load_pretrained(..., strict=False) keeps "
                          f"their init (pm.init_weights())")
-    for handle, (name, t, key, f) in by_file(plan, lambda item: item[3]):
-        offsets, sizes = local_box(t)
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if any(s == 0 for s in sizes):
-            continue
-        piece = handle.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
-        local.copy_(piece.view(local.shape))  # (casts on the way: no second copy of the box)
-    return LoadResult(loaded=[p[0] for p in plan], missing=missing)
+    for handle, (f, key, src, local, dst) in by_file(reads, lambda r: r[0]):
+        piece = handle.get_slice(key)[src]
+        local[dst].copy_(piece.view(local[dst].shape))  # (casts on the way: no second copy of the box)
+    return LoadResult(loaded=loaded, missing=missing)
+
+
+def _reads_of(ckpt: HFCheckpoint, name: str, t: torch.Tensor, alias: str | None, model_type: str | None):
+    """``[(file, stored key, its slices, this rank's local tensor, slices of it)]`` that fill
+    this rank's box of tensor ``name``, every key's shape checked; None if the folder lacks
+    it. The tensor under its own name (or its Hub name, or a tied copy's canonical name), or
+    a fused expert weight from its per-expert tensors (``hf_expert_keys.py``)."""
+    offsets, sizes = local_box(t)
+    local = t.to_local() if isinstance(t, DTensor) else t
+    everything = (slice(None),) * local.dim()
+    for key in stored_names(name, model_type) + (stored_names(alias, model_type) if alias else []):
+        if key in ckpt.entries:
+            f = ckpt.file_of(key, tuple(t.shape), f"the model's {name!r}")
+            if any(s == 0 for s in sizes):
+                return []
+            return [(f, key, tuple(slice(o, o + s) for o, s in zip(offsets, sizes)), local, everything)]
+    pieces = per_expert_reads(name, tuple(t.shape), (offsets, sizes), model_type)
+    if not pieces or any(key not in ckpt.entries for key, *_ in pieces):
+        return None
+    return [(ckpt.file_of(key, shape, f"expert weight {name!r}"), key, src, local, dst)
+            for key, shape, src, dst in pieces]
 
 
 def _persistent_tensors(module: nn.Module):
