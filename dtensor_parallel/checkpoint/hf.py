@@ -1,4 +1,5 @@
-"""Llama 3 weights in Hugging Face's safetensors format: import into any layout, export back.
+"""Llama 3 (and Mixtral: ``hf_mixtral.py``) weights in Hugging Face's safetensors format:
+import into any layout, export back.
 
 A Hugging Face checkpoint is ``config.json`` plus either ``model.safetensors`` or shards
 ``model-0000i-of-0000n.safetensors`` listed in ``model.safetensors.index.json``
@@ -62,6 +63,7 @@ from ..models.llama import ModelArgs
 from . import atomic
 from .dcp import _full_model_names, _stages, checkpoint_group, model_state_dict
 from .hf_llama_config import check_config, hf_config, model_args_from_hf
+from .hf_mixtral import EXPERT_BIAS, ROUTER, check_mixtral_args, expert_key, expert_param
 from .safetensors_dir import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, HFCheckpoint, by_file, local_box
 
 
@@ -83,13 +85,29 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def hf_name(name: str) -> str:
-    """Our parameter name -> Hugging Face's."""
+    """Our parameter name -> Hugging Face's (routed experts: :func:`hf_names`)."""
     if name in _TOP_MAP:
         return _TOP_MAP[name]
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_MAP:
         return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    raise ValueError(f"parameter {name!r} has no Hugging Face Llama name (MoE or a non-Llama model?)")
+    if m and m.group(2) == ROUTER[0]:
+        return f"model.layers.{m.group(1)}.{ROUTER[1]}"
+    raise ValueError(f"parameter {name!r} has no Hugging Face Llama / Mixtral name (a non-Llama model?)")
+
+
+def hf_names(name: str, args: ModelArgs) -> list[str]:
+    """Every Hugging Face tensor of our tensor ``name``: one, or one per expert."""
+    expert = expert_param(name)
+    if expert is None:
+        return [hf_name(name)]
+    return [expert_key(*expert, e) for e in range(args.moe.n_experts)]
+
+
+def _skipped(name: str) -> bool:
+    """Our state Hugging Face has no tensor for: the router's expert bias (zero in every
+    flavour Mixtral expresses)."""
+    return name.endswith(EXPERT_BIAS)
 
 
 def _rotary_heads(name: str, args: ModelArgs) -> int | None:
@@ -130,41 +148,65 @@ def _read_box(handle, hf: str, offsets, sizes, heads: int | None, rows: int) -> 
 def _llama_args(model) -> ModelArgs:
     args = getattr(_stages(model)[0], "args", None)
     if not isinstance(args, ModelArgs):
-        raise TypeError(f"{type(_stages(model)[0]).__name__} is not our Llama: Hugging Face interop maps Llama 3")
+        raise TypeError(f"{type(_stages(model)[0]).__name__} is not our Llama: Hugging Face interop maps Llama 3 "
+                        f"and Mixtral")
     if args.moe is not None:
-        raise NotImplementedError("Hugging Face interop covers dense Llama 3 (this model has MoE layers)")
+        check_mixtral_args(args)
     return args
 
 
-@torch.no_grad()
-def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
-    """Load Hugging Face Llama weights (``path``: the directory) into ``model`` -- a
-    ParallelModel in any layout, or a plain Llama -- each rank reading only its shards.
-    Every check runs before the first parameter is written; no collective is needed."""
-    args = _llama_args(model)
-    ckpt = HFCheckpoint(path)
-    check_config(ckpt.config, args, ckpt.path / CONFIG_FILE)
-    tied = bool(ckpt.config and ckpt.config.get("tie_word_embeddings")) and "lm_head.weight" not in ckpt.entries
-    params = model_state_dict(model)
-    plan = []
-    for name, t in params.items():
+def _reads(ckpt: HFCheckpoint, name: str, t: torch.Tensor, args: ModelArgs, tied: bool) -> list:
+    """``[(file, hf key, read(handle) -> tensor, local tensor, its slices)]`` filling this
+    rank's box of our tensor ``name``, every key's shape checked first."""
+    offsets, sizes = local_box(t)
+    local = t.to_local() if isinstance(t, DTensor) else t
+    expert = expert_param(name)
+    if expert is None:
         hf = hf_name(name)
         if hf == "lm_head.weight" and tied:
             hf = "model.embed_tokens.weight"
         if hf not in ckpt.entries:
             raise ValueError(f"tensor {hf!r} (our {name!r}) is not in the Hugging Face checkpoint {ckpt.path}")
-        plan.append((name, t, hf, ckpt.file_of(hf, tuple(t.shape), f"our {name!r}")))
+        f = ckpt.file_of(hf, tuple(t.shape), f"our {name!r}")
+        heads = _rotary_heads(name, args)
+        return [(f, hf, lambda h, hf=hf: _read_box(h, hf, offsets, sizes, heads, t.shape[0]), local, ...)]
+    # ours[e] (in, out) is Mixtral's expert e (out, in) transposed: read the box's transpose
+    (o0, o1, o2), (s0, s1, s2) = offsets, sizes
+    reads = []
+    for e in range(o0, o0 + s0):
+        key = expert_key(*expert, e)
+        if key not in ckpt.entries:
+            raise ValueError(f"tensor {key!r} (expert {e} of our {name!r}) is not in the Hugging Face checkpoint "
+                             f"{ckpt.path}")
+        f = ckpt.file_of(key, (t.shape[2], t.shape[1]), f"expert {e} of our {name!r} (transposed)")
+        reads.append((f, key, lambda h, key=key: h.get_slice(key)[o2:o2 + s2, o1:o1 + s1].T, local, e - o0))
+    return reads
+
+
+@torch.no_grad()
+def import_hf(model, path: str | Path, *, strict: bool = True) -> None:
+    """Load Hugging Face Llama or Mixtral weights (``path``: the directory) into ``model``
+    -- a ParallelModel in any layout, or a plain Llama -- each rank reading only its shards.
+    Every check runs before the first parameter is written; no collective is needed."""
+    args = _llama_args(model)
+    ckpt = HFCheckpoint(path)
+    check_config(ckpt.config, args, ckpt.path / CONFIG_FILE)
+    tied = bool(ckpt.config and ckpt.config.get("tie_word_embeddings")) and "lm_head.weight" not in ckpt.entries
+    params = {n: t for n, t in model_state_dict(model).items() if not _skipped(n)}
+    reads = [r for name, t in params.items() for r in _reads(ckpt, name, t, args, tied)]
     if strict:
-        ours = {hf_name(n) for n in (_full_model_names(model) or params)}
+        ours = {h for n in (_full_model_names(model) or params) if not _skipped(n) for h in hf_names(n, args)}
         extra = sorted(n for n in ckpt.entries if n not in ours and not n.endswith("rotary_emb.inv_freq"))
         if extra:
             raise ValueError(f"the Hugging Face checkpoint {ckpt.path} holds tensors this model lacks: "
                              f"{extra[:4]}{' ...' if len(extra) > 4 else ''} (another model shape?)")
-    for handle, (name, t, hf, f) in by_file(plan, lambda item: item[3]):
-        offsets, sizes = local_box(t)
-        piece = _read_box(handle, hf, offsets, sizes, _rotary_heads(name, args), t.shape[0])
-        local = t.to_local() if isinstance(t, DTensor) else t
-        local.copy_(piece.view(local.shape))  # (casts on the way: no second, fp32 copy of the box)
+    for handle, (f, key, read, local, where) in by_file(reads, lambda r: r[0]):
+        piece = read(handle)
+        dst = local[where]
+        if dst.numel():
+            if piece.shape != dst.shape:
+                raise RuntimeError(f"import_hf: box of {key!r} read as {tuple(piece.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(piece)  # (casts on the way: no second, fp32 copy of the box)
 
 
 def _writer_of_stage(model) -> bool:
@@ -177,7 +219,7 @@ def _writer_of_stage(model) -> bool:
 
 def export_hf(model, path: str | Path, *, dtype: torch.dtype | None = None,
               max_shard_bytes: int = 5 * 2 ** 30) -> Path:
-    """Write ``model`` (any layout) as a Hugging Face Llama checkpoint at ``path``
+    """Write ``model`` (any layout) as a Hugging Face Llama (MoE: Mixtral) checkpoint at ``path``
     (collective). ``dtype``: cast on the way out (None: the parameters' dtype)."""
     args = _llama_args(model)
     path = Path(path)
@@ -194,12 +236,12 @@ def export_hf(model, path: str | Path, *, dtype: torch.dtype | None = None,
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    params = model_state_dict(model)
+    params = {n: t for n, t in model_state_dict(model).items() if not _skipped(n)}
     writer = _writer_of_stage(model)
     mine = []  # (hf name, bytes) of this stage, if this rank writes it
     for name, t in params.items():
-        item = (dtype or t.dtype).itemsize
-        mine.append((hf_name(name), t.numel() * item))
+        keys = hf_names(name, args)
+        mine += [(hf, t.numel() * (dtype or t.dtype).itemsize // len(keys)) for hf in keys]
     plans: list[Any] = [mine if writer else None]
     if distributed:
         plans = [None] * dist.get_world_size()
@@ -228,7 +270,10 @@ def export_hf(model, path: str | Path, *, dtype: torch.dtype | None = None,
             continue
         full = full.to(device="cpu", dtype=dtype or full.dtype)
         heads = _rotary_heads(name, args)
-        pending[hf_name(name)] = (permute_to_hf(full, heads) if heads else full).contiguous()
+        if expert_param(name) is not None:  # one (out, in) tensor per expert
+            pending |= {hf: full[e].T.contiguous() for e, hf in enumerate(hf_names(name, args))}
+        else:
+            pending[hf_name(name)] = (permute_to_hf(full, heads) if heads else full).contiguous()
         for i in sorted(my_files):
             if all(h in pending for h in files[i]):
                 save_file({h: pending.pop(h) for h in files[i]}, str(tmp / names[i]), metadata={"format": "pt"})

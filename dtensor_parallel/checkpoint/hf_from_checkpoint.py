@@ -8,7 +8,8 @@ its q/k rows permuted to transformers' rotary layout, cast, and added to the cur
 safetensors shard, which is written when it reaches ``max_shard_bytes``. Peak memory is one
 shard plus one tensor, whatever the model's size. The folder (config, shards, index) is
 written to a temporary directory and renamed into place; an existing one is never
-overwritten. MoE checkpoints are refused (the Hugging Face Llama layout is dense).
+overwritten. An MoE checkpoint of a Mixtral-shaped flavour is written as a Mixtral folder
+(``hf_mixtral.py``: one tensor per expert); other MoE flavours are refused.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from ..models.llama import ModelArgs
+from ..models.moe import MoEArgs
 from . import atomic
 from .dcp import read_meta
-from .hf import hf_name, permute_to_hf
+from .hf import hf_name, hf_names, permute_to_hf
+from .hf_mixtral import EXPERT_BIAS, check_mixtral_args, expert_param
 from .hf_llama_config import hf_config
 from .safetensors_dir import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
@@ -38,12 +41,14 @@ def _model_args(meta: dict, path: Path) -> ModelArgs:
     saved = meta.get("model_args")
     if not saved:
         raise ValueError(f"checkpoint {path} records no model args (not a checkpoint of our Llama)")
-    if saved.get("moe"):
-        raise NotImplementedError(f"checkpoint {path} is of an MoE model: the Hugging Face Llama export is dense")
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise ValueError(f"checkpoint {path} has model args this version does not know: {unknown}")
+    if saved.get("moe"):  # a Mixtral-shaped MoE flavour (hf_mixtral.py): others are refused
+        args = ModelArgs(**{**saved, "moe": MoEArgs(**saved["moe"])})
+        check_mixtral_args(args)
+        return args
     return ModelArgs(**saved)
 
 
@@ -55,7 +60,8 @@ def _global_shapes(path: Path) -> dict[str, torch.Size]:
 def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = "bf16",
                             max_shard_bytes: int = 5 * 2 ** 30) -> Path:
     """Write the model of a training checkpoint (a ``step_N`` directory, or a root: its newest
-    complete checkpoint) as a Hugging Face ``LlamaForCausalLM`` folder at ``out``."""
+    complete checkpoint) as a Hugging Face ``LlamaForCausalLM`` (MoE: ``MixtralForCausalLM``)
+    folder at ``out``."""
     path = atomic.resolve(checkpoint)
     meta = read_meta(path)
     args = _model_args(meta, path)
@@ -93,7 +99,7 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
         key = f"model.{name}"
         if key not in shapes:
             raise ValueError(f"checkpoint {path}: tensor {key!r} is listed in checkpoint.json but not in the index")
-        if name.endswith("rope"):  # a buffer our Llama recomputes; transformers has no such tensor
+        if name.endswith(("rope", EXPERT_BIAS)):  # a buffer our Llama recomputes; the router's zero bias
             continue
         full = torch.empty(shapes[key], dtype=torch.float32)
         with warnings.catch_warnings():
@@ -101,15 +107,20 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
             dcp.load({key: full}, checkpoint_id=str(path), no_dist=True)
         heads = args.n_heads if name.endswith("attention.wq.weight") else (
             args.n_kv_heads if name.endswith("attention.wk.weight") else None)
-        tensor = (permute_to_hf(full, heads) if heads else full).to(cast or full.dtype).contiguous()
-        saved_dtype = tensor.dtype
-        nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            flush(final=False)
-        files[-1][hf_name(name)] = tensor
-        sizes[-1] += nbytes
-        total += nbytes
-        del full
+        if expert_param(name) is not None:  # (E, in, out) -> one (out, in) tensor per expert
+            pieces = {hf: full[e].T for e, hf in enumerate(hf_names(name, args))}
+        else:
+            pieces = {hf_name(name): permute_to_hf(full, heads) if heads else full}
+        for hf, piece in pieces.items():
+            tensor = piece.to(cast or full.dtype).contiguous()
+            saved_dtype = tensor.dtype
+            nbytes = tensor.numel() * tensor.element_size()
+            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                flush(final=False)
+            files[-1][hf] = tensor
+            sizes[-1] += nbytes
+            total += nbytes
+        del full, pieces
     flush(final=True)
     n = len(written)
     final_names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

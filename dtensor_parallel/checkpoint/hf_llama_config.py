@@ -1,4 +1,5 @@
-"""A Hugging Face Llama ``config.json`` and our ``ModelArgs``, both ways.
+"""A Hugging Face Llama (or Mixtral: ``hf_mixtral.py``) ``config.json`` and our ``ModelArgs``,
+both ways.
 
 RoPE settings come in two formats, both read:
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ..models.llama import ModelArgs
+from .hf_mixtral import mixtral_config, moe_args_from_mixtral
 from .safetensors_dir import CONFIG_FILE
 
 #: the RoPE dict's keys we read, per type (``type`` is transformers 4's old spelling)
@@ -42,8 +44,6 @@ _FIX = ("load the checkpoint with transformers (AutoModelForCausalLM) and parall
 def hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """``config.json`` of a ``LlamaForCausalLM`` with these args (RoPE in both formats:
     transformers 5 reads ``rope_parameters``, older readers the top-level keys)."""
-    if args.moe is not None:
-        raise NotImplementedError("Hugging Face interop covers dense Llama 3 (this model has MoE layers)")
     scaling = None
     if args.rope_scaling_factor is not None:
         scaling = {"rope_type": args.rope_scaling_type, "factor": args.rope_scaling_factor}
@@ -51,13 +51,14 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str,
             scaling |= {"low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
                         "original_max_position_embeddings": args.rope_original_max_len}
     parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": args.rope_theta}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
             "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
             "rms_norm_eps": args.norm_eps, "rope_parameters": parameters, "rope_theta": args.rope_theta,
             "rope_scaling": scaling, "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+    return mixtral_config(args, llama) if args.moe is not None else llama
 
 
 def rope_args(config: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +98,8 @@ def rope_args(config: dict[str, Any]) -> dict[str, Any]:
 
 def _refuse_other_numerics(config: dict[str, Any]) -> None:
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json: model_type={config['model_type']!r}, not 'llama'; {_FIX}")
+    if config.get("model_type", "llama") not in ("llama", "mixtral"):
+        raise ValueError(f"config.json: model_type={config['model_type']!r}, not 'llama' or 'mixtral'; {_FIX}")
     if config.get("head_dim") is not None and config["head_dim"] != hidden // heads:
         raise ValueError(f"config.json: head_dim={config['head_dim']} != hidden_size / num_attention_heads = "
                          f"{hidden // heads}; {_FIX}")
@@ -120,6 +121,8 @@ def model_args_from_hf(config: dict[str, Any] | str | Path, **overrides) -> Mode
               n_kv_heads=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
               ffn_hidden=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
               max_seq_len=config.get("max_position_embeddings", 8192), **rope_args(config))
+    if config.get("model_type") == "mixtral":
+        kw |= moe_args_from_mixtral(config)
     return ModelArgs(**{**kw, **overrides})
 
 
@@ -130,9 +133,14 @@ def check_config(config: dict[str, Any] | None, args: ModelArgs, path: Path) -> 
         return
     _refuse_other_numerics(config)
     ours = hf_config(args)
+    if config.get("model_type", "llama") != ours["model_type"]:
+        raise ValueError(f"{path}: model_type={config.get('model_type', 'llama')!r} but this model is a "
+                         f"{ours['model_type']!r} (dense Llama / MoE Mixtral): the checkpoint is of another model")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps"):
-        if key in config and float(config[key]) != float(ours[key]):
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "num_local_experts", "num_experts_per_tok"):
+        if key not in config or key not in ours:
+            continue
+        if float(config[key]) != float(ours[key]):
             raise ValueError(f"{path}: {key}={config[key]} but this model has {ours[key]}: the checkpoint is of "
                              f"another model shape")
     theirs = rope_args(config)
