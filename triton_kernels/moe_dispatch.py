@@ -204,12 +204,15 @@ def _combine_kernel(Y, POS, W, OUT, T, H, K, stride_yr, stride_ot,
 @triton.autotune(configs=_BWD_CONFIGS, key=["H", "K_PAD", "COMPUTE_DY", "COMPUTE_DW"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _unpermute_bwd_kernel(Y, POS, W, DOUT, DY, DW, T, H, K, stride_yr, stride_dot,
+def _unpermute_bwd_kernel(Y, POS, W, DOUT, DY, DW, T, H: tl.constexpr, K, stride_yr, stride_dot,
                           COMPUTE_DY: tl.constexpr, COMPUTE_DW: tl.constexpr,
                           K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """One program per token block walks the hidden dim once:
     DY[POS[t*K + j]] = W[t, j] * DOUT[t]  and  DW[t, j] = <Y[POS[t*K + j]], DOUT[t]> (fp32).
-    DY (T*K, H) and W, DW (T, K) contiguous."""
+    DY (T*K, H) and W, DW (T, K) contiguous. H is a constexpr, the loop's bound: Triton 3.6's
+    interpreter cannot take a runtime scalar as a ``range`` bound under NumPy 2 ("only
+    0-dimensional arrays can be converted to Python scalars"); H is fixed per model (and
+    already an autotuning key), so this costs no extra compiles."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, K_PAD)
     t_ok = offs_t < T
