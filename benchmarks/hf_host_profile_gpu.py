@@ -2,7 +2,9 @@
 item 10.) torchrun --nproc-per-node 2 benchmarks/hf_host_profile_gpu.py: the throughput
 benchmark's 8B-shaped, 8-layer models and plan (bf16 autocast, selective recompute), 3
 warm-up steps, then 3 steps timed and 2 more under cProfile on rank 0; prints ms/step and
-the Python functions with the most own time for each model."""
+the Python functions with the most own time for each model. cProfile sees only the main
+thread: the backward (and its recompute) runs on the autograd engine's thread and is missing
+here; ``hf_tp2sp_host_gpu.py`` measures every thread's CPU time."""
 import cProfile
 import io
 import os
