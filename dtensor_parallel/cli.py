@@ -8,7 +8,11 @@ by adding a row.
 
 ``train`` outside torchrun with ``--nproc-per-node N`` re-launches itself through
 ``torch.distributed.run --standalone --nproc-per-node N -m dtensor_parallel train ...`` (a free rendezvous
-port on this host; gloo on CPU); without it, it runs as a world of one.
+port on this host; gloo on CPU); without it, it runs as a world of one. Before it launches,
+the preflight (:mod:`dtensor_parallel.trainer.preflight`) checks the recipe, the model, the
+data and the optimizer: exit 2 with one line a problem. Each rank dies with its launcher
+and its process group times out after ``--distributed-timeout-minutes``
+(:mod:`dtensor_parallel.trainer.launch`).
 """
 
 from __future__ import annotations
@@ -47,11 +51,16 @@ def torchrun_args(nproc: int, recipe: str, flags: list[str]) -> list[str]:
 
 def relaunch(nproc: int, recipe: str, flags: list[str]) -> int:
     """Run torchrun's launcher in this process (torch is already imported here, which saves
-    a second interpreter start); it spawns the ranks and waits for them."""
+    a second interpreter start); it spawns the ranks and waits for them. The ranks learn its
+    pid (they die with it); a stopped rank is continued once another exits, to take torchrun's SIGTERM."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    from .trainer.launch import LAUNCHER_PID_ENV, continue_stopped_ranks
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the cores
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    continue_stopped_ranks()  # a SIGSTOPped rank ends with the job, not 30 s after it
     try:
         torchrun_main(torchrun_args(nproc, recipe, flags))
     except ChildFailedError as e:
@@ -62,22 +71,72 @@ def relaunch(nproc: int, recipe: str, flags: list[str]) -> int:
 
 def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
     from .trainer import load_config, train
-    from .trainer.loop import preflight, resolve_device
+    from .trainer.launch import CollectiveTimeout, exit_with_parent
+    from .trainer.preflight import preflight_errors
 
+    if under_torchrun():
+        exit_with_parent()  # first thing: a rank whose launcher dies dies with it (no orphans)
     launch = args.nproc_per_node is not None and not under_torchrun()
     try:  # config errors: one clear line (before spawning ranks) instead of a traceback per rank
         cfg = load_config(args.recipe, flags)
         if launch and args.nproc_per_node < 1:
             raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-        preflight(cfg, args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1")))
-        resolve_device(cfg.cluster.device, args.nproc_per_node if launch else None)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"dtensor-parallel train: error: {e}", file=sys.stderr)
         return 2
+    world = args.nproc_per_node if launch else int(os.environ.get("WORLD_SIZE", "1"))
+    errors = preflight_errors(cfg, world, nproc_per_node=args.nproc_per_node if launch else None)
+    if errors:  # the model, the layout, the data and the optimizer: one line each
+        for e in errors:
+            print(f"dtensor-parallel train: error: {e}", file=sys.stderr)
+        return 2
     if launch:
         return relaunch(args.nproc_per_node, args.recipe, flags)
-    train(cfg)
+    try:
+        train(cfg)
+    except CollectiveTimeout as e:  # names the ranks that did not arrive
+        print(f"dtensor-parallel train: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+# ---- tokens -----------------------------------------------------------------------------
+def _tokens_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a flat file of token ids (uint16 or uint32, native byte order)")
+    p.add_argument("--dtype", choices=("uint16", "uint32"), default=None,
+                   help="what the file holds: scan every id and write the statement PATH.json "
+                        "(without it: say what the file states, or what it could be)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="check every id is below it (the first one that is not is named with its position)")
+
+
+def _run_tokens(args: argparse.Namespace, flags: list[str]) -> int:
+    from pathlib import Path
+
+    from .trainer.data import TOKEN_DTYPES, read_statement, statement_path, why_not, write_statement
+
+    path = Path(args.path)
+    try:
+        if args.dtype is not None:
+            meta = write_statement(path, args.dtype, args.vocab_size)
+            print(f"wrote {statement_path(path)}: {meta['dtype']}, {meta['n_tokens']} tokens, max id {meta['max_id']}")
+            return 0
+        if not path.is_file():
+            raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+        meta = read_statement(path)
+        if meta is not None:
+            print(f"{path} states: {meta['dtype']}, {meta.get('n_tokens')} tokens, max id {meta.get('max_id')} "
+                  f"({statement_path(path)})")
+            return 0
+        print(f"{path} states no dtype (no {statement_path(path).name}); read as")
+        for d in TOKEN_DTYPES:
+            why = why_not(path, d, args.vocab_size or 2 ** 32)
+            print(f"  {d}: {why or 'valid ids' + (f' below {args.vocab_size}' if args.vocab_size else '')}")
+        print(f"state it with: dtensor-parallel tokens {path} --dtype uint16|uint32")
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dtensor-parallel tokens: error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---- schedule ---------------------------------------------------------------------------
@@ -192,6 +251,9 @@ COMMANDS: dict[str, Command] = {
     "export-hf": Command("write a training checkpoint of any layout as a Hugging Face Llama folder (config, "
                          "sharded safetensors, index), one tensor at a time, in one process",
                          _export_hf_arguments, _run_export_hf, takes_megatron_flags=False),
+    "tokens": Command("state a token file's dtype: scan its ids and write PATH.json beside it (the trainer "
+                      "refuses a file whose dtype is ambiguous and unstated)",
+                      _tokens_arguments, _run_tokens, takes_megatron_flags=False),
     "suggest": Command("recommend degrees (TP, PP, CP, EP, DP, SP, schedule) for a model size and cluster, "
                        "following the decision guide, checked by the memory estimator",
                        _suggest_arguments, _run_suggest, takes_megatron_flags=False),

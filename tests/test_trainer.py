@@ -93,7 +93,7 @@ def test_token_file_errors(tmp_path):
     kw = dict(seq_len=16, global_batch_size=4)
     bad = torch.zeros(1000, dtype=torch.int64)
     bad[700] = 3000
-    with pytest.raises(ValueError, match=r"token id 3000 .* >= vocab_size 2048.*--vocab-size"):
+    with pytest.raises(ValueError, match=r"token 700 of the file is id 3000 >= vocab_size 2048.*--vocab-size"):
         TokenFileDataset(_token_file(tmp_path / "v.bin", bad), dtype="uint16", vocab_size=2048, **kw)
     small = _token_file(tmp_path / "s.bin", torch.zeros(16 * 4, dtype=torch.int64))  # 3 windows < 4
     with pytest.raises(ValueError, match=r"too small.*3 windows.*global_batch_size=4"):

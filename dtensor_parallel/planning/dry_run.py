@@ -122,10 +122,11 @@ def mesh_groups(dims: ParallelDims, ep: int) -> dict[str, list[list[int]]]:
 def dry_run(cfg, world_size: int | None = None) -> DryRun:
     """Build the recipe's model on meta, parallelize it on a fake group of its world size
     as one representative rank per pp rank, and estimate each one's memory."""
-    from ..trainer.loop import preflight
+    from ..trainer.preflight import check_recipe
 
     world = world_size or world_size_of(cfg)
-    dims = preflight(cfg, world)
+    # (not the data file nor the device: they are the cluster's; the layout: parallelize below)
+    dims = check_recipe(cfg, world, device=False, data=False, layout=False)
     plan, n_micro = plan_of(cfg, dims)
     args = cfg.model.args()
     t = cfg.training

@@ -12,6 +12,7 @@ a typo in a recipe never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import types
 import typing
@@ -25,7 +26,9 @@ from ..models.llama import ModelArgs, llama3_args
 from ..models.moe import MoEArgs
 from ..plan import ParallelPlan
 from .data import TOKEN_DTYPES as _TOKEN_FILE_DTYPES
+from .launch import DEFAULT_TIMEOUT_MINUTES
 from .megatron_args import deep_merge, parse_megatron_args
+from .preflight import check_model_args
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +50,8 @@ class ClusterConfig:
     ``interconnect`` between nodes: ``"nvlink"``, ``"ib"`` or ``"ethernet"``.
     ``device`` where the ranks run: ``"cuda"`` (one GPU a rank, NCCL), ``"cpu"`` (gloo, even
     on a machine with GPUs: the debug recipes), or ``"auto"`` (cuda when a GPU is visible).
+    ``distributed_timeout_minutes``: the process group's timeout (gloo and NCCL): a collective
+    some rank does not join fails after it, naming that rank (``trainer/launch.py``).
     """
 
     description: str = ""
@@ -56,6 +61,7 @@ class ClusterConfig:
     nodes: int = 1
     gpu_memory: str | None = None
     interconnect: str | None = None
+    distributed_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
 
 @dataclass
@@ -126,10 +132,12 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    """``path`` to a flat token file, or synthetic Markov data when ``mock`` or no path."""
+    """``path`` to a flat token file, or synthetic Markov data when ``mock`` or no path.
+    ``dtype``: None reads the dtype the file states (``PATH.json``, see ``trainer/data.py``);
+    set, the file's statement must agree."""
 
     path: str | None = None
-    dtype: str = "uint16"
+    dtype: str | None = None
     mock: bool = False
 
     @property
@@ -341,6 +349,7 @@ def validate(cfg: TrainConfig) -> None:
     """Cross-field checks that need no process group (errors name the fix)."""
     t, d, lg, p = cfg.training, cfg.data, cfg.logging, cfg.parallel
     args = cfg.model.args()
+    check_model_args(args)
     for key in ("micro_batch_size", "seq_len", "steps"):
         if getattr(t, key) < 1:
             raise ValueError(f"[training] {key}={getattr(t, key)} must be >= 1")
@@ -357,13 +366,18 @@ def validate(cfg: TrainConfig) -> None:
     if t.seq_len > args.max_seq_len:
         raise ValueError(f"[training] seq_len={t.seq_len} > [model] max_seq_len={args.max_seq_len}: "
                          f"lower seq_len or raise max_seq_len (the RoPE table length)")
-    if d.dtype not in TOKEN_DTYPES:
-        raise ValueError(f"[data] dtype={d.dtype!r}: choose one of {TOKEN_DTYPES}")
+    if d.dtype is not None and d.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"[data] dtype={d.dtype!r}: choose one of {TOKEN_DTYPES} (or leave it out: the "
+                         f"token file states its dtype)")
     if not d.synthetic and d.dtype == "uint16" and args.vocab_size > 2 ** 16:
         raise ValueError(f"[data] dtype='uint16' cannot hold token ids of a vocab of {args.vocab_size}: "
                          f"write the token file as uint32 and set [data] dtype = 'uint32'")
     if cfg.cluster.device not in DEVICES:
         raise ValueError(f"[cluster] device={cfg.cluster.device!r}: choose one of {DEVICES}")
+    timeout = cfg.cluster.distributed_timeout_minutes
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"[cluster] distributed_timeout_minutes={timeout} (--distributed-timeout-minutes) must be "
+                         f"a positive number of minutes (default {DEFAULT_TIMEOUT_MINUTES:g})")
     if lg.log_interval < 1:
         raise ValueError(f"[logging] log_interval={lg.log_interval} must be >= 1")
     for key in ("pp", "cp", "tp", "ep"):

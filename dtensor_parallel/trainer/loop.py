@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -30,49 +29,12 @@ from ..parallelize import parallelize
 from ..validation import check_degrees
 from .config import TrainConfig
 from .data import build_batch_source
+from .launch import init_distributed, process_group, resolve_device  # noqa: F401 - (also imported from here)
 from .metrics import (MetricsWriter, ProgressPrinter, flops_per_token, mfu, peak_memory_gib)
 from .schedule import build_optimizer, build_scheduler
 
 PROFILE_FIRST_STEP = 2  # skip the first steps (allocator warm-up, lazy init)
 PROFILE_NUM_STEPS = 3
-
-
-def resolve_device(device: str, nproc_per_node: int | None = None) -> str:
-    """``[cluster] device`` -> "cuda" or "cpu"; a CUDA run needs a GPU for each local rank.
-
-    ``nproc_per_node``: the local ranks about to be launched (checked before they spawn)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        gpus = torch.cuda.device_count()
-        if gpus == 0:
-            raise ValueError("[cluster] device='cuda' (--device cuda) but no GPU is visible: "
-                             "run with --device cpu (gloo ranks on this CPU)")
-        if nproc_per_node is not None and nproc_per_node > gpus:
-            raise ValueError(f"--nproc-per-node {nproc_per_node} with device 'cuda' needs {nproc_per_node} GPUs "
-                             f"on this host, but {gpus} are visible: launch at most {gpus} ranks per node, or "
-                             f"run on the CPU with --device cpu")
-    return device
-
-
-def init_distributed(device: str = "auto") -> bool:
-    """Init the default group (nccl for device "cuda", gloo for "cpu") from torchrun's
-    environment, or a world of one without it. Returns whether this call created the group."""
-    if dist.is_initialized():
-        return False
-    local_ranks = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
-    cuda = resolve_device(device, local_ranks) == "cuda"
-    backend = "nccl" if cuda else "gloo"
-    kwargs = {}
-    if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        kwargs["device_id"] = torch.device("cuda", local_rank)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, **kwargs)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
-    return True
 
 
 def parallel_dims(cfg: TrainConfig, world_size: int) -> ParallelDims:
@@ -156,12 +118,8 @@ def start_from_checkpoint(cfg: TrainConfig, pm, opt, sched, global_batch: int) -
 def train(cfg: TrainConfig) -> list[float]:
     """Run ``cfg.training.steps`` optimizer steps; returns the loss of each step (from the
     resumed step on, when resuming)."""
-    owns_group = init_distributed(cfg.cluster.device)
-    try:
+    with process_group(cfg.cluster.device, cfg.cluster.distributed_timeout_minutes):  # timeout, heartbeat
         return _train(cfg)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig) -> list[float]:

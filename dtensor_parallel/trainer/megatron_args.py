@@ -67,6 +67,8 @@ flag                                       overlay key
 --vocab-size N                             model.vocab_size *(ours)*
 --data-path PATH                           data.path (one path; weighted blends: error)
 --mock-data                                data.mock=True (synthetic source)
+--data-dtype uint16|uint32                 data.dtype *(ours)*: must agree with the file's
+                                           statement (PATH.json); absent: the statement's
 --log-interval N                           logging.log_interval
 --profile                                  logging.profile=True
 --profile-ranks R [R ...]                  logging.profile_ranks (list of ints)
@@ -77,6 +79,8 @@ flag                                       overlay key
 --resume auto|none                         checkpoint.resume *(ours)*
 --init-from-hf DIR                         checkpoint.init_from_hf *(ours)*: a Hugging Face folder
 --device auto|cpu|cuda                     cluster.device *(ours)*: gloo on CPU or NCCL on GPUs
+--distributed-timeout-minutes X            cluster.distributed_timeout_minutes (default 10, as
+                                           Megatron's; fractions allowed)
 =========================================  ============================================
 
 Accepted no-ops, which describe what our Llama already is (values are checked):
@@ -201,6 +205,7 @@ _FLAGS: dict[str, _Flag] = {
     "--vocab-size": _f("model", "vocab_size", int),
     "--data-path": _f(None, None, str, many=True),
     "--mock-data": _f("data", "mock"),
+    "--data-dtype": _f("data", "dtype", str, ("uint16", "uint32")),
     "--log-interval": _f("logging", "log_interval", int),
     "--profile": _f("logging", "profile"),
     "--profile-ranks": _f("logging", "profile_ranks", int, many=True),
@@ -212,6 +217,7 @@ _FLAGS: dict[str, _Flag] = {
     "--resume": _f("checkpoint", "resume", str, ("auto", "none")),
     "--init-from-hf": _f("checkpoint", "init_from_hf", str),
     "--device": _f("cluster", "device", str, ("auto", "cpu", "cuda")),  # ours: where the ranks run
+    "--distributed-timeout-minutes": _f("cluster", "distributed_timeout_minutes", float),
     # accepted no-ops: what our Llama already is
     "--swiglu": _f(None, None),
     "--normalization": _f(None, None, str, ("RMSNorm",)),
