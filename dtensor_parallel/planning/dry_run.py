@@ -125,7 +125,7 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
     from ..trainer.loop import preflight
 
     world = world_size or world_size_of(cfg)
-    dims = preflight(cfg, world)
+    dims = preflight(cfg, world, check_paths=False)  # (a laptop need not reach the cluster's paths)
     plan, n_micro = plan_of(cfg, dims)
     args = cfg.model.args()
     t = cfg.training
