@@ -125,8 +125,9 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
     from ..trainer.preflight import check_recipe
 
     world = world_size or world_size_of(cfg)
-    # (not the data file nor the device: they are the cluster's; the layout: parallelize below)
-    dims = check_recipe(cfg, world, device=False, data=False, layout=False)
+    # (not the data file, the device nor the output paths: they are the cluster's; the layout:
+    # parallelize below)
+    dims = check_recipe(cfg, world, device=False, data=False, layout=False, paths=False)
     plan, n_micro = plan_of(cfg, dims)
     args = cfg.model.args()
     t = cfg.training

@@ -111,7 +111,9 @@ class TrainingConfig:
     """Batch, length, steps, optimizer and LR schedule.
 
     ``global_batch_size`` is sequences per optimizer step over all data-parallel ranks
-    (``None``: ``micro_batch_size * dp``, no accumulation).
+    (``None``: ``micro_batch_size * dp``, no accumulation). ``max_nonfinite_steps``: a step
+    whose loss or gradient norm is not finite is skipped (never applied); this many in a
+    row are tolerated, one more stops the run (0: stop at the first; trainer/nonfinite.py).
     """
 
     micro_batch_size: int = 1
@@ -128,6 +130,7 @@ class TrainingConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 0
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -356,6 +359,9 @@ def validate(cfg: TrainConfig) -> None:
     if t.global_batch_size is not None and (t.global_batch_size < 1 or t.global_batch_size % t.micro_batch_size):
         raise ValueError(f"[training] global_batch_size={t.global_batch_size} must be a positive multiple "
                          f"of micro_batch_size={t.micro_batch_size}")
+    if t.max_nonfinite_steps < 0:
+        raise ValueError(f"[training] max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: stop at the "
+                         f"first non-finite step)")
     if t.lr_decay_style not in LR_DECAY_STYLES:
         raise ValueError(f"[training] lr_decay_style={t.lr_decay_style!r}: choose one of {LR_DECAY_STYLES}")
     if not 0 <= t.min_lr <= t.lr:

@@ -5,10 +5,14 @@ One optimizer step::
     x, y = data.batch(step)                 # this dp rank's global_batch / dp sequences
     loss = pm.forward_backward(x, y)        # micro-batched; global mean token loss
     gn = pm.clip_grad_norm_(grad_clip)      # global L2 norm over every placement
-    opt.step(); sched.step(); opt.zero_grad()
+    if guard.check(step + 1, loss, gn):     # all ranks agree; non-finite: skipped (nonfinite.py)
+        opt.step(); sched.step()
+    opt.zero_grad()
 
 Everything that can be wrong with a config is checked before the first collective, so a
-bad recipe fails the same way on every rank instead of hanging.
+bad recipe fails the same way on every rank instead of hanging; ``--save`` is checked
+writable then too, and a save that fills the disk says "disk full at PATH" (storage.py).
+Resuming, and what changed flags do then: resume.py.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import Checkpointer, import_hf, latest_checkpoint, load_checkpoint
+from ..checkpoint import Checkpointer, import_hf
 from ..mesh import ParallelDims, build_mesh
 from ..models.llama import Llama
 from ..parallelize import parallelize
@@ -31,7 +35,10 @@ from .config import TrainConfig
 from .data import build_batch_source
 from .launch import init_distributed, process_group, resolve_device  # noqa: F401 - (also imported from here)
 from .metrics import (MetricsWriter, ProgressPrinter, flops_per_token, mfu, peak_memory_gib)
+from .nonfinite import NonFiniteError, NonFiniteGuard, state_is_finite
+from .resume import nothing_to_do, start_from_checkpoint, training_record
 from .schedule import build_optimizer, build_scheduler
+from .storage import check_writable_dir, disk_full_error
 
 PROFILE_FIRST_STEP = 2  # skip the first steps (allocator warm-up, lazy init)
 PROFILE_NUM_STEPS = 3
@@ -47,8 +54,10 @@ def parallel_dims(cfg: TrainConfig, world_size: int) -> ParallelDims:
         raise ValueError(f"{e}{hint}") from None
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
-    """Every check that needs only the config and the world size: degrees vs world size, batch sizes vs dp. Same result on every rank, no collective."""
+def preflight(cfg: TrainConfig, world_size: int, *, check_paths: bool = True) -> ParallelDims:
+    """Every check that needs only the config and the world size: degrees vs world size, batch sizes vs dp,
+    and (``check_paths``; not in a dry run) that ``--save`` and the metrics directory are writable. Same
+    result on every rank, no collective."""
     dims = parallel_dims(cfg, world_size)
     check_degrees(dims, cfg.parallel_plan(), has_moe=cfg.model.args().moe is not None)  # the API's own checks
     if cfg.checkpoint.init_from_hf:  # the folder's headers and config against the recipe's model
@@ -57,7 +66,16 @@ def preflight(cfg: TrainConfig, world_size: int) -> ParallelDims:
 
         ckpt = HFCheckpoint(cfg.checkpoint.init_from_hf)
         check_config(ckpt.config, cfg.model.args(), ckpt.path / CONFIG_FILE)
+    if check_paths:  # last: a config error is reported before any directory is created
+        check_output_paths(cfg)
     return dims
+
+
+def check_output_paths(cfg: TrainConfig) -> None:
+    """``--save`` and the metrics directory are directories this process can write."""
+    if cfg.checkpoint.save:
+        check_writable_dir(cfg.checkpoint.save, "--save")
+    check_writable_dir(Path(cfg.logging.metrics_path).parent, "the metrics directory (--metrics)")
 
 
 class StepProfiler:
@@ -86,33 +104,6 @@ class StepProfiler:
             self._prof.export_chrome_trace(str(self.path))
             print(f"[rank {dist.get_rank()}] wrote profiler trace {self.path}", flush=True)
             self._prof = None
-
-
-def start_from_checkpoint(cfg: TrainConfig, pm, opt, sched, global_batch: int) -> int:
-    """Load the checkpoint the config asks for (collective); returns the step to start at.
-
-    ``resume = "auto"``: the newest *complete* checkpoint under ``save``, else under
-    ``load`` (interrupted saves are ignored), else none. Otherwise ``load`` if given. The
-    weights, optimizer state, LR schedule and (same layout) RNG states are restored; the
-    data position is the step itself, as the batch sources are functions of the step."""
-    c = cfg.checkpoint
-    path = None
-    if c.resume == "auto":
-        path = next((p for p in (latest_checkpoint(r) for r in (c.save, c.load) if r) if p is not None), None)
-    if path is None and c.load:
-        path = c.load
-    if path is None:
-        return 0
-    meta = load_checkpoint(path, pm, opt, sched)
-    data = meta.get("data") or {}
-    if dist.get_rank() == 0:
-        print(f"[{cfg.name}] resumed from {meta['path']} at step {meta['step']}", flush=True)
-        seed = cfg.training.seed
-        if data.get("global_batch_size") not in (None, global_batch) or data.get("seed") not in (None, seed):
-            warnings.warn(f"the checkpoint was trained with global batch {data.get('global_batch_size')} and seed "
-                          f"{data.get('seed')}, this run uses {global_batch} and {cfg.training.seed}: the data "
-                          f"stream continues from step {meta['step']} but is not the one it would have seen")
-    return int(meta["step"])
 
 
 def train(cfg: TrainConfig) -> list[float]:
@@ -145,19 +136,30 @@ def _train(cfg: TrainConfig) -> list[float]:
                               seq_len=t.seq_len, vocab_size=args.vocab_size,
                               global_batch_size=global_batch, dp_rank=dp_rank, dp_size=dims.dp,
                               seed=t.seed)
-    start = start_from_checkpoint(cfg, pm, opt, sched, global_batch)
+    resumed = start_from_checkpoint(cfg, pm, opt, sched, global_batch)
+    start = resumed.step
+    done = nothing_to_do(cfg, resumed)
+    if done is not None:
+        if rank == 0:
+            print(done, flush=True)
+        return []
     if start == 0 and cfg.checkpoint.init_from_hf:  # (a resumed checkpoint supersedes it)
         import_hf(pm, cfg.checkpoint.init_from_hf)
         if rank == 0:
             print(f"[{cfg.name}] weights from the Hugging Face folder {cfg.checkpoint.init_from_hf}", flush=True)
+    tokens_per_step = global_batch * t.seq_len
     ck = cfg.checkpoint
     saver = Checkpointer(ck.save, interval=ck.save_interval, async_save=ck.async_save) if ck.save else None
     source = "synthetic" if cfg.data.synthetic else cfg.data.path
-    data_state = lambda s: {"step": s, "consumed_samples": s * global_batch,  # noqa: E731 - the data position
-                            "global_batch_size": global_batch, "seq_len": t.seq_len, "seed": t.seed, "source": source}
+
+    def data_state(s: int) -> dict:  # the data position (samples and tokens add up across resumes)
+        return {"step": s, "consumed_samples": resumed.consumed_samples + (s - start) * global_batch,
+                "tokens": resumed.tokens + (s - start) * tokens_per_step, "global_batch_size": global_batch,
+                "seq_len": t.seq_len, "seed": t.seed, "source": source}
+
+    guard = NonFiniteGuard(t.max_nonfinite_steps, pm.device, skipped=resumed.skipped_steps)
 
     on_gpu = pm.device.type == "cuda"
-    tokens_per_step = global_batch * t.seq_len
     flops_tok = flops_per_token(args, t.seq_len)
     run_dir = cfg.run_dir
     if rank == 0:
@@ -177,7 +179,8 @@ def _train(cfg: TrainConfig) -> list[float]:
     printer = ProgressPrinter(t.steps, lg.log_interval, enabled=rank == 0, on_gpu=on_gpu)
 
     losses: list[float] = []
-    n_tokens = start * tokens_per_step
+    stop: NonFiniteError | None = None
+    n_tokens = resumed.tokens
     with MetricsWriter(lg.metrics_path, enabled=rank == 0, resume_step=start) as writer:
         try:
             for step in range(start, t.steps):
@@ -187,26 +190,33 @@ def _train(cfg: TrainConfig) -> list[float]:
                     x, y = data.batch(step)
                     loss = pm.forward_backward(x, y)
                     grad_norm = pm.clip_grad_norm_(t.grad_clip if t.grad_clip > 0 else math.inf)
-                    lr = sched.get_last_lr()[0]
-                    opt.step()
-                    sched.step()
+                    lr = opt.param_groups[0]["lr"]  # the lr this step applies
+                    try:
+                        applied = guard.check(step + 1, loss, grad_norm)  # collective, same on every rank
+                    except NonFiniteError as e:
+                        stop = e
+                        break
+                    if applied:
+                        opt.step()
+                        sched.step()
                     opt.zero_grad(set_to_none=True)
-                    pm.update_expert_biases()  # aux-loss-free balancing, if the model uses it
+                    if applied:
+                        pm.update_expert_biases()  # aux-loss-free balancing, if the model uses it
                     balance = pm.moe_stats()  # MoE models: aux loss and expert load (host sync)
                 loss_v = loss.item()  # host sync: the step's time is complete
                 dt = time.perf_counter() - t0
                 profiler.after(step)
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss is {loss_v} at step {step + 1}: lower --lr or "
-                                             f"raise --lr-warmup-iters")
                 losses.append(loss_v)
                 n_tokens += tokens_per_step
                 tps = tokens_per_step / dt
-                rec = {"step": step + 1, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm),
+                finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
+                rec = {"step": step + 1, "loss": finite(loss_v), "lr": lr, "grad_norm": finite(float(grad_norm)),
                        "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / world,
                        "mfu": mfu(tps / world, flops_tok) if on_gpu else None,
                        "peak_mem_gib": peak_memory_gib(pm.device), "step_time_s": dt,
-                       "tokens": n_tokens}
+                       "tokens": n_tokens, "skipped_steps": guard.skipped}
+                if not applied:
+                    rec["skipped"] = guard.describe_skip()
                 rec.update(balance)
                 if pm.pipeline is not None:  # this rank's idle time inside the schedule
                     pipe = pm.pipeline
@@ -214,12 +224,37 @@ def _train(cfg: TrainConfig) -> list[float]:
                 writer.write(rec)
                 printer(rec)
                 if saver is not None and (saver.due(step + 1) or step + 1 == t.steps):
-                    where = saver.save(step + 1, pm, opt, sched, data=data_state(step + 1))
+                    if not state_is_finite(pm.parameters(), opt, pm.device):  # collective
+                        stop = NonFiniteError(
+                            f"the weights or optimizer moments hold non-finite values after step {step + 1} "
+                            f"(a finite gradient overflowed them): not saving it; resume from the last "
+                            f"checkpoint with a lower --lr")
+                        break
+                    where = _save(saver, step + 1, pm, opt, sched, data=data_state(step + 1),
+                                  extra={"training": training_record(t, global_batch),
+                                         "skipped_steps": guard.skipped})
                     if rank == 0:
                         verb = "saving" if saver.async_save else "saved"
                         print(f"[{cfg.name}] {verb} checkpoint {where}", flush=True)
         finally:
             profiler.close()
     if saver is not None:
-        saver.close()  # publishes a pending asynchronous save
+        _save(saver, None)  # publishes a pending asynchronous save (finite: checked before it was taken)
+    if stop is not None:
+        if rank == 0:
+            print(f"[{cfg.name}] {stop}", flush=True)
+        raise stop
     return losses
+
+
+def _save(saver: Checkpointer, step: int | None, *args, **kwargs):
+    """``saver.save(step, ...)``, or ``saver.close()`` for ``step=None``; a full disk is
+    raised as ``DiskFullError("disk full at PATH ...")`` on every rank (DCP raises a failed
+    write on every rank)."""
+    try:
+        return saver.close() if step is None else saver.save(step, *args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is one; only a full disk is translated
+        full = disk_full_error(e, saver.root)
+        if full is None:
+            raise
+        raise full from e

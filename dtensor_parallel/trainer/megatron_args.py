@@ -56,6 +56,8 @@ flag                                       overlay key
 --adam-eps X                               training.eps
 --clip-grad X                              training.grad_clip
 --seed N                                   training.seed
+--max-nonfinite-steps N                    training.max_nonfinite_steps *(ours)*: skipped
+                                           non-finite steps in a row before the run stops
 --num-layers N                             model.n_layers
 --hidden-size N                            model.dim
 --ffn-hidden-size N                        model.ffn_hidden_dim
@@ -194,6 +196,7 @@ _FLAGS: dict[str, _Flag] = {
     "--adam-eps": _f("training", "eps", float),
     "--clip-grad": _f("training", "grad_clip", float),
     "--seed": _f("training", "seed", int),
+    "--max-nonfinite-steps": _f("training", "max_nonfinite_steps", int),
     "--num-layers": _f("model", "n_layers", int),
     "--hidden-size": _f("model", "dim", int),
     "--ffn-hidden-size": _f("model", "ffn_hidden_dim", int),

@@ -5,9 +5,13 @@ Only rank 0 writes and prints (every rank holds the same global loss and grad no
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,29 +54,71 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, surviving a crash mid-write.
+
+    A process killed while appending leaves a torn last line (no newline, half an object):
+    it is dropped with a warning, as is any other line that is not a JSON object. Raising
+    instead made every resume of such a run fail."""
+    records, bad = [], []
+    lines = Path(path).read_text(errors="replace").split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append(i)
+    if bad:
+        torn = bad == [len(lines)]  # only the last line, which has no newline after it
+        what = f"a torn last line ({len(lines)})" if torn else f"unreadable lines {bad[:5]}"
+        warnings.warn(f"{path}: dropped {what}: written when the run was interrupted")
+    return records
+
+
 class MetricsWriter:
     """One JSON object per line; a no-op on ranks other than 0."""
 
     def __init__(self, path: str | Path | None, enabled: bool = True, resume_step: int = 0):
         """``resume_step`` > 0 (a resumed run): keep the records of steps up to it and append
         after them; records of later steps (written after the checkpoint, before a crash)
-        are dropped, since the resumed run writes those steps again."""
+        are dropped, since the resumed run writes those steps again, and so is a torn last
+        line (:func:`read_metrics`). The kept records are written to a temporary file that
+        replaces the old one in one rename, so a crash here loses nothing."""
         self._file: TextIO | None = None
         if enabled and path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resume_step > 0 and path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self._file = open(path, "w")
-            for line in kept:
-                self._file.write(line + "\n")
+                kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record. Only rank 0 writes, so a failure here must not raise: the
+        other ranks would wait for it in the next collective (a hang). A full disk or a
+        vanished directory is warned about once and stops the log; training goes on (and a
+        checkpoint save on the same disk then fails on every rank, naming it)."""
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")  # one write of a whole line
+                self._file.flush()
+            except OSError as e:
+                what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
+                warnings.warn(f"metrics are no longer written ({what} at {self._file.name}): training goes on")
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
 
     def close(self) -> None:
         if self._file is not None:
@@ -89,11 +135,14 @@ class MetricsWriter:
 def format_progress(rec: dict[str, Any], total_steps: int, on_gpu: bool) -> str:
     """``step 10/150 | loss 6.1234 | lr 1.00e-03 | gnorm 1.23 | tok/s 12,345 (3,086/gpu) | ...``"""
     width = len(str(total_steps))
+    if rec.get("skipped"):  # a non-finite step (trainer/nonfinite.py): no loss to show
+        return f"step {rec['step']:>{width}}/{total_steps} | {rec['skipped']}"
     per = "gpu" if on_gpu else "rank"
+    num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731 - None: not finite
     parts = [f"step {rec['step']:>{width}}/{total_steps}",
-             f"loss {rec['loss']:.4f}",
+             f"loss {num(rec['loss'], '.4f')}",
              f"lr {rec['lr']:.2e}",
-             f"gnorm {rec['grad_norm']:.3f}",
+             f"gnorm {num(rec['grad_norm'], '.3f')}",
              f"tok/s {rec['tokens_per_s']:,.0f} ({rec['tokens_per_s_per_gpu']:,.0f}/{per})"]
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
@@ -107,7 +156,7 @@ def format_progress(rec: dict[str, Any], total_steps: int, on_gpu: bool) -> str:
 
 
 class ProgressPrinter:
-    """Prints every ``interval`` steps, and the first and last, on rank 0."""
+    """Prints every ``interval`` steps, the first and last, and every skipped one, on rank 0."""
 
     def __init__(self, total_steps: int, interval: int, *, enabled: bool, on_gpu: bool,
                  stream: TextIO | None = None):
@@ -116,5 +165,5 @@ class ProgressPrinter:
 
     def __call__(self, rec: dict[str, Any]) -> None:
         step = rec["step"]
-        if self.enabled and (step == 1 or step % self.interval == 0 or step == self.total):
+        if self.enabled and (step == 1 or step % self.interval == 0 or step == self.total or rec.get("skipped")):
             print(format_progress(rec, self.total, self.on_gpu), file=self.stream or sys.stdout, flush=True)

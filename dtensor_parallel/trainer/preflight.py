@@ -20,6 +20,7 @@ layout             the built-in Llama on the meta device through the library's o
                    kernels vs the device
 sequence           the sequence length vs cp (zigzag) and SP
 data               the token file: exists, states its dtype, holds one step, ids < vocab
+paths              ``--save`` and the metrics directory writable (a probe file), last
 =================  ===============================================================
 
 The model's own shapes (dim vs heads, RoPE's even head dim, kv heads dividing heads) are
@@ -124,15 +125,17 @@ def check_data(cfg: TrainConfig, dims: ParallelDims) -> None:
 
 
 def preflight_errors(cfg: TrainConfig, world_size: int, *, nproc_per_node: int | None = None,
-                     device: bool = True, data: bool = True, layout: bool = True) -> list[str]:
+                     device: bool = True, data: bool = True, layout: bool = True, paths: bool = True) -> list[str]:
     """Every check of the module docstring's table, each independent of the others' errors
     where it can be: one message a problem (empty: all clear).
 
     ``nproc_per_node``: ranks about to be launched on this host (for the device check);
-    ``device``/``data``/``layout``: include those checks (the dry run leaves the first two
-    out, and has its own parallelize for the third)."""
+    ``device``/``data``/``layout``/``paths``: include those checks (the dry run leaves the
+    device, the data and the output paths out, and has its own parallelize for the layout).
+    The output paths (``--save`` writable) come last: a probe file is made there only when
+    everything else is right."""
     from .launch import resolve_device
-    from .loop import preflight
+    from .loop import check_output_paths, preflight
 
     errors: list[str] = []
 
@@ -143,7 +146,7 @@ def preflight_errors(cfg: TrainConfig, world_size: int, *, nproc_per_node: int |
             errors.append(str(e))
             return None
 
-    dims = attempt(preflight, cfg, world_size)
+    dims = attempt(lambda: preflight(cfg, world_size, check_paths=False))
     device_type = attempt(resolve_device, cfg.cluster.device, nproc_per_node) if device else None
     errors += optimizer_errors(cfg.training)
     if dims is not None:
@@ -152,6 +155,8 @@ def preflight_errors(cfg: TrainConfig, world_size: int, *, nproc_per_node: int |
             attempt(check_layout, cfg, dims, device_type)
         if data:
             attempt(check_data, cfg, dims)
+    if paths and not errors:
+        attempt(check_output_paths, cfg)
     return errors
 
 

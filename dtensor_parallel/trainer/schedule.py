@@ -76,3 +76,30 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: flo
     DTensor parameters: each rank updates its own shards."""
     return torch.optim.AdamW(param_groups(named_params, weight_decay), lr=lr, betas=betas, eps=eps)
 
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (lr, initial_lr, betas, eps, weight_decay ...), without
+    its parameters: what :func:`reapply_hyperparameters` puts back after a load."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, groups: list[dict]) -> None:
+    """After a checkpoint load: this run's settings, at the checkpoint's position.
+
+    Loading restores the saved param groups (their lr, ``initial_lr``, betas, eps, weight
+    decay) and the scheduler's ``base_lrs``, while the schedule's factor comes from this
+    run's config: a new ``--lr`` changed only the factor's denominator (asked peak 1e-4,
+    got 5.14e-4). Here every group setting but the current lr goes back to ``groups`` (the
+    freshly built optimizer's, from :func:`hyperparameters`), ``base_lrs`` to its
+    ``initial_lr`` (the config's peak), and the current lr is recomputed by the config's
+    schedule at the loaded position ``scheduler.last_epoch`` (the optimizer steps taken)."""
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the optimizer has {len(optimizer.param_groups)} param groups, the settings "
+                         f"{len(groups)}")
+    for g, fresh in zip(optimizer.param_groups, groups):
+        g.update({k: v for k, v in fresh.items() if k != "lr"})
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for g, factor, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        g["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
