@@ -9,6 +9,8 @@ safetensors shard, which is written when it reaches ``max_shard_bytes``. Peak me
 shard plus one tensor, whatever the model's size. The folder (config, shards, index) is
 written to a temporary directory and renamed into place; an existing one is never
 overwritten. MoE checkpoints are refused (the Hugging Face Llama layout is dense).
+Every file is first checked against the checkpoint's content hashes (:mod:`.manifest`), and
+DCP's index is read by the restricted unpickler (:mod:`.safe_metadata`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from safetensors.torch import save_file
 from ..models.llama import ModelArgs
 from . import atomic
 from .dcp import read_meta
+from .manifest import verify
+from .safe_metadata import SafeFileSystemReader, read_dcp_metadata
 from .hf import hf_name, permute_to_hf
 from .hf_llama_config import hf_config
 from .safetensors_dir import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
@@ -48,7 +52,7 @@ def _model_args(meta: dict, path: Path) -> ModelArgs:
 
 
 def _global_shapes(path: Path) -> dict[str, torch.Size]:
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)  # the restricted unpickler: no code runs from a checkpoint
     return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
@@ -57,6 +61,7 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
     """Write the model of a training checkpoint (a ``step_N`` directory, or a root: its newest
     complete checkpoint) as a Hugging Face ``LlamaForCausalLM`` folder at ``out``."""
     path = atomic.resolve(checkpoint)
+    verify(path, collective=False)  # every file against the checkpoint's content hashes
     meta = read_meta(path)
     args = _model_args(meta, path)
     out = Path(out)
@@ -98,7 +103,7 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
         full = torch.empty(shapes[key], dtype=torch.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.distributed is disabled).*")
-            dcp.load({key: full}, checkpoint_id=str(path), no_dist=True)
+            dcp.load({key: full}, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
         heads = args.n_heads if name.endswith("attention.wq.weight") else (
             args.n_kv_heads if name.endswith("attention.wk.weight") else None)
         tensor = (permute_to_hf(full, heads) if heads else full).to(cast or full.dtype).contiguous()

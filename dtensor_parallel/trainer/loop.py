@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import Checkpointer, import_hf, latest_checkpoint, load_checkpoint
+from ..checkpoint import Checkpointer, choose_resume_checkpoint, import_hf, load_checkpoint
 from ..mesh import ParallelDims, build_mesh
 from ..models.llama import Llama
 from ..parallelize import parallelize
@@ -136,7 +136,8 @@ def start_from_checkpoint(cfg: TrainConfig, pm, opt, sched, global_batch: int) -
     c = cfg.checkpoint
     path = None
     if c.resume == "auto":
-        path = next((p for p in (latest_checkpoint(r) for r in (c.save, c.load) if r) if p is not None), None)
+        path = choose_resume_checkpoint((c.save, c.load), target_step=cfg.training.steps,
+                                        log=lambda msg: print(f"[{cfg.name}] {msg}", flush=True))
     if path is None and c.load:
         path = c.load
     if path is None:
