@@ -271,8 +271,11 @@ def _check_blocks(path: Path, manifest: dict, work: list[tuple[str, int]]) -> li
 
     def one(item: tuple[str, int]) -> str | None:
         name, i = item
-        if _hash_block(path / name, i, bb, manifest["algorithm"]) == files[name]["blocks"][i]:
-            return None
+        try:
+            if _hash_block(path / name, i, bb, manifest["algorithm"]) == files[name]["blocks"][i]:
+                return None
+        except OSError as e:  # reported like a mismatch: a rank that raised here would skip the gather
+            return f"checkpoint file {path / name} is unreadable ({type(e).__name__}: {e}); load an earlier checkpoint"
         return _mismatch(path, name, i, bb, files[name]["size"], manifest["algorithm"])
 
     with ThreadPoolExecutor(_VERIFY_THREADS, thread_name_prefix="checkpoint-verify") as pool:
