@@ -121,6 +121,8 @@ def test_resume_through_cli_fsdp2(tmp_path):
     proc = _train_cli(2, ["--train-iters", "4", "--lr-warmup-iters", "1", "--save", str(b), "--resume", "auto",
                           "--metrics", str(tmp_path / "b.jsonl")], timeout=400)
     assert f"resumed from {b / atomic.step_name(2)} at step 2" in proc.stdout
+    assert f"--resume auto: skipping {b / atomic.TMP_PREFIX}{atomic.step_name(3)}: an unfinished save" in proc.stdout
+    assert f"--resume auto: taking {b / atomic.step_name(2)} (step 2)" in proc.stdout
     first, second = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
     assert [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert second == first, (first, second)  # 1-2 kept, 3-4 recomputed exactly (the stale -1.0 are gone)
@@ -288,4 +290,4 @@ def test_bad_checkpoints_rejected_before_any_collective(tmp_path):
     assert "holds model tensors this model lacks: ['layers.3." in e["shallower"]
     assert "__1_0.distcp is truncated" in e["truncated"]
     assert "__0_0.distcp is missing" in e["missing"]
-    assert ".metadata is unreadable" in e["metadata"]
+    assert ".metadata is truncated: 50 bytes, manifest.json says" in e["metadata"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from .harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

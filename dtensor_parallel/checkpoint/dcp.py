@@ -27,17 +27,17 @@ root module, while a pipeline rank holds several stage modules under one optimiz
 same id -> name translation is done here over ``pm.named_parameters()`` (the model state
 does use ``get_model_state_dict`` / ``set_model_state_dict``, per stage module).
 
-Checks before any collective (every rank reads the same index files, so all ranks raise
-the same error and none hangs): the checkpoint is complete, every tensor this model needs
-is in it with the same global shape (else the error names the tensor and both shapes),
-the checkpoint holds no model tensor this model lacks, and every data file exists and is
-long enough for the bytes the index says it holds (else the error names the file). Only
-then does ``dcp.load`` write into the model, so a rejected checkpoint changes nothing.
+Checks before any tensor is read: the checkpoint's content hashes (:mod:`.manifest`:
+``checkpoint.json`` and ``.metadata`` on every rank before either is trusted, the data
+files split over the ranks), then, on every rank alike (every rank reads the same index
+files, so all ranks raise the same error and none hangs), that every tensor this model
+needs is in it with the same global shape (else the error names the tensor and both
+shapes), that the checkpoint holds no model tensor this model lacks, and that every data
+file exists and is long enough for the bytes the index says it holds. Only then does
+``dcp.load`` write into the model, so a rejected checkpoint changes nothing. DCP's
+``.metadata`` (a pickle) is only ever read by :mod:`.safe_metadata`'s restricted unpickler.
 
-Saving goes through :mod:`.atomic` (temporary directory, barrier, one rename); with
-``async_save`` the state is first copied to CPU memory and written by a background
-thread over a separate gloo group (so its collectives never interleave with training's),
-and published at the next :meth:`Checkpointer.wait` (the next save, or the end of training).
+Saving: :mod:`.saver` (:class:`Checkpointer`, atomic publication through :mod:`.atomic`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import dataclasses
 import json
 import time
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,12 +53,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      set_model_state_dict)
 
-from . import atomic
+from . import atomic, manifest
+from .atomic import CorruptCheckpointError
+from .safe_metadata import SafeFileSystemReader, read_dcp_metadata
 
 FORMAT = "dtensor_parallel.checkpoint/1"
 
@@ -206,92 +206,18 @@ def checkpoint_group():
     return _GROUPS[key]
 
 
-# ---- save ---------------------------------------------------------------------------------
-class Checkpointer:
-    """Saves every ``interval`` steps into ``root`` (atomically), optionally asynchronously.
-
-    Every rank constructs it and calls its methods at the same steps (they are collective)::
-
-        ckpt = Checkpointer("ckpt", interval=100, async_save=True)
-        for step in range(start, steps):
-            ...  # one optimizer step
-            ckpt.maybe_save(step + 1, pm, opt, sched, data={"step": step + 1})
-        ckpt.close()  # waits for and publishes a pending asynchronous save
-    """
-
-    def __init__(self, root: str | Path, *, interval: int | None = None, async_save: bool = False):
-        if interval is not None and interval < 1:
-            raise ValueError(f"save interval {interval} must be >= 1")
-        self.root, self.interval, self.async_save = Path(root), interval, async_save
-        self.group = checkpoint_group()
-        self._pending: tuple[Future, int] | None = None
-        self.last_saved: int | None = None
-
-    def due(self, step: int) -> bool:
-        return self.interval is not None and step % self.interval == 0
-
-    def maybe_save(self, step: int, model, opt=None, sched=None, **kw) -> Path | None:
-        return self.save(step, model, opt, sched, **kw) if self.due(step) else None
-
-    def save(self, step: int, model, opt: torch.optim.Optimizer | None = None, sched=None, *,
-             data: dict | None = None, extra: dict | None = None) -> Path:
-        """Write ``step_N`` (collective). Synchronous: returns once it is published.
-        Asynchronous: returns once the state is copied to CPU; published by :meth:`wait`."""
-        self.wait()
-        tmp = atomic.prepare(self.root, step, self.group)
-        flat = _flat_state(model, opt, rng=True)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            (tmp / atomic.META_FILE).write_text(json.dumps(_meta(model, step, opt, sched, data, extra), indent=1))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.distributed is disabled).*")
-            if self.async_save:
-                fut = dcp.async_save(flat, checkpoint_id=str(tmp), process_group=self.group)
-                fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in newer torch
-                self._pending = (fut, step)
-                return atomic.final_path(self.root, step)
-            dcp.save(flat, checkpoint_id=str(tmp), process_group=self.group)
-        self.last_saved = step
-        return atomic.publish(self.root, step, self.group)
-
-    def wait(self) -> Path | None:
-        """Finish and publish a pending asynchronous save (collective; a no-op without one)."""
-        if self._pending is None:
-            return None
-        fut, step = self._pending
-        self._pending = None
-        fut.result()  # DCP raises the same CheckpointException on every rank if one failed
-        self.last_saved = step
-        return atomic.publish(self.root, step, self.group)
-
-    close = wait
-
-
-def save_checkpoint(root: str | Path, step: int, model, opt=None, sched=None, *, data: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """One synchronous, atomic save into ``root/step_N`` (collective); returns its path."""
-    return Checkpointer(root).save(step, model, opt, sched, data=data, extra=extra)
-
-
 # ---- checks before any collective --------------------------------------------------------
 def read_meta(path: str | Path) -> dict[str, Any]:
     f = Path(path) / atomic.META_FILE
     try:
         meta = json.loads(f.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"checkpoint index {f} is unreadable ({type(e).__name__}: {e}): the file is "
-                         f"truncated or corrupt; load an earlier checkpoint") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise CorruptCheckpointError(f"checkpoint index {f} is unreadable ({type(e).__name__}: {e}): the file "
+                                     f"is truncated or corrupt; load an earlier checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"{f}: format {meta.get('format') if isinstance(meta, dict) else meta!r} "
+                                     f"is not {FORMAT!r}")
     return meta
-
-
-def _read_dcp_metadata(path: Path):
-    f = path / atomic.DCP_META_FILE
-    try:
-        return FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - unpickling a truncated file raises many kinds
-        raise ValueError(f"checkpoint metadata {f} is unreadable ({type(e).__name__}: {e}): the file is "
-                         f"truncated or corrupt; load an earlier checkpoint") from None
 
 
 def _global_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -307,7 +233,7 @@ def _args_diff(saved: dict | None, ours: dict | None) -> str:
 
 def check_checkpoint(path: Path, flat: dict[str, Any], model, meta: dict[str, Any]) -> None:
     """Every local check of ``path`` against the state ``flat`` about to be loaded."""
-    md = _read_dcp_metadata(path)
+    md = read_dcp_metadata(path)
     saved = md.state_dict_metadata
     why = _args_diff(meta.get("model_args"), _model_args(model))
     for key, t in flat.items():
@@ -337,23 +263,31 @@ def check_checkpoint(path: Path, flat: dict[str, Any], model, meta: dict[str, An
     for rel, (end, fqn) in sorted(need.items()):
         f = path / rel
         if not f.is_file():
-            raise ValueError(f"checkpoint file {f} is missing (it holds tensor {fqn!r} and others): "
+            raise CorruptCheckpointError(f"checkpoint file {f} is missing (it holds tensor {fqn!r} and others): "
                              f"the checkpoint is incomplete; load an earlier one")
         size = f.stat().st_size
         if size < end:
-            raise ValueError(f"checkpoint file {f} is truncated: {size} bytes, but tensor {fqn!r} is "
+            raise CorruptCheckpointError(f"checkpoint file {f} is truncated: {size} bytes, but tensor {fqn!r} is "
                              f"stored up to byte {end}; load an earlier checkpoint")
 
 
 # ---- load ---------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, model, opt: torch.optim.Optimizer | None = None, sched=None, *,
-                    load_optimizer: bool = True, load_rng: bool = True) -> dict[str, Any]:
+                    load_optimizer: bool = True, load_rng: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load ``path`` (a ``step_N`` directory, or a root: its newest complete checkpoint)
     into this layout, whatever layout saved it (collective). Restores the optimizer state
     and hyperparameters (``opt``), the LR schedule (``sched``), and the RNG states when the
-    layout is the saved one. Returns ``checkpoint.json`` (``step``, ``data`` ...)."""
+    layout is the saved one. Returns ``checkpoint.json`` (``step``, ``data`` ...).
+
+    First every file is checked against the checkpoint's manifest of content hashes
+    (``verify``; collective: the ranks share the data files); a damaged checkpoint raises
+    :class:`.atomic.CorruptCheckpointError` naming the file (and its tensors) with the
+    model, optimizer and schedule unchanged."""
     path = atomic.resolve(path)
+    hashes = manifest.verify_index_files(path)  # checkpoint.json and .metadata, before trusting them
     meta = read_meta(path)
+    if verify and hashes is not None and not manifest.take_verified(path):
+        manifest.verify(path, checkpoint_group(), manifest=hashes)
     with_opt = opt is not None and load_optimizer
     if with_opt and not meta.get("has_optimizer"):
         raise ValueError(f"checkpoint {path} has no optimizer state: load it with load_optimizer=False "
@@ -366,7 +300,7 @@ def load_checkpoint(path: str | Path, model, opt: torch.optim.Optimizer | None =
     group = checkpoint_group()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.distributed is disabled).*")
-        dcp.load(flat, checkpoint_id=str(path), process_group=group)
+        dcp.load(flat, storage_reader=SafeFileSystemReader(str(path)), process_group=group)
     for m in _stages(model):  # DCP loaded in place; this also covers state dicts of copies
         own = {k: flat[f"model.{k}"] for k in get_model_state_dict(m)}
         set_model_state_dict(m, own, options=StateDictOptions(strict=True))
@@ -396,6 +330,6 @@ def load_checkpoint(path: str | Path, model, opt: torch.optim.Optimizer | None =
     return meta
 
 
-__all__ = ["Checkpointer", "save_checkpoint", "load_checkpoint", "model_state_dict", "optimizer_state_dict",
+__all__ = ["load_checkpoint", "model_state_dict", "optimizer_state_dict",
            "init_optimizer_state", "check_checkpoint", "read_meta", "checkpoint_group",
            "FORMAT"]

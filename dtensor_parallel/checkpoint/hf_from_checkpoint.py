@@ -10,6 +10,8 @@ shard plus one tensor, whatever the model's size. The folder (config, shards, in
 written to a temporary directory and renamed into place; an existing one is never
 overwritten. An MoE checkpoint of a Mixtral-shaped flavour is written as a Mixtral folder
 (``hf_mixtral.py``: one tensor per expert); other MoE flavours are refused.
+Every file is first checked against the checkpoint's content hashes (:mod:`.manifest`), and
+DCP's index is read by the restricted unpickler (:mod:`.safe_metadata`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from . import atomic
 from .dcp import read_meta
 from .hf import hf_name, hf_names, permute_to_hf
 from .hf_mixtral import EXPERT_BIAS, check_mixtral_args, expert_param
+from .manifest import verify
+from .safe_metadata import SafeFileSystemReader, read_dcp_metadata
 from .hf_llama_config import hf_config
 from .safetensors_dir import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 
@@ -53,7 +57,7 @@ def _model_args(meta: dict, path: Path) -> ModelArgs:
 
 
 def _global_shapes(path: Path) -> dict[str, torch.Size]:
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)  # the restricted unpickler: no code runs from a checkpoint
     return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
@@ -63,6 +67,7 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
     complete checkpoint) as a Hugging Face ``LlamaForCausalLM`` (MoE: ``MixtralForCausalLM``)
     folder at ``out``."""
     path = atomic.resolve(checkpoint)
+    verify(path, collective=False)  # every file against the checkpoint's content hashes
     meta = read_meta(path)
     args = _model_args(meta, path)
     out = Path(out)
@@ -104,7 +109,7 @@ def export_checkpoint_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: s
         full = torch.empty(shapes[key], dtype=torch.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.distributed is disabled).*")
-            dcp.load({key: full}, checkpoint_id=str(path), no_dist=True)
+            dcp.load({key: full}, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
         heads = args.n_heads if name.endswith("attention.wq.weight") else (
             args.n_kv_heads if name.endswith("attention.wk.weight") else None)
         if expert_param(name) is not None:  # (E, in, out) -> one (out, in) tensor per expert

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..checkpoint import choose_resume_checkpoint, load_checkpoint
 from .config import TrainConfig, TrainingConfig
 from .schedule import hyperparameters, reapply_hyperparameters
 
@@ -98,12 +98,15 @@ def changes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
 
 
 def checkpoint_to_resume(cfg: TrainConfig) -> str | Path | None:
-    """``resume = "auto"``: the newest *complete* checkpoint under ``save``, else under
-    ``load`` (interrupted saves are ignored), else none. Otherwise ``load`` if given."""
+    """``resume = "auto"``: the newest published checkpoint under ``save``, else under
+    ``load``, that verifies against its content hashes (collective; each one skipped is
+    logged with the reason: ``checkpoint.resume.choose_resume_checkpoint``), else none.
+    Otherwise ``load`` if given. (Its "nothing to do" is said by :func:`nothing_to_do`,
+    after the load.)"""
     c = cfg.checkpoint
     path = None
     if c.resume == "auto":
-        path = next((p for p in (latest_checkpoint(r) for r in (c.save, c.load) if r) if p is not None), None)
+        path = choose_resume_checkpoint((c.save, c.load), log=lambda msg: print(f"[{cfg.name}] {msg}", flush=True))
     if path is None and c.load:
         path = c.load
     return path
