@@ -92,10 +92,18 @@ def _run_train(args: argparse.Namespace, flags: list[str]) -> int:
         return 2
     if launch:
         return relaunch(args.nproc_per_node, args.recipe, flags)
+    from .checkpoint.atomic import CorruptCheckpointError
+    from .trainer.nonfinite import NonFiniteError
+    from .trainer.storage import DiskFullError
+
     try:
         train(cfg)
     except CollectiveTimeout as e:  # names the ranks that did not arrive
         print(f"dtensor-parallel train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (CorruptCheckpointError, NonFiniteError, DiskFullError) as e:  # the same on every rank: one line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dtensor-parallel train: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 

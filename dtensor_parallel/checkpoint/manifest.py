@@ -6,14 +6,17 @@
      "files": {"__0_0.distcp": {"size": 123, "blocks": ["<hex>", ...]},
                ".metadata": {...}, "checkpoint.json": {...}}}
 
-Each file is hashed in blocks of ``block_bytes`` (a list of digests, one per block): a
-mismatch names the file, the byte range and the tensors stored in it (from DCP's index),
-and both hashing and checking split over threads and ranks by block.
+Each file is hashed in blocks of ``block_bytes`` (a list of digests, one per block), each
+block's digest the hash of its 1 MiB sub-blocks' digests (a two-level tree: the sub-blocks
+of a buffer are hashed on several threads at once): a mismatch names the file, the byte
+range and the tensors stored in it (from DCP's index), and both hashing and checking
+split over threads (and, checking, ranks).
 
 Who hashes what. Every rank hashes the data files *it* writes, while it writes them:
 :class:`HashingWriter` is DCP's ``FileSystemWriter`` whose streams hash each buffer in a
-helper thread while the same buffer is written to the file (both release the GIL), so the
-hash costs ``max(write, hash)`` rather than their sum; each rank leaves its digests in
+few threads (:func:`hash_threads`: the rank's share of the host's cores) while the same
+buffer is written to the file (both release the GIL), so the hash costs ``max(write,
+hash / threads)`` rather than their sum; each rank leaves its digests in
 ``.manifest_rank<r>.json`` before DCP gathers its write results. DCP then runs ``finish``
 on rank 0 alone, after every rank has written; there rank 0 writes ``.metadata``, hashes
 it and ``checkpoint.json`` (the step, the schedule, the data position: a flipped bit in
@@ -48,36 +51,74 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from .atomic import DCP_META_FILE, MANIFEST_FILE, META_FILE, CorruptCheckpointError, _fsync_dir
 
-FORMAT = "dtensor_parallel.manifest/1"
+FORMAT = "dtensor_parallel.manifest/2"
 ALGORITHM = "sha256"  # hardware-accelerated (SHA-NI) on current x86 and ARM server CPUs
 BLOCK_BYTES = 16 * 2 ** 20
-_ASYNC_MIN = 1 << 20  # buffers at least this large are hashed in the helper thread while written
+SUB_BYTES = 2 ** 20  # a block's digest: the hash of its 1 MiB sub-blocks' digests (hashed in parallel)
 _VERIFY_THREADS = 4
 RANK_PART = ".manifest_rank{rank}.json"
 
 
+def hash_threads() -> int:
+    """Threads a rank hashes with: its share of the host's cores (``LOCAL_WORLD_SIZE`` ranks
+    a host, as torchrun sets it), at most 8."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // max(local, 1)))
+
+
 # ---- hashing ------------------------------------------------------------------------------
+def _digest(data, algorithm: str = ALGORITHM) -> bytes:
+    return hashlib.new(algorithm, data).digest()
+
+
 class _BlockHasher:
-    """Digests of consecutive ``block_bytes`` blocks of a byte stream fed in order."""
+    """Digests of consecutive ``block_bytes`` blocks of a byte stream fed in order. A block's
+    digest is the hash of the concatenated digests of its ``SUB_BYTES`` sub-blocks (a
+    two-level tree), so the sub-blocks of one buffer can be hashed on several threads at
+    once (:meth:`update` with a pool) while the writer writes it."""
 
-    def __init__(self, block_bytes: int = BLOCK_BYTES):
-        self.block_bytes, self.size, self.blocks = block_bytes, 0, []
-        self._h = hashlib.new(ALGORITHM)
-        self._in_block = 0
+    def __init__(self, block_bytes: int = BLOCK_BYTES, algorithm: str = ALGORITHM):
+        if block_bytes % SUB_BYTES:
+            raise ValueError(f"block_bytes={block_bytes} is not a multiple of {SUB_BYTES}")
+        self.block_bytes, self.algorithm, self.size = block_bytes, algorithm, 0
+        self.subs: list = []  # every sub-block's digest (bytes) or its future, in order
+        self._h = hashlib.new(algorithm)  # the partial sub-block at the end
+        self._in_sub = 0
 
-    def update(self, mv: memoryview) -> None:
-        while len(mv):
-            take = min(len(mv), self.block_bytes - self._in_block)
-            self._h.update(mv[:take])
-            self._in_block += take
-            self.size += take
-            mv = mv[take:]
-            if self._in_block == self.block_bytes:
-                self.blocks.append(self._h.hexdigest())
-                self._h, self._in_block = hashlib.new(ALGORITHM), 0
+    def update(self, mv: memoryview, pool: ThreadPoolExecutor | None = None) -> list:
+        """Feed ``mv``; with ``pool``, its whole sub-blocks are hashed there (returns their
+        futures: wait for them before ``mv``'s memory is reused)."""
+        futures = []
+        self.size += len(mv)
+        head = min(len(mv), (SUB_BYTES - self._in_sub) % SUB_BYTES) if self._in_sub else 0
+        if head:  # complete the open sub-block
+            self._h.update(mv[:head])
+            self._in_sub += head
+            mv = mv[head:]
+            if self._in_sub == SUB_BYTES:
+                self.subs.append(self._h.digest())
+                self._h, self._in_sub = hashlib.new(self.algorithm), 0
+        n_full = len(mv) // SUB_BYTES
+        for i in range(n_full):
+            sub = mv[i * SUB_BYTES:(i + 1) * SUB_BYTES]
+            if pool is None:
+                self.subs.append(_digest(sub, self.algorithm))
+            else:
+                futures.append(pool.submit(_digest, sub, self.algorithm))
+                self.subs.append(futures[-1])
+        tail = mv[n_full * SUB_BYTES:]
+        if len(tail):
+            self._h.update(tail)
+            self._in_sub += len(tail)
+        return futures
 
     def entry(self) -> dict[str, Any]:
-        blocks = self.blocks + ([self._h.hexdigest()] if self._in_block or not self.blocks else [])
+        subs = [d if isinstance(d, bytes) else d.result() for d in self.subs]
+        if self._in_sub or not subs:
+            subs.append(self._h.digest())
+        per_block = self.block_bytes // SUB_BYTES
+        blocks = [hashlib.new(self.algorithm, b"".join(subs[i:i + per_block])).hexdigest()
+                  for i in range(0, len(subs), per_block)]
         return {"size": self.size, "blocks": blocks}
 
 
@@ -87,17 +128,13 @@ def _bytes(b) -> memoryview:
 
 
 def _hash_block(path: Path, index: int, block_bytes: int, algorithm: str = ALGORITHM) -> str:
-    h = hashlib.new(algorithm)
+    """The digest of block ``index`` of a file on disk (the tree of :class:`_BlockHasher`)."""
     with open(path, "rb") as f:
         f.seek(index * block_bytes)
-        left = block_bytes
-        while left:
-            chunk = f.read(min(left, 4 * 2 ** 20))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
+        data = f.read(block_bytes)
+    hasher = _BlockHasher(block_bytes, algorithm)
+    hasher.update(memoryview(data))
+    return hasher.entry()["blocks"][0]
 
 
 def hash_file(path: str | Path, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
@@ -110,24 +147,21 @@ def hash_file(path: str | Path, block_bytes: int = BLOCK_BYTES) -> dict[str, Any
 
 
 class _HashingStream:
-    """A write-only file stream that hashes what goes through it. ``write`` hashes a large
-    buffer in ``pool``'s thread while writing it, and returns once both are done (so the
-    caller may reuse the buffer). Any ``seek`` makes the digests void: the file is then
-    hashed from disk once closed."""
+    """A write-only file stream that hashes what goes through it: ``write`` hands the
+    buffer's whole sub-blocks to ``pool``'s threads, writes the buffer meanwhile (both
+    release the GIL) and returns once both are done (so the caller may reuse the buffer).
+    Any ``seek`` makes the digests void: the file is then hashed from disk once closed."""
 
     def __init__(self, raw, pool: ThreadPoolExecutor):
         self.raw, self.pool, self.hasher, self.sought = raw, pool, _BlockHasher(), False
 
     def write(self, b) -> int:
-        mv = _bytes(b)
-        if len(mv) >= _ASYNC_MIN and not self.sought:
-            hashed = self.pool.submit(self.hasher.update, mv)
-            n = self.raw.write(b)
-            hashed.result()
-        else:
-            if not self.sought:
-                self.hasher.update(mv)
-            n = self.raw.write(b)
+        if self.sought:
+            return self.raw.write(b)
+        futures = self.hasher.update(_bytes(b), self.pool)
+        n = self.raw.write(b)
+        for f in futures:
+            f.result()
         return n
 
     def seek(self, *args):
@@ -152,7 +186,7 @@ class _HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as pool:
+        with ThreadPoolExecutor(hash_threads(), thread_name_prefix="checkpoint-hash") as pool:
             with super().create_stream(path, mode) as stream:
                 hs = _HashingStream(stream, pool)
                 yield hs
