@@ -52,7 +52,7 @@ from .pipeline.runtime import PipelineRuntime
 from .pipeline.split import PassThrough, build_stage_module, stages_using
 from .plan import ParallelPlan
 from .plans.hf import check_hf_attention, hf_attention_window, is_transformers_causal_lm, prepare_hf_model
-from .plans.hf_moe import adapt_hf_moe_blocks
+from .plans.hf_moe import adapt_hf_moe_blocks, check_expert_parallel_support
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
@@ -71,7 +71,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     if hf:  # what our causal attention would not compute for it (soft-capping, bidirectional);
         check_hf_attention(model)  # its MoE blocks (if any) as our MoE layers, with the same parameters
         adapt_hf_moe_blocks(model)
-    plan = resolve_plan(model, plan or ParallelPlan())
+    plan = plan or ParallelPlan()
+    if hf:  # (before the plan's own checks, which would only find no MoE layers to shard)
+        check_expert_parallel_support(model, plan.expert_parallel)
+    plan = resolve_plan(model, plan)
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)

@@ -106,3 +106,30 @@ def test_hf_moe_errors_before_any_collective(arch, overrides, mesh_kwargs, plan_
     with CommDebugMode() as comm, pytest.raises(ValueError, match=match):
         parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))
     assert comm.get_total_counts() == 0
+
+
+def _phimoe(**overrides):
+    config = transformers.PhimoeConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
+                                       num_experts_per_tok=2, max_position_embeddings=64, **overrides)
+    torch.manual_seed(0)
+    return transformers.PhimoeForCausalLM(config).float()
+
+
+def test_other_transformers_moe_blocks_are_never_adapted() -> None:
+    """PhiMoE routes with its sparsemixer, not softmax top-k: its blocks keep transformers'
+    own code (equal logits on one device), and expert parallel over them is refused by name
+    before any collective, instead of sharding experts under a routing we would get wrong."""
+    ref = _phimoe()
+    model = copy.deepcopy(ref)
+    fake_world(1)
+    pm = parallelize(model, build_mesh(), ParallelPlan(blocks="model.layers.*"))
+    assert not any(isinstance(m, HFSparseMoE) for m in model.modules())
+    x = torch.randint(0, 128, (2, 16))
+    ref.eval(), pm.module.eval()  # (no router jitter)
+    torch.testing.assert_close(pm(x), ref(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+    fake_world(2)
+    with CommDebugMode() as comm, pytest.raises(ValueError, match=r"expert_parallel=2: PhimoeForCausalLM's MoE "
+                                                               r"blocks \(PhimoeSparseMoeBlock\) route"):
+        parallelize(_phimoe(), build_mesh(dp_shard=2), ParallelPlan(blocks="model.layers.*", expert_parallel=2))
+    assert comm.get_total_counts() == 0

@@ -29,6 +29,11 @@ Mixtral's router multiplies in the model's dtype):
   (``pm.moe_stats()`` reports it);
 - refused (``ValueError`` before any collective): router jitter noise (random per rank),
   experts stored transposed or with biases (other architectures' layouts).
+
+Only the blocks of ``ADAPTED_BLOCKS`` (with their own router class) are adapted. Other
+transformers MoE blocks keep transformers' own code, which is correct under FSDP, DDP, CP
+and PP; expert parallelism over them is a ``ValueError`` naming the block
+(:func:`check_expert_parallel_support`), and TP finds their expert weights without a rule.
 """
 
 from __future__ import annotations
@@ -47,10 +52,30 @@ HF_MOE_LMS: dict[str, bool] = {
 }
 
 
+#: the sparse blocks whose routing the adapter computes as transformers does: block class ->
+#: its router's class (softmax, top-k, renormalized or not). Other transformers MoE blocks
+#: route otherwise (PhiMoE's sparsemixer, sigmoid scores with correction biases, grouped
+#: routing...): they are left as they are (their own code runs, correctly, without EP), never
+#: adapted into a silently different routing.
+ADAPTED_BLOCKS = {"MixtralSparseMoeBlock": "MixtralTopKRouter", "Qwen2MoeSparseMoeBlock": "Qwen2MoeTopKRouter",
+                  "Qwen3MoeSparseMoeBlock": "Qwen3MoeTopKRouter"}
+
+
 def _is_hf_sparse_block(module: nn.Module) -> bool:
+    """A transformers MoE block (routed experts in the fused layout), adaptable or not."""
     experts = getattr(module, "experts", None)
-    return (type(module).__name__.endswith("SparseMoeBlock") and hasattr(module, "gate")
-            and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"))
+    return (type(module).__module__.startswith("transformers.") and hasattr(experts, "gate_up_proj")
+            and hasattr(experts, "down_proj"))
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    gate = getattr(module, "gate", None)
+    return gate is not None and ADAPTED_BLOCKS.get(type(module).__name__) == type(gate).__name__
+
+
+def other_moe_blocks(model: nn.Module) -> list[str]:
+    """Class names of the transformers MoE blocks of ``model`` the adapter does not compute."""
+    return sorted({type(m).__name__ for m in model.modules() if _is_hf_sparse_block(m) and not _is_adaptable(m)})
 
 
 def moe_args_from_hf(config, n_moe_layers: int) -> MoEArgs:
@@ -134,7 +159,7 @@ def adapt_hf_moe_blocks(model: nn.Module) -> int:
     ``config.output_router_logits`` once its setting is read: transformers would otherwise
     record router logits our layers do not produce. Returns the number of MoE layers."""
     config = model.config
-    blocks = [(n, m) for n, m in model.named_modules() if _is_hf_sparse_block(m)]
+    blocks = [(n, m) for n, m in model.named_modules() if _is_hf_sparse_block(m) and _is_adaptable(m)]
     adapted = sum(isinstance(m, HFSparseMoE) for m in model.modules())
     if not blocks:
         return adapted
@@ -179,3 +204,13 @@ def feed_forward_rules(model: nn.Module) -> dict:
                       at(i, "mlp.shared_expert.up_proj"): "colwise",
                       at(i, "mlp.shared_expert.down_proj"): Rowwise(output_layout=Shard(0))}
     return rules
+
+
+def check_expert_parallel_support(model: nn.Module, ep: int) -> None:
+    """EP over MoE blocks the adapter does not compute: a ValueError naming them (local)."""
+    others = other_moe_blocks(model)
+    if ep > 1 and others:
+        raise ValueError(f"expert_parallel={ep}: {type(model).__name__}'s MoE blocks ({', '.join(others)}) route "
+                         f"in ways our MoE layer does not compute (supported: Mixtral, Qwen2-MoE, Qwen3-MoE), so "
+                         f"their experts cannot be sharded; set expert_parallel=1 (transformers' own blocks then "
+                         f"run under FSDP, DDP, CP and PP)")
