@@ -31,7 +31,6 @@ from typing import Any
 from ..models.llama import ModelArgs
 from ..models.moe import MoEArgs
 
-EXPERT_PROJ = {"w1": "w1", "w3": "w3", "w2": "w2"}  # ours -> Mixtral's per-expert names (same letters)
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.feed_forward\.(w[123])$")
 ROUTER = ("feed_forward.router.gate.weight", "block_sparse_moe.gate.weight")
 EXPERT_BIAS = "feed_forward.router.expert_bias"  # our buffer; Mixtral has none (kept zero)
@@ -58,7 +57,8 @@ def expert_param(name: str) -> tuple[int, str] | None:
 
 
 def expert_key(layer: int, proj: str, e: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{EXPERT_PROJ[proj]}.weight"
+    """Mixtral's tensor of expert ``e``'s projection ``proj`` (w1/w3/w2: the same letters as ours)."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}.weight"
 
 
 def mixtral_config(args: ModelArgs, llama: dict[str, Any]) -> dict[str, Any]:
