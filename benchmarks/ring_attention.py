@@ -213,9 +213,10 @@ def main() -> None:
                             "value": errors[f"ours_triton_ring_cp{cp}"]["rel_fro"]
                             / max(errors[f"torch_context_parallel_cp{cp}"]["rel_fro"], 1e-12),
                             "goal": 1.0, "higher_is_better": False})
+        from triton_kernels import flash_attention_bwd_kernels as fa_bwd
         from triton_kernels import flash_attention_kernels as fa
-        tuned = {kern: {str(key): str(cfg) for key, cfg in getattr(fa, kern).cache.items()}
-                 for kern in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")}
+        tuned = {kern: {str(key): str(cfg) for key, cfg in getattr(mod, kern).cache.items()}
+                 for mod, kern in ((fa, "_attn_fwd"), (fa_bwd, "_attn_bwd_dkdv"), (fa_bwd, "_attn_bwd_dq"))}
         print(write_results("ring_attention", rows, targets, errors=errors, cp=cp, autotuned=tuned))
     dist.barrier()
     dist.destroy_process_group()

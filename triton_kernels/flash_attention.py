@@ -1,6 +1,6 @@
 """Flash attention with log-sum-exp, the local compute of ring attention: launchers,
-input checks, autograd and the public ops. The kernels and the math are in
-``flash_attention_kernels.py``.
+input checks, autograd and the public ops. The forward kernel and the math are in
+``flash_attention_kernels.py``, the backward kernels in ``flash_attention_bwd_kernels.py``.
 
 Head dims: any d in 1..128. The kernels take a power of two >= 16 (``tl.dot`` needs a
 K of at least 16); other sizes (8 in the tests' tiny models, 80 or 96 in some real ones)
@@ -17,14 +17,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .flash_attention_kernels import (
-    _INTERPRET,
-    _SUPPORTED_DTYPES,
-    _attn_bwd_dkdv,
-    _attn_bwd_dq,
-    _attn_fwd,
-    _bwd_preprocess,
-)
+from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
+from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
 
 __all__ = [
     "attention_ref",

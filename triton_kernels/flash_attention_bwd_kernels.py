@@ -1,0 +1,224 @@
+"""Flash attention backward kernels (launched by ``flash_attention.py``; the papers, the math
+and the masks are in ``flash_attention_kernels.py``'s docstring).
+
+FlashAttention-2's backward: ``_bwd_preprocess`` computes ``delta = rowsum(dO * O) - dlse``;
+``_attn_bwd_dkdv`` walks the query blocks of one key block (and the query heads of its GQA
+group), ``_attn_bwd_dq`` the key blocks of one query block. No atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .flash_attention_kernels import _DKDV_CONFIGS, _DQ_CONFIGS, _LOG2E, _prune, _query_block
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, DELTA,
+                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    H_Q, S_Q, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse, fp32 (b, hq, s_q). The ``- dlse`` term is the gradient
+    that flows through the returned lse (d lse_i / d s_ij = P_ij)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * S_Q + offs_m, mask=row_ok, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * S_Q + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]  # (BM, D)
+        do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]  # (BM, D)
+        if MASK:
+            row_ok = offs_m < S_Q
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        if UPCAST:
+            q = q.to(tl.float32)
+        do = do.to(q.dtype)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
+        pT = tl.exp2(qkT * qk_scale - (lse * _LOG2E)[None, :])
+        if MASK:
+            keep = row_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # (BN, D)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # (BN, D)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_DKDV_CONFIGS,
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
+)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   H_Q, H_KV, GROUP, S_Q, S_K,
+                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
+    share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics."""
+    start_n = tl.program_id(1) * BLOCK_N  # causal: key block 0 has the most queries, runs first
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // H_KV).to(tl.int64)
+    off_hk = (pid_bh % H_KV).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < S_K
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * _LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # Query blocks: [lo, mid) straddle the causal diagonal (masked), [mid, full_end) need no
+    # mask, [full_end, end) hold the query tail (masked).
+    if IS_CAUSAL:
+        lo = start_n
+        mid = start_n + BLOCK_N
+    else:
+        lo = 0
+        mid = 0
+    end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
+    full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
+    diag_end = tl.minimum(mid, end)
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        Qh = Q + off_b * stride_qb + off_h * stride_qh
+        DOh = DO + off_b * stride_dob + off_h * stride_doh
+        row0 = (off_b * H_Q + off_h) * S_Q
+        if IS_CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                                 offs_n, S_Q, qk_scale, lo, diag_end,
+                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                             offs_n, S_Q, qk_scale, mid, full_end,
+                             BLOCK_M, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                             offs_n, S_Q, qk_scale, full_end, end,
+                             BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+    dk *= sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
+        if MASK:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        if MASK:
+            keep = offs_n[None, :] < S_K
+            if IS_CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # (BM, D)
+    return dq
+
+
+@triton.autotune(
+    configs=_DQ_CONFIGS,
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
+)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 H_Q, GROUP, S_Q, S_K,
+                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ of BLOCK_M query rows of one (batch, query head)."""
+    start_m = _query_block(IS_CAUSAL) * BLOCK_M
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    off_hk = off_h // GROUP
+    K += off_b * stride_kb + off_hk * stride_kh
+    V += off_b * stride_vb + off_hk * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    do = do.to(q.dtype)
+    row0 = pid_bh.to(tl.int64) * S_Q
+    lse2 = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
+    qk_scale = sm_scale * _LOG2E
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full = (S_K // BLOCK_N) * BLOCK_N
+    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full = tl.minimum(full, start_m)
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
+                   BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
+                   BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
