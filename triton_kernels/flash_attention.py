@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
+from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges
 from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
 
 __all__ = [
@@ -86,14 +87,29 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "PRECISION": "ieee" if (upcast or dtype == torch.float32) else "tf32"}
 
 
+def _documents(doc_q: torch.Tensor | None, doc_k: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+               where: str, mirror: bool) -> Documents | None:
+    """Checked ids and their ranges on the device, or None (no document mask)."""
+    if not check_documents(doc_q, doc_k, q, k, where):
+        return None
+    return document_ranges(doc_q, doc_k, mirror=mirror)
+
+
+def _doc_args(docs: Documents | None, lo: str, hi: str, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """DOC_Q, DOC_K, <lo>, <hi> pointer arguments (``dummy`` stands in for all four without documents)."""
+    if docs is None:
+        return (dummy,) * 4
+    return docs.doc_q, docs.doc_k, getattr(docs, lo), getattr(docs, hi)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-             causal: bool, scale: float, has_acc: bool) -> None:
+             causal: bool, scale: float, has_acc: bool, docs: Documents | None = None) -> None:
     """Write attention of (q, k, v) into ``out``/``lse`` (merge into them when ``has_acc``)."""
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
     d_kernel = _kernel_head_dim(d)
     if d_kernel != d:  # run padded, copy the real columns back into the caller's buffer
         out_padded = _pad_head(out, d_kernel) if has_acc else out.new_empty((*out.shape[:3], d_kernel))
-        _forward(*(_pad_head(t, d_kernel) for t in (q, k, v)), out_padded, lse, causal, scale, has_acc)
+        _forward(*(_pad_head(t, d_kernel) for t in (q, k, v)), out_padded, lse, causal, scale, has_acc, docs)
         out.copy_(out_padded[..., :d])
         return
 
@@ -101,17 +117,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         return (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))
 
     _attn_fwd[grid](
-        q, k, v, out, lse, scale,
+        q, k, v, out, lse, *_doc_args(docs, "kv_lo", "kv_hi", lse), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), hq, hq // hkv, s_q, s_k,
-        HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_ACC=has_acc, **_flags(q.dtype),
+        HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_ACC=has_acc, HAS_DOCS=docs is not None, **_flags(q.dtype),
     )
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
               dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float,
-              grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              grad_dtype: torch.dtype | None = None, docs: Documents | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
     for name, t in (("out", out), ("dout", dout)):
         if t.shape != q.shape:
@@ -121,7 +138,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     d_kernel = _kernel_head_dim(d)
     if d_kernel != d:
         grads = _backward(*(_pad_head(t, d_kernel) for t in (q, k, v, out)), lse, _pad_head(dout, d_kernel),
-                          dlse, causal, scale, grad_dtype)
+                          dlse, causal, scale, grad_dtype, docs)
         return tuple(g[..., :d] for g in grads)
     out, dout = _unit_last(out), _unit_last(dout)
     lse = lse.float().contiguous()
@@ -139,14 +156,14 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
-        q, k, v, dout, lse, delta, dk, dv, scale, *common,
+        q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, "q_lo", "q_hi", lse), scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), **flags,
+        hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
     )
     _attn_bwd_dq[lambda meta: (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))](
-        q, k, v, dout, lse, delta, dq, scale, *common,
+        q, k, v, dout, lse, delta, dq, *_doc_args(docs, "kv_lo", "kv_hi", lse), scale, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        hq, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), **flags,
+        hq, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
     )
     return dq, dk, dv
 
@@ -156,14 +173,14 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float, docs: Documents | None) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         b, hq, _, s_q, _, _ = _check_qkv(q, k, v)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # (b, hq, s_q, d)
         lse = torch.empty((b, hq, s_q), device=q.device, dtype=torch.float32)  # (b, hq, s_q)
-        _forward(q, k, v, out, lse, causal, scale, has_acc=False)
+        _forward(q, k, v, out, lse, causal, scale, has_acc=False, docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.docs = causal, scale, docs  # docs: integer ids and ranges, no grad
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -172,8 +189,8 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=ctx.docs)
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,7 +203,8 @@ def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                    softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    softmax_scale: float | None = None, doc_q: torch.Tensor | None = None,
+                    doc_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its row log-sum-exp; differentiable in q, k, v (through both outputs).
 
     Args:
@@ -194,17 +212,26 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             fp16/bf16/fp32, any head dim d in 1..128 (see the module docstring).
         causal: top-left aligned mask, query i sees keys j <= i (see the module docstring).
         softmax_scale: defaults to 1 / sqrt(d).
+        doc_q, doc_k: document ids (b, s_q) and (b, s_k), int32/int64, non-decreasing along
+            the sequence (packed documents, in order); query i sees key j only if
+            ``doc_q[i] == doc_k[j]`` (and the causal mask). Both or neither. Only the keys of
+            each query block's documents are computed (``flash_attention_documents.py``).
 
     Returns:
-        out (b, hq, s_q, d) in the input dtype, lse (b, hq, s_q) fp32, natural log.
+        out (b, hq, s_q, d) in the input dtype, lse (b, hq, s_q) fp32, natural log. A row that
+        sees no key (its document has no token among the keys) gets out 0 and lse -inf, and
+        zero gradients.
     """
-    return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale))
+    _check_qkv(q, k, v)
+    docs = _documents(doc_q, doc_k, q, k, "flash_attention", mirror=True)
+    return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale), docs)
 
 
 def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor | None, lse: torch.Tensor | None, *, causal: bool,
-                              softmax_scale: float | None = None,
-                              accumulate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                              softmax_scale: float | None = None, accumulate: bool = True,
+                              doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ring-attention step: attend q to this K/V block and merge into the running result.
 
     In the kernel, in fp32: ``new_lse = logaddexp(lse, lse_blk)``,
@@ -216,6 +243,10 @@ def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``None`` for both allocates them (and implies ``accumulate=False``).
     Forward only: the ring backward calls :func:`flash_attention_backward` with the final
     out/lse. Causal follows :func:`flash_attention` (pass ``causal=True`` for the diagonal block).
+    ``doc_q``/``doc_k``: the document ids of q and of this K/V block, as in
+    :func:`flash_attention`. Rows that see no key of this block keep their running (out, lse)
+    unchanged (``accumulate=False``: they get out 0, lse -inf); a block that shares no document
+    with q costs almost nothing.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, _, s_q, _, d = _check_qkv(q, k, v)
@@ -232,14 +263,16 @@ def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             or lse.device != q.device:
         raise ValueError(f"flash_attention_ring_step: lse must be fp32 {(b, hq, s_q)} on {q.device} with a "
                          f"unit stride along the sequence; got {lse.dtype} {tuple(lse.shape)} stride {lse.stride()}")
-    _forward(q, k, v, out, lse, causal, _scale(q, softmax_scale), has_acc=accumulate)
+    docs = _documents(doc_q, doc_k, q, k, "flash_attention_ring_step", mirror=False)
+    _forward(q, k, v, out, lse, causal, _scale(q, softmax_scale), has_acc=accumulate, docs=docs)
     return out, lse
 
 
 def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, dout: torch.Tensor, *, causal: bool,
                              softmax_scale: float | None = None,
-                             grad_dtype: torch.dtype | None = None
+                             grad_dtype: torch.dtype | None = None, doc_q: torch.Tensor | None = None,
+                             doc_k: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, K/V block) pair given the *global* ``out`` and ``lse``.
 
@@ -248,20 +281,27 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     the ring backward sums dq over K/V blocks and dk/dv over query blocks. ``out`` and
     ``dout`` may be fp32 or the input dtype (dout enters the dots in q's dtype).
     ``grad_dtype`` (default: the input dtype) lets the ring accumulate partials in fp32.
+    ``doc_q``/``doc_k`` as in the forward; rows with lse -inf and keys that no query of
+    their document sees get zero gradients.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype)
+    _check_qkv(q, k, v)
+    docs = _documents(doc_q, doc_k, q, k, "flash_attention_backward", mirror=True)
+    return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                  softmax_scale: float | None = None, upcast: bool = True
+                  softmax_scale: float | None = None, upcast: bool = True,
+                  doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch attention, same signature and mask as :func:`flash_attention`.
 
     Computes in fp32 (fp64 inputs stay fp64) and returns out in q's dtype and lse in the
     compute dtype; ``upcast=False`` computes in the input dtype (the tests' measure of
     PyTorch's own rounding error). Materializes the (s_q, s_k) scores and the repeated K/V.
+    With document ids, rows that see no key get out 0 and lse -inf (and zero gradients).
     """
+    has_docs = check_documents(doc_q, doc_k, q, k, "attention_ref")
     scale = _scale(q, softmax_scale)
     dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     group = q.shape[1] // k.shape[1]
@@ -271,6 +311,18 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if causal:
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (b, hq, s_q)
-    out = torch.softmax(scores, dim=-1) @ vr  # (b, hq, s_q, d)
+    if not has_docs:
+        lse = torch.logsumexp(scores, dim=-1)  # (b, hq, s_q)
+        out = torch.softmax(scores, dim=-1) @ vr  # (b, hq, s_q, d)
+        return out.to(q.dtype), lse
+    keep = document_mask(doc_q, doc_k)  # (b, 1, s_q, s_k)
+    if causal:
+        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~keep, float("-inf"))
+    # Rows that see no key: a finite placeholder row for the softmax (no NaN, in values or
+    # gradients), then zeroed out: out 0, lse -inf.
+    seen = keep.any(dim=-1, keepdim=True)  # (b, 1, s_q, 1)
+    scores = scores.masked_fill(~seen, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~seen[..., 0], float("-inf"))  # (b, hq, s_q)
+    out = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0) @ vr  # (b, hq, s_q, d)
     return out.to(q.dtype), lse

@@ -11,7 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .flash_attention_documents import _doc_span
 from .flash_attention_kernels import _DKDV_CONFIGS, _DQ_CONFIGS, _LOG2E, _prune, _query_block
+
 
 @triton.jit
 def _bwd_preprocess(O, DO, DLSE, DELTA,
@@ -37,16 +39,26 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head."""
+                doc_n, DOC_Q, doc_lo, doc_hi,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
+    HAS_DOCS: load only queries in [doc_lo, doc_hi) and keep those whose id in DOC_Q equals
+    the key's id in doc_n."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]  # (BM, D)
         do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]  # (BM, D)
-        if MASK:
+        if HAS_DOCS:
+            row_ok = (offs_m >= doc_lo) & (offs_m < doc_hi)  # within S_Q
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0, not NaN
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        elif MASK:
             row_ok = offs_m < S_Q
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
@@ -62,7 +74,13 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
         do = do.to(q.dtype)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
         pT = tl.exp2(qkT * qk_scale - (lse * _LOG2E)[None, :])
-        if MASK:
+        if HAS_DOCS:
+            doc_m = tl.load(DOC_Q + offs_m, mask=row_ok, other=0)
+            keep = row_ok[None, :] & (doc_n[:, None] == doc_m[None, :])
+            if IS_CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(keep, pT, 0.0)
+        elif MASK:
             keep = row_ok[None, :]
             if IS_CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -70,25 +88,29 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)  # (BN, D)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_DOCS:  # the key block is loaded whole: keys nobody here sees must not leak inf/NaN
+            dsT = tl.where(keep, dsT, 0.0)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)  # (BN, D)
     return dk, dv
 
 
 @triton.autotune(
     configs=_DKDV_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
 )
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H_Q, H_KV, GROUP, S_Q, S_K,
-                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
-    share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics."""
+    share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics.
+    HAS_DOCS: ids DOC_Q (b, s_q), DOC_K (b, s_k) and the per-key query ranges Q_LO/Q_HI
+    (b, s_k); only the queries of the block's documents are visited."""
     start_n = tl.program_id(1) * BLOCK_N  # causal: key block 0 has the most queries, runs first
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -118,21 +140,35 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
     end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
     full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
     diag_end = tl.minimum(mid, end)
+    doc_n = offs_n
+    q_lo = 0
+    q_hi = 0
+    if HAS_DOCS:  # one masked walk over the query blocks that hold the keys' documents
+        doc_n = tl.load(DOC_K + off_b * S_K + offs_n, mask=col_ok, other=0)
+        q_lo, q_hi = _doc_span(Q_LO + off_b * S_K, Q_HI + off_b * S_K, start_n, S_K, BLOCK_N)
+        if IS_CAUSAL:
+            q_lo = tl.maximum(q_lo, start_n)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         Qh = Q + off_b * stride_qb + off_h * stride_qh
         DOh = DO + off_b * stride_dob + off_h * stride_doh
         row0 = (off_b * H_Q + off_h) * S_Q
-        if IS_CAUSAL:
+        if HAS_DOCS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                 offs_n, S_Q, qk_scale, lo, diag_end,
-                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                             offs_n, S_Q, qk_scale, mid, full_end,
-                             BLOCK_M, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                             offs_n, S_Q, qk_scale, full_end, end,
-                             BLOCK_M, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+                                 offs_n, S_Q, qk_scale, (q_lo // BLOCK_M) * BLOCK_M, q_hi,
+                                 doc_n, DOC_Q + off_b * S_Q, q_lo, q_hi,
+                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
+        else:
+            if IS_CAUSAL:
+                dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                                     offs_n, S_Q, qk_scale, lo, diag_end, doc_n, DOC_Q, q_lo, q_hi,
+                                     BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                                 offs_n, S_Q, qk_scale, mid, full_end, doc_n, DOC_Q, q_lo, q_hi,
+                                 BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
+                                 offs_n, S_Q, qk_scale, full_end, end, doc_n, DOC_Q, q_lo, q_hi,
+                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -142,16 +178,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+              doc_m, DOC_K, doc_lo, doc_hi,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi). HAS_DOCS: as ``_fwd_inner``."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
         v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
-        if MASK:
+        if HAS_DOCS:
+            in_range = (offs_n >= doc_lo) & (offs_n < doc_hi)  # (BN,), within S_K
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        elif MASK:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
         else:
@@ -162,7 +203,13 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
-        if MASK:
+        if HAS_DOCS:
+            doc_n = tl.load(DOC_K + offs_n, mask=in_range, other=0)
+            keep = in_range[None, :] & (doc_m[:, None] == doc_n[None, :])
+            if IS_CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        elif MASK:
             keep = offs_n[None, :] < S_K
             if IS_CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -175,18 +222,19 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL"],
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
 )
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm,
                  H_Q, GROUP, S_Q, S_K,
-                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: dQ of BLOCK_M query rows of one (batch, query head)."""
+                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ of BLOCK_M query rows of one (batch, query head). HAS_DOCS: as
+    ``_attn_fwd``'s DOC_Q, DOC_K, KV_LO, KV_HI."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -215,10 +263,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale,
     if IS_CAUSAL:
         full = tl.minimum(full, start_m)
         hi = tl.minimum(hi, start_m + BLOCK_M)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
-                   BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
-                   BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+    if HAS_DOCS:  # one masked walk over the key blocks that hold the rows' documents
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a row that saw no key: P = 0, not NaN
+        doc_m = tl.load(DOC_Q + off_b * S_Q + offs_m, mask=row_ok, other=0)
+        kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
+        if IS_CAUSAL:
+            kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+        dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
+                       (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, doc_m, DOC_K + off_b * S_K, kv_lo, kv_hi,
+                       BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
+                       offs_m, DOC_K, 0, 0, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
+                       offs_m, DOC_K, 0, 0, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -34,10 +34,20 @@ dK/dV sum over the query heads of a group inside the dK/dV program (no atomics).
 Causal mask: top-left aligned, query i sees keys j <= i, i.e. ``tril(ones(s_q, s_k))`` —
 the same convention as ``F.scaled_dot_product_attention(is_causal=True)``. With s_q == s_k
 this is the usual mask. With s_q > s_k, rows i >= s_k see every key; with s_q < s_k, keys
-j > s_q - 1 are seen by nobody (their dK/dV are zero). Key 0 is always visible, so no row is
-ever fully masked. Ring attention only passes equal-length blocks: the diagonal block is
-causal, blocks of earlier ranks are fully visible (``causal=False``) and later ones are
-skipped by the caller.
+j > s_q - 1 are seen by nobody (their dK/dV are zero). Without documents key 0 is always
+visible, so no row is ever fully masked. Ring attention only passes equal-length blocks:
+the diagonal block is causal, blocks of earlier ranks are fully visible (``causal=False``)
+and later ones are skipped by the caller.
+
+Document mask (packed sequences, ``HAS_DOCS``; ``flash_attention_documents.py``): query i
+sees key j only if ``doc_q[i] == doc_k[j]``, on top of the causal mask. The ids are
+non-decreasing, so each query block walks only the key range of its documents (and each
+key block of the dK/dV kernel only the query range), loading nothing outside it; the
+element mask applies inside. A row may see no key: then ``l_i = 0`` and its block lse is
+``m + log2(0) = -inf`` with output 0, which the ring merge below leaves unchanged
+(``w_blk = 0``; if both are -inf, ``m`` is clamped to 0 and the result is 0, -inf). The
+backward reads such an lse as +inf, so ``P = exp2(s - lse) = 0`` instead of NaN. Without
+``HAS_DOCS`` the branches compile away: the kernels are the plain ones.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): one small config per kernel, and bf16
 loads are upcast to fp32 before ``tl.dot`` (``UPCAST``), since the interpreter's bf16 dot
@@ -52,6 +62,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .flash_attention_documents import _doc_span
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
@@ -78,16 +90,23 @@ def _query_block(IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASK: apply the key bound (and causal) mask."""
+               doc_m, DOC_K, doc_lo, doc_hi,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASK: apply the key bound (and causal) mask.
+    HAS_DOCS: load only keys in [doc_lo, doc_hi) and keep those whose id in DOC_K equals the
+    row's id in doc_m (``flash_attention_documents.py``)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
         v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
-        if MASK:
+        if HAS_DOCS:
+            in_range = (offs_n >= doc_lo) & (offs_n < doc_hi)  # (BN,), within S_K
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        elif MASK:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
         else:
@@ -97,7 +116,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_sca
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
-        if MASK:
+        if HAS_DOCS:
+            doc_n = tl.load(DOC_K + offs_n, mask=in_range, other=0)
+            keep = in_range[None, :] & (doc_m[:, None] == doc_n[None, :])
+            if IS_CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        elif MASK:
             keep = offs_n[None, :] < S_K
             if IS_CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -163,22 +188,24 @@ def _prune(outer: str, inner: str):
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_ACC"],
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_ACC", "HAS_DOCS"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
     restore_value=["O", "LSE"],  # HAS_ACC updates O/LSE in place: benchmarking must not compound
 )
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, sm_scale,
+def _attn_fwd(Q, K, V, O, LSE, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
               H_Q, GROUP, S_Q, S_K,
               HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ACC: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head). Writes O (b, hq, s_q, d) and
     LSE (b, hq, s_q) (natural log), both through their strides (the ring passes views).
     HAS_ACC: O (fp32) and LSE hold the running result of earlier ring steps and the
-    block's result is merged into them by log-sum-exp."""
+    block's result is merged into them by log-sum-exp. HAS_DOCS: document ids DOC_Q (b, s_q),
+    DOC_K (b, s_k) and key ranges KV_LO/KV_HI (b, s_q), all contiguous; only the keys of the
+    block's documents are visited (unused, and compiled out, without HAS_DOCS)."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -207,10 +234,21 @@ def _attn_fwd(Q, K, V, O, LSE, sm_scale,
     if IS_CAUSAL:
         full = tl.minimum(full, start_m)
         hi = tl.minimum(hi, start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                               0, full, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                               full, hi, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, UPCAST, PRECISION)
+    if HAS_DOCS:  # one masked walk over the key blocks that hold the rows' documents
+        doc_m = tl.load(DOC_Q + off_b * S_Q + offs_m, mask=row_ok, other=0)
+        kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
+        if IS_CAUSAL:
+            kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
+                                   (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, doc_m, DOC_K + off_b * S_K, kv_lo, kv_hi,
+                                   BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
+                                   0, full, offs_m, DOC_K, 0, 0,
+                                   BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
+                                   full, hi, offs_m, DOC_K, 0, 0,
+                                   BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.log2(l_i)  # base-2 lse; -inf for a row that saw no key
