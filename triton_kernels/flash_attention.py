@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges
+from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges, with_mirror
 from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
 
 __all__ = [
@@ -189,7 +189,8 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=ctx.docs)
+        docs = None if ctx.docs is None else with_mirror(ctx.docs)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=docs)
         return dq, dk, dv, None, None, None
 
 
@@ -223,7 +224,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         zero gradients.
     """
     _check_qkv(q, k, v)
-    docs = _documents(doc_q, doc_k, q, k, "flash_attention", mirror=True)
+    docs = _documents(doc_q, doc_k, q, k, "flash_attention", mirror=False)  # the backward adds the mirror
     return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale), docs)
 
 

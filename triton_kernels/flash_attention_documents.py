@@ -78,11 +78,17 @@ def document_ranges(doc_q: torch.Tensor, doc_k: torch.Tensor, *, mirror: bool) -
     doc_q, doc_k = doc_q.to(ids).contiguous(), doc_k.to(ids).contiguous()  # (b, s_q), (b, s_k)
     kv_lo = torch.searchsorted(doc_k, doc_q, out_int32=True)  # (b, s_q)
     kv_hi = torch.searchsorted(doc_k, doc_q, right=True, out_int32=True)  # (b, s_q)
-    q_lo = q_hi = None
-    if mirror:
-        q_lo = torch.searchsorted(doc_q, doc_k, out_int32=True)  # (b, s_k)
-        q_hi = torch.searchsorted(doc_q, doc_k, right=True, out_int32=True)  # (b, s_k)
-    return Documents(doc_q, doc_k, kv_lo, kv_hi, q_lo, q_hi)
+    docs = Documents(doc_q, doc_k, kv_lo, kv_hi, None, None)
+    return with_mirror(docs) if mirror else docs
+
+
+def with_mirror(docs: Documents) -> Documents:
+    """``docs`` with the per-key query ranges (computed once, when the backward needs them)."""
+    if docs.q_lo is not None:
+        return docs
+    q_lo = torch.searchsorted(docs.doc_q, docs.doc_k, out_int32=True)  # (b, s_k)
+    q_hi = torch.searchsorted(docs.doc_q, docs.doc_k, right=True, out_int32=True)  # (b, s_k)
+    return docs._replace(q_lo=q_lo, q_hi=q_hi)
 
 
 def document_mask(doc_q: torch.Tensor, doc_k: torch.Tensor) -> torch.Tensor:
