@@ -48,6 +48,26 @@ def test_heartbeat_names_the_silent_ranks():
     assert "every rank still beats" in msg, msg
 
 
+def test_heartbeat_stop_waits_for_a_store_call_in_flight():
+    """A heartbeat thread left inside a store call at interpreter exit aborts the rank
+    (std::terminate from pthread_exit's unwinding): stop() returns only once it has ended."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, True)
+    beat = Heartbeat(store, 0, 2, timeout_minutes=1.0, interval=0.01)
+    beat.start()
+    in_call, real_beat = [], beat.beat
+
+    def slow_beat():
+        in_call.append(1)
+        time.sleep(0.5)
+        real_beat()
+
+    beat.beat = slow_beat
+    while not in_call:
+        time.sleep(0.005)
+    beat.stop()
+    assert not beat._thread.is_alive()
+
+
 def _start(tmp_path: Path, flags: list[str]) -> tuple[subprocess.Popen, dict[int, int]]:
     """A 2-rank launch; returns once the first step is logged, with {rank: pid}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}

@@ -176,8 +176,16 @@ class Heartbeat:
         self.beat()
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 60.0) -> None:
+        """Stop beating and wait for the thread to end. The wait matters: a daemon thread
+        still inside a store call (C++, the GIL released) when the interpreter exits is
+        ended by ``pthread_exit`` as it takes the GIL back, whose unwinding through the
+        binding's ``noexcept`` frames calls ``std::terminate``: "terminate called without an
+        active exception", SIGABRT, after the last step of a job that had succeeded (seen
+        once in CI, rank 0 of 4)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
 
     def beat(self) -> None:
         self.store.set(str(self.rank), Beat(self.rank, time.time(), self.pid, self.host,
