@@ -338,3 +338,54 @@ def test_moe_settings_from_the_recipe_and_megatron_flags() -> None:
     from dtensor_parallel.trainer.config import _model_section
     with pytest.raises(ValueError, match=r"unknown key 'aux_coeff' in section \[model.moe\]"):
         _model_section({"flavour": "debug-moe", "moe": {"aux_coeff": 0.1}})
+
+
+# ---- packed documents ---------------------------------------------------------------------
+def test_document_ids_from_separators_and_from_a_starts_file(tmp_path):
+    from dtensor_parallel.trainer.documents import DocumentStarts, ids_after_separator, write_document_starts
+
+    x = torch.tensor([[5, 9, 1, 9, 9, 3], [9, 2, 2, 2, 2, 9]])
+    assert ids_after_separator(x, 9).tolist() == [[0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1]]
+    # the same documents as offsets into the flattened stream: starts after each 9
+    flat = x.flatten()
+    starts = write_document_starts(tmp_path / "starts.bin", (flat[:-1] == 9).nonzero().flatten() + 1)
+    ds = DocumentStarts(starts, n_tokens=flat.numel())
+    assert ds.ids(torch.tensor([0, 6]), 6).tolist() == ids_after_separator(x, 9).tolist()
+    write_document_starts(tmp_path / "bad.bin", [3, 8, 8])
+    with pytest.raises(ValueError, match=r"strictly increase; entry 2 \(8\) is not after entry 1"):
+        DocumentStarts(tmp_path / "bad.bin")
+    write_document_starts(tmp_path / "far.bin", [3, 80])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 12\)"):
+        DocumentStarts(tmp_path / "far.bin", n_tokens=12)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"reset_attention_mask": True}, r"needs the document boundaries from exactly one of eod_token_id"),
+    ({"eod_token_id": 3}, r"only reset_attention_mask = true \(--reset-attention-mask\) uses"),
+    ({"reset_attention_mask": True, "eod_token_id": 99999}, r"eod_token_id=99999 is not a token id"),
+    ({"reset_attention_mask": True, "document_starts": "x.bin", "mock": True}, r"the data is synthetic"),
+])
+def test_document_settings_are_checked(data, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict({"data": data})
+
+
+def test_packed_documents_train_under_context_parallel(tmp_path):
+    """A token file of documents (Markov text of 20-200 tokens, each ended by token 2047),
+    documents masked after that token, CP2 on 2 ranks (the ring with document ids): trains."""
+    chain = MarkovTokenStream(vocab_size=2047, seq_len=4096, global_batch_size=4, seed=7)
+    stream = torch.cat(chain.batch(0)[0].unbind())
+    g = torch.Generator().manual_seed(0)
+    pieces, at = [], 0
+    while at < stream.numel():
+        n = int(torch.randint(20, 200, (), generator=g))
+        pieces += [stream[at:at + n], torch.tensor([2047])]
+        at += n
+    data = _token_file(tmp_path / "docs.bin", torch.cat(pieces))
+    steps, metrics = 8, tmp_path / "run" / "metrics.jsonl"
+    stdout = _train_pool(2, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "1",
+                             "--train-iters", str(steps), "--lr-warmup-iters", "2", "--data-path", str(data),
+                             "--reset-attention-mask", "--eod-token-id", "2047", "--metrics", str(metrics)])
+    assert "'cp': 2" in stdout and "documents masked after token 2047" in stdout, stdout
+    recs = _records(metrics, steps)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0

@@ -137,11 +137,18 @@ class TrainingConfig:
 class DataConfig:
     """``path`` to a flat token file, or synthetic Markov data when ``mock`` or no path.
     ``dtype``: None reads the dtype the file states (``PATH.json``, see ``trainer/data.py``);
-    set, the file's statement must agree."""
+    set, the file's statement must agree. ``reset_attention_mask``: packed documents, with
+    boundaries after ``eod_token_id`` or at the offsets of ``document_starts``
+    (``trainer/documents.py``)."""
 
     path: str | None = None
     dtype: str | None = None
     mock: bool = False
+    # packed documents (trainer/documents.py): attention masked at document boundaries, which
+    # come from an end-of-document token or an explicit file of document start offsets
+    reset_attention_mask: bool = False
+    eod_token_id: int | None = None
+    document_starts: str | None = None
 
     @property
     def synthetic(self) -> bool:
@@ -378,6 +385,18 @@ def validate(cfg: TrainConfig) -> None:
     if not d.synthetic and d.dtype == "uint16" and args.vocab_size > 2 ** 16:
         raise ValueError(f"[data] dtype='uint16' cannot hold token ids of a vocab of {args.vocab_size}: "
                          f"write the token file as uint32 and set [data] dtype = 'uint32'")
+    if d.reset_attention_mask and (d.eod_token_id is None) == (d.document_starts is None):
+        raise ValueError("[data] reset_attention_mask (--reset-attention-mask) needs the document boundaries from "
+                         "exactly one of eod_token_id (--eod-token-id N) or document_starts (--document-starts PATH)")
+    if not d.reset_attention_mask and (d.eod_token_id is not None or d.document_starts is not None):
+        raise ValueError("[data] eod_token_id / document_starts give document boundaries, which only "
+                         "reset_attention_mask = true (--reset-attention-mask) uses: set it, or drop them")
+    if d.eod_token_id is not None and not 0 <= d.eod_token_id < args.vocab_size:
+        raise ValueError(f"[data] eod_token_id={d.eod_token_id} is not a token id of the vocabulary "
+                         f"[0, {args.vocab_size})")
+    if d.document_starts is not None and d.synthetic:
+        raise ValueError("[data] document_starts are offsets into a token file, and the data is synthetic: give "
+                         "[data] path (--data-path), or mark documents with eod_token_id")
     if cfg.cluster.device not in DEVICES:
         raise ValueError(f"[cluster] device={cfg.cluster.device!r}: choose one of {DEVICES}")
     timeout = cfg.cluster.distributed_timeout_minutes

@@ -238,6 +238,10 @@ class TokenFileDataset:
         epoch, k = divmod(step, self.steps_per_epoch)
         return self._permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
 
+    def window_offsets(self, step: int) -> torch.Tensor:
+        """(b,) file offsets of the first tokens of this rank's windows of ``step``."""
+        return self.window_indices(step)[self.rows] * self.seq_len
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
         idx = self.window_indices(step)[self.rows].tolist()
@@ -302,6 +306,12 @@ def build_batch_source(*, path: str | None, dtype: str | None, mock: bool, seq_l
     if mock or path is None:
         return MarkovTokenStream(**common)
     return TokenFileDataset(path, dtype=dtype, **common)
+
+
+def window_offsets(source: BatchSource, step: int) -> torch.Tensor | None:
+    """File offsets of this rank's windows of ``step`` (None: a source without a file)."""
+    offsets = getattr(source, "window_offsets", None)
+    return None if offsets is None else offsets(step)
 
 
 def uniform_loss(vocab_size: int) -> float:

@@ -32,7 +32,8 @@ from ..models.llama import Llama
 from ..parallelize import parallelize
 from ..validation import check_degrees
 from .config import TrainConfig
-from .data import build_batch_source
+from .data import build_batch_source, window_offsets
+from .documents import build_document_masking
 from .launch import init_distributed, process_group, resolve_device  # noqa: F401 - (also imported from here)
 from .metrics import (MetricsWriter, ProgressPrinter, flops_per_token, mfu, peak_memory_gib)
 from .nonfinite import NonFiniteError, NonFiniteGuard, state_is_finite
@@ -136,6 +137,7 @@ def _train(cfg: TrainConfig) -> list[float]:
                               seq_len=t.seq_len, vocab_size=args.vocab_size,
                               global_batch_size=global_batch, dp_rank=dp_rank, dp_size=dims.dp,
                               seed=t.seed)
+    documents = build_document_masking(cfg.data, data)  # packed documents: masked attention
     resumed = start_from_checkpoint(cfg, pm, opt, sched, global_batch)
     start = resumed.step
     done = nothing_to_do(cfg, resumed)
@@ -166,6 +168,9 @@ def _train(cfg: TrainConfig) -> list[float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         source = "synthetic Markov stream" if cfg.data.synthetic else f"token file {cfg.data.path}"
+        if documents is not None:
+            source += (f", documents masked after token {cfg.data.eod_token_id}" if cfg.data.eod_token_id is not None
+                       else f", documents masked at the starts in {cfg.data.document_starts}")
         print(f"[{cfg.name}] world {world} | mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | "
               f"Llama {args.num_params() / 1e6:.1f}M params | {flops_tok / 1e6:.1f} MFLOP/token | "
               f"{global_batch} seqs x {t.seq_len} tokens/step, {global_batch // dims.dp // t.micro_batch_size} "
@@ -188,7 +193,8 @@ def _train(cfg: TrainConfig) -> list[float]:
                 t0 = time.perf_counter()
                 with torch.profiler.record_function("train_step"):
                     x, y = data.batch(step)
-                    loss = pm.forward_backward(x, y)
+                    docs = None if documents is None else documents.ids(x, window_offsets(data, step))
+                    loss = pm.forward_backward(x, y, document_ids=docs)
                     grad_norm = pm.clip_grad_norm_(t.grad_clip if t.grad_clip > 0 else math.inf)
                     lr = opt.param_groups[0]["lr"]  # the lr this step applies
                     try:

@@ -71,6 +71,10 @@ flag                                       overlay key
 --mock-data                                data.mock=True (synthetic source)
 --data-dtype uint16|uint32                 data.dtype *(ours)*: must agree with the file's
                                            statement (PATH.json); absent: the statement's
+--reset-attention-mask                     data.reset_attention_mask=True: attention masked at
+                                           document boundaries (packed documents)
+--eod-token-id N                           data.eod_token_id *(ours)*: a document ends at N
+--document-starts PATH                     data.document_starts *(ours)*: int64 start offsets
 --log-interval N                           logging.log_interval
 --profile                                  logging.profile=True
 --profile-ranks R [R ...]                  logging.profile_ranks (list of ints)
@@ -209,6 +213,9 @@ _FLAGS: dict[str, _Flag] = {
     "--data-path": _f(None, None, str, many=True),
     "--mock-data": _f("data", "mock"),
     "--data-dtype": _f("data", "dtype", str, ("uint16", "uint32")),
+    "--reset-attention-mask": _f("data", "reset_attention_mask"),
+    "--eod-token-id": _f("data", "eod_token_id", int),
+    "--document-starts": _f("data", "document_starts", str),
     "--log-interval": _f("logging", "log_interval", int),
     "--profile": _f("logging", "profile"),
     "--profile-ranks": _f("logging", "profile_ranks", int, many=True),

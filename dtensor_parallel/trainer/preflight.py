@@ -114,14 +114,19 @@ def check_sequence_length(cfg: TrainConfig, dims: ParallelDims) -> None:
 
 def check_data(cfg: TrainConfig, dims: ParallelDims) -> None:
     """The token file as the ranks will read it: exists, states its dtype, holds one step
-    of distinct windows, ids below the vocabulary (``TokenFileDataset`` checks them)."""
+    of distinct windows, ids below the vocabulary (``TokenFileDataset`` checks them); the
+    document starts file (``documents.py``)."""
     if cfg.data.synthetic:
         return
     from .data import TokenFileDataset
 
+    from .documents import build_document_masking
+
     t = cfg.training
-    TokenFileDataset(cfg.data.path, dtype=cfg.data.dtype, seq_len=t.seq_len, vocab_size=cfg.model.args().vocab_size,
-                     global_batch_size=global_batch(cfg, dims), dp_rank=0, dp_size=dims.dp, seed=t.seed)
+    source = TokenFileDataset(cfg.data.path, dtype=cfg.data.dtype, seq_len=t.seq_len,
+                              vocab_size=cfg.model.args().vocab_size, global_batch_size=global_batch(cfg, dims),
+                              dp_rank=0, dp_size=dims.dp, seed=t.seed)
+    build_document_masking(cfg.data, source)  # the document starts file, if any
 
 
 def preflight_errors(cfg: TrainConfig, world_size: int, *, nproc_per_node: int | None = None,
