@@ -44,6 +44,36 @@ def takes_position_ids(module: nn.Module) -> bool:
     return "position_ids" in params
 
 
+def takes_document_ids(module: nn.Module) -> bool:
+    """A forward with a ``document_ids`` argument, or a transformers LM: its forward hands
+    unknown keyword arguments down to the attention function, which is ours
+    (``plans/hf.py``). Any other ``**kwargs`` might swallow them silently: not taken."""
+    from .plans.hf import is_transformers_causal_lm
+
+    return "document_ids" in inspect.signature(module.forward).parameters or is_transformers_causal_lm(module)
+
+
+def model_class_name(module: nn.Module) -> str:
+    """The user's class name (FSDP2 swaps in a subclass named ``FSDP<name>``)."""
+    return next((c.__name__ for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed")),
+                type(module).__name__)
+
+
+def check_document_ids(document_ids: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Shape and dtype; ids that do not decrease along each sequence (checked where the
+    tensor is on the CPU, as a data loader gives it: on a GPU the check would cost a sync)."""
+    if tuple(document_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(f"document_ids shape {tuple(document_ids.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}: one document id per token")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"document_ids must be integers, got {document_ids.dtype}")
+    if document_ids.device.type == "cpu" and document_ids.shape[1] > 1 \
+            and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+        row = int((document_ids[:, 1:] < document_ids[:, :-1]).any(1).nonzero()[0])
+        raise ValueError(f"document_ids decrease along sequence {row}: packed documents must have ids that "
+                         f"never decrease along the sequence (e.g. the cumulative count of document starts)")
+
+
 def stage_output(out) -> torch.Tensor:
     """What a pipeline stage sends on: the logits of its output, not a view. (A
     transformers LM slices its hidden states before the head, ``h[:, -0:]``, a pass-through
@@ -100,6 +130,7 @@ class ParallelModel:
         # see (a sequence shard under SP, a stage's input under PP); CP's zigzag ones always
         self._pass_positions = takes_position_ids(modules[0]) and (
             dims.cp > 1 or plan.sequence_parallel or pipeline is not None)
+        self._takes_documents = takes_document_ids(modules[0])
         if pipeline is not None:  # stages exchange tensors: a ModelOutput leaves as its logits
             for m in modules:
                 m.register_forward_hook(lambda _m, _inp, out: stage_output(out))
@@ -156,15 +187,16 @@ class ParallelModel:
     def dp_size(self) -> int:
         return self.dims.dp
 
-    def __call__(self, input_ids: torch.Tensor):
+    def __call__(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None):
         """Forward. Under TP with a vocab-parallel head the logits are a ``Shard(-1)``
         DTensor (``.full_tensor()`` gathers them); under PP only the ranks of the last
         stage get logits, the others None; under CP the logits of this rank's zigzag
-        positions (``zigzag_indices``)."""
-        self._check_inputs(input_ids)
+        positions (``zigzag_indices``). ``document_ids`` (b, s): packed documents, attention
+        masked at their boundaries (``document_attention.py``)."""
+        self._check_inputs(input_ids, document_ids=document_ids)
         # only a pipeline splits a forward into micro-batches; otherwise any batch will do
         n_micro = self._micro_batches(input_ids.shape[0]) if self.pipeline is not None else 1
-        (input_ids,), model_kwargs = self._context_parallel(input_ids.to(self.device))
+        (input_ids,), model_kwargs = self._context_parallel(input_ids.to(self.device), documents=document_ids)
         no_grad = torch.no_grad() if self.pipeline is not None else contextlib.nullcontext()
         with self._autocast(), no_grad:
             if self.pipeline is not None:
@@ -172,11 +204,19 @@ class ParallelModel:
             return logits_of(self.module(input_ids, **model_kwargs))
 
     # ---- checks (local, before any collective) -----------------------------------------
-    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if document_ids is not None:
+            check_document_ids(document_ids, input_ids)
+            if not self._takes_documents:
+                raise ValueError(f"{model_class_name(self.stage_modules[0])}.forward takes no document_ids: packed "
+                                 f"documents need a model that passes them to its attention (add a document_ids=None "
+                                 f"argument and call dtensor_parallel.document_causal_attention), or train "
+                                 f"without document masking")
         check_sequence(input_ids.shape[1], self.dims, self.plan.sequence_parallel)
         window = self._attention_window
         if window is not None and input_ids.shape[1] > window:
@@ -219,29 +259,37 @@ class ParallelModel:
             dist.all_reduce(t, group=self._loss_mesh.get_group())
         return t
 
-    def _context_parallel(self, input_ids: torch.Tensor, *others: torch.Tensor):
+    def _context_parallel(self, input_ids: torch.Tensor, *others: torch.Tensor,
+                          documents: torch.Tensor | None = None):
         """Under CP: this rank's zigzag shard of each tensor, and the model's keyword
         arguments: ``position_ids``, the shard's true positions (b, s/cp), which the
-        model's RoPE must use; otherwise the tensors unchanged and, where the layout
-        needs them, the full positions."""
+        model's RoPE must use, and ``document_ids`` (the shard's); otherwise the tensors
+        unchanged and, where the layout needs them, the full positions."""
+        kwargs = {}
+        if documents is not None:
+            kwargs["document_ids"] = documents.to(device=input_ids.device, dtype=torch.int32)
         if self._cp_mesh is None:
-            if not self._pass_positions:
-                return (input_ids, *others), {}
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-            return (input_ids, *others), {"position_ids": positions}
+            if self._pass_positions:
+                kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
+                    input_ids.shape[0], -1)
+            return (input_ids, *others), kwargs
         idx = zigzag_indices(input_ids.shape[1], self.dims.cp, self._cp_mesh.get_local_rank(), input_ids.device)
-        position_ids = idx.expand(input_ids.shape[0], -1)  # (b, s/cp): splits into micro-batches
-        return tuple(t[:, idx] for t in (input_ids, *others)), {"position_ids": position_ids}
+        kwargs = {k: v[:, idx] for k, v in kwargs.items()}
+        kwargs["position_ids"] = idx.expand(input_ids.shape[0], -1)  # (b, s/cp): splits into micro-batches
+        return tuple(t[:, idx] for t in (input_ids, *others)), kwargs
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                         document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward over this rank's batch, in micro-batches; gradients
-        accumulate into ``.grad``. Returns the global mean token loss (same on every rank)."""
-        self._check_inputs(input_ids, labels)
+        accumulate into ``.grad``. Returns the global mean token loss (same on every rank).
+        ``document_ids`` (b, s): packed documents (see ``__call__``)."""
+        self._check_inputs(input_ids, labels, document_ids)
         n_micro = self._micro_batches(input_ids.shape[0])
         if self._moe:
             moe_stats.start_step(self._moe, self._moe_step, n_micro)
         device = self.device
-        (input_ids, labels), model_kwargs = self._context_parallel(input_ids.to(device), labels.to(device))
+        (input_ids, labels), model_kwargs = self._context_parallel(input_ids.to(device), labels.to(device),
+                                                                   documents=document_ids)
         n_tokens = self._loss_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
         if self.pipeline is not None:
             with loss_context(self.loss_parallel), self._autocast():

@@ -11,7 +11,7 @@
                  retie_after_tp          (tied.py)           a tied head takes the embedding's DTensor
          CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
          recompute apply_recompute       (recompute.py)      checkpoint each block
-         compile block.compile()                             per block
+         compile compile_block           (compiling.py)      per block
          DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP
     4. the pipeline runtime over the stages (``pipeline/runtime.py``), and the sum of a tied
        weight's gradients over the stages holding a copy (``tied.py``)
@@ -43,6 +43,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .compiling import compile_block
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, data_parallel_mesh
 from .expert_parallel import apply_expert_parallel, build_dispatch, check_experts
@@ -116,18 +117,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                                   TPKernels(reduce_scatter=sp_backend, fused=plan.fused_rowwise))
             loss_parallel |= any(isinstance(st, VocabHead) for st in present.values())
             retie_after_tp(module, resolved.tied)  # the head takes the embedding's DTensor again
+        sites = {}
         if dims.cp > 1:  # CP: ring attention at each attention call site
-            apply_context_parallel({n: module.get_submodule(n) for n, st in present.items()
-                                    if isinstance(st, AttentionSite)},
-                                   submesh(mesh, "cp").get_group(), kernel_backend(plan, "attention", mesh))
+            sites = {n: module.get_submodule(n) for n, st in present.items() if isinstance(st, AttentionSite)}
+            apply_context_parallel(sites, submesh(mesh, "cp").get_group(), kernel_backend(plan, "attention", mesh))
         apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
         if plan.compile:  # per block, after recompute (it compiles the checkpointed forward)
             for block in blocks:
-                # static shapes: blocks that see two input shapes (a transformers model's first
-                # layer takes the whole sequence and slices its SP shard) get a graph each,
-                # instead of one dynamic-shape graph, which DTensor inputs fail to trace
-                # (torch 2.11, H200: "unhashable type: non-nested SymInt" in the RMSNorm)
-                block.compile(dynamic=False)
+                compile_block(block, has_ring=any(_holds(block, site) for site in sites.values()))
         if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too
             apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
                                 reshard_after_forward=plan.reshard_after_forward,
@@ -151,6 +148,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          tied_names=resolved.tied,
                          attention_window=window,
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
+
+
+def _holds(block: nn.Module, module: nn.Module) -> bool:
+    return any(m is module for m in block.modules())
 
 
 def _present(module: nn.Module, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 - ``full``: keep only each block's input; the whole block reruns in backward.
 - ``selective``: keep the outputs of the expensive ops (matmuls, attention, and the
-  reduce-scatters of sequence parallelism, which would otherwise rerun communication) and
+  reduce-scatters of sequence parallelism and the context-parallel ring, which would
+  otherwise rerun communication) and
   recompute the cheap element-wise ones (norms, rotary, SwiGLU's activation). This is the
   op-level form of Megatron's selective recompute: with flash attention there is no
   s x s score matrix to drop, so the memory worth saving is the element-wise activations.
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .tensor_parallel import matmul_reduce_scatter, sp_reduce_scatter  # noqa: F401 - register the custom ops
+from .context_parallel import ring  # noqa: F401 - register the custom ops
+from .tensor_parallel import matmul_reduce_scatter, sp_reduce_scatter  # noqa: F401
 
 _aten = torch.ops.aten
 _SAVE_OPS = {
@@ -42,6 +44,8 @@ _SAVE_OPS = {
     # SP's Triton reduce-scatters (custom ops): saved, else backward reruns GEMM + communication
     torch.ops.dtensor_parallel.matmul_reduce_scatter.default,
     torch.ops.dtensor_parallel.sequence_reduce_scatter.default,
+    # the ring (context parallel, packed documents): saved, else the recompute reruns the ring
+    torch.ops.dtensor_parallel.ring_attention.default,
 }
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from dtensor_parallel import ParallelPlan, build_mesh, parallelize
 
-from .parity import REL_TOL, assert_grads_match, case_device, make_batch, rel_err
+from .parity import (REL_TOL, assert_grads_match, case_device, make_batch, make_documents,
+                     positions_within_documents, rel_err)
 
 ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "qwen3")  # the built-in dense plans
 #: transformers MoE LMs (4 experts, top 2): Mixtral and Qwen2-MoE (its shared expert and
@@ -75,17 +76,24 @@ def make_hf_model(arch: str, seed: int = 0, **overrides):
     return model.to(case_device())
 
 
-def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
+def reference_step(model, x, y, n_micro: int = 1, dp: int = 1, document_ids=None) -> torch.Tensor:
     """Mean token loss of the global batch on one device, backward. A dense model's gradient
     does not depend on the micro-batches; an MoE model's balancing loss is per micro-batch
     (micro-batch m: chunk m of every dp rank's rows), so they are run as the pipeline runs
-    them, each adding its balancing loss / n_micro."""
+    them, each adding its balancing loss / n_micro. ``document_ids``: packed documents,
+    given to transformers its own way (positions restarting at each document, no cache),
+    for which it builds its own block-diagonal mask."""
     n_tokens = (y != -100).sum()
     total = torch.zeros((), device=x.device)
     per_micro = lambda t: t.view(dp, n_micro, -1, t.shape[-1])  # noqa: E731
     for m in range(n_micro):
         xm, ym = (per_micro(t)[:, m].reshape(-1, t.shape[-1]) for t in (x, y))
-        out = model(input_ids=xm, output_router_logits=True) if hf_balancing_loss(model) else model(input_ids=xm)
+        kw = {}
+        if document_ids is not None:
+            docs_m = per_micro(document_ids)[:, m].reshape(-1, x.shape[-1])
+            kw = {"position_ids": positions_within_documents(docs_m), "use_cache": False}
+        out = model(input_ids=xm, output_router_logits=True, **kw) if hf_balancing_loss(model) \
+            else model(input_ids=xm, **kw)
         loss_sum = F.cross_entropy(out.logits.flatten(0, 1), ym.flatten(), ignore_index=-100, reduction="sum")
         objective = loss_sum / n_tokens
         if hf_balancing_loss(model):
@@ -115,7 +123,7 @@ def hf_balancing_loss(model):
 
 
 def hf_one_step_parity(arch: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int = 4, seq: int = 16,
-                       steps: int = 1, layers: int = 2) -> float:
+                       steps: int = 1, layers: int = 2, documents: bool = False) -> float:
     """Loss, every gradient and the gradient norm equal to the single-device model's, then
     every parameter after an AdamW step; ``steps`` > 1: the losses of that many steps track
     one device."""
@@ -139,8 +147,10 @@ def hf_one_step_parity(arch: str, mesh_kwargs: dict, plan_kwargs: dict, batch: i
     n_micro = pm._micro_batches(batch // pm.dims.dp) if pm.pipeline is not None else 1
     for step in range(steps):
         x, y = make_batch(ref.config.vocab_size, batch, seq, seed=1 + step)
-        ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp)
-        loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+        docs = make_documents(batch, seq, seed=2 + step) if documents else None
+        ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp, document_ids=docs)
+        loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y),
+                                   document_ids=None if docs is None else pm.shard_batch(docs.cpu()))
         assert rel_err(loss, ref_loss) <= REL_TOL, f"step {step}: loss {loss.item()} != reference {ref_loss.item()}"
         if step == 0:
             assert_grads_match(pm, ref)

@@ -80,12 +80,33 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 1, ignore_frac: flo
     return x.to(case_device()), y.to(case_device())
 
 
-def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
+def make_documents(batch: int, seq: int, seed: int = 2) -> torch.Tensor:
+    """Packed-document ids (batch, seq): random document starts (about one token in five,
+    so one-token documents and documents crossing every shard boundary occur), the first
+    row a single document."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(batch, seq, generator=g) < 0.2
+    starts[:, 0] = True
+    starts[0] = False
+    return starts.long().cumsum(1).to(case_device())
+
+
+def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document (0 at every document start): how
+    transformers marks packed sequences (its independent reference for document masking)."""
+    idx = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+
+
+def reference_step(model, x, y, n_micro: int = 1, dp: int = 1, document_ids=None) -> torch.Tensor:
     """Forward+backward of the global batch on one device. With ``n_micro`` > 1 it runs the
     micro-batches a pipeline runs (micro-batch m: chunk m of every dp rank's rows), so MoE
     balancing losses, which are per micro-batch, are those of the parallel run."""
+    docs = {} if document_ids is None else {"document_ids": document_ids}
     if n_micro == 1:
-        logits = model(x)
+        logits = model(x, **docs)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
         loss.backward()
         return loss.detach()
@@ -97,7 +118,10 @@ def reference_step(model, x, y, n_micro: int = 1, dp: int = 1) -> torch.Tensor:
     per_micro = lambda t: t.view(dp, n_micro, -1, t.shape[-1])  # noqa: E731
     for m_idx in range(n_micro):
         xm, ym = (per_micro(t)[:, m_idx].reshape(-1, t.shape[-1]) for t in (x, y))
-        loss_sum = F.cross_entropy(model(xm).flatten(0, 1), ym.flatten(), ignore_index=-100, reduction="sum")
+        docs_m = {} if document_ids is None else {
+            "document_ids": per_micro(document_ids)[:, m_idx].reshape(-1, x.shape[-1])}
+        loss_sum = F.cross_entropy(model(xm, **docs_m).flatten(0, 1), ym.flatten(), ignore_index=-100,
+                                   reduction="sum")
         (loss_sum / n_tokens).backward()
         total = total + loss_sum.detach().cpu()
     for m in moes:
@@ -134,8 +158,10 @@ def assert_full_state_dict_matches(pm, ref, rel_tol: float = 0.0) -> None:
         assert rel_err(got[name], t) <= rel_tol, f"{name}: {rel_err(got[name], t):.2e}"
 
 
-def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int = 4, seq: int = 16):
-    """One forward+backward: global loss and every gradient equal the single-device ones."""
+def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int = 4, seq: int = 16,
+                    documents: bool = False):
+    """One forward+backward: global loss and every gradient equal the single-device ones
+    (``documents``: with packed-document ids, ``make_documents``)."""
     ref = make_model(kind)
     model = copy.deepcopy(ref)
     mesh = build_mesh(**mesh_kwargs)
@@ -144,8 +170,10 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
     vocab = ref.wte.num_embeddings if kind == "toy" else ref.args.vocab_size
     x, y = make_batch(vocab, batch, seq)
     n_micro = pm._micro_batches(batch // pm.dims.dp) if pm.pipeline is not None else 1
-    ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp)
-    loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    docs = make_documents(batch, seq) if documents else None
+    ref_loss = reference_step(ref, x, y, n_micro, pm.dims.dp, document_ids=docs)
+    loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y),
+                               document_ids=None if docs is None else pm.shard_batch(docs.cpu()))
     assert rel_err(loss, ref_loss) <= REL_TOL, f"loss {loss.item()} != reference {ref_loss.item()}"
     assert_grads_match(pm, ref)
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])

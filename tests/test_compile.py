@@ -25,6 +25,10 @@ def _parity_and_dynamo_stats(kind: str, mesh_kwargs: dict, plan_kwargs: dict) ->
 @pytest.mark.parametrize("kind,mesh_kwargs,plan_kwargs", [
     ("llama", {"tp": 2}, {"sequence_parallel": True, "recompute": "selective"}),
     ("toy", {"dp_shard": 2}, {"recompute": "full"}),
+    # the ring is a custom op: in the graph, also inside recompute (the Llama's ring and the
+    # toy's intercepted SDPA call; once a graph break per block, then eager blocks)
+    ("llama", {"cp": 2}, {"recompute": "full"}),
+    ("toy", {"cp": 2}, {"recompute": "selective"}),
 ])
 def test_compiled_blocks_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict) -> None:
     # each rank asserts loss and gradients against one device; the ranks also agree

@@ -106,7 +106,6 @@ def _ring_vs_full_attention(backend_name: str, hq: int, hkv: int, d: int, seq: i
     attention run in the same dtype (the yardstick)."""
     import torch.distributed as dist
 
-    from dtensor_parallel.context_parallel.blocks import get_backend
     from dtensor_parallel.context_parallel.ring import ring_attention
 
     dtype = getattr(torch, dtype_name)
@@ -116,7 +115,7 @@ def _ring_vs_full_attention(backend_name: str, hq: int, hkv: int, d: int, seq: i
     dout = torch.randn(2, hq, seq, d, generator=g)
     idx = zigzag_indices(seq, cp, rank)
     q, k, v = (t[:, :, idx].to(dtype).requires_grad_() for t in (qg, kg, vg))
-    out = ring_attention(q, k, v, causal=True, scale=None, group=dist.group.WORLD, backend=get_backend(backend_name))
+    out = ring_attention(q, k, v, causal=True, scale=None, group=dist.group.WORLD, backend=backend_name)
     out.backward(dout[:, :, idx].to(dtype))
     # float64 reference of the full sequence
     ref_in = [t.double().requires_grad_() for t in (qg, kg, vg)]

@@ -13,9 +13,12 @@ recompute reruns a block's forward inside the backward, on the autograd engine's
 which does not inherit the training thread's mode stack. The hooks run again with the
 recomputed forward, on whichever thread runs it, so the ring is there too.
 
-The mode holds all its state (the group and the block kernel): no class attribute, no
-global. RoPE positions of the zigzag shards reach the model as its ``position_ids``
-forward argument (``ParallelModel`` passes them), so the ring needs none.
+The mode holds all its state (the group and the block kernel's name): no class attribute,
+no global. RoPE positions of the zigzag shards reach the model as its ``position_ids``
+forward argument (``ParallelModel`` passes them), so the ring needs none. Packed documents
+reach the attention call as data too: the model's ``document_ids`` argument, passed on to
+:func:`~dtensor_parallel.document_attention.document_causal_attention`, which the mode
+intercepts like SDPA (so a recomputed forward sees its own micro-batch's documents).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..document_attention import document_causal_attention
 from .blocks import get_backend
 from .ring import ring_attention
 
@@ -36,19 +40,27 @@ _SDPA = F.scaled_dot_product_attention
 
 class RingAttentionMode(TorchFunctionMode):
     """Inside: ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` is ring attention
-    over ``group`` with the block kernel ``backend`` ("torch" or "triton"); every other
+    over ``group`` with the block kernel ``backend`` ("torch", "triton" or "sdpa"), and so is
+    ``document_causal_attention(q, k, v, document_ids)`` with its documents; every other
     function runs as it is."""
 
     def __init__(self, group: dist.ProcessGroup, backend: str, site: str):
         super().__init__()
-        self.group, self.backend, self.site = group, get_backend(backend), site
+        get_backend(backend)  # (an unknown name fails here, at parallelize)
+        self.group, self.backend, self.site = group, backend, site
         self.entered = 0  # how many forwards of the site are inside (recursion, recompute)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
             return self.attention(*args, **kwargs)
+        if func is document_causal_attention:
+            return self.documents(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def documents(self, query, key, value, document_ids, *, scale=None) -> torch.Tensor:
+        return ring_attention(query, key, value, causal=True, scale=scale, group=self.group, backend=self.backend,
+                              document_ids=document_ids)
 
     def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False) -> torch.Tensor:

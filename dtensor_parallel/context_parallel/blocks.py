@@ -2,12 +2,12 @@
 
 A backend gives ring attention two functions:
 
-- ``forward_step(q, k, v, out, lse, causal, scale, accumulate) -> (out, lse)``: attend
+- ``forward_step(q, k, v, out, lse, causal, scale, accumulate, doc_q, doc_k) -> (out, lse)``: attend
   ``q`` to one key/value block and write the result into the fp32 buffers ``out``/``lse``
   **in place** (they may be views: the ring passes the second-chunk half of its
   buffers). ``accumulate=False`` overwrites them (the first step); ``True`` merges:
   ``lse' = logaddexp(lse, lse_b)``, ``out' = out e^(lse - lse') + out_b e^(lse_b - lse')``.
-- ``backward_block(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``: the
+- ``backward_block(dout, q, k, v, out, lse, causal, scale, doc_q, doc_k) -> (dq, dk, dv)``: the
   FlashAttention backward of one block given the *final* out and lse, which is exactly
   that block's share of the gradients: P = exp(S - lse), dV = P^T dO,
   dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
@@ -15,6 +15,9 @@ A backend gives ring attention two functions:
 Shapes: q (b, hq, s_q, d), k and v (b, hkv, s_k, d) with hq a multiple of hkv (GQA: the
 key/value heads are not repeated on the wire; dK/dV sum over each group's query heads).
 ``causal`` masks key j > query i (top-left; blocks are square where it is used).
+``doc_q`` (b, s_q) / ``doc_k`` (b, s_k), both or neither: document ids, non-decreasing
+along each sequence; query i sees key j only when they match. A row may then see no key of
+a block: its block lse is -inf and its output 0, so a merge leaves it unchanged (never NaN).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from __future__ import annotations
 import torch
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset: int = 0) -> torch.Tensor:
-    """Scores of q rows offset..offset+s_q against keys 0..s_k-1; causal masks key j > row."""
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset: int = 0,
+            doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of q rows offset..offset+s_q against keys 0..s_k-1; causal masks key j > row,
+    documents (``doc_q`` of these rows, ``doc_k`` of these keys) mask other documents' keys."""
     rep = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(rep, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (b, hq, s_q, s_k)
@@ -31,13 +36,22 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset
         sq, sk = s.shape[-2:]
         rows = torch.arange(offset, offset + sq, device=s.device)[:, None]
         s = s.masked_fill(torch.arange(sk, device=s.device)[None, :] > rows, float("-inf"))
+    if doc_q is not None:
+        s = s.masked_fill((doc_q[:, None, :, None] != doc_k[:, None, None, :]), float("-inf"))
     return s
 
 
+def _no_key(lse: torch.Tensor) -> torch.Tensor:
+    """Rows that saw no key (lse -inf), as a mask to keep exp() free of -inf - -inf."""
+    return torch.isneginf(lse)
+
+
 def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
-    """Online-softmax merge of two partial attentions, in fp32."""
+    """Online-softmax merge of two partial attentions, in fp32 (a side with lse -inf, no key
+    seen, weighs 0; both -inf stays -inf with output 0)."""
     new = torch.logaddexp(lse, lse_b)
-    return (out * torch.exp(lse - new).unsqueeze(-1) + out_b * torch.exp(lse_b - new).unsqueeze(-1), new)
+    safe = new.masked_fill(_no_key(new), 0.0)
+    return (out * torch.exp(lse - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1), new)
 
 
 MAX_SCORE_ELEMENTS = 1 << 27  # fp32 scores held at once: 512 MiB
@@ -57,13 +71,15 @@ class TorchBlocks:
     name = "torch"
 
     @staticmethod
-    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True):
+    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True,
+                     doc_q=None, doc_k=None):
         rep = q.shape[1] // k.shape[1]
         for i, j in _row_chunks(q, k.shape[2]):
-            kk, vv = (k[:, :, :j], v[:, :, :j]) if causal else (k, v)
-            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i)
-            lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, rows)
-            p = torch.exp(s - lse_b.unsqueeze(-1))
+            n = j if causal else k.shape[2]
+            kk, vv = k[:, :, :n], v[:, :, :n]
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n))
+            lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, rows); -inf where no key is seen
+            p = torch.exp(s - lse_b.masked_fill(_no_key(lse_b), 0.0).unsqueeze(-1))
             out_b = torch.matmul(p, vv.float().repeat_interleave(rep, dim=1))
             if accumulate:
                 out_b, lse_b = merge(out[:, :, i:j], lse[:, :, i:j], out_b, lse_b)
@@ -72,7 +88,7 @@ class TorchBlocks:
         return out, lse
 
     @staticmethod
-    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None):
         rep = q.shape[1] // k.shape[1]
         b, hkv, sk, d = k.shape
         dq = []
@@ -81,7 +97,7 @@ class TorchBlocks:
         for i, j in _row_chunks(q, sk):
             n = j if causal else sk
             kk, vv = k[:, :, :n], v[:, :, :n]
-            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i)
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n))
             p = torch.exp(s - lse[:, :, i:j].unsqueeze(-1))  # the final lse: this block's share
             do, vf = dout[:, :, i:j].float(), vv.float().repeat_interleave(rep, dim=1)
             dv_c = torch.matmul(p.transpose(-1, -2), do)
@@ -93,6 +109,10 @@ class TorchBlocks:
             dk[:, :, :n] += dk_c.view(b, hkv, rep, n, d).sum(2)
             dv[:, :, :n] += dv_c.view(b, hkv, rep, n, d).sum(2)
         return torch.cat(dq, 2), dk, dv
+
+
+def _rows(doc: torch.Tensor | None, i: int, j: int) -> torch.Tensor | None:
+    return None if doc is None else doc[:, i:j]
 
 
 def get_backend(name: str):

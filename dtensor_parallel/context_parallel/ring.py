@@ -16,48 +16,83 @@ Partial results merge by log-sum-exp in fp32, in place into one (out, lse) buffe
 first step writes it, so it is never zero-filled). The backward runs the same ring: dQ
 stays, dK/dV accumulators travel with their key/value block, sent on asynchronously, and
 one last rotation brings each home.
+
+Packed documents: ``document_ids`` (b, s_local), this rank's shard of ids that do not
+decrease along the global sequence, travel with their key/value block (a few bytes per
+token); every block call masks query i from key j unless their ids match, and the
+backends skip key ranges no query of the block can see (``blocks.py``). Every rank still
+runs every step, so the ring's collectives stay the same on every rank whatever the
+documents: a step whose keys no query sees costs only its (skipped) launch.
+
+The ring is two ``torch.library`` custom ops (``dtensor_parallel::ring_attention`` and its
+backward), so ``torch.compile`` puts it in the graph as one opaque node with a fake
+(shape-only) implementation, instead of a graph break; the process group travels as its
+name and the block backend as its name (strings are op arguments, objects are not).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
+from .blocks import get_backend
 from .ring_comm import RingComm
 
+LOCAL = ""  # the group name of no group: one rank, the whole sequence (the ring of one step)
 
-def _ring_steps(k: torch.Tensor, v: torch.Tensor, comm: RingComm):
-    """Yield (j, k_j, v_j) for j = r, r-1, ... around the ring; the next block's transfer is
-    in flight while the caller computes on the current one."""
-    k_cur, v_cur = k, v
+
+class _NoRing:
+    """The ring of one rank: the own block only, nothing sent."""
+
+    rank, size = 0, 1
+
+
+def _comm(group_name: str):
+    return _NoRing() if group_name == LOCAL else RingComm(_resolve_process_group(group_name))
+
+
+def _ring_steps(blocks: list, comm):
+    """Yield (j, blocks of rank j) for j = r, r-1, ... around the ring; the next rotation is
+    in flight while the caller computes on the current blocks (None entries stay None)."""
+    cur = blocks
     for i in range(comm.size):
         works = None
         if i + 1 < comm.size:
-            (k_next, v_next), works = comm.start([k_cur, v_cur])
-        yield (comm.rank - i) % comm.size, k_cur, v_cur
+            moving = [t for t in cur if t is not None]
+            received, works = comm.start(moving)
+            it = iter(received)
+            nxt = [None if t is None else next(it) for t in cur]
+        yield (comm.rank - i) % comm.size, cur
         if works is not None:
             comm.wait(works)
-            k_cur, v_cur = k_next, v_next
+            cur = nxt
 
 
-def _forward(q, k, v, causal: bool, scale: float, comm: RingComm, backend):
+def _half(doc, rows: slice):
+    return None if doc is None else doc[:, rows]
+
+
+def _forward(q, k, v, doc, causal: bool, scale: float, comm, backend):
     b, hq, s, d = q.shape
     c = s // 2
     out = torch.empty(b, hq, s, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-    for j, k_j, v_j in _ring_steps(k, v, comm):
+    for j, (k_j, v_j, doc_j) in _ring_steps([k, v, doc], comm):
         first = j == comm.rank  # step 0: the own block, written rather than merged
         if first or not causal:
-            backend.forward_step(q, k_j, v_j, out, lse, causal, scale, accumulate=not first)
+            backend.forward_step(q, k_j, v_j, out, lse, causal, scale, accumulate=not first,
+                                 doc_q=doc, doc_k=doc_j)
         elif j < comm.rank:  # all our queries see j's first chunk only
-            backend.forward_step(q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale, accumulate=True)
+            backend.forward_step(q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale, accumulate=True,
+                                 doc_q=doc, doc_k=_half(doc_j, slice(0, c)))
         else:  # only our second chunk sees j, all of it: merge into the second half in place
             backend.forward_step(q[:, :, c:], k_j, v_j, out[:, :, c:], lse[:, :, c:], False, scale,
-                                 accumulate=True)
+                                 accumulate=True, doc_q=_half(doc, slice(c, None)), doc_k=doc_j)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingComm, backend):
+def _backward(dout, q, k, v, out, lse, doc, causal: bool, scale: float, comm, backend):
     """dQ stays home; the dK/dV accumulator of each key/value block travels with it. A
     block's accumulator is sent on as soon as this rank has added its share, and the next
     block's arrives while this rank computes on it, so only the last hop (the one that
@@ -65,16 +100,18 @@ def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingCom
     c = q.shape[2] // 2
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     in_flight = None  # (receive buffers, works) of the accumulator of the block held next
-    for j, k_j, v_j in _ring_steps(k, v, comm):
+    for j, (k_j, v_j, doc_j) in _ring_steps([k, v, doc], comm):
         if j == comm.rank or not causal:
-            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale)
+            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale, doc_q=doc, doc_k=doc_j)
             rows, keys = slice(None), slice(None)
         elif j < comm.rank:
-            gq, gk, gv = backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale)
+            gq, gk, gv = backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale,
+                                                doc_q=doc, doc_k=_half(doc_j, slice(0, c)))
             rows, keys = slice(None), slice(0, c)
         else:
-            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j,
-                                                out[:, :, c:], lse[:, :, c:], False, scale)
+            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j, out[:, :, c:],
+                                                lse[:, :, c:], False, scale,
+                                                doc_q=_half(doc, slice(c, None)), doc_k=doc_j)
             rows, keys = slice(c, None), slice(None)
         dq[:, :, rows] += gq
         if in_flight is None:  # step 0: the own block's accumulator starts here
@@ -85,41 +122,76 @@ def _backward(dout, q, k, v, out, lse, causal: bool, scale: float, comm: RingCom
             comm.wait(works)
         dk[:, :, keys] += gk
         dv[:, :, keys] += gv
+        if comm.size == 1:
+            return dq, dk, dv
         in_flight = comm.start([dk, dv])
     (dk, dv), works = in_flight  # after cp hops each accumulator is home
     comm.wait(works)
     return dq, dk, dv
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, group, backend):
-        comm = RingComm(group)
-        out, lse = _forward(q, k, v, causal, scale, comm, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.group, ctx.backend = causal, scale, group, backend
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, RingComm(ctx.group), ctx.backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+# ---- the custom ops ----------------------------------------------------------------------
+@torch.library.custom_op("dtensor_parallel::ring_attention", mutates_args=())
+def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
+                      causal: bool, scale: float, group_name: str, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in q's dtype, lse fp32 (b, hq, s)) of ring attention over the named group."""
+    out, lse = _forward(q, k, v, document_ids, causal, scale, _comm(group_name), get_backend(backend))
+    return out.to(q.dtype), lse
 
 
-# Compiled blocks run the ring eagerly (one graph break): Dynamo would otherwise trace into
-# the autograd Function and the Triton launches, and on torch 2.11 it fails there ("Can't
-# construct an AttrSource without a valid base source" at the autotuner's config pruning on
-# an H200, a fake-tensor error inside the interpreter on CPU). Issue 21 is the ring in the graph.
-@torch.compiler.disable
+@ring_attention_op.register_fake
+def _(q, k, v, document_ids, causal, scale, group_name, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dtensor_parallel::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, document_ids: torch.Tensor | None,
+                               causal: bool, scale: float, group_name: str, backend: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, document_ids, causal, scale, _comm(group_name),
+                           get_backend(backend))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, document_ids, causal, scale, group_name, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, document_ids, causal, scale, group_name, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.args = (causal, scale, group_name, backend)
+
+
+def _backward_rule(ctx, dout, _dlse):
+    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, document_ids, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+ring_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
-                   group: dist.ProcessGroup, backend) -> torch.Tensor:
+                   group: dist.ProcessGroup | None, backend: str,
+                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q (b, hq, s_local, d), k/v (b, hkv, s_local, d), sequences zigzag-sharded over
-    ``group``; returns (b, hq, s_local, d)."""
+    ``group`` (None: one rank, the whole sequence); ``document_ids`` (b, s_local) the
+    shard's document ids, or None; returns (b, hq, s_local, d)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
-    if causal and q.shape[2] % 2:
+    size = 1 if group is None else dist.get_world_size(group)
+    if causal and size > 1 and q.shape[2] % 2:
         raise ValueError(f"local sequence {q.shape[2]} is odd: zigzag needs two equal chunks")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if document_ids is not None and tuple(document_ids.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"document_ids of shape {tuple(document_ids.shape)} do not match the queries' "
+                         f"(batch, sequence) {(q.shape[0], q.shape[2])}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _RingAttention.apply(q, k, v, causal, scale, group, backend)
+    name = LOCAL if group is None or size == 1 else group.group_name
+    docs = None if document_ids is None else document_ids.to(torch.int32).contiguous()
+    return ring_attention_op(q, k, v, docs, bool(causal), scale, name, backend)[0]

@@ -16,12 +16,18 @@ class TritonBlocks:
     name = "triton"
 
     @staticmethod
-    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True):
+    def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True,
+                     doc_q=None, doc_k=None):
         # the kernel writes (out, lse) in place through their strides: views need no copy
         return flash_attention_ring_step(q, k, v, out, lse, causal=causal, softmax_scale=scale,
-                                         accumulate=accumulate)
+                                         accumulate=accumulate, **_documents(doc_q, doc_k))
 
     @staticmethod
-    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None):
         return flash_attention_backward(q, k, v, out, lse.contiguous(), dout, causal=causal,
-                                        softmax_scale=scale, grad_dtype=torch.float32)
+                                        softmax_scale=scale, grad_dtype=torch.float32,
+                                        **_documents(doc_q, doc_k))
+
+
+def _documents(doc_q, doc_k) -> dict:
+    return {} if doc_q is None else {"doc_q": doc_q, "doc_k": doc_k}

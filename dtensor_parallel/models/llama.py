@@ -15,6 +15,8 @@ Parallel-friendly by construction:
 - positions come in as ``position_ids`` (``arange`` when absent), so context parallelism
   passes each zigzag shard its true positions; attention is a plain SDPA call, which the
   context-parallel step turns into ring attention at this module only;
+- packed documents come in as ``document_ids`` (None: one document per sequence), and
+  attention then masks across document boundaries (``document_attention.py``);
 - it imports nothing of the library's strategies: its default plan (blocks and rules) is
   data in ``dtensor_parallel/plans/llama.py``, so
   ``parallelize(llama, mesh, ParallelPlan(sequence_parallel=True))`` needs no rules.
@@ -28,6 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..document_attention import document_causal_attention
 
 from .. import init
 from .moe import MoE, MoEArgs
@@ -194,16 +198,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, s, dim); rope: the cos/sin rows of the tokens' positions, (s, d/2, 2) or
-        (b, s, d/2, 2)."""
+        (b, s, d/2, 2); document_ids (b, s) or None."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)  # (b, s, local heads, d)
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, local kv heads, d)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        if document_ids is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        else:
+            out = document_causal_attention(q, k, v, document_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -228,14 +235,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = (MoE(args.dim, args.moe) if args.is_moe_layer(layer_id)
                              else FeedForward(args.dim, args.ffn_hidden_dim))
 
-    def forward(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rope)
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rope, document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Llama(nn.Module):
-    """Llama 3. ``forward(tokens (b, s), position_ids (b, s) or (s,) = arange(s)) -> logits
-    (b, s, vocab)``; a pipeline stage without the embedding takes hidden states (b, s, dim)."""
+    """Llama 3. ``forward(tokens (b, s), position_ids (b, s) or (s,) = arange(s),
+    document_ids (b, s) = None) -> logits (b, s, vocab)``; a pipeline stage without the
+    embedding takes hidden states (b, s, dim)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -250,14 +258,15 @@ class Llama(nn.Module):
     def from_flavour(cls, flavour: str, **overrides) -> "Llama":
         return cls(llama3_args(flavour, **overrides))
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens)  # (b, s, dim); a pipeline stage without it passes hidden states on
         if position_ids is None:
             rope = self.rope[:tokens.shape[1]]  # (s, d/2, 2)
         else:  # the tokens' global positions (this rank's zigzag chunks under CP)
             rope = self.rope[position_ids]  # ([b,] s, d/2, 2)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, document_ids)
         return self.output(self.norm(h))
 
     @torch.no_grad()

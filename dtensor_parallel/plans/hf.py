@@ -32,7 +32,10 @@ implementation it has no mask function for). The mask is what every layout needs
 not depend on the sequence length a rank sees (SP, CP, PP stages), and ``position_ids`` that
 are not ``arange`` (CP's zigzag shards) are never taken for packed documents. Under
 context parallelism each attention module is an attention call site, so the same SDPA call
-becomes the ring there. Padding masks are not supported (the trainer packs sequences).
+becomes the ring there. Padding masks are not supported (the trainer packs sequences);
+packed documents are: ``document_ids``, a keyword argument of the model's forward that
+transformers hands down to the attention function (``TransformersKwargs``), where it
+becomes ``document_causal_attention``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..document_attention import document_causal_attention
 from .hf_moe import HF_MOE_LMS, feed_forward_rules
 
 ATTENTION_NAME = "dtensor_parallel_causal"
@@ -169,6 +173,10 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         # before any collective, ParallelModel._check_inputs; this is the local backstop)
         raise NotImplementedError(f"{type(module).__name__}: a sliding window of {sliding_window} tokens is "
                                   f"shorter than this sequence ({key.shape[2]}): not supported under parallelize")
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    document_ids = kwargs.get("document_ids")  # packed documents: ParallelModel's keyword argument,
+    if document_ids is not None:  # handed down by the model's forward, its layers and attention
+        out = document_causal_attention(query, key, value, document_ids, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
