@@ -110,7 +110,10 @@ def _attend_backward(kind: str, dout, q, k, v, out, lse, mask, causal: bool, sca
         return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.contiguous(), None, None, s_q, k.shape[2], 0.0, causal,
             rng_state, unused, scale=scale)
-    # the efficient op's lse layout: (b, h, s_q rounded up to 32), contiguous
+    # the efficient op's layouts, as its forward returns them: out in (b, s, h, d) memory (its
+    # kernel takes out's batch and head strides but derives the row stride as h * d), and lse
+    # (b, h, s_q rounded up to 32), contiguous
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
     lse_padded = torch.zeros(b, h, -(-s_q // 32) * 32, dtype=torch.float32, device=q.device)
     lse_padded[..., :s_q] = lse
     seed, offset = torch.empty((), dtype=torch.int64), torch.empty((), dtype=torch.int64)
