@@ -19,9 +19,10 @@ Which op runs (schemas read in torch 2.11's and 2.13's ``native_functions.yaml``
 - any other device, or fp64 on CUDA: ``NotImplementedError`` naming "torch".
 
 Each block's output comes back in the input dtype and is merged into the running fp32
-(out, lse) in place (they may be views); the backward calls the op's backward with the
-*final* out (cast to the input dtype) and lse, which is exactly the block's share of the
-gradients (P = exp(S - lse_final)), as in ``blocks.py``.
+(out, lse) in place (they may be views): in bf16 a block's output is rounded once before
+its merge, which the Triton backend (merging inside its kernel) avoids. The backward calls
+the op's backward with the *final* out (cast to the input dtype) and lse, which is exactly
+the block's share of the gradients (P = exp(S - lse_final)), as in ``blocks.py``.
 
 GQA (hq = rep * hkv), without repeating k/v where it is exact: for a non-causal block
 without a mask, the rep query heads of a group are folded into the query sequence,
