@@ -217,6 +217,64 @@ def test_registry_and_errors():
         _kind(q.to("meta"), False, False, 4)
 
 
+class _CudaOpsOnCpu:
+    """CPU stand-ins for the CUDA ops with the layouts those ops give and demand (read in
+    torch's attention_backward.cu): the efficient op returns lse padded to 32 rows and out in
+    (b, s, h, d) memory, and its backward derives out's row stride from that layout; its bias
+    has the query's dtype, full (b, h, s_q, s_k) shape and 16-aligned strides; flash is called
+    dense (cum_seq None) with an unpadded contiguous lse; neither takes GQA here."""
+
+    cpu, cpu_backward = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    _scaled_dot_product_flash_attention_for_cpu = cpu
+    _scaled_dot_product_flash_attention_for_cpu_backward = cpu_backward
+
+    def _scaled_dot_product_efficient_attention(self, q, k, v, bias, lse_wanted, p, causal, *, scale):
+        assert lse_wanted and p == 0 and q.shape[1] == k.shape[1]
+        if bias is not None:
+            assert bias.dtype == q.dtype and bias.shape == (*q.shape[:3], k.shape[2]) and bias.stride(3) == 1
+            assert all(st % 16 == 0 for st in bias.stride()[:3])
+        o, l = self.cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        padded = torch.full((*l.shape[:2], -(-l.shape[2] // 32) * 32), 123.0)
+        padded[..., :l.shape[2]] = l
+        return o.transpose(1, 2).contiguous().transpose(1, 2), padded, torch.empty(()), torch.empty(())
+
+    def _scaled_dot_product_efficient_attention_backward(self, do, q, k, v, bias, o, lse, seed, offset, p, mask,
+                                                         causal, *, scale):
+        assert o.transpose(1, 2).is_contiguous() and lse.is_contiguous() and lse.shape[2] % 32 == 0
+        assert mask == [True, True, True, False] and p == 0
+        return (*self.cpu_backward(do, q, k, v, o, lse[..., :q.shape[2]], 0.0, causal, attn_mask=bias, scale=scale),
+                None)
+
+    def _scaled_dot_product_flash_attention(self, q, k, v, p, causal, debug, *, scale):
+        assert q.shape[1] == k.shape[1] and not (causal and q.shape[2] != k.shape[2]) and p == 0
+        o, l = self.cpu(q, k, v, 0.0, causal, scale=scale)
+        return o.transpose(1, 2).contiguous().transpose(1, 2), l.contiguous(), None, None, q.shape[2], k.shape[2], \
+            torch.empty(2, dtype=torch.uint64), torch.empty((), dtype=torch.uint64), torch.empty(0)
+
+    def _scaled_dot_product_flash_attention_backward(self, do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, p, causal,
+                                                     rng_state, unused, *, scale):
+        assert cum_q is None and cum_k is None and (max_q, max_k) == (q.shape[2], k.shape[2])
+        assert lse.shape == q.shape[:3] and lse.is_contiguous() and rng_state.shape == (2,)
+        return self.cpu_backward(do, q, k, v, o, lse, 0.0, causal, scale=scale)
+
+
+@pytest.mark.parametrize("op", ["flash", "efficient"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("docs", [False, True])
+def test_cuda_glue_with_cpu_stand_ins(monkeypatch, op, causal, docs):
+    """The CUDA paths' plumbing (lse padding, layouts, GQA fold/repeat, masks) on CPU."""
+    import dtensor_parallel.context_parallel.sdpa_blocks as sdpa
+
+    def kind(q, masked, causal, s_k):
+        square = not causal or q.shape[2] == s_k
+        return "flash" if op == "flash" and not masked and square else "efficient"
+
+    monkeypatch.setattr(sdpa, "aten", _CudaOpsOnCpu())
+    monkeypatch.setattr(sdpa, "_kind", kind)
+    _ring_like(torch.float32, "cpu", causal, 4, 2, 16, docs, 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCuda:
