@@ -121,4 +121,7 @@ def get_backend(name: str):
     if name == "triton":
         from .triton_blocks import TritonBlocks
         return TritonBlocks
-    raise ValueError(f"attention backend {name!r}: choose 'torch' or 'triton'")
+    if name == "sdpa":
+        from .sdpa_blocks import SdpaBlocks
+        return SdpaBlocks
+    raise ValueError(f"attention backend {name!r}: choose 'torch', 'triton' or 'sdpa'")
