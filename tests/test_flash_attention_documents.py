@@ -90,7 +90,7 @@ def test_documents_forward_backward(hq, hkv, s_q, s_k, d, causal, dtype):
 
 def test_document_ranges_match_brute_force():
     doc_q, doc_k = _ids(*DOCS_Q), _ids(*DOCS_K)
-    docs = document_ranges(doc_q, doc_k.int(), mirror=True)
+    docs = document_ranges(doc_q, doc_k.int())
     for b in range(2):
         for i in range(doc_q.shape[1]):
             hits = (doc_k[b] == doc_q[b, i]).nonzero().flatten().tolist()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges, with_mirror
+from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges
 from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
 
 __all__ = [
@@ -87,19 +87,18 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "PRECISION": "ieee" if (upcast or dtype == torch.float32) else "tf32"}
 
 
-def _documents(doc_q: torch.Tensor | None, doc_k: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-               where: str, mirror: bool) -> Documents | None:
-    """Checked ids and their ranges on the device, or None (no document mask)."""
-    if not check_documents(doc_q, doc_k, q, k, where):
+def _documents(q: torch.Tensor, k: torch.Tensor, causal: bool, where: str, doc_q: torch.Tensor | None,
+               doc_k: torch.Tensor | None, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None
+               ) -> Documents | None:
+    """Checked ids (and positions) turned into their ranges on the device, or None (no document mask)."""
+    if not check_documents(doc_q, doc_k, q, k, where, pos_q=pos_q, pos_k=pos_k, causal=causal):
         return None
-    return document_ranges(doc_q, doc_k, mirror=mirror)
+    return document_ranges(doc_q, doc_k, pos_q, pos_k)
 
 
-def _doc_args(docs: Documents | None, lo: str, hi: str, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """DOC_Q, DOC_K, <lo>, <hi> pointer arguments (``dummy`` stands in for all four without documents)."""
-    if docs is None:
-        return (dummy,) * 4
-    return docs.doc_q, docs.doc_k, getattr(docs, lo), getattr(docs, hi)
+def _doc_args(docs: Documents | None, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KV_LO, KV_HI, Q_LO, Q_HI pointer arguments (``dummy`` stands in for all four without documents)."""
+    return (dummy,) * 4 if docs is None else tuple(docs)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -117,7 +116,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         return (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))
 
     _attn_fwd[grid](
-        q, k, v, out, lse, *_doc_args(docs, "kv_lo", "kv_hi", lse), scale,
+        q, k, v, out, lse, *_doc_args(docs, lse), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), hq, hq // hkv, s_q, s_k,
@@ -156,12 +155,12 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
-        q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, "q_lo", "q_hi", lse), scale, *common,
+        q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, lse), scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
     )
     _attn_bwd_dq[lambda meta: (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))](
-        q, k, v, dout, lse, delta, dq, *_doc_args(docs, "kv_lo", "kv_hi", lse), scale, *common,
+        q, k, v, dout, lse, delta, dq, *_doc_args(docs, lse), scale, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         hq, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
     )
@@ -180,7 +179,7 @@ class _FlashAttention(torch.autograd.Function):
         lse = torch.empty((b, hq, s_q), device=q.device, dtype=torch.float32)  # (b, hq, s_q)
         _forward(q, k, v, out, lse, causal, scale, has_acc=False, docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.docs = causal, scale, docs  # docs: integer ids and ranges, no grad
+        ctx.causal, ctx.scale, ctx.docs = causal, scale, docs  # docs: integer ranges, no grad
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -189,8 +188,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        docs = None if ctx.docs is None else with_mirror(ctx.docs)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=docs)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=ctx.docs)
         return dq, dk, dv, None, None, None
 
 
@@ -205,7 +203,8 @@ def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     softmax_scale: float | None = None, doc_q: torch.Tensor | None = None,
-                    doc_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    doc_k: torch.Tensor | None = None, pos_q: torch.Tensor | None = None,
+                    pos_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its row log-sum-exp; differentiable in q, k, v (through both outputs).
 
     Args:
@@ -217,21 +216,27 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             the sequence (packed documents, in order); query i sees key j only if
             ``doc_q[i] == doc_k[j]`` (and the causal mask). Both or neither. Only the keys of
             each query block's documents are computed (``flash_attention_documents.py``).
+        pos_q, pos_k: global token positions (b, s_q) and (b, s_k), int32/int64, strictly
+            increasing along the sequence (rows that are position-sorted subsets of one
+            sequence, e.g. a context-parallel rank's tokens): query i sees key j only if also
+            ``pos_k[j] <= pos_q[i]``, causal by global position. Both or neither, only with
+            doc_q/doc_k, and with ``causal=False`` (they replace the local causal mask).
 
     Returns:
         out (b, hq, s_q, d) in the input dtype, lse (b, hq, s_q) fp32, natural log. A row that
-        sees no key (its document has no token among the keys) gets out 0 and lse -inf, and
-        zero gradients.
+        sees no key (its document has no token among the keys, or with positions none at or
+        before its own) gets out 0 and lse -inf, and zero gradients; it is never read.
     """
     _check_qkv(q, k, v)
-    docs = _documents(doc_q, doc_k, q, k, "flash_attention", mirror=False)  # the backward adds the mirror
+    docs = _documents(q, k, causal, "flash_attention", doc_q, doc_k, pos_q, pos_k)
     return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale), docs)
 
 
 def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor | None, lse: torch.Tensor | None, *, causal: bool,
                               softmax_scale: float | None = None, accumulate: bool = True,
-                              doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None
+                              doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None,
+                              pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ring-attention step: attend q to this K/V block and merge into the running result.
 
@@ -244,10 +249,12 @@ def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``None`` for both allocates them (and implies ``accumulate=False``).
     Forward only: the ring backward calls :func:`flash_attention_backward` with the final
     out/lse. Causal follows :func:`flash_attention` (pass ``causal=True`` for the diagonal block).
-    ``doc_q``/``doc_k``: the document ids of q and of this K/V block, as in
-    :func:`flash_attention`. Rows that see no key of this block keep their running (out, lse)
-    unchanged (``accumulate=False``: they get out 0, lse -inf); a block that shares no document
-    with q costs almost nothing.
+    ``doc_q``/``doc_k`` (and ``pos_q``/``pos_k``): the document ids (and global positions) of
+    q and of this K/V block, as in :func:`flash_attention`. Rows that see no key of this block
+    keep their running (out, lse) unchanged (``accumulate=False``: they get out 0, lse -inf); a
+    block that shares no document with q costs almost nothing. Context parallelism over
+    position-sorted shards passes each rank's global positions and ``causal=False`` for every
+    block, its own included.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, hq, _, s_q, _, d = _check_qkv(q, k, v)
@@ -264,7 +271,7 @@ def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             or lse.device != q.device:
         raise ValueError(f"flash_attention_ring_step: lse must be fp32 {(b, hq, s_q)} on {q.device} with a "
                          f"unit stride along the sequence; got {lse.dtype} {tuple(lse.shape)} stride {lse.stride()}")
-    docs = _documents(doc_q, doc_k, q, k, "flash_attention_ring_step", mirror=False)
+    docs = _documents(q, k, causal, "flash_attention_ring_step", doc_q, doc_k, pos_q, pos_k)
     _forward(q, k, v, out, lse, causal, _scale(q, softmax_scale), has_acc=accumulate, docs=docs)
     return out, lse
 
@@ -273,7 +280,8 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              lse: torch.Tensor, dout: torch.Tensor, *, causal: bool,
                              softmax_scale: float | None = None,
                              grad_dtype: torch.dtype | None = None, doc_q: torch.Tensor | None = None,
-                             doc_k: torch.Tensor | None = None
+                             doc_k: torch.Tensor | None = None, pos_q: torch.Tensor | None = None,
+                             pos_k: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, K/V block) pair given the *global* ``out`` and ``lse``.
 
@@ -282,18 +290,19 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     the ring backward sums dq over K/V blocks and dk/dv over query blocks. ``out`` and
     ``dout`` may be fp32 or the input dtype (dout enters the dots in q's dtype).
     ``grad_dtype`` (default: the input dtype) lets the ring accumulate partials in fp32.
-    ``doc_q``/``doc_k`` as in the forward; rows with lse -inf and keys that no query of
+    ``doc_q``/``doc_k``/``pos_q``/``pos_k`` as in the forward; rows with lse -inf and keys that no query of
     their document sees get zero gradients.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     _check_qkv(q, k, v)
-    docs = _documents(doc_q, doc_k, q, k, "flash_attention_backward", mirror=True)
+    docs = _documents(q, k, causal, "flash_attention_backward", doc_q, doc_k, pos_q, pos_k)
     return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                   softmax_scale: float | None = None, upcast: bool = True,
-                  doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None
+                  doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None,
+                  pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch attention, same signature and mask as :func:`flash_attention`.
 
@@ -302,7 +311,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     PyTorch's own rounding error). Materializes the (s_q, s_k) scores and the repeated K/V.
     With document ids, rows that see no key get out 0 and lse -inf (and zero gradients).
     """
-    has_docs = check_documents(doc_q, doc_k, q, k, "attention_ref")
+    has_docs = check_documents(doc_q, doc_k, q, k, "attention_ref", pos_q=pos_q, pos_k=pos_k, causal=causal)
     scale = _scale(q, softmax_scale)
     dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     group = q.shape[1] // k.shape[1]
@@ -316,7 +325,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         lse = torch.logsumexp(scores, dim=-1)  # (b, hq, s_q)
         out = torch.softmax(scores, dim=-1) @ vr  # (b, hq, s_q, d)
         return out.to(q.dtype), lse
-    keep = document_mask(doc_q, doc_k)  # (b, 1, s_q, s_k)
+    keep = document_mask(doc_q, doc_k, pos_q, pos_k)  # (b, 1, s_q, s_k)
     if causal:
         keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~keep, float("-inf"))

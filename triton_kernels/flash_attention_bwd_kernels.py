@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .flash_attention_documents import _doc_span
+from .flash_attention_documents import _doc_span, _row_ranges, _seen_by_block
 from .flash_attention_kernels import _DKDV_CONFIGS, _DQ_CONFIGS, _LOG2E, _prune, _query_block
 
 
@@ -39,12 +39,12 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
-                doc_n, DOC_Q, doc_lo, doc_hi,
+                col_lo, col_hi, KV_LO, KV_HI, n0, n1,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
-    HAS_DOCS: load only queries in [doc_lo, doc_hi) and keep those whose id in DOC_Q equals
-    the key's id in doc_n."""
+    HAS_DOCS: key j keeps rows [col_lo[j], col_hi[j]); only rows that see some key of
+    [n0, n1) (their key ranges KV_LO/KV_HI) are loaded."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -52,7 +52,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
         q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]  # (BM, D)
         do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :]  # (BM, D)
         if HAS_DOCS:
-            row_ok = (offs_m >= doc_lo) & (offs_m < doc_hi)  # within S_Q
+            row_ok = _seen_by_block(KV_LO, KV_HI, offs_m, hi, n0, n1, IS_CAUSAL, False)  # within S_Q
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
@@ -75,8 +75,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
         pT = tl.exp2(qkT * qk_scale - (lse * _LOG2E)[None, :])
         if HAS_DOCS:
-            doc_m = tl.load(DOC_Q + offs_m, mask=row_ok, other=0)
-            keep = row_ok[None, :] & (doc_n[:, None] == doc_m[None, :])
+            keep = (offs_m[None, :] >= col_lo[:, None]) & (offs_m[None, :] < col_hi[:, None])
             if IS_CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
@@ -100,7 +99,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
     prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
 )
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -109,8 +108,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
     share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics.
-    HAS_DOCS: ids DOC_Q (b, s_q), DOC_K (b, s_k) and the per-key query ranges Q_LO/Q_HI
-    (b, s_k); only the queries of the block's documents are visited."""
+    HAS_DOCS: as ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI; only the queries the keys' ranges
+    hold are visited."""
     start_n = tl.program_id(1) * BLOCK_N  # causal: key block 0 has the most queries, runs first
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -140,11 +139,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm
     end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
     full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
     diag_end = tl.minimum(mid, end)
-    doc_n = offs_n
+    col_lo = offs_n
+    col_hi = offs_n
     q_lo = 0
     q_hi = 0
-    if HAS_DOCS:  # one masked walk over the query blocks that hold the keys' documents
-        doc_n = tl.load(DOC_K + off_b * S_K + offs_n, mask=col_ok, other=0)
+    if HAS_DOCS:  # one masked walk over the query blocks that the keys' ranges touch
+        col_lo = tl.load(Q_LO + off_b * S_K + offs_n, mask=col_ok, other=0)  # padding keys: empty
+        col_hi = tl.load(Q_HI + off_b * S_K + offs_n, mask=col_ok, other=0)
         q_lo, q_hi = _doc_span(Q_LO + off_b * S_K, Q_HI + off_b * S_K, start_n, S_K, BLOCK_N)
         if IS_CAUSAL:
             q_lo = tl.maximum(q_lo, start_n)
@@ -155,19 +156,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm
         row0 = (off_b * H_Q + off_h) * S_Q
         if HAS_DOCS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                 offs_n, S_Q, qk_scale, (q_lo // BLOCK_M) * BLOCK_M, q_hi,
-                                 doc_n, DOC_Q + off_b * S_Q, q_lo, q_hi,
+                                 offs_n, S_Q, qk_scale, (q_lo // BLOCK_M) * BLOCK_M, q_hi, col_lo, col_hi,
+                                 KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_n, tl.minimum(start_n + BLOCK_N, S_K),
                                  BLOCK_M, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
         else:
             if IS_CAUSAL:
                 dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                     offs_n, S_Q, qk_scale, lo, diag_end, doc_n, DOC_Q, q_lo, q_hi,
+                                     offs_n, S_Q, qk_scale, lo, diag_end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
                                      BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                 offs_n, S_Q, qk_scale, mid, full_end, doc_n, DOC_Q, q_lo, q_hi,
+                                 offs_n, S_Q, qk_scale, mid, full_end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
                                  BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
-                                 offs_n, S_Q, qk_scale, full_end, end, doc_n, DOC_Q, q_lo, q_hi,
+                                 offs_n, S_Q, qk_scale, full_end, end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
                                  BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -178,7 +179,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_Q, DOC_K, Q_LO, Q_HI, sm
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-              doc_m, DOC_K, doc_lo, doc_hi,
+              row_lo, row_hi, Q_LO, Q_HI, m0, m1,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
               HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi). HAS_DOCS: as ``_fwd_inner``."""
@@ -189,9 +190,9 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
         k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
         v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
         if HAS_DOCS:
-            in_range = (offs_n >= doc_lo) & (offs_n < doc_hi)  # (BN,), within S_K
-            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+            seen = _seen_by_block(Q_LO, Q_HI, offs_n, hi, m0, m1, IS_CAUSAL, True)  # (BN,), within S_K
+            k = tl.load(k_ptrs, mask=seen[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=seen[:, None], other=0.0)
         elif MASK:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
@@ -204,8 +205,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
         if HAS_DOCS:
-            doc_n = tl.load(DOC_K + offs_n, mask=in_range, other=0)
-            keep = in_range[None, :] & (doc_m[:, None] == doc_n[None, :])
+            keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
             if IS_CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
@@ -226,7 +226,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
     prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
 )
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm,
@@ -234,7 +234,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_Q, DOC_K, KV_LO, KV_HI, sm_sca
                  HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of BLOCK_M query rows of one (batch, query head). HAS_DOCS: as
-    ``_attn_fwd``'s DOC_Q, DOC_K, KV_LO, KV_HI."""
+    ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -245,16 +245,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_Q, DOC_K, KV_LO, KV_HI, sm_sca
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
+    q_ok = row_ok
+    row_lo = offs_m
+    row_hi = offs_m
+    if HAS_DOCS:  # a row that sees no key is never read: dq 0
+        row_lo, row_hi, q_ok = _row_ranges(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, offs_m, row_ok, IS_CAUSAL)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=q_ok[:, None], other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+                 mask=q_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     do = do.to(q.dtype)
     row0 = pid_bh.to(tl.int64) * S_Q
     lse2 = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row0 + offs_m, mask=q_ok, other=0.0)
     qk_scale = sm_scale * _LOG2E
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -263,20 +268,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOC_Q, DOC_K, KV_LO, KV_HI, sm_sca
     if IS_CAUSAL:
         full = tl.minimum(full, start_m)
         hi = tl.minimum(hi, start_m + BLOCK_M)
-    if HAS_DOCS:  # one masked walk over the key blocks that hold the rows' documents
+    if HAS_DOCS:  # one masked walk over the key blocks that the rows' ranges touch
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a row that saw no key: P = 0, not NaN
-        doc_m = tl.load(DOC_Q + off_b * S_Q + offs_m, mask=row_ok, other=0)
         kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
         if IS_CAUSAL:
             kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                       (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, doc_m, DOC_K + off_b * S_K, kv_lo, kv_hi,
+                       (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, row_lo, row_hi, Q_LO + off_b * S_K, Q_HI + off_b * S_K,
+                       start_m, tl.minimum(start_m + BLOCK_M, S_Q),
                        BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
-                       offs_m, DOC_K, 0, 0, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
-                       offs_m, DOC_K, 0, 0, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
+                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -40,10 +40,12 @@ the diagonal block is causal, blocks of earlier ranks are fully visible (``causa
 and later ones are skipped by the caller.
 
 Document mask (packed sequences, ``HAS_DOCS``; ``flash_attention_documents.py``): query i
-sees key j only if ``doc_q[i] == doc_k[j]``, on top of the causal mask. The ids are
-non-decreasing, so each query block walks only the key range of its documents (and each
-key block of the dK/dV kernel only the query range), loading nothing outside it; the
-element mask applies inside. A row may see no key: then ``l_i = 0`` and its block lse is
+sees key j only if ``doc_q[i] == doc_k[j]`` (and, with global positions, ``pos_k[j] <=
+pos_q[i]``), on top of the causal mask. The kernels take no ids, only each query's key
+range ``[kv_lo[i], kv_hi[i])`` and each key's query range ``[q_lo[j], q_hi[j])``: each query
+block walks only the keys its rows' ranges span (each key block of the dK/dV kernel only
+the queries), loads only the keys (queries) that some row (key) of the block sees, and
+keeps the elements inside the row's range. A row may see no key: then ``l_i = 0`` and its block lse is
 ``m + log2(0) = -inf`` with output 0, which the ring merge below leaves unchanged
 (``w_blk = 0``; if both are -inf, ``m`` is clamped to 0 and the result is 0, -inf). The
 backward reads such an lse as +inf, so ``P = exp2(s - lse) = 0`` instead of NaN. Without
@@ -63,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention_documents import _doc_span
+from .flash_attention_documents import _doc_span, _row_ranges, _seen_by_block
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
@@ -90,12 +92,12 @@ def _query_block(IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-               doc_m, DOC_K, doc_lo, doc_hi,
+               row_lo, row_hi, Q_LO, Q_HI, m0, m1,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASK: apply the key bound (and causal) mask.
-    HAS_DOCS: load only keys in [doc_lo, doc_hi) and keep those whose id in DOC_K equals the
-    row's id in doc_m (``flash_attention_documents.py``)."""
+    HAS_DOCS (``flash_attention_documents.py``): row i keeps keys [row_lo[i], row_hi[i]);
+    only keys that some row of [m0, m1) sees (their query ranges Q_LO/Q_HI) are loaded."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -103,9 +105,9 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_sca
         k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
         v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # (BN, D)
         if HAS_DOCS:
-            in_range = (offs_n >= doc_lo) & (offs_n < doc_hi)  # (BN,), within S_K
-            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+            seen = _seen_by_block(Q_LO, Q_HI, offs_n, hi, m0, m1, IS_CAUSAL, True)  # (BN,), within S_K
+            k = tl.load(k_ptrs, mask=seen[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=seen[:, None], other=0.0)
         elif MASK:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
@@ -117,8 +119,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_sca
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
         if HAS_DOCS:
-            doc_n = tl.load(DOC_K + offs_n, mask=in_range, other=0)
-            keep = in_range[None, :] & (doc_m[:, None] == doc_n[None, :])
+            keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
             if IS_CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             qk = tl.where(keep, qk, float("-inf"))
@@ -193,7 +194,7 @@ def _prune(outer: str, inner: str):
     restore_value=["O", "LSE"],  # HAS_ACC updates O/LSE in place: benchmarking must not compound
 )
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
+def _attn_fwd(Q, K, V, O, LSE, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
               H_Q, GROUP, S_Q, S_K,
@@ -203,9 +204,9 @@ def _attn_fwd(Q, K, V, O, LSE, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
     """One program: BLOCK_M query rows of one (batch, query head). Writes O (b, hq, s_q, d) and
     LSE (b, hq, s_q) (natural log), both through their strides (the ring passes views).
     HAS_ACC: O (fp32) and LSE hold the running result of earlier ring steps and the
-    block's result is merged into them by log-sum-exp. HAS_DOCS: document ids DOC_Q (b, s_q),
-    DOC_K (b, s_k) and key ranges KV_LO/KV_HI (b, s_q), all contiguous; only the keys of the
-    block's documents are visited (unused, and compiled out, without HAS_DOCS)."""
+    block's result is merged into them by log-sum-exp. HAS_DOCS: the key ranges KV_LO/KV_HI
+    (b, s_q) and query ranges Q_LO/Q_HI (b, s_k), int32, contiguous; only the keys the rows'
+    ranges hold are visited (unused, and compiled out, without HAS_DOCS)."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -220,7 +221,12 @@ def _attn_fwd(Q, K, V, O, LSE, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_ok = row_ok
+    row_lo = offs_m
+    row_hi = offs_m
+    if HAS_DOCS:  # a row that sees no key is never read: out 0, lse -inf
+        row_lo, row_hi, q_ok = _row_ranges(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, offs_m, row_ok, IS_CAUSAL)
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     qk_scale = sm_scale * _LOG2E
@@ -234,20 +240,20 @@ def _attn_fwd(Q, K, V, O, LSE, DOC_Q, DOC_K, KV_LO, KV_HI, sm_scale,
     if IS_CAUSAL:
         full = tl.minimum(full, start_m)
         hi = tl.minimum(hi, start_m + BLOCK_M)
-    if HAS_DOCS:  # one masked walk over the key blocks that hold the rows' documents
-        doc_m = tl.load(DOC_Q + off_b * S_Q + offs_m, mask=row_ok, other=0)
+    if HAS_DOCS:  # one masked walk over the key blocks that the rows' ranges touch
         kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
         if IS_CAUSAL:
             kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                                   (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, doc_m, DOC_K + off_b * S_K, kv_lo, kv_hi,
+                                   (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, row_lo, row_hi,
+                                   Q_LO + off_b * S_K, Q_HI + off_b * S_K, start_m, tl.minimum(start_m + BLOCK_M, S_Q),
                                    BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                                   0, full, offs_m, DOC_K, 0, 0,
+                                   0, full, offs_m, offs_m, Q_LO, Q_HI, 0, 0,
                                    BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
-                                   full, hi, offs_m, DOC_K, 0, 0,
+                                   full, hi, offs_m, offs_m, Q_LO, Q_HI, 0, 0,
                                    BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
