@@ -10,25 +10,33 @@ every model that takes a ``document_ids`` argument this rank's share of them.
 
 Outside context parallelism it runs the one-rank ring (``context_parallel/ring.py``: the
 own block, no communication) with the fastest block kernel that masks documents on the
-device: Triton on CUDA, the PyTorch reference elsewhere. Under context parallelism the
-attention site's ``RingAttentionMode`` intercepts the call (it is a torch function, like
-SDPA) and runs the ring over the cp group with the plan's kernel: the documents' ids travel
-with their key/value blocks, and keys no query of a block can see are skipped.
+device: Triton on CUDA, the PyTorch reference elsewhere. Inside an attention site under
+context parallelism (its ``RingAttentionMode`` on the torch-function mode stack) it runs
+the ring over the cp group with the plan's kernel: the documents' ids travel with their
+key/value blocks, and keys no query of a block can see are skipped. The mode is looked up
+on the stack rather than reached through ``handle_torch_function``: Dynamo folds
+``has_torch_function`` of a Python function to False while tracing, so a compiled block
+would have run the one-rank path on each shard, silently (a compiled CP2 loss off by 6e-5
+showed it); the stack itself Dynamo traces.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import _get_current_function_mode_stack
 
 
 def document_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              document_ids: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+                              document_ids: torch.Tensor, *, scale: float | None = None,
+                              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q (b, hq, s, d), k/v (b, hkv, s, d) (hq a multiple of hkv: GQA without repeating k/v),
-    ``document_ids`` (b, s) integer, non-decreasing along s; returns (b, hq, s, d)."""
-    if has_torch_function((query, key, value, document_ids)):
-        return handle_torch_function(document_causal_attention, (query, key, value, document_ids),
-                                     query, key, value, document_ids, scale=scale)
+    ``document_ids`` (b, s) integer, non-decreasing along s; ``position_ids`` (b, s) or (s,):
+    the tokens' positions, which context parallelism needs (the model's own ``position_ids``:
+    under CP each rank holds pieces of every document, and the ring masks by position);
+    returns (b, hq, s, d)."""
+    ring = active_ring()
+    if ring is not None:  # an attention site under context parallelism
+        return ring.documents(query, key, value, document_ids, scale=scale, position_ids=position_ids)
     from .context_parallel.ring import ring_attention
 
     return ring_attention(query, key, value, causal=True, scale=scale, group=None,
@@ -39,3 +47,11 @@ def local_backend(device: torch.device) -> str:
     """The block kernel of document attention outside the ring: Triton on CUDA (it skips the
     masked key blocks), the PyTorch reference elsewhere."""
     return "triton" if device.type == "cuda" else "torch"
+
+
+def active_ring():
+    """The innermost ring-attention mode on this thread's torch-function mode stack, or None."""
+    for mode in reversed(_get_current_function_mode_stack()):
+        if getattr(mode, "is_ring_attention", False):
+            return mode
+    return None

@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .context_parallel import zigzag_indices
+from .context_parallel.sharding import document_zigzag_indices
 from .expert_parallel import reduce_expert_grads
 from .expert_parallel import statistics as moe_stats
 from .grads import gather_full, global_grad_norm, reduce_partial_grads, shard_replicated_grads
@@ -191,8 +192,9 @@ class ParallelModel:
         """Forward. Under TP with a vocab-parallel head the logits are a ``Shard(-1)``
         DTensor (``.full_tensor()`` gathers them); under PP only the ranks of the last
         stage get logits, the others None; under CP the logits of this rank's zigzag
-        positions (``zigzag_indices``). ``document_ids`` (b, s): packed documents, attention
-        masked at their boundaries (``document_attention.py``)."""
+        positions (``zigzag_indices``; with documents ``document_zigzag_indices``, per row).
+        ``document_ids`` (b, s): packed documents, attention masked at their boundaries
+        (``document_attention.py``)."""
         self._check_inputs(input_ids, document_ids=document_ids)
         # only a pipeline splits a forward into micro-batches; otherwise any batch will do
         n_micro = self._micro_batches(input_ids.shape[0]) if self.pipeline is not None else 1
@@ -263,8 +265,10 @@ class ParallelModel:
                           documents: torch.Tensor | None = None):
         """Under CP: this rank's zigzag shard of each tensor, and the model's keyword
         arguments: ``position_ids``, the shard's true positions (b, s/cp), which the
-        model's RoPE must use, and ``document_ids`` (the shard's); otherwise the tensors
-        unchanged and, where the layout needs them, the full positions."""
+        model's RoPE must use, and ``document_ids`` (the shard's); with documents the zigzag
+        is per document (``document_zigzag_indices``: balanced work, the rows' shards
+        differ). Otherwise the tensors unchanged and, where the layout needs them, the full
+        positions."""
         kwargs = {}
         if documents is not None:
             kwargs["document_ids"] = documents.to(device=input_ids.device, dtype=torch.int32)
@@ -273,8 +277,13 @@ class ParallelModel:
                 kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
                     input_ids.shape[0], -1)
             return (input_ids, *others), kwargs
-        idx = zigzag_indices(input_ids.shape[1], self.dims.cp, self._cp_mesh.get_local_rank(), input_ids.device)
-        kwargs = {k: v[:, idx] for k, v in kwargs.items()}
+        cp_rank = self._cp_mesh.get_local_rank()
+        if documents is not None:  # each document zigzagged on its own: balanced work (sharding.py)
+            idx = document_zigzag_indices(documents, self.dims.cp, cp_rank).to(input_ids.device)  # (b, s/cp)
+            shard = {k: v.gather(1, idx) for k, v in kwargs.items()}
+            shard["position_ids"] = idx  # the tokens' global positions: RoPE's, and the ring's mask
+            return tuple(t.gather(1, idx) for t in (input_ids, *others)), shard
+        idx = zigzag_indices(input_ids.shape[1], self.dims.cp, cp_rank, input_ids.device)
         kwargs["position_ids"] = idx.expand(input_ids.shape[0], -1)  # (b, s/cp): splits into micro-batches
         return tuple(t[:, idx] for t in (input_ids, *others)), kwargs
 

@@ -59,7 +59,7 @@ from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
 from .tensor_parallel.styles import AttentionSite, TPKernels, VocabHead
 from .tied import TiedGradSync, retie_after_tp, separate_stage_copies
-from .validation import check_kernels, kernel_backend, resolve_plan, validate_layout
+from .validation import attention_backends, check_kernels, kernel_backend, resolve_plan, validate_layout
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = None) -> ParallelModel:
@@ -104,6 +104,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     dispatch, expert_groups = build_dispatch(model, mesh, dims, plan.expert_parallel,
                                              kernel_backend(plan, "moe_dispatch", mesh))
     expert_params: dict = {}  # {expert parameter: ranks holding the same shard}
+    attention = attention_backends(plan, mesh, say=True) if dims.cp > 1 else None  # (one log line)
     loss_parallel = False
     for module, names in zip(stage_modules, stage_blocks):
         present = {n: st for n, st in styles.items() if _present(module, n)}
@@ -120,9 +121,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
         sites = {}
         if dims.cp > 1:  # CP: ring attention at each attention call site
             sites = {n: module.get_submodule(n) for n, st in present.items() if isinstance(st, AttentionSite)}
-            apply_context_parallel(sites, submesh(mesh, "cp").get_group(), kernel_backend(plan, "attention", mesh))
+            apply_context_parallel(sites, submesh(mesh, "cp").get_group(), attention.plain,
+                                   document_backend=attention.documents)
         apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
-        if plan.compile:  # per block, after recompute (it compiles the checkpointed forward)
+        if plan.compiles_on(mesh.device_type):  # per block, after recompute (it compiles the checkpointed forward)
             for block in blocks:
                 compile_block(block, has_ring=any(_holds(block, site) for site in sites.values()))
         if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too

@@ -23,6 +23,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 KERNEL_BACKENDS = ("torch", "triton", "auto")
 KERNEL_FAMILIES = ("attention", "sp_reduce_scatter", "moe_dispatch")
+# each family's backends: attention also runs on PyTorch's fused SDPA ops ("sdpa")
+FAMILY_BACKENDS = {"attention": ("torch", "triton", "sdpa", "auto"), "sp_reduce_scatter": KERNEL_BACKENDS,
+                   "moe_dispatch": KERNEL_BACKENDS}
 MIXED_PRECISION = ("fp32", "bf16")
 
 
@@ -42,12 +45,16 @@ class ParallelPlan:
         recompute_method / recompute_num_layers: Megatron's ``--recompute-method`` and
             ``--recompute-num-layers`` for ``recompute="full"``: ``"block"`` recomputes the
             first N blocks only; ``"uniform"`` recomputes every block.
-        compile: ``torch.compile`` each block.
+        compile: ``torch.compile`` each block: ``True``, ``False``, or ``"auto"`` (on when the
+            mesh is on CUDA; on the CPU compile time outweighs what it saves).
         kernels: ``"torch"``, ``"triton"``, ``"auto"`` or ``{family: backend}`` over the
             families ``attention``, ``sp_reduce_scatter``, ``moe_dispatch``. ``"triton"`` where
             it cannot run is a ``ValueError`` before any collective; ``"auto"`` takes Triton
             where it can run and otherwise torch (for ``sp_reduce_scatter`` with one log line
-            saying why: ``tensor_parallel/sp_reduce_scatter.py``).
+            saying why: ``tensor_parallel/sp_reduce_scatter.py``). ``attention`` (the ring's
+            block kernel) also takes ``"sdpa"`` (PyTorch's fused attention ops), and its
+            ``"auto"`` picks from a table measured per GPU, with one log line
+            (``context_parallel/backend_choice.py``).
         fused_rowwise: with the Triton SP reduce-scatter, run each plain row-parallel
             ``nn.Linear``'s matmul and reduce-scatter as one op (chunked GEMMs pushed into
             symmetric memory, ``tensor_parallel/matmul_reduce_scatter.py``); False keeps the
@@ -83,7 +90,7 @@ class ParallelPlan:
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int | None = None
-    compile: bool = False
+    compile: bool | str = False
     kernels: str | dict[str, str] = "torch"
     fused_rowwise: bool = True
     micro_batch_size: int | None = None
@@ -111,6 +118,8 @@ class ParallelPlan:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile={self.compile!r}: choose True, False or 'auto' (on CUDA only)")
         self.kernels = _normalize_kernels(self.kernels)
         from .pipeline.schedules import SCHEDULES
 
@@ -139,6 +148,10 @@ class ParallelPlan:
         if self.blocks is not None and not isinstance(self.blocks, str):
             raise TypeError(f"blocks must be a glob string such as 'layers.*', got {self.blocks!r}")
 
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether blocks are compiled on a mesh of ``device_type`` ("auto": CUDA only)."""
+        return self.compile is True or (self.compile == "auto" and device_type == "cuda")
+
     def kernel_backend(self, family: str) -> str:
         """The backend chosen for one kernel family."""
         if family not in KERNEL_FAMILIES:
@@ -158,7 +171,7 @@ def _normalize_kernels(kernels: str | dict[str, str]) -> dict[str, str]:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; families: {KERNEL_FAMILIES}")
     out = {f: "torch" for f in KERNEL_FAMILIES}
     for fam, backend in kernels.items():
-        if backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernels[{fam!r}]={backend!r}: choose one of {KERNEL_BACKENDS}")
+        if backend not in FAMILY_BACKENDS[fam]:
+            raise ValueError(f"kernels[{fam!r}]={backend!r}: choose one of {FAMILY_BACKENDS[fam]}")
         out[fam] = backend
     return out

@@ -59,6 +59,9 @@ def check_kernels(plan: ParallelPlan, device_type: str) -> None:
         if backend == "triton" and device_type != "cuda" and not interpreted:
             raise ValueError(f"kernels[{family!r}]='triton' needs CUDA devices, but the mesh is on "
                              f"{device_type!r}: use kernels='torch' (or 'auto', which picks torch off GPU)")
+        if backend == "sdpa" and device_type not in ("cuda", "cpu"):
+            raise ValueError(f"kernels[{family!r}]='sdpa' runs PyTorch's fused attention ops on CUDA or the CPU, "
+                             f"not {device_type!r}: use 'torch'")
 
 
 def check_degrees(dims: ParallelDims, plan: ParallelPlan, *, has_moe: bool | None = None) -> None:
@@ -182,9 +185,23 @@ def check_context_parallel(model: nn.Module, styles: dict, cp: int) -> None:
             f"encodings may simply accept and ignore it)")
 
 
+def attention_backends(plan: ParallelPlan, mesh: DeviceMesh, say: bool = False):
+    """The ring's block kernels, for causal attention and for packed documents: the plan's
+    choice for both, or with "auto" the measured table's (``say``: its one log line)."""
+    from .context_parallel.backend_choice import AttentionBackends, choose_attention_backend
+
+    backend = plan.kernel_backend("attention")
+    if backend == "auto":
+        return choose_attention_backend(mesh.device_type, say=say)
+    return AttentionBackends(backend, backend)
+
+
 def kernel_backend(plan: ParallelPlan, family: str, mesh: DeviceMesh) -> str:
-    """A kernel family's backend with "auto" resolved: Triton on CUDA, torch elsewhere."""
+    """A kernel family's backend with "auto" resolved: attention from the measured table
+    (``context_parallel/backend_choice.py``); the others Triton on CUDA, torch elsewhere."""
     backend = plan.kernel_backend(family)
+    if backend == "auto" and family == "attention":
+        return attention_backends(plan, mesh).plain
     if backend == "auto":
         backend = "triton" if mesh.device_type == "cuda" else "torch"
     return backend

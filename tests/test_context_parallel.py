@@ -36,13 +36,16 @@ CP_LAYOUTS = {
     # the Triton ring (in the interpreter here; head dim 8 runs zero-padded to 16)
     "cp2_triton": (2, {"cp": 2}, {"kernels": {"attention": "triton"}}),
     "cp2_tp2_sp_triton": (4, {"cp": 2, "tp": 2}, {"sequence_parallel": True, "kernels": {"attention": "triton"}}),
+    # PyTorch's fused attention ops (on the CPU their flash kernel); "auto" picks them here
+    "cp2_sdpa": (2, {"cp": 2}, {"kernels": {"attention": "sdpa"}}),
+    "cp2_auto": (2, {"cp": 2}, {"kernels": {"attention": "auto"}}),
 }
 
 
 # the toy model (SDPA intercepted at its attention module) on every torch-kernel layout; the
 # Triton ring, slow in the interpreter, on the Llama (the same kernel either way)
 CP_CASES = [(name, kind) for name in CP_LAYOUTS for kind in ("llama", "toy")
-            if kind == "llama" or "triton" not in name]
+            if kind == "llama" or not any(k in name for k in ("triton", "sdpa", "auto"))]
 
 
 @pytest.mark.parametrize("layout,kind", CP_CASES, ids=[f"{n}-{k}" for n, k in CP_CASES])
@@ -65,10 +68,10 @@ def _work_per_rank(cp: int) -> float:
     done = 0.0
     orig = TorchBlocks.forward_step
 
-    def counting(q, k, v, out, lse, causal, scale, accumulate=True):
+    def counting(q, k, v, out, lse, causal, scale, accumulate=True, **masks):
         nonlocal done
         done += q.shape[2] * k.shape[2] * (0.5 if causal else 1.0)
-        return orig(q, k, v, out, lse, causal, scale, accumulate)
+        return orig(q, k, v, out, lse, causal, scale, accumulate, **masks)
 
     blocks.TorchBlocks.forward_step = staticmethod(counting)
     try:
@@ -247,3 +250,25 @@ def test_context_parallel_refuses_a_model_without_positions_or_sites() -> None:
     rules = {k: v for k, v in TOY_RULES.items() if v != "attention"}
     with pytest.raises(ValueError, match=r"cp=2 needs the attention call sites .*'attention'"):
         check_context_parallel(ToyGPT(), resolve_rules(model, rules), cp=2)
+
+
+def test_attention_backend_choices(monkeypatch, caplog) -> None:
+    """"sdpa" is an attention backend only; "auto" takes the measured table's pick and says
+    so in one log line, or says that the device was not measured."""
+    import logging
+
+    from dtensor_parallel import ParallelPlan
+    from dtensor_parallel.context_parallel import backend_choice
+
+    assert ParallelPlan(kernels={"attention": "sdpa"}).kernels["attention"] == "sdpa"
+    with pytest.raises(ValueError, match=r"kernels\['sp_reduce_scatter'\]='sdpa': choose one of"):
+        ParallelPlan(kernels={"sp_reduce_scatter": "sdpa"})
+    with caplog.at_level(logging.WARNING, logger=backend_choice.__name__):
+        pick = backend_choice.choose_attention_backend("cpu")
+    assert (pick.plain, pick.documents) == ("sdpa", "sdpa")
+    assert len(caplog.records) == 1 and "measured: block forward+backward on the CPU: sdpa 7.3x torch" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(backend_choice, "device_key", lambda device_type: "NVIDIA Imaginary GPU")
+    with caplog.at_level(logging.WARNING, logger=backend_choice.__name__):
+        pick = backend_choice.choose_attention_backend("cuda")
+    assert (pick.plain, pick.documents) == ("triton", "triton") and "no measurement" in caplog.text

@@ -60,28 +60,39 @@ def test_one_rank_document_attention_matches_the_block_diagonal_mask() -> None:
     torch.testing.assert_close(document_causal_attention(q, k, v, one), causal, rtol=1e-5, atol=1e-6)
 
 
-def _ring_documents(backend: str, hq: int, hkv: int, d: int, seq: int) -> float:
+def _ring_documents(backend: str, hq: int, hkv: int, d: int, seq: int, per_document: bool) -> float:
     import torch.distributed as dist
 
     from dtensor_parallel.context_parallel.ring import ring_attention
+    from dtensor_parallel.context_parallel.sharding import document_zigzag_indices
 
     cp, rank = dist.get_world_size(), dist.get_rank()
     q, k, v, dout = _inputs(hq, hkv, d, seq)
     docs = document_ids(DOC_LENGTHS)
-    idx = zigzag_indices(seq, cp, rank)
-    mine = [t[:, :, idx].clone().requires_grad_() for t in (q, k, v)]
+    if per_document:  # each row its own shard: pieces of every document, masked by position
+        idx = document_zigzag_indices(docs, cp, rank)  # (b, s/cp)
+        pick = lambda t: t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # noqa: E731
+        positions = idx
+    else:  # the sequence-wide zigzag, halved ring steps
+        pick, positions = (lambda t: t[:, :, zigzag_indices(seq, cp, rank)]), None
+        idx = zigzag_indices(seq, cp, rank).expand(docs.shape[0], -1)
+    mine = [pick(t).clone().requires_grad_() for t in (q, k, v)]
     out = ring_attention(*mine, causal=True, scale=None, group=dist.group.WORLD, backend=backend,
-                         document_ids=docs[:, idx])
-    out.backward(dout[:, :, idx])
+                         document_ids=docs.gather(1, idx), positions=positions)
+    out.backward(pick(dout))
     want = reference(q, k, v, docs, dout)
-    return max(rel(got, ref[:, :, idx]) for got, ref in zip((out, *(t.grad for t in mine)), want))
+    return max(rel(got, pick(ref)) for got, ref in zip((out, *(t.grad for t in mine)), want))
 
 
-@pytest.mark.parametrize("backend,world", [("torch", 2), ("torch", 4), ("triton", 2)])
-def test_ring_with_documents_matches_the_block_diagonal_mask(backend: str, world: int) -> None:
-    """GQA 4 on 2 heads, head dim 8, 2 x 48 tokens zigzag-sharded over 2 and 4 ranks; the
-    Triton blocks in the interpreter here (fp32)."""
-    for err in run_distributed(world, _ring_documents, backend, 4, 2, 8, 48):
+RING_CASES = [("torch", 2, False), ("torch", 4, False), ("triton", 2, False), ("sdpa", 2, False),
+              ("torch", 2, True), ("torch", 4, True), ("sdpa", 2, True), ("triton", 2, True)]
+
+
+@pytest.mark.parametrize("backend,world,per_document", RING_CASES)
+def test_ring_with_documents_matches_the_block_diagonal_mask(backend: str, world: int, per_document: bool) -> None:
+    """GQA 4 on 2 heads, head dim 8, 2 x 48 tokens over 2 and 4 ranks, sharded by the
+    sequence-wide zigzag or per document; the Triton blocks in the interpreter (fp32)."""
+    for err in run_distributed(world, _ring_documents, backend, 4, 2, 8, 48, per_document):
         assert err < 1e-5, err
 
 
@@ -116,6 +127,7 @@ DOC_LAYOUTS = {
     "tp2_sp_fsdp2": (4, {"tp": 2, "dp_shard": 2}, {"sequence_parallel": True}),
     "cp2_selective": (2, {"cp": 2}, {"recompute": "selective"}),
     "cp2_triton": (2, {"cp": 2}, {"kernels": {"attention": "triton"}}),  # (the interpreter here)
+    "cp2_sdpa": (2, {"cp": 2}, {"kernels": {"attention": "sdpa"}}),
 }
 
 
@@ -153,3 +165,55 @@ def test_a_model_without_document_ids_is_refused() -> None:
     forward, not a silently unmasked attention; ids that decrease are refused too."""
     for msg in run_distributed(2, _toy_with_documents):
         assert "ToyGPT.forward takes no document_ids" in msg, msg
+
+
+def _ring_forwards(recompute: str) -> int:
+    """How many ring forwards one CP2 training step of the 4-layer Llama runs."""
+    from dtensor_parallel.context_parallel import ring
+
+    calls = []
+    real = ring._forward
+    def spy(*args):  # (the ring's, not the one-device reference's one-rank calls)
+        calls.extend([1] if args[7].size > 1 else [])
+        return real(*args)
+
+    ring._forward = spy
+    try:
+        one_step_parity("llama", {"cp": 2}, {"recompute": recompute}, batch=2, seq=32, documents=True)
+    finally:
+        ring._forward = real
+    return len(calls)
+
+
+def test_selective_recompute_keeps_the_ring_output() -> None:
+    """Selective recompute saves the ring op's output (a recompute would rerun the ring's
+    communication); full recompute reruns it, once more per layer."""
+    assert run_distributed(2, _ring_forwards, "selective") == [4, 4]
+    assert run_distributed(2, _ring_forwards, "full") == [8, 8]
+
+
+def test_document_zigzag_balances_work_and_covers_each_row_once() -> None:
+    """Attended (query, key) pairs per rank of 8192-token rows of random documents (mean
+    512 tokens, one-token ones too) over cp 4: the per-document zigzag within 2% of the
+    mean, where the sequence-wide zigzag is far off; every token on exactly one rank, in
+    order, the same count on every rank."""
+    from dtensor_parallel.context_parallel.sharding import document_zigzag_indices
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(2):
+        lengths = torch.randint(1, 1024, (64,), generator=g)
+        lengths[::7] = 1
+        rows.append(torch.repeat_interleave(torch.arange(64), lengths)[:8192])
+    docs, cp = torch.stack(rows), 4
+    start = torch.ones_like(docs, dtype=torch.bool)
+    start[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    idx = torch.arange(8192).expand_as(docs)
+    work = (idx - torch.where(start, idx, 0).cummax(1).values + 1).double()  # keys each token sees
+    shards = [document_zigzag_indices(docs, cp, r) for r in range(cp)]
+    assert (torch.cat(shards, 1).sort(1).values == idx).all()
+    assert all((sh[:, 1:] > sh[:, :-1]).all() for sh in shards)
+    per_doc = torch.stack([work.gather(1, sh).sum(1) for sh in shards])  # (cp, b)
+    sequence_wide = torch.stack([work[:, zigzag_indices(8192, cp, r)].sum(1) for r in range(cp)])
+    assert (per_doc.max(0).values / per_doc.mean(0)).max() < 1.02, per_doc
+    assert (sequence_wide.max(0).values / sequence_wide.mean(0)).max() > 1.05, sequence_wide

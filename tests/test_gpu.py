@@ -29,7 +29,18 @@ LAYOUTS = {
     "pp2_zbv": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_schedule": "zbv"}),
     "cp2_torch": ({"cp": 2}, {}),
     "cp2_triton": ({"cp": 2}, {"kernels": {"attention": "triton"}}),
+    "cp2_sdpa": ({"cp": 2}, {"kernels": {"attention": "sdpa"}}),
+    "cp2_triton_selective_compile": ({"cp": 2}, {"kernels": {"attention": "triton"}, "recompute": "selective",
+                                                 "compile": True}),
 }
+
+
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_gpu_packed_documents_cp2(attention: str) -> None:
+    """Packed documents sharded per document, the ring masking by document and position."""
+    losses = run_distributed(2, one_step_parity, "llama", {"cp": 2}, {"kernels": {"attention": attention}},
+                             batch=8, seq=64, documents=True, backend="nccl")
+    assert len(set(losses)) == 1, losses
 # MoE layouts (kind "moe"): experts over ep, with both dispatch backends
 MOE_LAYOUTS = {
     "ep2": ({"dp_shard": 2}, {"expert_parallel": 2}),

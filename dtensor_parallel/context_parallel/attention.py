@@ -17,8 +17,8 @@ The mode holds all its state (the group and the block kernel's name): no class a
 no global. RoPE positions of the zigzag shards reach the model as its ``position_ids``
 forward argument (``ParallelModel`` passes them), so the ring needs none. Packed documents
 reach the attention call as data too: the model's ``document_ids`` argument, passed on to
-:func:`~dtensor_parallel.document_attention.document_causal_attention`, which the mode
-intercepts like SDPA (so a recomputed forward sees its own micro-batch's documents).
+:func:`~dtensor_parallel.document_attention.document_causal_attention`, which finds the
+site's mode on the stack (so a recomputed forward sees its own micro-batch's documents).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..document_attention import document_causal_attention
 from .blocks import get_backend
 from .ring import ring_attention
 
@@ -41,26 +40,34 @@ _SDPA = F.scaled_dot_product_attention
 class RingAttentionMode(TorchFunctionMode):
     """Inside: ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` is ring attention
     over ``group`` with the block kernel ``backend`` ("torch", "triton" or "sdpa"), and so is
-    ``document_causal_attention(q, k, v, document_ids)`` with its documents; every other
-    function runs as it is."""
+    ``document_causal_attention(q, k, v, document_ids)`` with its documents (block kernel
+    ``document_backend``; that function finds the mode on the stack, ``is_ring_attention``);
+    every other function runs as it is."""
 
-    def __init__(self, group: dist.ProcessGroup, backend: str, site: str):
+    is_ring_attention = True
+
+    def __init__(self, group: dist.ProcessGroup, backend: str, site: str, document_backend: str | None = None):
         super().__init__()
-        get_backend(backend)  # (an unknown name fails here, at parallelize)
         self.group, self.backend, self.site = group, backend, site
+        self.document_backend = document_backend or backend
+        for name in {self.backend, self.document_backend}:
+            get_backend(name)  # (an unknown name fails here, at parallelize)
         self.entered = 0  # how many forwards of the site are inside (recursion, recompute)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
             return self.attention(*args, **kwargs)
-        if func is document_causal_attention:
-            return self.documents(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def documents(self, query, key, value, document_ids, *, scale=None) -> torch.Tensor:
-        return ring_attention(query, key, value, causal=True, scale=scale, group=self.group, backend=self.backend,
-                              document_ids=document_ids)
+    def documents(self, query, key, value, document_ids, *, scale=None, position_ids=None) -> torch.Tensor:
+        if position_ids is None and self.group is not None and dist.get_world_size(self.group) > 1:
+            raise ValueError(f"{self.site}: document_causal_attention under context parallelism needs the tokens' "
+                             f"positions: pass the model's position_ids on (position_ids=...), since each rank "
+                             f"holds pieces of every document and the ring masks by position")
+        return ring_attention(query, key, value, causal=True, scale=scale, group=self.group,
+                              backend=self.document_backend, document_ids=document_ids,
+                              positions=None if position_ids is None else position_ids.expand(document_ids.shape))
 
     def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False) -> torch.Tensor:
@@ -74,10 +81,12 @@ class RingAttentionMode(TorchFunctionMode):
                               backend=self.backend)
 
 
-def apply_context_parallel(sites: dict[str, nn.Module], group: dist.ProcessGroup, backend: str) -> None:
-    """Install the ring on each ``{name: module}`` attention call site (one mode per site)."""
+def apply_context_parallel(sites: dict[str, nn.Module], group: dist.ProcessGroup, backend: str,
+                           document_backend: str | None = None) -> None:
+    """Install the ring on each ``{name: module}`` attention call site (one mode per site);
+    ``document_backend``: the block kernel of packed documents (default: ``backend``)."""
     for name, module in sites.items():
-        mode = RingAttentionMode(group, backend, name)
+        mode = RingAttentionMode(group, backend, name, document_backend)
         module.register_forward_pre_hook(partial(_enter, mode))
         module.register_forward_hook(partial(_leave, mode), always_call=True)
 

@@ -16,7 +16,9 @@ Shapes: q (b, hq, s_q, d), k and v (b, hkv, s_k, d) with hq a multiple of hkv (G
 key/value heads are not repeated on the wire; dK/dV sum over each group's query heads).
 ``causal`` masks key j > query i (top-left; blocks are square where it is used).
 ``doc_q`` (b, s_q) / ``doc_k`` (b, s_k), both or neither: document ids, non-decreasing
-along each sequence; query i sees key j only when they match. A row may then see no key of
+along each sequence; query i sees key j only when they match. ``pos_q`` / ``pos_k``
+(with documents, ``causal=False``): global positions, increasing; key j is seen only when
+pos_k[j] <= pos_q[i] (blocks of a sequence sharded per document, whose rows interleave). A row may then see no key of
 a block: its block lse is -inf and its output 0, so a merge leaves it unchanged (never NaN).
 """
 
@@ -26,9 +28,11 @@ import torch
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset: int = 0,
-            doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None) -> torch.Tensor:
+            doc_q: torch.Tensor | None = None, doc_k: torch.Tensor | None = None,
+            pos_q: torch.Tensor | None = None, pos_k: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of q rows offset..offset+s_q against keys 0..s_k-1; causal masks key j > row,
-    documents (``doc_q`` of these rows, ``doc_k`` of these keys) mask other documents' keys."""
+    documents (``doc_q`` of these rows, ``doc_k`` of these keys) mask other documents' keys,
+    global positions (``pos_q``, ``pos_k``) mask later keys."""
     rep = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(rep, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (b, hq, s_q, s_k)
@@ -38,6 +42,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, offset
         s = s.masked_fill(torch.arange(sk, device=s.device)[None, :] > rows, float("-inf"))
     if doc_q is not None:
         s = s.masked_fill((doc_q[:, None, :, None] != doc_k[:, None, None, :]), float("-inf"))
+    if pos_q is not None:
+        s = s.masked_fill((pos_k[:, None, None, :] > pos_q[:, None, :, None]), float("-inf"))
     return s
 
 
@@ -72,12 +78,13 @@ class TorchBlocks:
 
     @staticmethod
     def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True,
-                     doc_q=None, doc_k=None):
+                     doc_q=None, doc_k=None, pos_q=None, pos_k=None):
         rep = q.shape[1] // k.shape[1]
         for i, j in _row_chunks(q, k.shape[2]):
             n = j if causal else k.shape[2]
             kk, vv = k[:, :, :n], v[:, :, :n]
-            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n))
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n),
+                        pos_q=_rows(pos_q, i, j), pos_k=_rows(pos_k, 0, n))
             lse_b = torch.logsumexp(s, dim=-1)  # (b, hq, rows); -inf where no key is seen
             p = torch.exp(s - lse_b.masked_fill(_no_key(lse_b), 0.0).unsqueeze(-1))
             out_b = torch.matmul(p, vv.float().repeat_interleave(rep, dim=1))
@@ -88,7 +95,8 @@ class TorchBlocks:
         return out, lse
 
     @staticmethod
-    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None):
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
+                       pos_q=None, pos_k=None):
         rep = q.shape[1] // k.shape[1]
         b, hkv, sk, d = k.shape
         dq = []
@@ -97,7 +105,8 @@ class TorchBlocks:
         for i, j in _row_chunks(q, sk):
             n = j if causal else sk
             kk, vv = k[:, :, :n], v[:, :, :n]
-            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n))
+            s = _scores(q[:, :, i:j], kk, causal, scale, offset=i, doc_q=_rows(doc_q, i, j), doc_k=_rows(doc_k, 0, n),
+                        pos_q=_rows(pos_q, i, j), pos_k=_rows(pos_k, 0, n))
             p = torch.exp(s - lse[:, :, i:j].unsqueeze(-1))  # the final lse: this block's share
             do, vf = dout[:, :, i:j].float(), vv.float().repeat_interleave(rep, dim=1)
             dv_c = torch.matmul(p.transpose(-1, -2), do)

@@ -20,9 +20,14 @@ one last rotation brings each home.
 Packed documents: ``document_ids`` (b, s_local), this rank's shard of ids that do not
 decrease along the global sequence, travel with their key/value block (a few bytes per
 token); every block call masks query i from key j unless their ids match, and the
-backends skip key ranges no query of the block can see (``blocks.py``). Every rank still
-runs every step, so the ring's collectives stay the same on every rank whatever the
-documents: a step whose keys no query sees costs only its (skipped) launch.
+backends skip key ranges no query of the block can see (``blocks.py``). Sharded per
+document (``sharding.document_zigzag_indices``, with the tokens' global ``positions``),
+the ranks' tokens interleave, so no step halves: every step attends the whole local block
+to the whole received one, masked by document and global position (key j visible to query
+i when their documents match and pos_j <= pos_i), and the backends' range skipping does
+the work the halving did. Every rank still runs every step, so the ring's collectives
+stay the same on every rank whatever the documents: a step whose keys no query sees costs
+only its (skipped) launch.
 
 The ring is two ``torch.library`` custom ops (``dtensor_parallel::ring_attention`` and its
 backward), so ``torch.compile`` puts it in the graph as one opaque node with a fake
@@ -73,14 +78,21 @@ def _half(doc, rows: slice):
     return None if doc is None else doc[:, rows]
 
 
-def _forward(q, k, v, doc, causal: bool, scale: float, comm, backend):
+def _by_position(doc_q, doc_k, pos_q, pos_k) -> dict:
+    return {"doc_q": doc_q, "doc_k": doc_k, "pos_q": pos_q, "pos_k": pos_k}
+
+
+def _forward(q, k, v, doc, pos, causal: bool, scale: float, comm, backend):
     b, hq, s, d = q.shape
     c = s // 2
     out = torch.empty(b, hq, s, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-    for j, (k_j, v_j, doc_j) in _ring_steps([k, v, doc], comm):
+    for j, (k_j, v_j, doc_j, pos_j) in _ring_steps([k, v, doc, pos], comm):
         first = j == comm.rank  # step 0: the own block, written rather than merged
-        if first or not causal:
+        if pos is not None:  # sharded per document: whole blocks, masked by document and position
+            backend.forward_step(q, k_j, v_j, out, lse, False, scale, accumulate=not first,
+                                 **_by_position(doc, doc_j, pos, pos_j))
+        elif first or not causal:
             backend.forward_step(q, k_j, v_j, out, lse, causal, scale, accumulate=not first,
                                  doc_q=doc, doc_k=doc_j)
         elif j < comm.rank:  # all our queries see j's first chunk only
@@ -92,7 +104,7 @@ def _forward(q, k, v, doc, causal: bool, scale: float, comm, backend):
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, doc, causal: bool, scale: float, comm, backend):
+def _backward(dout, q, k, v, out, lse, doc, pos, causal: bool, scale: float, comm, backend):
     """dQ stays home; the dK/dV accumulator of each key/value block travels with it. A
     block's accumulator is sent on as soon as this rank has added its share, and the next
     block's arrives while this rank computes on it, so only the last hop (the one that
@@ -100,8 +112,12 @@ def _backward(dout, q, k, v, out, lse, doc, causal: bool, scale: float, comm, ba
     c = q.shape[2] // 2
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     in_flight = None  # (receive buffers, works) of the accumulator of the block held next
-    for j, (k_j, v_j, doc_j) in _ring_steps([k, v, doc], comm):
-        if j == comm.rank or not causal:
+    for j, (k_j, v_j, doc_j, pos_j) in _ring_steps([k, v, doc, pos], comm):
+        if pos is not None:
+            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, False, scale,
+                                                **_by_position(doc, doc_j, pos, pos_j))
+            rows, keys = slice(None), slice(None)
+        elif j == comm.rank or not causal:
             gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale, doc_q=doc, doc_k=doc_j)
             rows, keys = slice(None), slice(None)
         elif j < comm.rank:
@@ -133,44 +149,44 @@ def _backward(dout, q, k, v, out, lse, doc, causal: bool, scale: float, comm, ba
 # ---- the custom ops ----------------------------------------------------------------------
 @torch.library.custom_op("dtensor_parallel::ring_attention", mutates_args=())
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
-                      causal: bool, scale: float, group_name: str, backend: str
+                      positions: torch.Tensor | None, causal: bool, scale: float, group_name: str, backend: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out in q's dtype, lse fp32 (b, hq, s)) of ring attention over the named group."""
-    out, lse = _forward(q, k, v, document_ids, causal, scale, _comm(group_name), get_backend(backend))
+    out, lse = _forward(q, k, v, document_ids, positions, causal, scale, _comm(group_name), get_backend(backend))
     return out.to(q.dtype), lse
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, document_ids, causal, scale, group_name, backend):
+def _(q, k, v, document_ids, positions, causal, scale, group_name, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("dtensor_parallel::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                out: torch.Tensor, lse: torch.Tensor, document_ids: torch.Tensor | None,
-                               causal: bool, scale: float, group_name: str, backend: str
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, document_ids, causal, scale, _comm(group_name),
+                               positions: torch.Tensor | None, causal: bool, scale: float, group_name: str,
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, document_ids, positions, causal, scale, _comm(group_name),
                            get_backend(backend))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, document_ids, causal, scale, group_name, backend):
+def _(dout, q, k, v, out, lse, document_ids, positions, causal, scale, group_name, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, document_ids, causal, scale, group_name, backend = inputs
+    q, k, v, document_ids, positions, causal, scale, group_name, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.save_for_backward(q, k, v, out, lse, document_ids, positions)
     ctx.args = (causal, scale, group_name, backend)
 
 
 def _backward_rule(ctx, dout, _dlse):
-    q, k, v, out, lse, document_ids = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, document_ids, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, document_ids, positions = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, document_ids, positions, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 ring_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -178,10 +194,12 @@ ring_attention_op.register_autograd(_backward_rule, setup_context=_setup_context
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
                    group: dist.ProcessGroup | None, backend: str,
-                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   document_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """q (b, hq, s_local, d), k/v (b, hkv, s_local, d), sequences zigzag-sharded over
     ``group`` (None: one rank, the whole sequence); ``document_ids`` (b, s_local) the
-    shard's document ids, or None; returns (b, hq, s_local, d)."""
+    shard's document ids, or None; ``positions`` (b, s_local) the shard's global positions
+    when it was sharded per document (``document_zigzag_indices``; needs ``document_ids``
+    and ``causal``); returns (b, hq, s_local, d)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
     size = 1 if group is None else dist.get_world_size(group)
@@ -194,4 +212,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     name = LOCAL if group is None or size == 1 else group.group_name
     docs = None if document_ids is None else document_ids.to(torch.int32).contiguous()
-    return ring_attention_op(q, k, v, docs, bool(causal), scale, name, backend)[0]
+    if positions is not None:
+        if docs is None or not causal:
+            raise ValueError("ring attention by global positions is for causal attention over documents sharded "
+                             "per document: pass document_ids and causal=True with positions")
+        positions = positions.expand(docs.shape).to(torch.int32).contiguous()
+    return ring_attention_op(q, k, v, docs, positions, bool(causal), scale, name, backend)[0]

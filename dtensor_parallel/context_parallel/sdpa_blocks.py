@@ -69,7 +69,8 @@ def _kind(q: torch.Tensor, masked: bool, causal: bool, s_k: int) -> str:
 
 
 def _doc_mask(doc_q: torch.Tensor, doc_k: torch.Tensor, causal: bool, offset: int, heads: int,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype, pos_q: torch.Tensor | None = None,
+              pos_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive mask (b, heads, s_q, s_k) of ``dtype`` (0 where query row offset + i sees
     key j, -inf elsewhere) and (b, s_q): whether the row sees any key. Rows are padded to a
     multiple of 16 elements and heads are a stride-0 expand: the efficient op's alignment."""
@@ -79,10 +80,16 @@ def _doc_mask(doc_q: torch.Tensor, doc_k: torch.Tensor, causal: bool, offset: in
     if causal:
         rows = torch.arange(offset, offset + s_q, device=doc_q.device)[:, None]
         visible &= torch.arange(s_k, device=doc_q.device)[None, :] <= rows
+    if pos_q is not None:  # global positions (a sequence sharded per document): later keys unseen
+        visible &= pos_k[:, None, :] <= pos_q[:, :, None]
     padded = -(-s_k // 16) * 16
     mask = torch.full((b, 1, s_q, padded), _NEG_INF, dtype=dtype, device=doc_q.device)
     mask[..., :s_k].masked_fill_(visible[:, None], 0.0)
     return mask[..., :s_k].expand(b, heads, s_q, s_k), visible.any(-1)
+
+
+def _positions(pos_q, pos_k, i: int, j: int) -> tuple:
+    return (None, None) if pos_q is None else (pos_q[:, i:j], pos_k)
 
 
 def _attend(kind: str, q, k, v, mask, causal: bool, scale: float):
@@ -161,7 +168,7 @@ class SdpaBlocks:
 
     @staticmethod
     def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True,
-                     doc_q=None, doc_k=None):
+                     doc_q=None, doc_k=None, pos_q=None, pos_k=None):
         masked = _check_docs(q, k, doc_q, doc_k)
         kind = _kind(q, masked, causal, k.shape[2])
         b, hq, s_q, d = q.shape
@@ -180,7 +187,7 @@ class SdpaBlocks:
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         for i, j in _row_chunks(b, s_q, k.shape[2]):
-            mask, seen = _doc_mask(doc_q[:, i:j], doc_k, causal, i, hq, q.dtype)
+            mask, seen = _doc_mask(doc_q[:, i:j], doc_k, causal, i, hq, q.dtype, *_positions(pos_q, pos_k, i, j))
             o, l = _attend(kind, q[:, :, i:j], k, v, mask, False, scale)
             seen = seen[:, None, :]  # (b, 1, rows)
             o = o.float().masked_fill(~seen[..., None], 0.0)
@@ -189,7 +196,8 @@ class SdpaBlocks:
         return out, lse
 
     @staticmethod
-    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None):
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
+                       pos_q=None, pos_k=None):
         masked = _check_docs(q, k, doc_q, doc_k)
         kind = _kind(q, masked, causal, k.shape[2])
         b, hq, s_q, d = q.shape
@@ -214,7 +222,7 @@ class SdpaBlocks:
             dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
             dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
             for i, j in _row_chunks(b, s_q, s_k):
-                mask, _ = _doc_mask(doc_q[:, i:j], doc_k, causal, i, hq, q.dtype)
+                mask, _ = _doc_mask(doc_q[:, i:j], doc_k, causal, i, hq, q.dtype, *_positions(pos_q, pos_k, i, j))
                 gq, gk, gv = _attend_backward(kind, dout[:, :, i:j], q[:, :, i:j], k, v, out[:, :, i:j],
                                               lse[:, :, i:j], mask, False, scale)
                 dq[:, :, i:j] = gq

@@ -17,17 +17,22 @@ class TritonBlocks:
 
     @staticmethod
     def forward_step(q, k, v, out, lse, causal: bool, scale: float, accumulate: bool = True,
-                     doc_q=None, doc_k=None):
+                     doc_q=None, doc_k=None, pos_q=None, pos_k=None):
         # the kernel writes (out, lse) in place through their strides: views need no copy
         return flash_attention_ring_step(q, k, v, out, lse, causal=causal, softmax_scale=scale,
-                                         accumulate=accumulate, **_documents(doc_q, doc_k))
+                                         accumulate=accumulate, **_documents(doc_q, doc_k, pos_q, pos_k))
 
     @staticmethod
-    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None):
+    def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
+                       pos_q=None, pos_k=None):
         return flash_attention_backward(q, k, v, out, lse.contiguous(), dout, causal=causal,
                                         softmax_scale=scale, grad_dtype=torch.float32,
-                                        **_documents(doc_q, doc_k))
+                                        **_documents(doc_q, doc_k, pos_q, pos_k))
 
 
-def _documents(doc_q, doc_k) -> dict:
-    return {} if doc_q is None else {"doc_q": doc_q, "doc_k": doc_k}
+def _documents(doc_q, doc_k, pos_q, pos_k) -> dict:
+    """The kernels' mask arguments given (the no-document path takes none)."""
+    out = {} if doc_q is None else {"doc_q": doc_q, "doc_k": doc_k}
+    if pos_q is not None:
+        out |= {"pos_q": pos_q, "pos_k": pos_k}
+    return out

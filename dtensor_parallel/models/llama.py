@@ -198,9 +198,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, s, dim); rope: the cos/sin rows of the tokens' positions, (s, d/2, 2) or
-        (b, s, d/2, 2); document_ids (b, s) or None."""
+        (b, s, d/2, 2); document_ids (b, s) or None, with the positions (document attention
+        under context parallelism masks by them)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim)  # (b, s, local heads, d)
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, local kv heads, d)
@@ -210,7 +212,7 @@ class Attention(nn.Module):
         if document_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         else:
-            out = document_causal_attention(q, k, v, document_ids)
+            out = document_causal_attention(q, k, v, document_ids, position_ids=position_ids)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -235,8 +237,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = (MoE(args.dim, args.moe) if args.is_moe_layer(layer_id)
                              else FeedForward(args.dim, args.ffn_hidden_dim))
 
-    def forward(self, h: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), rope, document_ids)
+    def forward(self, h: torch.Tensor, rope: torch.Tensor, document_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), rope, document_ids, position_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -266,7 +269,7 @@ class Llama(nn.Module):
         else:  # the tokens' global positions (this rank's zigzag chunks under CP)
             rope = self.rope[position_ids]  # ([b,] s, d/2, 2)
         for layer in self.layers.values():
-            h = layer(h, rope, document_ids)
+            h = layer(h, rope, document_ids, position_ids)
         return self.output(self.norm(h))
 
     @torch.no_grad()

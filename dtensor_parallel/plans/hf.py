@@ -175,7 +175,8 @@ def causal_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                   f"shorter than this sequence ({key.shape[2]}): not supported under parallelize")
     document_ids = kwargs.get("document_ids")  # packed documents: ParallelModel's keyword argument,
     if document_ids is not None:  # handed down by the model's forward, its layers and attention
-        out = document_causal_attention(query, key, value, document_ids, scale=scaling)
+        out = document_causal_attention(query, key, value, document_ids, scale=scaling,
+                                        position_ids=kwargs.get("position_ids"))
     else:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])

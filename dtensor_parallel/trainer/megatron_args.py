@@ -118,7 +118,7 @@ import shlex
 import warnings
 from typing import Any, Callable, NamedTuple
 
-from ..plan import KERNEL_BACKENDS, KERNEL_FAMILIES, ParallelPlan
+from ..plan import FAMILY_BACKENDS, KERNEL_BACKENDS, KERNEL_FAMILIES, ParallelPlan
 
 
 class _Flag(NamedTuple):
@@ -141,7 +141,7 @@ def _kernels_arg(value: str) -> str | dict[str, str]:
     out = {}
     for item in value.split(","):
         family, sep, backend = (part.strip() for part in item.partition("="))
-        if family not in KERNEL_FAMILIES or backend not in KERNEL_BACKENDS:
+        if family not in KERNEL_FAMILIES or backend not in FAMILY_BACKENDS[family]:
             raise ValueError(value)
         out[family] = backend
     return out

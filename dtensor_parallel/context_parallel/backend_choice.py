@@ -1,0 +1,69 @@
+"""``kernels["attention"] = "auto"``: the ring's block kernel picked from a table measured
+per device, said in one log line.
+
+Each entry is a measurement (``benchmarks/attention_backends.py`` writes the numbers),
+keyed by the device: "cpu", or a substring of ``torch.cuda.get_device_name()``. Two picks
+per device: for plain causal attention, and for packed documents, where what matters is
+skipping the key blocks of other documents (the Triton kernel walks only the key range of a
+block's documents; the fused SDPA ops take the documents as a dense additive mask and skip
+nothing). A device without an entry gets Triton on CUDA (it merges ring steps in fp32
+inside the kernel) and the PyTorch reference elsewhere, and the log line says it was not
+measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Measured:
+    plain: str  # causal attention without documents
+    documents: str  # packed documents
+    evidence: str  # what was measured, where, when
+
+
+MEASURED: dict[str, Measured] = {
+    # 2-core x86 CI machine, torch 2.13 CPU, 2026-11-30, benchmarks/results/attention_backends_cpu.json:
+    # one causal block forward + backward, 1024 tokens, 8 query heads on 2 kv heads, head dim
+    # 64, fp32: torch 291 ms, sdpa 40 ms (7.3x); documents of 128 tokens: 374 vs 66 ms (5.7x)
+    "cpu": Measured("sdpa", "sdpa", "block forward+backward on the CPU: sdpa 7.3x torch, 5.7x with documents"),
+}
+
+
+@dataclass(frozen=True)
+class AttentionBackends:
+    plain: str
+    documents: str
+
+
+def device_key(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return device_type
+
+
+def lookup(name: str) -> Measured | None:
+    return next((m for key, m in MEASURED.items() if key == name or (key != "cpu" and key in name)), None)
+
+
+def choose_attention_backend(device_type: str, *, say: bool = True) -> AttentionBackends:
+    """The measured picks for this device (see the module docstring), logged once."""
+    name = device_key(device_type)
+    found = lookup(name)
+    if found is not None:
+        pick = AttentionBackends(found.plain, found.documents)
+        why = f"measured: {found.evidence}"
+    else:
+        default = "triton" if device_type == "cuda" else "torch"
+        pick = AttentionBackends(default, default)
+        why = "no measurement for this device (run benchmarks/attention_backends.py)"
+    if say:
+        log.warning("kernels['attention']='auto' on %s: %r for causal attention, %r for packed documents (%s)",
+                    name, pick.plain, pick.documents, why)
+    return pick
