@@ -389,3 +389,18 @@ def test_packed_documents_train_under_context_parallel(tmp_path):
     assert "'cp': 2" in stdout and "documents masked after token 2047" in stdout, stdout
     recs = _records(metrics, steps)
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    """``compile = "auto"`` (the dense recipes' default): blocks compiled on a CUDA mesh,
+    never on the CPU, where compile time outweighs the run."""
+    from dtensor_parallel import ParallelPlan
+
+    plan = ParallelPlan(compile="auto")
+    assert plan.compiles_on("cuda") and not plan.compiles_on("cpu")
+    assert ParallelPlan(compile=True).compiles_on("cpu") and not ParallelPlan().compiles_on("cuda")
+    with pytest.raises(ValueError, match=r"compile='yes': choose True, False or 'auto'"):
+        ParallelPlan(compile="yes")
+    for recipe in ("llama3_8b", "llama3_70b", "llama3_405b", "debug"):
+        assert load_config(REPO / "recipes" / f"{recipe}.toml").parallel_plan().compile == "auto", recipe
+    assert load_config(DEBUG_RECIPE, ["--compile"]).parallel_plan().compile is True
