@@ -139,11 +139,39 @@ def test_packed_documents_match_one_device(layout: str) -> None:
     assert len(set(losses)) == 1
 
 
-@pytest.mark.parametrize("layout", ["cp2", "cp2_tp2_sp"])
-def test_transformers_packed_documents_match_transformers(layout: str) -> None:
+@pytest.mark.parametrize("arch,layout", [("llama", "cp2"), ("llama", "cp2_tp2_sp"), ("qwen3", "cp2_pp2")])
+def test_transformers_packed_documents_match_transformers(arch: str, layout: str) -> None:
     world, mesh_kwargs, plan_kwargs = DOC_LAYOUTS[layout]
-    losses = run_distributed(world, hf_one_step_parity, "llama", mesh_kwargs, plan_kwargs, seq=32, documents=True)
+    losses = run_distributed(world, hf_one_step_parity, arch, mesh_kwargs, plan_kwargs, seq=32, documents=True)
     assert len(set(losses)) == 1
+
+
+def _forward_logits_with_documents() -> float:
+    """pm(x, document_ids=...) under CP2: this rank's logits, at its per-document shard's
+    positions, against the one-device model's."""
+    import copy
+
+    import torch.distributed as dist
+
+    from dtensor_parallel import build_mesh, parallelize
+    from dtensor_parallel.context_parallel.sharding import document_zigzag_indices
+
+    from .parity import make_batch, plan_for, rel_err
+
+    ref = make_model("llama")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(cp=2), plan_for("llama"))
+    x, _ = make_batch(128, 2, 32)
+    docs = make_documents(2, 32)
+    with torch.no_grad():
+        want = ref(x, document_ids=docs)
+        got = pm(x, document_ids=docs)
+    idx = document_zigzag_indices(docs, 2, dist.get_rank())
+    return rel_err(got, want.gather(1, idx[..., None].expand(-1, -1, want.shape[-1])))
+
+
+def test_forward_with_documents_gives_the_shards_logits() -> None:
+    for err in run_distributed(2, _forward_logits_with_documents):
+        assert err < 1e-5, err
 
 
 def _toy_with_documents() -> str:
