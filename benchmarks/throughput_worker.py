@@ -56,6 +56,8 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
             model = Llama(model_args(args.shape, args.layers, args.seq))
     n_micro = args.microbatches if lay.pp > 1 else 1
     kernels = {f: "triton" for f in lay.triton_families} if args.kernels == "triton" else "torch"
+    if args.kernels == "sdpa":  # the ring's blocks through PyTorch's fused attention ops
+        kernels = {"attention": "sdpa"}
     plan = ParallelPlan(sequence_parallel=lay.sp, recompute="selective", compile=args.compile,
                         kernels=kernels, mixed_precision="bf16", micro_batch_size=1,
                         global_batch_size=n_micro * lay.dp_shard,

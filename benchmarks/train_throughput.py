@@ -130,7 +130,7 @@ def flops_per_token(args, seq: int) -> dict[str, float]:
 class RunConfig:
     framework: str  # "ours" | "torchtitan" | "hf" (transformers' Llama through our parallelize)
     layout: str
-    kernels: str  # "torch" | "triton" (ours), "-" (torchtitan)
+    kernels: str  # "torch" | "triton" | "sdpa" (ours), "-" (torchtitan)
     compile: bool
 
     @property
@@ -147,6 +147,8 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
             for fw in frameworks:
                 for k in (kernels if fw in ("ours", "hf") else ["-"]):
                     if k == "triton" and not lay.triton_families:
+                        continue
+                    if k == "sdpa" and lay.cp == 1:  # (the ring's block kernel: CP layouts only)
                         continue
                     if k == "torch" and lay.cp > 1:  # our "torch" ring blocks are the fp32 reference
                         continue  # (about 20 TFLOP/s in benchmarks/ring_attention.py): not a training path
@@ -338,7 +340,8 @@ def driver_args(argv: list[str]):
     p.add_argument("--layouts", default="1gpu,fsdp2,tp2sp,pp2,cp2", help="comma-separated, e.g. tp4sp,pp4,fsdp4")
     p.add_argument("--frameworks", default="ours,torchtitan")
     p.add_argument("--compile", help="off, on or off,on (default; --dry: off)")
-    p.add_argument("--kernels", help="ours: torch and/or triton, where a family applies (default both; --dry: torch)")
+    p.add_argument("--kernels", help="ours: torch, triton and/or sdpa (CP's block kernel), where a family applies "
+                                      "(default torch,triton; --dry: torch)")
     p.add_argument("--shape", default="8B", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8, help="the same depth for every layout")
     p.add_argument("--seq", type=int, default=8192)
