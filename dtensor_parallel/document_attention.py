@@ -9,8 +9,8 @@ sequence, passed down the model's forward like ``position_ids``; ``ParallelModel
 every model that takes a ``document_ids`` argument this rank's share of them.
 
 Outside context parallelism it runs the one-rank ring (``context_parallel/ring.py``: the
-own block, no communication) with the fastest block kernel that masks documents on the
-device: Triton on CUDA, the PyTorch reference elsewhere. Inside an attention site under
+own block, no communication) with the block kernel measured fastest for documents on the
+device (``local_backend``). Inside an attention site under
 context parallelism (its ``RingAttentionMode`` on the torch-function mode stack) it runs
 the ring over the cp group with the plan's kernel: the documents' ids travel with their
 key/value blocks, and keys no query of a block can see are skipped. The mode is looked up
@@ -43,10 +43,14 @@ def document_causal_attention(query: torch.Tensor, key: torch.Tensor, value: tor
                           backend=local_backend(query.device), document_ids=document_ids)
 
 
+@torch.compiler.assume_constant_result  # (a table lookup: Dynamo need not trace the device query)
 def local_backend(device: torch.device) -> str:
-    """The block kernel of document attention outside the ring: Triton on CUDA (it skips the
-    masked key blocks), the PyTorch reference elsewhere."""
-    return "triton" if device.type == "cuda" else "torch"
+    """The block kernel of document attention outside the ring: the measured table's pick
+    for packed documents on this device (``context_parallel/backend_choice.py``: the fused
+    SDPA ops on the CPU; Triton, which skips other documents' key blocks, on an unmeasured GPU)."""
+    from .context_parallel.backend_choice import choose_attention_backend
+
+    return choose_attention_backend(device.type, say=False).documents
 
 
 def active_ring():
