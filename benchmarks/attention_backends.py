@@ -15,34 +15,12 @@ FLOPs: causal forward 2 * 2 * b * hq * s^2 * d / 2; forward+backward 3.5x that.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
 from dtensor_parallel.context_parallel.blocks import get_backend
 
-from common import median, write_results
-
-
-def timed(fn, device: str, warmup: int, iters: int) -> float:
-    """Median ms of ``fn()``."""
-    times = []
-    for i in range(warmup + iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    return median(times)
+from common import median_ms, write_results
 
 
 def block_case(backend: str, q, k, v, dout, docs, device: str, warmup: int, iters: int) -> tuple[float, float]:
@@ -61,7 +39,9 @@ def block_case(backend: str, q, k, v, dout, docs, device: str, warmup: int, iter
         fwd()
         blocks.backward_block(dout, q, k, v, out, lse, True, scale, **kw)
 
-    return timed(fwd, device, warmup, iters), timed(fwd_bwd, device, warmup, iters)
+    cuda = device == "cuda"
+    return (median_ms(fwd, cuda=cuda, warmup=warmup, iters=iters),
+            median_ms(fwd_bwd, cuda=cuda, warmup=warmup, iters=iters))
 
 
 def main() -> None:

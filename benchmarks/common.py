@@ -6,8 +6,9 @@ import datetime
 import json
 import os
 import statistics
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +26,31 @@ def environment() -> dict[str, Any]:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def median_ms(fn: Callable[[], object], *, cuda: bool, warmup: int, iters: int,
+              before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` calls after ``warmup``: CUDA events
+    on the GPU, the wall clock elsewhere; ``before`` runs ahead of each call, untimed (a
+    barrier, say)."""
+    times = []
+    for i in range(warmup + iters):
+        if before is not None:
+            before()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = 1e3 * (time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(ms)
+    return median(times)
 
 
 def write_results(name: str, rows: list[dict], targets: list[dict], out_dir: str | None = None,

@@ -86,7 +86,7 @@ from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots, grouped_swig
 from triton_kernels import moe_dispatch as md
 from triton_kernels.moe_dispatch import permute, permute_ref, unpermute, unpermute_ref
 
-from common import median, write_results
+from common import median_ms, write_results
 
 NAME = "moe_dispatch"
 
@@ -103,25 +103,8 @@ class Bench:
         self.cuda, self.warmup, self.iters = cuda, warmup, iters
 
     def __call__(self, fn, barrier: bool = False, iters: int | None = None) -> float:
-        times = []
-        iters = self.iters if iters is None else iters
-        for i in range(self.warmup + iters):
-            if barrier:
-                dist.barrier()
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ms = 1e3 * (time.perf_counter() - t0)
-            if i >= self.warmup:
-                times.append(ms)
-        return median(times)
+        return median_ms(fn, cuda=self.cuda, warmup=self.warmup, iters=self.iters if iters is None else iters,
+                         before=dist.barrier if barrier else None)
 
     def graph(self, fn, reps: int) -> float:
         """Median ms per call of a CUDA graph holding ``reps`` calls of fn (CUDA only)."""
