@@ -193,7 +193,7 @@ def attention_backends(plan: ParallelPlan, mesh: DeviceMesh, say: bool = False):
     backend = plan.kernel_backend("attention")
     if backend == "auto":
         return choose_attention_backend(mesh.device_type, say=say)
-    return AttentionBackends(backend, backend)
+    return AttentionBackends(backend, backend, "the plan's choice")
 
 
 def kernel_backend(plan: ParallelPlan, family: str, mesh: DeviceMesh) -> str:

@@ -67,7 +67,7 @@ class RingAttentionMode(TorchFunctionMode):
                              f"holds pieces of every document and the ring masks by position")
         return ring_attention(query, key, value, causal=True, scale=scale, group=self.group,
                               backend=self.document_backend, document_ids=document_ids,
-                              positions=None if position_ids is None else position_ids.expand(document_ids.shape))
+                              positions=position_ids)
 
     def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False) -> torch.Tensor:

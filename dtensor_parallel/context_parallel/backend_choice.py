@@ -22,24 +22,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Measured:
+class AttentionBackends:
     plain: str  # causal attention without documents
     documents: str  # packed documents
-    evidence: str  # what was measured, where, when
+    why: str  # what was measured, where, when (or why there was no choice to make)
 
 
-MEASURED: dict[str, Measured] = {
+MEASURED: dict[str, AttentionBackends] = {
     # 2-core x86 CI machine, torch 2.13 CPU, 2026-11-30, benchmarks/results/attention_backends_cpu.json:
     # one causal block forward + backward, 1024 tokens, 8 query heads on 2 kv heads, head dim
     # 64, fp32: torch 291 ms, sdpa 40 ms (7.3x); documents of 128 tokens: 374 vs 66 ms (5.7x)
-    "cpu": Measured("sdpa", "sdpa", "block forward+backward on the CPU: sdpa 7.3x torch, 5.7x with documents"),
+    "cpu": AttentionBackends("sdpa", "sdpa", "measured: block forward+backward on the CPU: sdpa 7.3x torch, "
+                                             "5.7x with documents"),
 }
-
-
-@dataclass(frozen=True)
-class AttentionBackends:
-    plain: str
-    documents: str
 
 
 def device_key(device_type: str) -> str:
@@ -48,22 +43,19 @@ def device_key(device_type: str) -> str:
     return device_type
 
 
-def lookup(name: str) -> Measured | None:
+def lookup(name: str) -> AttentionBackends | None:
     return next((m for key, m in MEASURED.items() if key == name or (key != "cpu" and key in name)), None)
 
 
 def choose_attention_backend(device_type: str, *, say: bool = True) -> AttentionBackends:
     """The measured picks for this device (see the module docstring), logged once."""
     name = device_key(device_type)
-    found = lookup(name)
-    if found is not None:
-        pick = AttentionBackends(found.plain, found.documents)
-        why = f"measured: {found.evidence}"
-    else:
+    pick = lookup(name)
+    if pick is None:
         default = "triton" if device_type == "cuda" else "torch"
-        pick = AttentionBackends(default, default)
-        why = "no measurement for this device (run benchmarks/attention_backends.py)"
+        pick = AttentionBackends(default, default, "no measurement for this device (run "
+                                                   "benchmarks/attention_backends.py)")
     if say:
         log.warning("kernels['attention']='auto' on %s: %r for causal attention, %r for packed documents (%s)",
-                    name, pick.plain, pick.documents, why)
+                    name, pick.plain, pick.documents, pick.why)
     return pick

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import MAX_SCORE_ELEMENTS
+from .blocks import MAX_SCORE_ELEMENTS, merge
 
 aten = torch.ops.aten
 _NEG_INF = float("-inf")
@@ -132,16 +132,12 @@ def _attend_backward(kind: str, dout, q, k, v, out, lse, mask, causal: bool, sca
 
 
 def _write(out, lse, out_b, lse_b, accumulate: bool) -> None:
-    """out/lse <- (out_b, lse_b) or their online-softmax merge, in fp32, in place. A row
-    with lse = -inf on both sides stays out = 0, lse = -inf (no NaN)."""
-    if not accumulate:
-        out.copy_(out_b)
-        lse.copy_(lse_b)
-        return
-    new = torch.logaddexp(lse, lse_b)
-    ref = new.masked_fill(new == _NEG_INF, 0.0)  # rows no key has reached yet: both weights 0
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_b * torch.exp(lse_b - ref).unsqueeze(-1))
-    lse.copy_(new)
+    """out/lse <- (out_b, lse_b) or their online-softmax merge (``blocks.merge``: fp32, a
+    row with lse = -inf on both sides stays out = 0, lse = -inf), in place."""
+    if accumulate:
+        out_b, lse_b = merge(out, lse, out_b, lse_b)
+    out.copy_(out_b)
+    lse.copy_(lse_b)
 
 
 def _row_chunks(b: int, s_q: int, s_k: int) -> list[tuple[int, int]]:
