@@ -193,6 +193,87 @@ def test_errors():
         flash_attention_ring_step(q, k, v, torch.zeros_like(q), None, causal=True)
 
 
+@pytest.mark.parametrize("s_q,s_k,d,causal,bshd", [(100, 100, 32, True, True), (70, 130, 32, False, False),
+                                                  (130, 70, 128, True, False)])
+def test_tma_forward_kernel(s_q, s_k, d, causal, bshd):
+    """The Hopper forward (flash_attention_hopper.py) in the interpreter, which runs its tensor
+    descriptors: one config whose diagonal spans blocks, odd lengths (the zero-filled tile
+    tail, the key mask), (b, s, h, d) views, GQA, then a second K/V block merged into the
+    first (HAS_ACC), against the fp32 reference. fp16: the interpreter's bf16 dot is wrong."""
+    from triton_kernels import flash_attention_hopper as hopper
+
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test (the GPU class runs the real kernel)")
+    torch.manual_seed(0)
+    q, k, v = _inputs(2, 4, 2, s_q, s_k, d, torch.float16, bshd=bshd)
+    cfg = {"kernel": hopper._attn_fwd_tma.fn, "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    out = torch.empty(q.shape, dtype=torch.float16)
+    lse = torch.empty(q.shape[:3])
+    hopper.forward_tma(q, k, v, out, lse, causal, d ** -0.5, False, **cfg)
+    ref_o, ref_l = attention_ref(q, k, v, causal=causal)
+    assert rel_err(out, ref_o) < 2e-3 and rel_err(lse, ref_l) < 1e-5
+    half = s_k // 2  # two ring steps over halves of K/V, merged in fp32
+    acc, acc_lse = torch.empty(q.shape), torch.empty(q.shape[:3])
+    hopper.forward_tma(q, k[:, :, :half], v[:, :, :half], acc, acc_lse, False, d ** -0.5, False, **cfg)
+    hopper.forward_tma(q, k[:, :, half:], v[:, :, half:], acc, acc_lse, False, d ** -0.5, True, **cfg)
+    ref_o, ref_l = attention_ref(q, k, v, causal=False)
+    assert rel_err(acc, ref_o) < 2e-3 and rel_err(acc_lse, ref_l) < 1e-5
+
+
+@pytest.mark.parametrize("s_q,s_k,causal,bshd", [(100, 100, True, True), (70, 130, False, False),
+                                                (130, 70, True, False)])
+def test_tma_backward_kernels(monkeypatch, s_q, s_k, causal, bshd):
+    """The backward kernels with their TMA flag (Q/dO tiles of dK/dV, K/V tiles of dQ through
+    descriptors) in the interpreter: equal to the pointer-based loads and to the fp32
+    reference, with odd lengths (the zero-filled tile tails), GQA and (b, s, h, d) views."""
+    import triton_kernels.flash_attention as fa
+
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test (the GPU class runs the real kernels)")
+    torch.manual_seed(0)
+    q, k, v = _inputs(2, 4, 2, s_q, s_k, 32, torch.float16, bshd=bshd)
+    dout = torch.randn(q.shape, dtype=torch.float16)
+    out, lse = flash_attention(q, k, v, causal=causal)
+    grads = {}
+    for tma in (True, False):
+        monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
+        monkeypatch.setattr(fa, "hopper_eligible", lambda *a: True)  # the interpreter runs descriptors too
+        grads[tma] = fa._backward(q, k, v, out, lse, dout, None, causal, 32 ** -0.5, torch.float32)
+    ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)), dout.float(), None)
+    for name, g_tma, g_ptr, r in zip(("dq", "dk", "dv"), grads[True], grads[False], ref[2:]):
+        assert rel_err(g_tma, g_ptr) < 1e-6, name  # the same math, other loads
+        assert rel_err(g_tma, r) < 5e-3, name
+
+
+def test_measured_configs_pin_one_config_on_hopper_only(monkeypatch):
+    """On a Hopper GPU the backward kernels run the measured config of their head dim alone
+    (every rank the same, no first-call autotuning); documents, fp32, other head dims, other
+    GPUs and short sequences keep the autotuner's candidates."""
+    import triton
+
+    from triton_kernels import flash_attention_kernels as fwdk
+
+    monkeypatch.setattr(fwdk, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
+    configs = fwdk._configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)])
+    prune = fwdk._prune("BLOCK_N", "BLOCK_M", {128: (64, 128, 8, 3), 64: (32, 128, 4, 3)})
+    args = {"S_Q": 4096, "S_K": 4096, "HEAD_DIM": 128, "PRECISION": "tf32", "HAS_DOCS": False}
+
+    def picked(**changes):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in prune(configs, {**args, **changes})]
+
+    assert picked() == [(64, 128, 8, 3)] and picked(HEAD_DIM=64) == [(32, 128, 4, 3)]
+    assert len(picked(HAS_DOCS=True)) > 1 and len(picked(HEAD_DIM=32)) > 1
+    assert picked(PRECISION="ieee") == [(32, 64, 4, 2)]  # fp32: its own small tile
+    assert picked(S_Q=100, S_K=100) == [(32, 128, 4, 3)]  # short: the smallest 16-bit tile
+    capability[0] = (8, 0)
+    assert len(picked()) > 1
+    assert isinstance(prune(configs, args)[0], triton.Config)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestGPU:
@@ -221,3 +302,60 @@ class TestGPU:
         torch.manual_seed(0)
         q, k, v = _inputs(1, 32, 8, 4096, 4096, 128, torch.bfloat16, device="cuda")
         _check_ring(q, k, v, torch.randn_like(q), 4, torch.float32)
+
+    @pytest.mark.parametrize("s_q,s_k,d,bshd,causal", [(1000, 1000, 128, True, True), (777, 1500, 128, False, False),
+                                                      (2048, 2048, 96, True, True), (300, 200, 128, False, True)])
+    def test_tma_forward_matches_pointer_kernel_and_reference(self, s_q, s_k, d, bshd, causal):
+        """The Hopper TMA forward (flash_attention_hopper.py) against the fp32 reference and
+        against the pointer-based kernel it replaces: odd lengths (the zero-filled tile tail
+        and the key mask), (b, s, h, d) views, GQA, and the ring merge (HAS_ACC)."""
+        from triton_kernels import flash_attention_hopper as hopper
+        from triton_kernels.flash_attention import _forward
+
+        torch.manual_seed(0)
+        q, k, v = _inputs(2, 16, 4, s_q, s_k, d, torch.bfloat16, bshd=bshd, device="cuda")
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("the TMA forward needs sm90+")
+        assert hopper.hopper_eligible(q, k, v, False) == (d == 128)  # head dim 96 runs padded to 128
+        scale = d ** -0.5
+        results = {}
+        for name, tma in (("tma", True), ("pointer", False)):
+            out = torch.empty(q.shape, device="cuda", dtype=torch.float32)
+            lse = torch.empty(q.shape[:3], device="cuda", dtype=torch.float32)
+            half = s_k // 2  # two ring steps: the second merges into the first (HAS_ACC)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr("triton_kernels.flash_attention._TMA_FORWARD", tma)
+                calls = []
+                mp.setattr("triton_kernels.flash_attention.forward_tma",
+                           lambda *a, **kw: (calls.append(1), hopper.forward_tma(*a, **kw)))
+                _forward(q, k[:, :, :half], v[:, :, :half], out, lse, False, scale, has_acc=False)
+                _forward(q, k[:, :, half:], v[:, :, half:], out, lse, False, scale, has_acc=True)
+                one_out = torch.empty_like(q)
+                one_lse = torch.empty(q.shape[:3], device="cuda", dtype=torch.float32)
+                _forward(q, k, v, one_out, one_lse, causal, scale, has_acc=False)
+                assert len(calls) == (3 if tma else 0)
+            results[name] = (out, lse, one_out, one_lse)
+        ref_ring = attention_ref(*(t.float() for t in (q, k, v)), causal=False)
+        ref_one = attention_ref(*(t.float() for t in (q, k, v)), causal=causal)
+        for got, want in zip(results["tma"], (*ref_ring, *ref_one)):
+            assert rel_err(got.float(), want.float()) < 1e-2
+        for got, other in zip(results["tma"], results["pointer"]):  # the same math, other loads
+            assert rel_err(got.float(), other.float()) < 2e-3
+
+    def test_tma_backward_matches_pointer_kernels(self, monkeypatch):
+        """The backward kernels' TMA loads on the GPU (off in the library until timed) give the
+        gradients of the pointer-based loads: odd length, GQA, (b, s, h, d) views."""
+        import triton_kernels.flash_attention as fa
+
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("TMA needs sm90+")
+        torch.manual_seed(0)
+        q, k, v = _inputs(2, 16, 4, 1000, 1000, 128, torch.bfloat16, bshd=True, device="cuda")
+        dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+        out, lse = flash_attention(q, k, v, causal=True)
+        grads = {}
+        for tma in (True, False):
+            monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
+            grads[tma] = fa._backward(q, k, v, out, lse, dout, None, True, 128 ** -0.5, torch.float32)
+        for g_tma, g_ptr in zip(grads[True], grads[False]):
+            assert rel_err(g_tma, g_ptr) < 1e-5

@@ -12,6 +12,7 @@ FLOPs.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,15 @@ import triton
 
 from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges
+from .flash_attention_hopper import ensure_allocator, forward_tma, hopper_eligible
 from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
+
+# The TMA forward (flash_attention_hopper.py) runs where it can; DTP_FLASH_TMA=0 keeps every
+# forward on the pointer-based kernel (a way to tell the two apart if a result looks wrong).
+_TMA_FORWARD = os.environ.get("DTP_FLASH_TMA", "1") != "0"
+# The backward kernels' TMA loads: correct in the interpreter tests, not yet timed on a GPU,
+# so off until benchmarks/flash_attention_kernel.py --tma-backward has timed them on one.
+_TMA_BACKWARD = False
 
 __all__ = [
     "attention_ref",
@@ -112,6 +121,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         out.copy_(out_padded[..., :d])
         return
 
+    if _TMA_FORWARD and hopper_eligible(q, k, v, docs is not None):
+        forward_tma(q, k, v, out, lse, causal, scale, has_acc)
+        return
+
     def grid(meta: dict) -> tuple[int, int]:
         return (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))
 
@@ -152,6 +165,9 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype or k.dtype)  # (b, hkv, s_k, d)
     dv = torch.empty(v.shape, device=v.device, dtype=grad_dtype or v.dtype)  # (b, hkv, s_k, d)
     flags = _flags(q.dtype)
+    flags["TMA"] = _TMA_BACKWARD and hopper_eligible(q, k, v, docs is not None, dout)
+    if flags["TMA"]:
+        ensure_allocator()
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](

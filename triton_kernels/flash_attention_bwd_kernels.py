@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 from .flash_attention_documents import _doc_span, _row_ranges, _seen_by_block
-from .flash_attention_kernels import _DKDV_CONFIGS, _DQ_CONFIGS, _LOG2E, _prune, _query_block
+from .flash_attention_hopper import _row_tiles
+from .flash_attention_kernels import (_DKDV_CONFIGS, _DKDV_MEASURED, _DQ_CONFIGS, _DQ_MEASURED, _LOG2E,
+                                      _key_block_bounds, _prune, _query_block)
 
 
 @triton.jit
@@ -39,12 +41,13 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
-                col_lo, col_hi, KV_LO, KV_HI, n0, n1,
+                col_lo, col_hi, KV_LO, KV_HI, n0, n1, q_desc, do_desc,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
     HAS_DOCS: key j keeps rows [col_lo[j], col_hi[j]); only rows that see some key of
-    [n0, n1) (their key ranges KV_LO/KV_HI) are loaded."""
+    [n0, n1) (their key ranges KV_LO/KV_HI) are loaded. TMA (never with HAS_DOCS): q and dO
+    tiles come through the descriptors q_desc/do_desc (rows past S_Q read as zeros)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -60,10 +63,19 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         elif MASK:
             row_ok = offs_m < S_Q
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            if TMA:
+                q = q_desc.load([start_m, 0])
+                do = do_desc.load([start_m, 0])
+            else:
+                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        elif TMA:
+            q = q_desc.load([start_m, 0])
+            do = do_desc.load([start_m, 0])
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
         else:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
@@ -95,8 +107,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
 
 @triton.autotune(
     configs=_DKDV_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "TMA"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", _DKDV_MEASURED)},
 )
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
@@ -105,11 +117,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H_Q, H_KV, GROUP, S_Q, S_K,
                    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
     share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics.
     HAS_DOCS: as ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI; only the queries the keys' ranges
-    hold are visited."""
+    hold are visited. TMA: each query head's Q and dO tiles through device-side descriptors."""
     start_n = tl.program_id(1) * BLOCK_N  # causal: key block 0 has the most queries, runs first
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -154,22 +167,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
         Qh = Q + off_b * stride_qb + off_h * stride_qh
         DOh = DO + off_b * stride_dob + off_h * stride_doh
         row0 = (off_b * H_Q + off_h) * S_Q
+        q_desc = Qh
+        do_desc = DOh
+        if TMA:
+            q_desc = _row_tiles(Qh, S_Q, stride_qm, BLOCK_M, HEAD_DIM)
+            do_desc = _row_tiles(DOh, S_Q, stride_dom, BLOCK_M, HEAD_DIM)
         if HAS_DOCS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                  offs_n, S_Q, qk_scale, (q_lo // BLOCK_M) * BLOCK_M, q_hi, col_lo, col_hi,
                                  KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_n, tl.minimum(start_n + BLOCK_N, S_K),
-                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
+                                 q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION, False)
         else:
             if IS_CAUSAL:
                 dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                      offs_n, S_Q, qk_scale, lo, diag_end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
-                                     BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
+                                     q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                  offs_n, S_Q, qk_scale, mid, full_end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
-                                 BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+                                 q_desc, do_desc, BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                  offs_n, S_Q, qk_scale, full_end, end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
-                                 BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
+                                 q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -179,10 +197,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
-              row_lo, row_hi, Q_LO, Q_HI, m0, m1,
+              row_lo, row_hi, Q_LO, Q_HI, m0, m1, k_desc, v_desc,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi). HAS_DOCS: as ``_fwd_inner``."""
+              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi). HAS_DOCS: as ``_fwd_inner``.
+    TMA (never with HAS_DOCS): K and V tiles through k_desc/v_desc (rows past S_K are zeros)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -193,6 +212,9 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
             seen = _seen_by_block(Q_LO, Q_HI, offs_n, hi, m0, m1, IS_CAUSAL, True)  # (BN,), within S_K
             k = tl.load(k_ptrs, mask=seen[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=seen[:, None], other=0.0)
+        elif TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
         elif MASK:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < S_K, other=0.0)
@@ -222,8 +244,8 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, q
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS"],
-    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "TMA"],
+    prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", _DQ_MEASURED)},
 )
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
@@ -232,9 +254,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
                  stride_dqb, stride_dqh, stride_dqm,
                  H_Q, GROUP, S_Q, S_K,
                  HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: dQ of BLOCK_M query rows of one (batch, query head). HAS_DOCS: as
-    ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI."""
+    ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI. TMA: K and V tiles through device-side descriptors."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -242,6 +265,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
     off_hk = off_h // GROUP
     K += off_b * stride_kb + off_hk * stride_kh
     V += off_b * stride_vb + off_hk * stride_vh
+    k_desc = K
+    v_desc = V
+    if TMA:
+        k_desc = _row_tiles(K, S_K, stride_kn, BLOCK_N, HEAD_DIM)
+        v_desc = _row_tiles(V, S_K, stride_vn, BLOCK_N, HEAD_DIM)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S_Q
@@ -263,11 +291,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
     qk_scale = sm_scale * _LOG2E
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full = (S_K // BLOCK_N) * BLOCK_N
-    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full = tl.minimum(full, start_m)
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    full, hi = _key_block_bounds(S_K, start_m, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if HAS_DOCS:  # one masked walk over the key blocks that the rows' ranges touch
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a row that saw no key: P = 0, not NaN
         kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
@@ -275,13 +299,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
             kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale,
                        (kv_lo // BLOCK_N) * BLOCK_N, kv_hi, row_lo, row_hi, Q_LO + off_b * S_K, Q_HI + off_b * S_K,
-                       start_m, tl.minimum(start_m + BLOCK_M, S_Q),
-                       BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION)
+                       start_m, tl.minimum(start_m + BLOCK_M, S_Q), k_desc, v_desc,
+                       BLOCK_N, HEAD_DIM, True, IS_CAUSAL, True, UPCAST, PRECISION, False)
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
-                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION)
+                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, k_desc, v_desc,
+                       BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
-                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
+                       offs_m, offs_m, Q_LO, Q_HI, 0, 0, k_desc, v_desc,
+                       BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -91,6 +91,18 @@ def _query_block(IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _key_block_bounds(S_K, start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(full, hi) for the query block at start_m: key blocks [0, full) need no mask, [full, hi)
+    hold the key tail and the causal diagonal."""
+    full = (S_K // BLOCK_N) * BLOCK_N
+    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full = tl.minimum(full, start_m)
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    return full, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
                row_lo, row_hi, Q_LO, Q_HI, m0, m1,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -117,7 +129,9 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_sca
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN), unscaled
+        if HAS_DOCS or MASK:
+            qk = qk * qk_scale  # log2 units
         if HAS_DOCS:
             keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
             if IS_CAUSAL:
@@ -128,8 +142,12 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, S_K, qk_sca
             if IS_CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
+        if HAS_DOCS or MASK:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp2(qk - m_new[:, None])
+        else:  # max(qk) * scale == max(qk * scale) (scale > 0); the exp2 argument is one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -153,27 +171,50 @@ else:  # kept small: every config is compiled once per (IS_CAUSAL, HAS_ACC, HEAD
     _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)])
     _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)])
     _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)])
+# Measured on an H200 (triton 3.6, bf16, 32 query / 8 kv heads, causal, 8K and 32K tokens;
+# benchmarks/results/flash_attention_kernel.json, the whole backward timed with one kernel's
+# config pinned): the fastest of seven per kernel and head dim at both lengths, except dQ at
+# d64 (the fastest at 8K; 5% behind (128, 64, 8, 3) at 32K). Hopper GPUs run these alone.
+_DKDV_MEASURED = {128: (64, 128, 8, 3), 64: (32, 128, 4, 3)}
+_DQ_MEASURED = {128: (128, 64, 8, 3), 64: (64, 64, 4, 2)}
 # fp32 inputs use IEEE dots, which lower to FMA loops, not tensor cores: big tiles unroll into
 # huge kernels that compile for minutes. fp32 gets only these small tiles (and 16-bit never).
 _FP32_TILES = {(64, 32, 4, 2), (32, 64, 4, 2)}
 
 
-def _prune(outer: str, inner: str):
+def _measured_config(table: dict[int, tuple[int, int, int, int]], args: dict) -> triton.Config | None:
+    """The measured config of ``table`` (head dim -> (BLOCK_M, BLOCK_N, warps, stages)) for this
+    call, or None: only for 16-bit inputs without documents on a Hopper GPU, where the table
+    was measured. A measured config is what every rank runs (no per-process autotuning, whose
+    timing noise on first calls picked slower configs than the sweep did)."""
+    if _INTERPRET or args.get("PRECISION") == "ieee" or args.get("HAS_DOCS") or args["HEAD_DIM"] not in table:
+        return None
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    bm, bn, w, st = table[args["HEAD_DIM"]]
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+
+
+def _prune(outer: str, inner: str, measured: dict[int, tuple[int, int, int, int]] | None = None):
     """Pruning filter: the OUTER block (one per program) must be a multiple of the INNER block
     (the loop step) so the causal diagonal starts on an inner-block boundary; drop blocks far
     larger than the sequence; fp32 (IEEE) and 16-bit inputs use disjoint tile sets; sequences
     of at most 128 get the smallest tile only (each config compiles once per shape
-    specialization, seconds each on a GPU, while the kernel runs for microseconds)."""
+    specialization, seconds each on a GPU, while the kernel runs for microseconds). Where
+    ``measured`` has this call's head dim (see :func:`_measured_config`), that config alone."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         s_outer = args["S_Q"] if outer == "BLOCK_M" else args["S_K"]
         s_inner = args["S_K"] if outer == "BLOCK_M" else args["S_Q"]
-        fp32 = args["PRECISION"] == "ieee"
+        fp32 = args.get("PRECISION") == "ieee"
         candidates = [c for c in configs if fp32 == ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                                       c.num_stages) in _FP32_TILES)] or list(configs)
         if max(s_outer, s_inner) <= 128:  # microseconds of work: tuning buys nothing, compiling costs
             return [min(candidates, key=lambda c: c.kwargs[outer] * c.kwargs[inner])]
+        chosen = _measured_config(measured or {}, args)
+        if chosen is not None and chosen.kwargs[outer] % chosen.kwargs[inner] == 0:
+            return [chosen]
         kept = []
         for c in candidates:
             bo, bi = c.kwargs[outer], c.kwargs[inner]
@@ -234,12 +275,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
     m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Key blocks [0, full) need no mask; [full, hi) hold the key tail and the causal diagonal.
-    full = (S_K // BLOCK_N) * BLOCK_N
-    hi = tl.cdiv(S_K, BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full = tl.minimum(full, start_m)
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+    full, hi = _key_block_bounds(S_K, start_m, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if HAS_DOCS:  # one masked walk over the key blocks that the rows' ranges touch
         kv_lo, kv_hi = _doc_span(KV_LO + off_b * S_Q, KV_HI + off_b * S_Q, start_m, S_Q, BLOCK_M)
         if IS_CAUSAL:
@@ -256,9 +292,17 @@ def _attn_fwd(Q, K, V, O, LSE, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
                                    full, hi, offs_m, offs_m, Q_LO, Q_HI, 0, 0,
                                    BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION)
 
+    _store_result(O, LSE, acc, l_i, m_i, offs_m, row_ok, stride_om, HEAD_DIM, HAS_ACC)
+
+
+@triton.jit
+def _store_result(O, LSE, acc, l_i, m_i, offs_m, row_ok, stride_om, HEAD_DIM: tl.constexpr, HAS_ACC: tl.constexpr):
+    """The forward epilogue (shared with the Hopper kernel): normalize by the row sum and
+    store O and the natural-log LSE, or with HAS_ACC merge into the running (O, LSE) of
+    earlier ring steps by log-sum-exp, in fp32. O and LSE point at this (batch, head)."""
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.log2(l_i)  # base-2 lse; -inf for a row that saw no key
-    o_ptrs = O + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + offs_m[:, None] * stride_om + tl.arange(0, HEAD_DIM)[None, :]
     if HAS_ACC:
         # new_lse = logaddexp(lse_prev, lse_blk); out = out_prev e^(lse_prev-new) + out_blk e^(lse_blk-new)
         o_prev = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -273,4 +317,3 @@ def _attn_fwd(Q, K, V, O, LSE, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
         out = o_prev * (w_prev / w_sum)[:, None] + out * (w_blk / w_sum)[:, None]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + offs_m, lse2 * _LN2, mask=row_ok)
-
