@@ -267,6 +267,8 @@ def test_attention_backend_choices(monkeypatch, caplog) -> None:
         pick = backend_choice.choose_attention_backend("cpu")
     assert (pick.plain, pick.documents) == ("sdpa", "sdpa")
     assert len(caplog.records) == 1 and "measured: block forward+backward on the CPU: sdpa 7.3x torch" in caplog.text
+    assert backend_choice.lookup("NVIDIA H200") == backend_choice.MEASURED["H200"]  # a substring of the name
+    assert (backend_choice.MEASURED["H200"].plain, backend_choice.MEASURED["H200"].documents) == ("sdpa", "triton")
     caplog.clear()
     monkeypatch.setattr(backend_choice, "device_key", lambda device_type: "NVIDIA Imaginary GPU")
     with caplog.at_level(logging.WARNING, logger=backend_choice.__name__):

@@ -127,8 +127,8 @@ def test_ring_step_rows_without_keys_keep_their_result():
     ref_o, ref_l = attention_ref(q.double(), k.double(), v.double(), causal=False, doc_q=doc_q, doc_k=doc_k)
     assert rel_err(out, ref_o) < 1e-6 and rel_err(lse, ref_l) < 1e-6
 
-    out = torch.full((1, 4, 80, 32), float("nan"))
-    lse = torch.full((1, 4, 80), float("nan"))
+    out = torch.full((1, 4, 80, 32), float("nan"), device=DEVICE)
+    lse = torch.full((1, 4, 80), float("nan"), device=DEVICE)
     flash_attention_ring_step(q, k2, v2, out, lse, causal=False, accumulate=False, doc_q=doc_q, doc_k=doc_k2)
     assert not out[:, :, :50].any() and (lse[:, :, :50] == float("-inf")).all()
     blk_o, blk_l = attention_ref(q.double(), k2.double(), v2.double(), causal=False, doc_q=doc_q, doc_k=doc_k2)
@@ -160,9 +160,9 @@ def _ring(q, k, v, dout, doc_q, doc_k, n: int):
                                                  doc_q=dqs[i], doc_k=dks[j])
         outs.append(out)
         lses.append(lse)
-    dq = [torch.zeros(t.shape) for t in qs]
-    dk = [torch.zeros(t.shape) for t in ks]
-    dv = [torch.zeros(t.shape) for t in vs]
+    dq = [torch.zeros(t.shape, device=t.device) for t in qs]
+    dk = [torch.zeros(t.shape, device=t.device) for t in ks]
+    dv = [torch.zeros(t.shape, device=t.device) for t in vs]
     for i in range(n):
         for j in range(i + 1):
             gq, gk, gv = flash_attention_backward(qs[i], ks[j], vs[j], outs[i], lses[i], dos[i], causal=(j == i),
@@ -239,7 +239,8 @@ def test_queries_outside_the_ranges_are_never_read():
 
 def test_document_errors():
     q, k, v = _inputs(1, 4, 2, 16, 24, 16, torch.float32)
-    doc_q, doc_k = torch.zeros(1, 16, dtype=torch.int64), torch.zeros(1, 24, dtype=torch.int32)
+    doc_q = torch.zeros(1, 16, dtype=torch.int64, device=DEVICE)
+    doc_k = torch.zeros(1, 24, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="pass both doc_q .* or neither; got only doc_q"):
         flash_attention(q, k, v, causal=True, doc_q=doc_q)
     with pytest.raises(ValueError, match="got only doc_k"):

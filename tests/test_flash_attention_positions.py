@@ -163,8 +163,8 @@ def test_positions_never_read_what_the_mask_hides():
 
 def test_position_errors():
     q, k, v = _inputs(1, 4, 2, 16, 24, 16, torch.float32)
-    doc_q, doc_k = torch.zeros(1, 16, dtype=torch.int64), torch.zeros(1, 24, dtype=torch.int64)
-    pos_q, pos_k = torch.arange(16)[None], torch.arange(24)[None]
+    doc_q, doc_k = (torch.zeros(1, n, dtype=torch.int64, device=DEVICE) for n in (16, 24))
+    pos_q, pos_k = (torch.arange(n, device=DEVICE)[None] for n in (16, 24))
     with pytest.raises(ValueError, match=r"pos_q/pos_k refine a document mask: pass doc_q and doc_k"):
         flash_attention(q, k, v, causal=False, pos_q=pos_q, pos_k=pos_k)
     with pytest.raises(ValueError, match="pass causal=False with pos_q/pos_k"):

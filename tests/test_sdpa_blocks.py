@@ -246,6 +246,18 @@ class _CudaOpsOnCpu:
         return (*self.cpu_backward(do, q, k, v, o, lse[..., :q.shape[2]], 0.0, causal, attn_mask=bias, scale=scale),
                 None)
 
+    def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, lse_wanted, p, causal, debug, *, scale):
+        assert bias is None and lse_wanted and p == 0 and not debug and q.shape[1] == k.shape[1]
+        assert not (causal and q.shape[2] != k.shape[2])
+        o, l = self.cpu(q, k, v, 0.0, causal, scale=scale)
+        return o, l[..., None], None, None, q.shape[2], k.shape[2], torch.empty(()), torch.empty(()), None
+
+    def _scaled_dot_product_cudnn_attention_backward(self, do, q, k, v, o, lse, seed, offset, bias, cum_q, cum_k,
+                                                     max_q, max_k, p, causal, *, scale):
+        assert bias is None and cum_q is None and cum_k is None and (max_q, max_k) == (q.shape[2], k.shape[2])
+        assert lse.shape == (*q.shape[:3], 1) and all(t.is_contiguous() for t in (do, q, k, v, o, lse)) and p == 0
+        return self.cpu_backward(do, q, k, v, o, lse[..., 0], 0.0, causal, scale=scale)
+
     def _scaled_dot_product_flash_attention(self, q, k, v, p, causal, debug, *, scale):
         assert q.shape[1] == k.shape[1] and not (causal and q.shape[2] != k.shape[2]) and p == 0
         o, l = self.cpu(q, k, v, 0.0, causal, scale=scale)
@@ -259,16 +271,16 @@ class _CudaOpsOnCpu:
         return self.cpu_backward(do, q, k, v, o, lse, 0.0, causal, scale=scale)
 
 
-@pytest.mark.parametrize("op", ["flash", "efficient"])
+@pytest.mark.parametrize("op", ["cudnn", "flash", "efficient"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
 def test_cuda_glue_with_cpu_stand_ins(monkeypatch, op, causal, docs):
-    """The CUDA paths' plumbing (lse padding, layouts, GQA fold/repeat, masks) on CPU."""
+    """The CUDA paths' plumbing (lse padding and shapes, layouts, GQA fold/repeat, masks) on CPU."""
     import dtensor_parallel.context_parallel.sdpa_blocks as sdpa
 
     def kind(q, masked, causal, s_k):
         square = not causal or q.shape[2] == s_k
-        return "flash" if op == "flash" and not masked and square else "efficient"
+        return op if op != "efficient" and not masked and square else "efficient"
 
     monkeypatch.setattr(sdpa, "aten", _CudaOpsOnCpu())
     monkeypatch.setattr(sdpa, "_kind", kind)
@@ -278,16 +290,24 @@ def test_cuda_glue_with_cpu_stand_ins(monkeypatch, op, causal, docs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCuda:
-    """bf16 through the flash op (no mask) and the efficient op (documents, fp32, non-square
-    causal) against the fp32 torch backend on the same bf16 inputs."""
+    """bf16 through the cuDNN op (no mask; the flash op where cuDNN is switched off) and the
+    efficient op (documents, fp32, non-square causal) against the fp32 torch backend on the
+    same bf16 inputs."""
 
     @pytest.mark.parametrize("causal", [False, True])
     @pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
     @pytest.mark.parametrize("docs", [False, True])
-    def test_bf16_block_vs_torch(self, causal, hq, hkv, docs):
+    @pytest.mark.parametrize("cudnn", [True, False])
+    def test_bf16_block_vs_torch(self, monkeypatch, causal, hq, hkv, docs, cudnn):
+        import dtensor_parallel.context_parallel.sdpa_blocks as sdpa
+
         b, s, d = 2, 200, 64
         q, k, v = inputs(b, hq, hkv, s, s, d, dtype=torch.bfloat16, device="cuda")
-        assert _kind(q, docs, causal, s) == ("efficient" if docs else "flash")
+        if cudnn and not sdpa._has_cudnn_attention(q.device):
+            pytest.skip("no cuDNN attention on this GPU")
+        if not cudnn:
+            monkeypatch.setattr(sdpa, "_has_cudnn_attention", lambda device: False)
+        assert _kind(q, docs, causal, s) == ("efficient" if docs else "cudnn" if cudnn else "flash")
         kw = {}
         if docs:
             doc = (torch.arange(s, device="cuda") // 37).expand(b, s).contiguous()

@@ -34,6 +34,12 @@ MEASURED: dict[str, AttentionBackends] = {
     # 64, fp32: torch 291 ms, sdpa 40 ms (7.3x); documents of 128 tokens: 374 vs 66 ms (5.7x)
     "cpu": AttentionBackends("sdpa", "sdpa", "measured: block forward+backward on the CPU: sdpa 7.3x torch, "
                                              "5.7x with documents"),
+    # 2 x H200, torch 2.11, triton 3.6, 2026-11-30, benchmarks/results/attention_backends_cuda.json:
+    # one causal block forward + backward, 8192 tokens, 32 query heads on 8 kv heads, head dim
+    # 128, bf16: triton 5.08 ms, sdpa (cuDNN) 4.41 ms (1.15x); documents of 1024 tokens: triton
+    # 1.71 ms, sdpa 33.5 ms (a dense mask through the efficient op: triton 19.5x)
+    "H200": AttentionBackends("sdpa", "triton", "measured on H200: block forward+backward, sdpa (cuDNN) 1.15x "
+                                                "triton; with documents triton 19.5x sdpa"),
 }
 
 

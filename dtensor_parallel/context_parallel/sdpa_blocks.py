@@ -6,16 +6,20 @@ Which op runs (schemas read in torch 2.11's and 2.13's ``native_functions.yaml``
 
 - CPU: ``_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward`` (any float
   dtype; the mask is an additive tensor of the query's dtype).
-- CUDA, fp16/bf16, no document mask, head dim a multiple of 8 up to 256, causal only on
-  square blocks: ``_scaled_dot_product_flash_attention`` / ``_backward`` (its causal mask is
-  bottom-right aligned when s_q != s_k, ours is top-left, so non-square causal goes on).
+- CUDA sm80+ with cuDNN, fp16/bf16, no document mask, head dim a multiple of 8 up to 128,
+  causal only on square blocks: ``_scaled_dot_product_cudnn_attention`` / ``_backward``
+  (cuDNN's fused attention: on an H200, 548 TFLOP/s forward at 8K tokens, d128, causal,
+  against 300 for the flash op, ``benchmarks/flash_attention_kernel.py``). Its lse is
+  (b, h, s_q, 1); its backward gets out and dout contiguous in the same layout (cuDNN
+  wants equal strides for the two) and None for the varlen and dropout tensors, as
+  torch's own context parallel passes them.
+- CUDA otherwise with fp16/bf16, no document mask, head dim a multiple of 8 up to 256, causal
+  only on square blocks: ``_scaled_dot_product_flash_attention`` / ``_backward`` (its causal
+  mask is bottom-right aligned when s_q != s_k, ours is top-left, so non-square causal goes on).
 - CUDA otherwise (fp32, document masks, other head dims, non-square causal):
   ``_scaled_dot_product_efficient_attention`` / ``_backward``, which takes ``attn_bias``
   and whose causal mask is top-left. Its lse comes padded to a multiple of 32 rows: sliced
   here, and padded again for its backward.
-- cuDNN (``_scaled_dot_product_cudnn_attention``) is not used: its backward has layout
-  requirements of its own (stats and output strides) that could not be checked without a
-  GPU, and flash + efficient already cover every case; a candidate for speed on Hopper.
 - any other device, or fp64 on CUDA: ``NotImplementedError`` naming "torch".
 
 Each block's output comes back in the input dtype and is merged into the running fp32
@@ -52,7 +56,7 @@ _NEG_INF = float("-inf")
 
 
 def _kind(q: torch.Tensor, masked: bool, causal: bool, s_k: int) -> str:
-    """Which op runs: "cpu", "flash" or "efficient" (see the module docstring)."""
+    """Which op runs: "cpu", "cudnn", "flash" or "efficient" (see the module docstring)."""
     if q.device.type == "cpu":
         return "cpu"
     if q.device.type != "cuda":
@@ -62,10 +66,16 @@ def _kind(q: torch.Tensor, masked: bool, causal: bool, s_k: int) -> str:
         raise NotImplementedError(f"attention backend 'sdpa': no fused CUDA attention op for {q.dtype}; "
                                   f"use the 'torch' backend")
     d = q.shape[-1]
-    if (q.dtype != torch.float32 and not masked and d % 8 == 0 and d <= 256
-            and not (causal and q.shape[2] != s_k)):
-        return "flash"
-    return "efficient"
+    if q.dtype == torch.float32 or masked or d % 8 or (causal and q.shape[2] != s_k):
+        return "efficient"
+    if d <= 128 and _has_cudnn_attention(q.device):
+        return "cudnn"
+    return "flash" if d <= 256 else "efficient"
+
+
+def _has_cudnn_attention(device: torch.device) -> bool:
+    """cuDNN's fused attention: cuDNN present and an sm80+ GPU (its SDPA support in torch)."""
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _doc_mask(doc_q: torch.Tensor, doc_k: torch.Tensor, causal: bool, offset: int, heads: int,
@@ -97,6 +107,9 @@ def _attend(kind: str, q, k, v, mask, causal: bool, scale: float):
     if kind == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
                                                                 scale=scale)
+    if kind == "cudnn":
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        return out, lse[..., 0]  # (b, h, s_q, 1) -> (b, h, s_q)
     if kind == "flash":
         out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out, lse
@@ -110,6 +123,12 @@ def _attend_backward(kind: str, dout, q, k, v, out, lse, mask, causal: bool, sca
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.contiguous(), 0.0, causal, attn_mask=mask, scale=scale)
     b, h, s_q, _ = q.shape
+    if kind == "cudnn":
+        seed = torch.empty((), dtype=torch.int64, device=q.device)  # no dropout: never read
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.reshape(b, h, s_q, 1).contiguous(), seed, seed,
+            None, None, None, s_q, k.shape[2], 0.0, causal, scale=scale)
     if kind == "flash":
         # no dropout: the rng state is never read (shapes and dtypes as the forward returns them);
         # cum_seq_q/k None is the dense (not varlen) call, as the forward returns them
