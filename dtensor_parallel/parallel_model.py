@@ -4,7 +4,8 @@ Batches: each data-parallel rank passes *its own* batch, shape ``(b_local, s)``,
 TorchTitan or Megatron data loader gives it (``pm.shard_batch(global_batch)`` cuts it out of
 a global batch); ranks of one tp group, and all pipeline stages, pass the same batch.
 
-Loss: the global mean token cross entropy, as on one device. Each rank divides its sum of
+Loss: the global mean token cross entropy, as on one device (with ``plan.fused_loss``
+computed from the head's input and weight without the logits: ``loss_head.py``). Each rank divides its sum of
 token losses by the *global* number of valid tokens (one all-reduce of a count over dp
 before the forward); gradients are summed over dp (see ``data_parallel.py``). So uneven
 numbers of valid tokens per rank, or per micro-batch, give exactly the single-device
@@ -32,6 +33,7 @@ from .context_parallel.sharding import document_zigzag_indices
 from .expert_parallel import reduce_expert_grads
 from .expert_parallel import statistics as moe_stats
 from .grads import gather_full, global_grad_norm, reduce_partial_grads, shard_replicated_grads
+from .loss_head import LossHead
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
@@ -111,7 +113,7 @@ class ParallelModel:
                  *, loss_parallel: bool, autocast_bf16: bool, pipeline: PipelineRuntime | None = None,
                  state_order: list[str] | None = None, experts: tuple | None = None,
                  tied_sync: TiedGradSync | None = None, tied_names: list[list[str]] | None = None,
-                 attention_window: int | None = None):
+                 attention_window: int | None = None, loss_head: LossHead | None = None):
         self.stage_modules = modules
         self.mesh = mesh
         self.plan = plan
@@ -127,6 +129,8 @@ class ParallelModel:
         self._tied_sync = tied_sync  # PP: tied weights' copies on the first and last stage
         self.tied_names = tied_names or []  # names sharing one parameter, the canonical first
         self._attention_window = attention_window  # a sliding window (transformers models)
+        # the fused loss (plan.fused_loss): the head hands its input to the loss; None: logits
+        self.loss_head = loss_head
         # full positions for models that would otherwise derive them from the length they
         # see (a sequence shard under SP, a stage's input under PP); CP's zigzag ones always
         self._pass_positions = takes_position_ids(modules[0]) and (
@@ -301,19 +305,29 @@ class ParallelModel:
                                                                    documents=document_ids)
         n_tokens = self._loss_sum((labels != IGNORE_INDEX).sum().to(torch.float32)).clamp_min(1.0)
         if self.pipeline is not None:
-            with loss_context(self.loss_parallel), self._autocast():
+            with self._loss_scope(), self._autocast():
                 total = self.pipeline.forward_backward(input_ids, labels, n_micro, n_tokens, model_kwargs)
             self._finish_grads()
             return self._loss_sum(self.pipeline.sum_over_pp(total))
         total = torch.zeros((), device=device, dtype=torch.float32)
         micro_kwargs = [{k: v.chunk(n_micro)[i] for k, v in model_kwargs.items()} for i in range(n_micro)]
         for x, y, kwargs in zip(input_ids.chunk(n_micro), labels.chunk(n_micro), micro_kwargs):
-            with loss_context(self.loss_parallel), self._autocast():
-                loss_sum = cross_entropy_sum(logits_of(self.module(x, **kwargs)), y)
+            with self._loss_scope(), self._autocast():
+                out = logits_of(self.module(x, **kwargs))  # the logits, or the head's input (fused loss)
+                loss_sum = (self.loss_head.output_loss_sum(out, y) if self.loss_head is not None
+                            else cross_entropy_sum(out, y))
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
         self._finish_grads()
         return self._loss_sum(total) / n_tokens
+
+    def _loss_scope(self):
+        """Around a step's forwards and backwards: the fused loss's head returns its input
+        hidden states (``loss_head.py``); else loss-parallel cross entropy where the logits
+        are vocab-sharded."""
+        if self.loss_head is not None:
+            return self.loss_head.hidden_states()
+        return loss_context(self.loss_parallel)
 
     def moe_stats(self) -> dict[str, float]:
         """Load-balancing statistics of the last ``forward_backward`` (empty without MoE

@@ -3,7 +3,8 @@
     1. a transformers LM: its MoE blocks computed as our MoE layers (``plans/hf_moe.py``);
        resolve the plan (the model's default plan, ``plans/``) and validate the layout once
        (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, tied weights,
-       PP split; a meta-device shape probe where the plan has no head counts)
+       PP split; a meta-device shape probe where the plan has no head counts); the fused
+       loss: the output head replaced by a ``LossHead`` sharing its weight (``loss_head.py``)
     2. PP: split into this rank's stage modules (``pipeline/split.py``)
     3. for each stage module:
          EP      apply_expert_parallel   (expert_parallel/)  shard experts, inject the dispatcher
@@ -21,6 +22,8 @@ Why this order:
 
 1. **validate first**: every check is local (shapes, globs, degrees, layer splits), so a
    bad plan raises the same ``ValueError`` on every rank before any collective can hang.
+   The loss head goes in before everything that handles modules (PP copies, TP's styles,
+   FSDP), which then treat it as the ``nn.Linear`` it is.
 2. **PP split next**: a stage is a pruned copy of the model, and every later step treats
    each stage module exactly as it would treat the whole model (the composable stage).
 3. **EP before TP**: experts are not tensor-sharded (expert-tensor-parallel size 1) and the
@@ -47,6 +50,7 @@ from .compiling import compile_block
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, data_parallel_mesh
 from .expert_parallel import apply_expert_parallel, build_dispatch, check_experts
+from .loss_head import LossHead, install_loss_head, resolve_fused_loss
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
 from .pipeline.runtime import PipelineRuntime
@@ -80,10 +84,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
+    head_name = resolve_fused_loss(model, styles, dims.tp, plan.fused_loss)  # None: the unfused loss
     window = None
     if hf:  # a transformers LM: our causal attention in its registry, no KV cache
         prepare_hf_model(model)
         window = hf_attention_window(model)  # (FSDP renames the class: read it now)
+    if head_name is not None:  # the fused loss: a head that can hand its input to the loss
+        install_loss_head(model, head_name, plan.fused_loss_chunk_tokens)
 
     # 2. pipeline stages: this rank's pruned copies of the model (or the model itself)
     state_order = None
@@ -135,9 +142,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     # 4. the pipeline runtime (tied weights: the stages' copies sum their gradients),
     # 5. the model every layout shares
     pipeline = tied_sync = None
+    # the fused loss's head: on the last stage (the others hold a pass-through in its place)
+    loss_head = next((m for sm in stage_modules for m in sm.modules() if isinstance(m, LossHead)), None)
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
-                                   layout.schedule, mesh_device(mesh))
+                                   layout.schedule, mesh_device(mesh),
+                                   **({"loss_sum": loss_head.output_loss_sum} if loss_head else {}))
         if resolved.tied:
             all_blocks = [layout.blocks_of(s) for s in range(layout.n_stages)]
             using = [set().union(*(stages_using(model, block_names, all_blocks, n) for n in names))
@@ -148,7 +158,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
                          pipeline=pipeline, state_order=state_order, tied_sync=tied_sync,
                          tied_names=resolved.tied,
-                         attention_window=window,
+                         attention_window=window, loss_head=loss_head,
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
 
 

@@ -59,6 +59,15 @@ class ParallelPlan:
             ``nn.Linear``'s matmul and reduce-scatter as one op (chunked GEMMs pushed into
             symmetric memory, ``tensor_parallel/matmul_reduce_scatter.py``); False keeps the
             unfused kernel after the matmul. A ``Rowwise(fused=...)`` rule overrides it per module.
+        fused_loss: compute the loss from the output head's input and weight chunk by chunk of
+            tokens, never making the (tokens, vocab) logits (``fused_cross_entropy.py``;
+            loss-parallel over the vocabulary shard under TP; exact to the unfused loss up to
+            rounding). ``True``: fused, or a ``ValueError`` before any collective saying why it
+            cannot be (a head with a bias or that is not a plain ``nn.Linear``, logits
+            transformed after the head); ``"auto"``: fused where it can be, unfused elsewhere;
+            ``False``: the head's logits, then cross entropy. ``pm(x)`` returns logits either way.
+        fused_loss_chunk_tokens: tokens per chunk of the fused loss; ``None``: as many as keep
+            one chunk's fp32 logits within 256 MiB (512 tokens of a 128K vocabulary).
         micro_batch_size / global_batch_size: sequences per forward per data-parallel rank,
             and per optimizer step over all data-parallel ranks; their ratio over dp is the
             number of accumulated micro-batches.
@@ -93,6 +102,8 @@ class ParallelPlan:
     compile: bool | str = False
     kernels: str | dict[str, str] = "torch"
     fused_rowwise: bool = True
+    fused_loss: bool | str = False
+    fused_loss_chunk_tokens: int | None = None
     micro_batch_size: int | None = None
     global_batch_size: int | None = None
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
@@ -121,6 +132,8 @@ class ParallelPlan:
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile={self.compile!r}: choose True, False or 'auto' (on CUDA only)")
         self.kernels = _normalize_kernels(self.kernels)
+        if self.fused_loss not in (True, False, "auto"):
+            raise ValueError(f"fused_loss={self.fused_loss!r}: choose True, False or 'auto' (fused where it applies)")
         from .pipeline.schedules import SCHEDULES
 
         if self.pipeline_schedule is not None and self.pipeline_schedule not in SCHEDULES:
@@ -133,7 +146,7 @@ class ParallelPlan:
                 raise ValueError(f"{name}={v!r} must be an int >= 0")
         if self.layers_per_stage is not None and not all(isinstance(c, int) for c in self.layers_per_stage):
             raise ValueError(f"layers_per_stage={self.layers_per_stage!r} must be a list of ints")
-        for name in ("micro_batch_size", "global_batch_size", "num_heads", "num_kv_heads",
+        for name in ("micro_batch_size", "global_batch_size", "fused_loss_chunk_tokens", "num_heads", "num_kv_heads",
                      "virtual_stages", "layers_per_virtual_stage", "expert_parallel"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,11 @@ from .schedules import SCHEDULES, schedule_class
 
 class PipelineRuntime:
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
-                 pp_mesh: DeviceMesh, schedule: str, device: torch.device):
+                 pp_mesh: DeviceMesh, schedule: str, device: torch.device,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
         self.group = pp_mesh.get_group()
         self.stage_ids = stage_ids
+        self.loss_sum = loss_sum  # (last stage output, labels) -> summed token loss; the fused loss's head
         self.n_stages = n_stages
         self.schedule_name = schedule
         self.virtual = len(stage_ids)
@@ -72,7 +75,7 @@ class PipelineRuntime:
         return max(self.step_s - self.busy_s, 0.0)
 
     def _loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(output, target) / self._n_tokens
+        return self.loss_sum(output, target) / self._n_tokens
 
     def schedule(self, n_microbatches: int, training: bool = True):
         """The schedule object for this many micro-batches (built once, then reused); a

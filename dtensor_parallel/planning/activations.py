@@ -16,8 +16,8 @@ class ActivationBytes:
     per_layer: dict[int, float]  # layer index -> saved bytes of one micro-batch
     head: float  # final norm + head input (last stage), one micro-batch
     loss_peak: float  # logit gradients at the loss backward, one micro-batch (the saved
-    # log_softmax output, 4 V / t a token, is in ``head``)
-    logits_saved: float  # that log_softmax output: freed after the loss backward
+    # log_softmax output, 4 V / t a token, is in ``head``); fused loss: one chunk's
+    logits_saved: float  # that log_softmax output (fused: the log-sum-exp): freed after the loss backward
     recompute_transient: float  # one block rematerialized in backward
 
 
@@ -83,14 +83,32 @@ def activation_bytes(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, la
         per_tok = (moe_layer_bytes_per_token if args.is_moe_layer(i) else dense_layer_bytes_per_token)(
             args, dims, plan, mode, sp)
         per_layer[i] = per_tok * tokens + (rope if mode == "none" else 0.0)
-    head = ((4 + r) * args.dim / sp_div + a * args.dim + 4 * args.vocab_size / t) * tokens if last else 0.0
-    loss = 8 * args.vocab_size / t * tokens if last else 0.0
+    logits_saved, loss = logits_bytes(args, plan, t, a, tokens) if last else (0.0, 0.0)
+    head = ((4 + r) * args.dim / sp_div + a * args.dim) * tokens + logits_saved if last else 0.0
     transient = 0.0
     if mode != "none" and layers:
         full = max((moe_layer_bytes_per_token if args.is_moe_layer(i) else dense_layer_bytes_per_token)(
             args, dims, plan, "none", sp) for i in layers)
         transient = full * tokens + rope
-    return ActivationBytes(per_layer, head, loss, 4 * args.vocab_size / t * tokens if last else 0.0, transient)
+    return ActivationBytes(per_layer, head, loss, logits_saved, transient)
+
+
+def logits_bytes(args: ModelArgs, plan: ParallelPlan, t: int, a: int, tokens: float) -> tuple[float, float]:
+    """(saved until the loss backward, peak at the loss backward) of the logits of one
+    micro-batch on the last stage. Unfused: log_softmax's fp32 output (4 V / t a token)
+    saved, its gradient and input gradient (8 V / t a token) at the backward. Fused
+    (``plan.fused_loss``; the built-in Llama's head always qualifies): the per-token
+    log-sum-exp (4 bytes) saved, and at the backward one chunk's fp32 logits (plus their
+    matmul output in the compute dtype below fp32) and, in bf16, the fp32 accumulator of the
+    head's weight gradient (``fused_cross_entropy.py``)."""
+    v = args.vocab_size / t
+    if not plan.fused_loss:
+        return 4 * v * tokens, 8 * v * tokens
+    from ..fused_cross_entropy import chunk_tokens_for
+
+    chunk = min(tokens, plan.fused_loss_chunk_tokens or chunk_tokens_for(int(v)))
+    low = a < 4  # bf16: a cast of each chunk, and grad_W summed in fp32
+    return 4 * tokens, chunk * v * (4 + (a if low else 0)) + (4 * v * args.dim if low else 0.0)
 
 
 def in_flight(schedule: str | None, pp: int, virtual: int, pp_rank: int, n_micro: int) -> float:

@@ -69,6 +69,10 @@ Logits (last stage): ``log_softmax`` keeps its fp32 output (``4 V / t`` a token,
 the head's saved activations); at the loss backward its fp32 gradient and its input
 gradient join it: ``+ 8 V / t`` a token of one micro-batch, the loss peak. (Counting the
 output a second time here over-predicted FSDP runs by 4 V / t a token: 2 GiB at 8B, seq 4K.)
+With ``plan.fused_loss`` (``fused_cross_entropy.py``) no logits are kept: 4 bytes a token
+(the log-sum-exp) saved, and at the loss backward one chunk's fp32 logits (``c V / t``,
+``c`` = ``fused_loss_chunk_tokens`` or a 256 MiB budget) and, in bf16, the fp32 sum of the
+head's weight gradient (``activations.logits_bytes``).
 
 Transients: FSDP all-gathers the current and the prefetched block (2 blocks of unsharded
 bf16 weights) and keeps the root's (embedding, final norm, head) gathered for the whole

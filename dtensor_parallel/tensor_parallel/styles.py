@@ -195,9 +195,20 @@ class VocabHead(TPStyle):
     sharded_feature = "out_features"
 
     def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
-        return _ColwiseParallel(
+        return _VocabHeadParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=Shard(-1), use_local_output=False)
+
+
+class _VocabHeadParallel(_ColwiseParallel):
+    """The colwise head, except that a plain tensor output passes through as it is: the
+    hidden states a ``LossHead`` returns for the fused loss (``loss_head.py``)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if not isinstance(outputs, DTensor):
+            return outputs
+        return ColwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
 
 
 @dataclass(frozen=True, kw_only=True)
