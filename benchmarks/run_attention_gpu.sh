@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call on 2 GPUs for attention and the ring (issue 21). GPU 0: the kernels'
-# GPU tests, the kernel benchmark with its tile sweep, then with the backward's TMA loads.
-# GPU 1 meanwhile: the "sdpa" backend's and the document masks' GPU tests, and the backend
-# benchmark behind the "auto" table. Then on both: the CP2 model tests and the ring
+# GPU tests, then the kernel benchmark with its tile sweep. GPU 1 meanwhile: the "sdpa"
+# backend's and the document masks' GPU tests, the backend benchmark behind the "auto"
+# table, and the kernel benchmark with the backward's TMA loads. Then on both: the CP2 model tests and the ring
 # benchmark. Each stage has its own timeout, so a slow one leaves the others' results.
 # Logs and JSON go to $OUT (8 files, the device tool's limit: tests.log also holds the
 # backend benchmark's output).
@@ -18,11 +18,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider"  # a variable, not a function: timeout runs it
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout -k 5 "${T_KERNEL_TESTS:-150}" $PYTEST tests/test_flash_attention.py > "$OUT/kernel_tests.txt" 2>&1
-  (cd benchmarks && timeout -k 5 "${T_KERNEL_BENCH:-260}" python3 flash_attention_kernel.py --sweep) \
+  timeout -k 5 "${T_KERNEL_TESTS:-240}" $PYTEST tests/test_flash_attention.py > "$OUT/kernel_tests.txt" 2>&1
+  (cd benchmarks && timeout -k 5 "${T_KERNEL_BENCH:-200}" python3 flash_attention_kernel.py --sweep) \
     > "$OUT/flash_attention_kernel.log" 2>&1
-  (cd benchmarks && timeout -k 5 "${T_KERNEL_TMA_BWD:-90}" python3 flash_attention_kernel.py --tma-backward) \
-    >> "$OUT/flash_attention_kernel.log" 2>&1
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
@@ -30,10 +28,13 @@ PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider"  # a variable, not a fu
     tests/test_flash_attention_positions.py > "$OUT/block_tests.txt" 2>&1
   (cd benchmarks && timeout -k 5 "${T_BACKENDS:-120}" python3 attention_backends.py --device cuda --iters 5) \
     > "$OUT/attention_backends.txt" 2>&1
+  (cd benchmarks && timeout -k 5 "${T_KERNEL_TMA_BWD:-120}" python3 flash_attention_kernel.py --tma-backward) \
+    > "$OUT/flash_attention_kernel_tma_backward.txt" 2>&1
 ) &
 wait
 cat "$OUT/kernel_tests.txt" "$OUT/block_tests.txt" "$OUT/attention_backends.txt" >> "$log"
-rm -f "$OUT/kernel_tests.txt" "$OUT/block_tests.txt" "$OUT/attention_backends.txt"
+cat "$OUT/flash_attention_kernel_tma_backward.txt" >> "$OUT/flash_attention_kernel.log"
+rm -f "$OUT"/*.txt
 echo "== stage 1 done at $((SECONDS - start)) s" | tee -a "$log"
 timeout -k 5 "${T_CP_TESTS:-150}" $PYTEST tests/test_gpu.py -k "(cp2 and llama) or packed" >> "$log" 2>&1
 echo "== cp2 tests done at $((SECONDS - start)) s" | tee -a "$log"

@@ -152,13 +152,15 @@ def _distributed_case(kind: str, mesh_kwargs: dict, plan_kwargs: dict) -> float:
     return hf_one_step_parity("llama_tied", mesh_kwargs, plan_kwargs)
 
 
-LAYOUTS = {  # world 2: (kind, build_mesh kwargs, plan kwargs)
+# world 2: (kind, build_mesh kwargs, plan kwargs). One layout per distinct path of the loss:
+# sharded parameters, sequence shards, the vocab-parallel op with its hidden gradient reduced
+# by all-reduce (tp2) and by reduce-scatter (SP), the pipeline's last stage under the schedule
+# that splits the backward (zbv), and tied embeddings. (DDP and 1F1B add no path of their own;
+# dropped to keep CI under its time.)
+LAYOUTS = {
     "llama-fsdp2": ("llama", {"dp_shard": 2}, {}),
-    "llama-ddp2": ("llama", {"dp_replicate": 2, "dp_shard": 1}, {}),
     "llama-cp2": ("llama", {"cp": 2}, {}),
     "llama-tp2": ("llama", {"tp": 2}, {}),
-    "llama-tp2_sp": ("llama", {"tp": 2}, {"sequence_parallel": True}),
-    "llama-pp2": ("llama", {"pp": 2}, {"micro_batch_size": 1}),
     "llama-pp2_zbv": ("llama", {"pp": 2}, {"micro_batch_size": 1, "pipeline_schedule": "zbv"}),
     "hf_tied-tp2_sp": ("hf", {"tp": 2}, {"sequence_parallel": True}),
     "hf_tied-fsdp2": ("hf", {"dp_shard": 2}, {}),

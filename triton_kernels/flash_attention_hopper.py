@@ -3,8 +3,8 @@
 The same algorithm, masks and epilogue as ``_attn_fwd`` in ``flash_attention_kernels.py``
 (FlashAttention-2 loop order, base-2 online softmax, causal diagonal and key tail in a
 second masked loop, ring merge in fp32 with ``HAS_ACC``), for the common case only: 16-bit
-inputs, head dim 128, no document mask, on a GPU with the tensor memory accelerator. What changes is how
-tiles reach shared memory: a descriptor per (batch, head) is built on the device
+inputs, head dim 128, no document mask, on a GPU with the tensor memory accelerator. What
+changes is how tiles reach shared memory: a descriptor per (batch, head) is built on the device
 (``tl.make_tensor_descriptor``, any row stride, so the (b, s, h, d) layout seen through a
 transpose needs no copy) and each K/V tile is one bulk asynchronous copy, which the
 compiler pipelines ``num_stages`` deep instead of issuing per-thread loads. Out-of-range
@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention_kernels import _INTERPRET, _M_INIT, _configs, _key_block_bounds, _prune, _query_block, _store_result
+from .flash_attention_kernels import (_INTERPRET, _M_INIT, _configs, _key_block_bounds, _prune, _query_block,
+                                      _store_result)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): one config, measured, so no rank tunes its own
 # (ranks agree by construction, and a first call pays no benchmarking). H200, triton 3.6,
