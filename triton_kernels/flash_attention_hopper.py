@@ -34,8 +34,7 @@ from .flash_attention_kernels import (_INTERPRET, _M_INIT, _configs, _key_block_
 # (ranks agree by construction, and a first call pays no benchmarking). H200, triton 3.6,
 # b1 hq32 hkv8 d128 causal bf16 (benchmarks/results/flash_attention_kernel.json): (128, 64, 4, 2)
 # was the fastest of nine at 8K and 32K tokens in each of two runs (478-517 and 528 TFLOP/s);
-# (128, 64, 4, 3) 405-454, (128, 128, 8, 3) 429-476; the runtime autotuner, timing its own
-# first calls, picked slower ones (418 TFLOP/s at 8K). At d64 no TMA config beat the pointer
+# (128, 64, 4, 3) 405-454, (128, 128, 8, 3) 429-476. At d64 no TMA config beat the pointer
 # kernel (402-414 against 404-444), so the TMA forward takes head dim 128 only.
 _HOPPER_FWD_CONFIGS = _configs([(128, 64, 4, 2)])
 _HOPPER_HEAD_DIM = 128

@@ -185,8 +185,8 @@ _FP32_TILES = {(64, 32, 4, 2), (32, 64, 4, 2)}
 def _measured_config(table: dict[int, tuple[int, int, int, int]], args: dict) -> triton.Config | None:
     """The measured config of ``table`` (head dim -> (BLOCK_M, BLOCK_N, warps, stages)) for this
     call, or None: only for 16-bit inputs without documents on a Hopper GPU, where the table
-    was measured. A measured config is what every rank runs (no per-process autotuning, whose
-    timing noise on first calls picked slower configs than the sweep did)."""
+    was measured. A measured config is what every rank runs: no per-process autotuning, which
+    times each candidate once on the first call and can pick differently on each rank."""
     if _INTERPRET or args.get("PRECISION") == "ieee" or args.get("HAS_DOCS") or args["HEAD_DIM"] not in table:
         return None
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
