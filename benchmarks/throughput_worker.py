@@ -191,7 +191,7 @@ def worker(args) -> None:
               "dynamo_graph_breaks": sum(counters["graph_break"].values())}
     # every rank takes part in these all-reduces (inside `if rank == 0` below they hung
     # TorchTitan's CP2 run, whose loss is reduced over a mesh)
-    step_losses = [round(global_loss(v), 4) for v in losses]
+    step_losses = [global_loss(v) for v in losses]
     loss_first, loss_last = step_losses[0], step_losses[-1]
     mem = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [0, 0]
     stats = torch.tensor([statistics.median(times[args.warmup:]), *mem], device=device)
@@ -214,7 +214,7 @@ def worker(args) -> None:
                "peak_allocated_gib": stats[1].item() if cuda else None,
                "peak_reserved_gib": stats[2].item() if cuda else None,
                "loss_first": loss_first, "loss_last": loss_last,
-               "losses": step_losses,  # every step's (read after timing)
+               "losses": [round(v, 4) for v in step_losses],  # every step's (read after timing)
                "loss_finite": math.isfinite(loss_first) and math.isfinite(loss_last), **dynamo, **info}
         Path(args.result).write_text(json.dumps(row) + "\n")
         if prof_text is not None:

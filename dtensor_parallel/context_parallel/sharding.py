@@ -65,4 +65,7 @@ def document_zigzag_indices(document_ids: torch.Tensor, cp: int, rank: int) -> t
     n_rest = rest.sum(1, keepdim=True)  # (b, 1): a multiple of 2cp, since s and the pieces are
     chunk = torch.where(rest, rest_rank * n // n_rest.clamp_min(1), torch.zeros_like(rest_rank))
     owner = torch.where(rest, torch.where(chunk < cp, chunk, n - 1 - chunk), owner)
-    return idx[owner == rank].view(b, s // cp)
+    # every row gives each rank s/cp tokens: a stable sort puts this rank's first, in sequence
+    # order (boolean indexing would do the same with a host-device sync, once a step on a GPU)
+    mine_first = torch.sort((owner != rank).to(torch.uint8), dim=1, stable=True).indices
+    return mine_first[:, :s // cp]
