@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from dtensor_parallel.context_parallel import zigzag_indices
 from dtensor_parallel.context_parallel.sharding import document_zigzag_indices
 from dtensor_parallel.context_parallel.ring import ring_attention
+import triton_kernels.flash_attention as flash_attention_module
 from triton_kernels.flash_attention import flash_attention
 
 from common import median, write_results
@@ -95,6 +96,7 @@ def profile_ring(q, k, v, group, rank: int, tokens: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--name", default="ring_attention", help="results file name")
     args = p.parse_args()
     rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(rank)
@@ -235,7 +237,8 @@ def main() -> None:
         from triton_kernels import flash_attention_kernels as fa
         tuned = {kern: {str(key): str(cfg) for key, cfg in getattr(mod, kern).cache.items()}
                  for mod, kern in ((fa, "_attn_fwd"), (fa_bwd, "_attn_bwd_dkdv"), (fa_bwd, "_attn_bwd_dq"))}
-        print(write_results("ring_attention", rows, targets, errors=errors, cp=cp, autotuned=tuned))
+        print(write_results(args.name, rows, targets, errors=errors, cp=cp, autotuned=tuned,
+                            flash_backward=flash_attention_module._BACKWARD))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -245,6 +245,88 @@ def test_tma_backward_kernels(monkeypatch, s_q, s_k, causal, bshd):
         assert rel_err(g_tma, r) < 5e-3, name
 
 
+FUSED_CASES = [  # a subset of CASES: causal diagonal, key/query tails both ways, GQA, views, each dtype path
+    (1, 4, 2, 80, 80, 64, True, torch.float16, False),
+    (2, 2, 1, 100, 100, 64, False, torch.float16, True),
+    (1, 2, 1, 48, 80, 32, True, torch.float32, False),
+    (1, 2, 1, 100, 48, 16, True, torch.float16, False),
+    (1, 4, 2, 80, 80, 64, True, torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s_q,s_k,d,causal,dtype,bshd", FUSED_CASES)
+def test_fused_backward(monkeypatch, b, hq, hkv, s_q, s_k, d, causal, dtype, bshd):
+    """The one-pass backward (dQ by atomics, flash_attention_bwd_fused.py) against the fp64
+    reference and the split kernels, gradient through lse included; a spy shows it ran."""
+    import triton_kernels.flash_attention as fa
+
+    torch.manual_seed(0)
+    q, k, v = _inputs(b, hq, hkv, s_q, s_k, d, dtype, bshd)
+    dout = torch.randn(b, hq, s_q, d, device=DEVICE, dtype=dtype)
+    dlse = torch.randn(b, hq, s_q, device=DEVICE, dtype=torch.float32)
+    launches = []
+    kernel = fa._attn_bwd_fused
+
+    class _Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fa, "_attn_bwd_fused", _Spy())
+    got = {}
+    for kind in ("fused", "split"):
+        monkeypatch.setattr(fa, "_BACKWARD", kind)
+        got[kind] = _run(lambda *a: flash_attention(*a, causal=causal), q, k, v, dout, dlse)
+    assert len(launches) == 1
+    same = _run(lambda *a: attention_ref(*a, causal=causal, upcast=False), q, k, v, dout, dlse)
+    ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.double() for t in (q, k, v)),
+               dout.double(), dlse.double())
+    for i, name in enumerate(("dq", "dk", "dv"), start=2):
+        check_against_torch(name, got["fused"][i], same[i], ref[i], ATOL[dtype])
+        # the same products, summed in another order (dQ) or the same one (dK, dV); in 16 bits
+        # the stores round: the interpreter's fp32 -> bf16 truncates where torch's .to (the fused
+        # dQ's conversion) rounds to nearest, so bf16 dQs differ by up to an ulp there
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        assert rel_err(got["fused"][i].float(), got["split"][i].float()) < tol, name
+
+
+def test_fused_backward_yields_to_determinism_and_documents(monkeypatch):
+    """DTP_FLASH_BWD=fused still runs the split kernels where its atomics are not wanted:
+    under torch.use_deterministic_algorithms(True), and with document masks (not fused)."""
+    import triton_kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "_BACKWARD", "fused")
+    assert fa._fused_backward(None)
+    assert not fa._fused_backward(object())  # any document ranges
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not fa._fused_backward(None)
+
+
+@pytest.mark.parametrize("s_q,s_k,causal", [(100, 100, True), (70, 130, False)])
+def test_fused_backward_tma_loads(monkeypatch, s_q, s_k, causal):
+    """The one-pass backward with its Q/dO tiles through TMA descriptors (interpreter): equal
+    to its pointer loads (the dQ atomics stay per element: the interpreter has no bulk
+    reduction; tests/test_gpu.py-style GPU test below covers that)."""
+    import triton_kernels.flash_attention as fa
+
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test (the GPU class runs the real kernels)")
+    torch.manual_seed(0)
+    q, k, v = _inputs(2, 4, 2, s_q, s_k, 32, torch.float16, bshd=True)
+    dout = torch.randn(q.shape, dtype=torch.float16)
+    out, lse = flash_attention(q, k, v, causal=causal)
+    monkeypatch.setattr(fa, "_BACKWARD", "fused")
+    monkeypatch.setattr(fa, "hopper_eligible", lambda *a: True)
+    grads = {}
+    for tma in (True, False):
+        monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
+        grads[tma] = fa._backward(q, k, v, out, lse, dout, None, causal, 32 ** -0.5, torch.float32)
+    ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)), dout.float(), None)
+    for name, g_tma, g_ptr, r in zip(("dq", "dk", "dv"), grads[True], grads[False], ref[2:]):
+        assert rel_err(g_tma, g_ptr) < 1e-6, name
+        assert rel_err(g_tma, r) < 5e-3, name
+
+
 def test_measured_configs_pin_one_config_on_hopper_only(monkeypatch):
     """On a Hopper GPU the backward kernels run the measured config of their head dim alone
     (every rank the same, no first-call autotuning); documents, fp32, other head dims, other
@@ -341,6 +423,31 @@ class TestGPU:
             assert rel_err(got.float(), want.float()) < 1e-2
         for got, other in zip(results["tma"], results["pointer"]):  # the same math, other loads
             assert rel_err(got.float(), other.float()) < 2e-3
+
+    @pytest.mark.parametrize("s,causal", [(1000, True), (2048, False)])
+    def test_fused_backward_on_gpu(self, monkeypatch, s, causal):
+        """The one-pass backward on the GPU, with per-element atomics and (sm90+) with bulk TMA
+        reductions and TMA loads: equal to the split kernels within accumulation order, and
+        to the fp32 reference."""
+        import triton_kernels.flash_attention as fa
+
+        torch.manual_seed(0)
+        q, k, v = _inputs(2, 16, 4, s, s, 128, torch.bfloat16, bshd=True, device="cuda")
+        dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+        out, lse = flash_attention(q, k, v, causal=causal)
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert fa.hopper_eligible(q, k, v, False, dout) == hopper
+        ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)), dout.float(), None)
+        monkeypatch.setattr(fa, "_BACKWARD", "split")
+        split = fa._backward(q, k, v, out, lse, dout, None, causal, 128 ** -0.5, torch.float32)
+        monkeypatch.setattr(fa, "_BACKWARD", "fused")
+        for tma in ((False, True) if hopper else (False,)):
+            monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
+            monkeypatch.setattr(fa, "_TMA_REDUCE_DQ", tma)
+            fused = fa._backward(q, k, v, out, lse, dout, None, causal, 128 ** -0.5, torch.float32)
+            for name, g, sp, r in zip(("dq", "dk", "dv"), fused, split, ref[2:]):
+                assert rel_err(g, sp) < 1e-5, (name, tma)
+                assert rel_err(g, r.float()) < 1e-2, (name, tma)
 
     def test_tma_backward_matches_pointer_kernels(self, monkeypatch):
         """The backward kernels' TMA loads on the GPU (off in the library until timed) give the

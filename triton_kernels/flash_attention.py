@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from .flash_attention_bwd_fused import _attn_bwd_fused
 from .flash_attention_bwd_kernels import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from .flash_attention_documents import Documents, check_documents, document_mask, document_ranges
 from .flash_attention_hopper import ensure_allocator, forward_tma, hopper_eligible
@@ -26,9 +27,24 @@ from .flash_attention_kernels import _INTERPRET, _SUPPORTED_DTYPES, _attn_fwd
 # The TMA forward (flash_attention_hopper.py) runs where it can; DTP_FLASH_TMA=0 keeps every
 # forward on the pointer-based kernel (a way to tell the two apart if a result looks wrong).
 _TMA_FORWARD = os.environ.get("DTP_FLASH_TMA", "1") != "0"
-# The backward kernels' TMA loads: correct in the interpreter tests, not yet timed on a GPU,
-# so off until benchmarks/flash_attention_kernel.py --tma-backward has timed them on one.
+# The backward kernels' TMA loads: correct (interpreter and GPU tests) but slower on an H200
+# (triton 3.6, b1 hq32 hkv8 causal bf16, benchmarks/results/flash_backward_d128.json): the split
+# backward at d128 took 3.98 ms with them against 3.63 at 8K tokens, 52.5 against 49.7 at 32K;
+# at d64 the same within 1%. Off; benchmarks/flash_attention_kernel.py times them again.
 _TMA_BACKWARD = False
+# Which backward runs: "split" (two kernels, seven matmuls, deterministic) or "fused" (one pass,
+# five matmuls, dQ summed with fp32 atomics, so its last bits vary from run to run;
+# flash_attention_bwd_fused.py). "fused" yields to "split" under
+# torch.use_deterministic_algorithms(True) and with document masks. DTP_FLASH_BWD overrides.
+# "split" is the default because it is the faster one on an H200 (the fused kernel's docstring
+# has the numbers).
+_BACKWARD = os.environ.get("DTP_FLASH_BWD", "split")
+if _BACKWARD not in ("split", "fused"):
+    raise ValueError(f"DTP_FLASH_BWD={_BACKWARD!r}: choose 'split' or 'fused'")
+# The fused backward adds dQ shares with one bulk TMA reduction per tile on Hopper instead of
+# one atomic per element: 0.89x the time of per-element atomics with TMA loads at d128, the same at
+# d64, never faster than the fused kernel without TMA (same file). Off.
+_TMA_REDUCE_DQ = False
 
 __all__ = [
     "attention_ref",
@@ -111,9 +127,11 @@ def _doc_args(docs: Documents | None, dummy: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-             causal: bool, scale: float, has_acc: bool, docs: Documents | None = None) -> None:
-    """Write attention of (q, k, v) into ``out``/``lse`` (merge into them when ``has_acc``)."""
-    b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
+             causal: bool, scale: float, has_acc: bool, docs: Documents | None = None,
+             dims: tuple[int, ...] | None = None) -> None:
+    """Write attention of (q, k, v) into ``out``/``lse`` (merge into them when ``has_acc``).
+    ``dims``: what :func:`_check_qkv` returned for these inputs, when the caller checked them."""
+    b, hq, hkv, s_q, s_k, d = dims or _check_qkv(q, k, v)
     d_kernel = _kernel_head_dim(d)
     if d_kernel != d:  # run padded, copy the real columns back into the caller's buffer
         out_padded = _pad_head(out, d_kernel) if has_acc else out.new_empty((*out.shape[:3], d_kernel))
@@ -130,9 +148,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
 
     _attn_fwd[grid](
         q, k, v, out, lse, *_doc_args(docs, lse), scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), hq, hq // hkv, s_q, s_k,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        hq, hq // hkv, s_q, s_k,
         HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_ACC=has_acc, HAS_DOCS=docs is not None, **_flags(q.dtype),
     )
 
@@ -161,15 +178,26 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         hq, s_q, HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype)  # (b, hq, s_q, d)
     dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype or k.dtype)  # (b, hkv, s_k, d)
     dv = torch.empty(v.shape, device=v.device, dtype=grad_dtype or v.dtype)  # (b, hkv, s_k, d)
     flags = _flags(q.dtype)
-    flags["TMA"] = _TMA_BACKWARD and hopper_eligible(q, k, v, docs is not None, dout)
-    if flags["TMA"]:
+    eligible = hopper_eligible(q, k, v, docs is not None, dout)
+    flags["TMA"] = _TMA_BACKWARD and eligible
+    if eligible:
         ensure_allocator()
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    if _fused_backward(docs):
+        dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # unscaled dQ, atomics add here
+        _attn_bwd_fused[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
+            q, k, v, dout, lse, delta, dk, dv, dq_sum, scale, *common,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
+            hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal),
+            TMA_REDUCE=_TMA_REDUCE_DQ and eligible, **flags,
+        )
+        return dq_sum.mul_(scale).to(grad_dtype or q.dtype), dk, dv
+    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype)  # (b, hq, s_q, d)
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, lse), scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -183,17 +211,22 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     return dq, dk, dv
 
 
+def _fused_backward(docs: Documents | None) -> bool:
+    """Whether the one-pass backward runs: chosen, no document mask, determinism not asked for."""
+    return _BACKWARD == "fused" and docs is None and not torch.are_deterministic_algorithms_enabled()
+
+
 class _FlashAttention(torch.autograd.Function):
     """out, lse = attention(q, k, v); gradients flow from both out and lse."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                scale: float, docs: Documents | None) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        b, hq, _, s_q, _, _ = _check_qkv(q, k, v)
+                scale: float, docs: Documents | None, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)  # strides only: ``dims`` still hold
+        b, hq, _, s_q, _, _ = dims
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # (b, hq, s_q, d)
         lse = torch.empty((b, hq, s_q), device=q.device, dtype=torch.float32)  # (b, hq, s_q)
-        _forward(q, k, v, out, lse, causal, scale, has_acc=False, docs=docs)
+        _forward(q, k, v, out, lse, causal, scale, has_acc=False, docs=docs, dims=dims)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.docs = causal, scale, docs  # docs: integer ranges, no grad
         ctx.set_materialize_grads(False)
@@ -205,7 +238,7 @@ class _FlashAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.scale, docs=ctx.docs)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,9 +276,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         sees no key (its document has no token among the keys, or with positions none at or
         before its own) gets out 0 and lse -inf, and zero gradients; it is never read.
     """
-    _check_qkv(q, k, v)
+    dims = _check_qkv(q, k, v)
     docs = _documents(q, k, causal, "flash_attention", doc_q, doc_k, pos_q, pos_k)
-    return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale), docs)
+    return _FlashAttention.apply(q, k, v, bool(causal), _scale(q, softmax_scale), docs, dims)
 
 
 def flash_attention_ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

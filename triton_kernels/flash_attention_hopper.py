@@ -23,6 +23,8 @@ have the same TMA loads behind their ``TMA`` flag, off by default until measured
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,8 @@ from .flash_attention_kernels import (_INTERPRET, _M_INIT, _configs, _key_block_
 # (128, 64, 4, 3) 405-454, (128, 128, 8, 3) 429-476. At d64 no TMA config beat the pointer
 # kernel (402-414 against 404-444), so the TMA forward takes head dim 128 only.
 _HOPPER_FWD_CONFIGS = _configs([(128, 64, 4, 2)])
+_PINNED_FWD = {**_HOPPER_FWD_CONFIGS[0].kwargs, "num_warps": _HOPPER_FWD_CONFIGS[0].num_warps,
+               "num_stages": _HOPPER_FWD_CONFIGS[0].num_stages}
 _HOPPER_HEAD_DIM = 128
 
 
@@ -48,12 +52,20 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_docs:
         return False
     if q.shape[-1] != _HOPPER_HEAD_DIM:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
+    if _major_capability(q.get_device()) < 9:
         return False
     for t in (q, k, v, *more):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        strides = t.stride()
+        size = t.element_size()
+        if strides[-1] != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
             return False
     return True
+
+
+@functools.cache
+def _major_capability(device_index: int) -> int:
+    """The GPU's major compute capability (cached: asked on every attention call)."""
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -82,9 +94,12 @@ def _row_tiles(base, rows, stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, S_K, qk_scale, lo, hi,
-                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Online softmax over key blocks [lo, hi); MASK: the key tail and the causal diagonal."""
-    for start_n in range(lo, hi, BLOCK_N):
+                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   WARP_SPECIALIZE: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASK: the key tail and the causal diagonal.
+    WARP_SPECIALIZE: Triton's automatic warp specialization of the loop (loads in a producer
+    warp, the math in consumers), a benchmark's candidate, not yet the library's."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = k_desc.load([start_n, 0])  # (BN, D), rows past S_K are zeros
         qk = tl.dot(q, tl.trans(k))  # (BM, BN), unscaled
@@ -120,7 +135,7 @@ def _attn_fwd_tma(Q, K, V, O, LSE, sm_scale,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                   H_Q, GROUP, S_Q, S_K,
                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ACC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_M query rows of one (batch, query head); arguments as ``_attn_fwd``."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
     pid_bh = tl.program_id(0)
@@ -139,9 +154,9 @@ def _attn_fwd_tma(Q, K, V, O, LSE, sm_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_block_bounds(S_K, start_m, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, S_K, qk_scale, 0, full,
-                                   BLOCK_N, False, IS_CAUSAL)
+                                   BLOCK_N, False, IS_CAUSAL, WARP_SPECIALIZE)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, S_K, qk_scale, full, hi,
-                                   BLOCK_N, True, IS_CAUSAL)
+                                   BLOCK_N, True, IS_CAUSAL, False)
     _store_result(O + off_b * stride_ob + off_h * stride_oh, LSE + off_b * stride_lb + off_h * stride_lh,
                   acc, l_i, m_i, offs_m, offs_m < S_Q, stride_om, HEAD_DIM, HAS_ACC)
 
@@ -158,10 +173,11 @@ def forward_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
     def grid(meta: dict) -> tuple[int, int]:
         return (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))
 
+    if kernel is None and len(_HOPPER_FWD_CONFIGS) == 1:  # one config: skip the autotuner's per-call work
+        kernel, config = _attn_fwd_tma.fn, _PINNED_FWD
     (kernel or _attn_fwd_tma)[grid](
         q, k, v, out, lse, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), hq, hq // hkv, s_q, s_k,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        hq, hq // hkv, s_q, s_k,
         HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_ACC=has_acc, **config,
     )

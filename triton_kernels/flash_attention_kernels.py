@@ -172,11 +172,13 @@ else:  # kept small: every config is compiled once per (IS_CAUSAL, HAS_ACC, HEAD
     _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)])
     _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)])
 # Measured on an H200 (triton 3.6, bf16, 32 query / 8 kv heads, causal, 8K and 32K tokens;
-# benchmarks/results/flash_attention_kernel.json, the whole backward timed with one kernel's
-# config pinned): the fastest of seven per kernel and head dim at both lengths, except dQ at
-# d64 (the fastest at 8K; 5% behind (128, 64, 8, 3) at 32K). Hopper GPUs run these alone.
+# benchmarks/results/flash_attention_kernel.json and flash_backward_d*.json, the whole backward
+# timed with one kernel's config pinned, two runs): per kernel and head dim the fastest of seven
+# or within 2% of it at both lengths. dQ at d64 was (64, 64, 4, 2) after the first run (fastest
+# at 8K there, 5% behind at 32K); (128, 64, 8, 3) won both lengths in the second. Hopper GPUs
+# run these alone.
 _DKDV_MEASURED = {128: (64, 128, 8, 3), 64: (32, 128, 4, 3)}
-_DQ_MEASURED = {128: (128, 64, 8, 3), 64: (64, 64, 4, 2)}
+_DQ_MEASURED = {128: (128, 64, 8, 3), 64: (128, 64, 8, 3)}
 # fp32 inputs use IEEE dots, which lower to FMA loops, not tensor cores: big tiles unroll into
 # huge kernels that compile for minutes. fp32 gets only these small tiles (and 16-bit never).
 _FP32_TILES = {(64, 32, 4, 2), (32, 64, 4, 2)}
