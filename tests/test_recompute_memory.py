@@ -104,7 +104,7 @@ def test_eager_selective_saves_each_row_parallel_output_once() -> None:
     shard; no (b*s, dim) matmul output (the full-sequence partial sums). Each row-parallel
     layer ran its GEMM and reduce-scatter once, in forward (the recompute took the cache's)."""
     n = _sizes()
-    for cache, _, runs in run_distributed(TP, _held_per_block, False):
+    for cache, saved, runs in run_distributed(TP, _held_per_block, False):
         assert runs == 2 * TINY_LLAMA.n_layers
         rowwise = [(op, shape) for op, shape in cache if shape in ((B * S, n["dim"]), (B, S // TP, n["dim"]))]
         assert rowwise == 2 * [("dtensor_parallel.matmul_reduce_scatter.default", (B, S // TP, n["dim"]))], cache
@@ -112,6 +112,18 @@ def test_eager_selective_saves_each_row_parallel_output_once() -> None:
                  (B, n["heads"], S, n["head"]), (B, n["heads"], S)] + 2 * [(B, S // TP, n["dim"])])
         assert sorted(shape for _, shape in cache) == sorted(want), cache
         assert _nbytes(shape for _, shape in cache) == _nbytes(want)
+        # the memory estimator's selective layer: this cache and the block's input (the
+        # checkpoint's; the rotary table is shared by the layers, not counted per layer)
+        assert (B, S // TP, n["dim"]) in saved
+        assert _estimated_layer_bytes() == _nbytes(want) + _nbytes([(B, S // TP, n["dim"])])
+
+
+def _estimated_layer_bytes() -> float:
+    from dtensor_parallel.mesh import ParallelDims
+    from dtensor_parallel.planning.memory import activation_bytes
+
+    dims = ParallelDims(dp_shard=1, tp=TP, world_size=TP)
+    return activation_bytes(TINY_LLAMA, dims, plan_for("llama", **SP_SELECTIVE), [0], S, B, False).per_layer[0]
 
 
 def test_compiled_selective_saves_each_row_parallel_output_once() -> None:
