@@ -93,9 +93,13 @@ def test_op_rejects_what_it_cannot_serve() -> None:
     assert "dtype" in mrs.fused_cannot_serve(x.double(), w.double(), 1, group)
     with pytest.raises(ValueError, match="before the last"):
         mrs.matmul_reduce_scatter(x, w, -1, group)
-    # the NCCL form: any float dtype, any group size, but the same shape rules
+    # the NCCL form: any float dtype (fp64 passes to the last rule), the same shape rules, and
+    # no fake process group (simulated ranks compute DTensor's collectives, not an op's)
     from dtensor_parallel.tensor_parallel.rowwise_nccl import nccl_cannot_serve
-    assert nccl_cannot_serve(x.double(), w.double(), 1, group) is None
+
+    from .local_ranks import fake_world
+    fake_world(2)
+    assert "fake process group" in nccl_cannot_serve(x.double(), w.double(), 1, dist.group.WORLD)
     assert "before the last" in nccl_cannot_serve(x, w, 2, group)
     assert "weight" in nccl_cannot_serve(x, w.half(), 1, group)
     assert "divide" in nccl_cannot_serve(torch.randn(2, 3, 6), w, 1, group)

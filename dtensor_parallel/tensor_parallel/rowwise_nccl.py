@@ -64,5 +64,7 @@ def nccl_cannot_serve(x: torch.Tensor, weight: torch.Tensor, dim: int, group: di
         return f"dim {dim} of {tuple(x.shape)} does not divide by {group.size()}"
     if not x.is_floating_point():
         return f"dtype {x.dtype}"
+    if dist.get_backend(group) == "fake":  # simulated ranks (LocalTensorMode) compute DTensor's
+        return "the fake process group: no communication inside an op"  # collectives, not an op's
     return None
 
