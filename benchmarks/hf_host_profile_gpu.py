@@ -26,7 +26,7 @@ dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
 args = SimpleNamespace(shape="8B", layers=8, seq=8192, compile=False, kernels="torch", microbatches=8)
 lay = parse_layout("tp2sp")
 for hf in (False, True):
-    step, _, _, _, _ = build_ours(lay, args, torch.device("cuda", rank), hf=hf)
+    step = build_ours(lay, args, torch.device("cuda", rank), hf=hf)[0]
     x = torch.randint(0, 128256, (1, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     for _ in range(3):
         step(x, x)

@@ -53,7 +53,7 @@ def processor() -> int:
         return int(f.read().rsplit(")", 1)[1].split()[36])
 
 
-step, _, _, _, _ = build_ours(parse_layout("tp2sp"), args, torch.device("cuda", rank), hf=which == "hf")
+step = build_ours(parse_layout("tp2sp"), args, torch.device("cuda", rank), hf=which == "hf")[0]
 x = torch.randint(0, 128256, (1, args.seq), generator=torch.Generator().manual_seed(1234)).cuda()
 
 for _ in range(3):

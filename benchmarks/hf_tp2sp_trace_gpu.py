@@ -219,7 +219,7 @@ def sync_debug_step(step, x, name):
 for variant in variants:
     plans.hf_plan = seqembed_plan if variant == "hf_seqembed" else _builtin_hf_plan
     torch.manual_seed(0)
-    step0, _, _, _, _ = build_ours(lay, args, DEV, hf=variant != "ours")
+    step0 = build_ours(lay, args, DEV, hf=variant != "ours")[0]
 
     def step(x, y, _s=step0):
         with torch.profiler.record_function("dtp_step"):

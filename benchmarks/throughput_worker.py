@@ -1,6 +1,7 @@
-"""The worker of ``train_throughput.py``: one (framework, layout, kernels, compile) config
-under torchrun. It builds the model with our library or TorchTitan (``torchtitan_adapter``),
-times warm-up and measured steps, optionally profiles, and writes one JSON row."""
+"""The worker of ``train_throughput.py``: one (framework, layout, kernels, compile, fused loss)
+config under torchrun. It builds the model with our library or TorchTitan
+(``torchtitan_adapter``), times warm-up and measured steps, optionally profiles, measures
+one more step's memory by phase (``phase_memory.py``; not under PP), and writes one JSON row."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def hf_llama(margs, seq: int, device):
 
 
 def build_ours(lay: Layout, args, device, hf: bool = False):
-    """Our library: build_mesh -> meta Llama -> parallelize -> AdamW; a step function.
-    ``hf``: the same with transformers' LlamaForCausalLM (no rules: its built-in plan)."""
+    """Our library: build_mesh -> meta Llama -> parallelize -> AdamW; a step function and the
+    root module (for the phase marks; None under PP). ``hf``: the same with transformers'
+    LlamaForCausalLM (no rules: its built-in plan)."""
     import torch
     from dtensor_parallel import ParallelPlan, build_mesh, parallelize
     from dtensor_parallel.models import Llama
@@ -58,8 +60,9 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
     kernels = {f: "triton" for f in lay.triton_families} if args.kernels == "triton" else "torch"
     if args.kernels == "sdpa":  # the ring's blocks through PyTorch's fused attention ops
         kernels = {"attention": "sdpa"}
+    fused_loss = getattr(args, "fused_loss", False)  # (the hf_*_gpu.py scripts' arguments have none)
     plan = ParallelPlan(sequence_parallel=lay.sp, recompute="selective", compile=args.compile,
-                        kernels=kernels, mixed_precision="bf16", micro_batch_size=1,
+                        kernels=kernels, fused_loss=fused_loss, mixed_precision="bf16", micro_batch_size=1,
                         global_batch_size=n_micro * lay.dp_shard,
                         pipeline_schedule="1f1b" if lay.pp > 1 else None,
                         layers_per_stage=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None)
@@ -69,17 +72,19 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
     opt = torch.optim.AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=True)
 
-    def step(x, y):
+    def step(x, y, mark=lambda phase: None):
         loss = pm.forward_backward(x, y)
+        mark("backward")
         pm.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         return loss
 
     fsdp = lay.dp_shard * lay.cp > 1  # parallelize applies FSDP over dp_shard x cp
     info = {"autocast": "FSDP MixedPrecisionPolicy(bf16, fp32)" if fsdp else "torch.autocast(bf16) (no FSDP)",
             "plan_kernels": plan.kernels}
-    return step, (lambda t: float(t)), pm.dp_rank, pm.dp_size, info
+    return step, (lambda t: float(t)), pm.dp_rank, pm.dp_size, info, (pm.module if lay.pp == 1 else None)
 
 
 def profile_summary(prof, cuda: bool, steps: int) -> tuple[str, float, float]:
@@ -152,6 +157,23 @@ def profile_steps(step, x, y, header: str, n: int = 2) -> str:
                       for r, a, b in per_rank) + "rank 0:\n" + table)
 
 
+def phase_rows(step, x, y, root) -> list[dict] | None:
+    """One more step's memory by phase (``phase_memory.py``), the fullest rank's at each mark;
+    None without a root module (PP: forward and backward interleave)."""
+    import torch
+    import torch.distributed as dist
+    from phase_memory import measure_phases
+
+    if root is None:
+        return None
+    rows = measure_phases(step, x, y, root)
+    if torch.cuda.is_available():
+        t = torch.tensor([[r["allocated_gib"], r["peak_gib"]] for r in rows], device="cuda", dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        rows = [{**r, "allocated_gib": a, "peak_gib": p} for r, (a, p) in zip(rows, t.tolist())]
+    return rows
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -163,17 +185,18 @@ def worker(args) -> None:
     lay = parse_layout(args.layout)
     n_micro = args.microbatches if lay.pp > 1 else 1
     margs = model_args(args.shape, args.layers, args.seq)
-    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile)
+    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile, args.fused_loss)
     torch.manual_seed(0)  # TorchTitan initializes from the global RNG
     if args.framework in ("ours", "hf"):
-        step, global_loss, dp_rank, dp_size, info = build_ours(lay, args, device, hf=args.framework == "hf")
+        step, global_loss, dp_rank, dp_size, info, root = build_ours(lay, args, device, hf=args.framework == "hf")
     else:
         import torchtitan_adapter
         run = torchtitan_adapter.build(lay, dims=SHAPES[args.shape], n_layers=args.layers, seq=args.seq,
                                        n_micro=n_micro, compile=args.compile,
                                        stage_layers=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None,
                                        device=device)
-        step, global_loss, dp_rank, dp_size, info = run.step, run.global_loss, run.dp_rank, run.dp_size, run.info
+        step, global_loss, dp_rank, dp_size, info, root = (run.step, run.global_loss, run.dp_rank, run.dp_size,
+                                                           run.info, run.root)
     global_batch = n_micro * dp_size
     g = torch.Generator().manual_seed(1234)  # the same tokens for both frameworks
     mine = torch.randint(0, margs.vocab_size, (global_batch, args.seq + 1), generator=g).chunk(dp_size)[dp_rank]
@@ -186,6 +209,9 @@ def worker(args) -> None:
     gc.disable()  # both frameworks alike (TorchTitan's trainer also turns automatic GC off)
     times, losses = timed_steps(step, x, y, args, label)
     prof_text = profile_steps(step, x, y, cfg.key) if args.profile else None
+    # the step-level peaks (since the warm-up), read before the phase step restarts the counters
+    mem = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [0, 0]
+    phases = phase_rows(step, x, y, root)
     gc.enable()
     dynamo = {"dynamo_graphs": counters["stats"].get("unique_graphs", 0),  # 0 under compile: ran eagerly
               "dynamo_graph_breaks": sum(counters["graph_break"].values())}
@@ -193,7 +219,6 @@ def worker(args) -> None:
     # TorchTitan's CP2 run, whose loss is reduced over a mesh)
     step_losses = [global_loss(v) for v in losses]
     loss_first, loss_last = step_losses[0], step_losses[-1]
-    mem = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30] if cuda else [0, 0]
     stats = torch.tensor([statistics.median(times[args.warmup:]), *mem], device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank, the fullest GPU
     if rank == 0:
@@ -213,6 +238,9 @@ def worker(args) -> None:
                "mfu_causal": tps_gpu * f["total_causal"] / PEAK_FLOPS if cuda else None,
                "peak_allocated_gib": stats[1].item() if cuda else None,
                "peak_reserved_gib": stats[2].item() if cuda else None,
+               # one more step: allocated at each mark and the peak since the previous one (GiB)
+               "phases": phases, "phases_note": None if phases is not None else
+               "no phases under PP (1F1B interleaves forward and backward): the step's peak only",
                "loss_first": loss_first, "loss_last": loss_last,
                "losses": [round(v, 4) for v in step_losses],  # every step's (read after timing)
                "loss_finite": math.isfinite(loss_first) and math.isfinite(loss_last), **dynamo, **info}
@@ -232,5 +260,6 @@ def worker_args(argv: list[str]):
     for name in ("layers", "seq", "microbatches", "warmup", "steps"):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fused-loss", action="store_true")
     p.add_argument("--profile", action="store_true")
     return p.parse_args(argv)

@@ -127,13 +127,15 @@ def stub_missing_modules() -> list[str]:
 
 @dataclass
 class TitanRun:
-    """What the timing loop needs: one training step, and how to read its loss."""
+    """What the timing loop needs: one training step, how to read its loss, and the root
+    module (the phase marks of ``phase_memory.py``; None under PP)."""
 
-    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # local loss tensor
+    step: Callable[..., torch.Tensor]  # (inputs, labels, mark=...) -> local loss tensor
     global_loss: Callable[[torch.Tensor], float]  # collective: the global mean token loss
     dp_rank: int
     dp_size: int
     info: dict[str, Any]
+    root: torch.nn.Module | None = None
 
 
 def job_config(layout, *, seq: int, n_micro: int, compile: bool, stage_fqns: list[list[str]] | None,
@@ -225,7 +227,7 @@ def build(layout, *, dims: dict[str, Any], n_layers: int, seq: int, n_micro: int
     pp_mesh = pd.get_optional_mesh("pp")
     params = [p for m in parts for p in m.parameters()]
 
-    def step(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(inputs: torch.Tensor, labels: torch.Tensor, mark=lambda phase: None) -> torch.Tensor:
         optimizers.zero_grad()
         local_valid = (labels != IGNORE_INDEX).sum()
         valid = (dist_utils.dist_sum(local_valid, batch_mesh) if batch_mesh is not None
@@ -249,9 +251,11 @@ def build(layout, *, dims: dict[str, Any], n_layers: int, seq: int, n_micro: int
                     loss = loss_fn(pred, labels) / valid
                 del pred
                 loss.backward()
+        mark("backward")
         dist_utils.clip_grad_norm_(params, jc.training.max_norm, foreach=True, pp_mesh=pp_mesh,
                                    ep_enabled=False)
         optimizers.step()
+        mark("optimizer")
         return loss.detach()
 
     def global_loss(loss: torch.Tensor) -> float:
@@ -271,4 +275,5 @@ def build(layout, *, dims: dict[str, Any], n_layers: int, seq: int, n_micro: int
             "stage_fqns": stage_fqns}
     dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
     dp_size = batch_mesh.size() if batch_mesh is not None else 1
-    return TitanRun(step=step, global_loss=global_loss, dp_rank=dp_rank, dp_size=dp_size, info=info)
+    return TitanRun(step=step, global_loss=global_loss, dp_rank=dp_rank, dp_size=dp_size, info=info,
+                    root=None if pd.pp_enabled else parts[0])

@@ -2,6 +2,7 @@
 
     python3 benchmarks/train_throughput.py --layouts 1gpu,fsdp2,tp2sp,pp2,cp2 --compile off,on
     python3 benchmarks/train_throughput.py --dry            # CPU smoke: tiny model, gloo
+    python3 benchmarks/train_throughput.py --layouts tp2sp --fused-loss off,on   # ours both ways
     bash benchmarks/run_throughput.sh 1gpu,fsdp2 --compile off   # one device call
 
 A driver launches one ``torchrun`` per (framework, layout, kernels, compile) config, several
@@ -132,14 +133,18 @@ class RunConfig:
     layout: str
     kernels: str  # "torch" | "triton" | "sdpa" (ours), "-" (torchtitan)
     compile: bool
+    fused_loss: bool = False  # ours: ParallelPlan.fused_loss (the key says so only when on)
 
     @property
     def key(self) -> str:
-        return f"{self.framework}/{self.layout}/{self.kernels}/{'compile' if self.compile else 'eager'}"
+        key = f"{self.framework}/{self.layout}/{self.kernels}/{'compile' if self.compile else 'eager'}"
+        return key + "/fused_loss" if self.fused_loss else key
 
 
-def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], kernels: list[str]) -> list[RunConfig]:
-    """Layout-major, so both frameworks of a layout run close together in time."""
+def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], kernels: list[str],
+            fused_losses: tuple[bool, ...] = (False,)) -> list[RunConfig]:
+    """Layout-major, so both frameworks of a layout run close together in time;
+    ``fused_losses`` multiplies our rows only (TorchTitan's loss is its own)."""
     out = []
     for c in compiles:
         for name in layouts:
@@ -152,47 +157,8 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
                         continue
                     if k == "torch" and lay.cp > 1:  # our "torch" ring blocks are the fp32 reference
                         continue  # (about 20 TFLOP/s in benchmarks/ring_attention.py): not a training path
-                    out.append(RunConfig(fw, name, k, c))
-    return out
-
-
-# ---- targets --------------------------------------------------------------------------
-def targets(rows: list[dict]) -> list[dict]:
-    """ours / TorchTitan tokens/s per layout (goal 1.0), MFU on 1 GPU (goal 0.45), scaling
-    efficiency of pure FSDP and TP layouts against 1gpu (goal 0.9), per compile setting."""
-    ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
-    out = []
-    for r in ok.values():
-        if r["framework"] == "hf":  # transformers' Llama through parallelize against our Llama
-            mine = ok.get(r["impl"].replace("hf/", "ours/", 1))
-            if mine is not None:
-                label = r["impl"].replace("hf/", "", 1)
-                out.append({"name": f"{label}: transformers Llama / our Llama tokens/s",
-                            "value": r["tokens_per_s"] / mine["tokens_per_s"], "goal": 0.95, "higher_is_better": True})
-                if r["peak_allocated_gib"] and mine["peak_allocated_gib"]:  # (None on the CPU dry run)
-                    out.append({"name": f"{label}: transformers Llama / our Llama peak allocated",
-                                "value": r["peak_allocated_gib"] / mine["peak_allocated_gib"], "goal": 1.05,
-                                "higher_is_better": False})
-        if r["framework"] != "ours":
-            continue
-        mode = "compile" if r["compile"] else "eager"
-        tt = ok.get(f"torchtitan/{r['layout']}/-/{mode}")
-        if tt is not None:
-            out.append({"name": f"{r['layout']} {mode} kernels={r['kernels']}: ours / TorchTitan tokens/s",
-                        "value": r["tokens_per_s"] / tt["tokens_per_s"], "goal": 1.0, "higher_is_better": True})
-        if r["layout"] == "1gpu" and r["mfu"] is not None:
-            out.append({"name": f"1gpu {mode}: MFU (989 TFLOP/s, attention not halved)", "value": r["mfu"],
-                        "goal": 0.45, "higher_is_better": True, "torchtitan": tt and tt["mfu"]})
-        lay = parse_layout(r["layout"])
-        one = ok.get(f"ours/1gpu/torch/{mode}")
-        if one is not None and lay.world_size > 1 and lay.world_size in (lay.dp_shard, lay.tp):
-            tt_one = ok.get(f"torchtitan/1gpu/-/{mode}")
-            out.append({"name": f"{r['layout']} {mode} kernels={r['kernels']}: scaling efficiency "
-                                f"(tokens/s/GPU over 1gpu's)",
-                        "value": r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"], "goal": 0.9,
-                        "higher_is_better": True,
-                        "torchtitan": (tt["tokens_per_s_per_gpu"] / tt_one["tokens_per_s_per_gpu"]
-                                       if tt is not None and tt_one is not None else None)})
+                    for fused in (fused_losses if fw == "ours" else (False,)):
+                        out.append(RunConfig(fw, name, k, c, fused))
     return out
 
 
@@ -218,7 +184,8 @@ def launch(cfg: RunConfig, gpus: list[str] | None, args, tmp: Path) -> Running:
            str(Path(__file__).resolve()), "--worker", "--framework", cfg.framework, "--layout", cfg.layout,
            "--kernels", cfg.kernels, "--shape", args.shape, "--layers", str(args.layers), "--seq", str(args.seq),
            "--microbatches", str(args.microbatches), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--result", str(result)] + (["--compile"] if cfg.compile else []) + (["--profile"] if args.profile else [])
+           "--result", str(result)] + (["--compile"] if cfg.compile else []) + (["--profile"] if args.profile else []) \
+        + (["--fused-loss"] if cfg.fused_loss else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"),
                                                                      os.environ.get("PYTHONPATH")])))
     env["OUT"] = str(args.out_dir)  # where a profile summary goes
@@ -271,6 +238,7 @@ def versions() -> dict:
 
 def save(rows: list[dict], args, out_dir: Path) -> Path:
     from common import write_results
+    from throughput_targets import targets
     from torchtitan_adapter import NOTES
 
     lays = sorted({r["layout"] for r in rows})
@@ -342,6 +310,8 @@ def driver_args(argv: list[str]):
     p.add_argument("--compile", help="off, on or off,on (default; --dry: off)")
     p.add_argument("--kernels", help="ours: torch, triton and/or sdpa (CP's block kernel), where a family applies "
                                       "(default torch,triton; --dry: torch)")
+    p.add_argument("--fused-loss", default="off", help="ours: ParallelPlan.fused_loss off, on or off,on "
+                   "(on: rows keyed .../fused_loss; TorchTitan's rows unchanged)")
     p.add_argument("--shape", default="8B", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8, help="the same depth for every layout")
     p.add_argument("--seq", type=int, default=8192)
@@ -365,6 +335,9 @@ def driver_args(argv: list[str]):
         args.name = args.name if args.name != NAME else f"{NAME}_dry"
     args.compile = args.compile or ("off" if args.dry else "off,on")
     args.kernels = args.kernels or ("torch" if args.dry else "torch,triton")
+    bad = set(args.fused_loss.split(",")) - {"off", "on"}
+    if bad:
+        p.error(f"--fused-loss {args.fused_loss!r}: use off, on or off,on")
     return args
 
 
@@ -387,7 +360,7 @@ def main(argv: list[str]) -> None:
         return
     layouts = [args.profile] if args.profile else args.layouts.split(",")
     cfgs = configs(layouts, args.frameworks.split(","), [c == "on" for c in args.compile.split(",")],
-                   args.kernels.split(","))
+                   args.kernels.split(","), tuple(f == "on" for f in args.fused_loss.split(",")))
     if args.only:  # e.g. a rerun of some configs after a fix
         cfgs = [c for c in cfgs if re.search(args.only, c.key)]
     if args.dry:  # torch's CP dispatcher has no rule for CPU attention kernels
@@ -395,6 +368,7 @@ def main(argv: list[str]) -> None:
     print(f"{len(cfgs)} configs, budget {args.budget:.0f} s, timeout {args.timeout:.0f} s each: "
           + ", ".join(c.key for c in cfgs), flush=True)
     rows = drive(cfgs, args, out_dir)
+    from throughput_targets import targets
     for t in targets(rows):
         print(f"target {t['name']}: {t['value']:.3f} (goal {t['goal']})")
     print(f"wrote {save(rows, args, out_dir)}")

@@ -122,7 +122,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
             expert_params |= stage_experts
         if dims.tp > 1 and present:  # TP / SP
             apply_tensor_parallel(module, submesh(mesh, "tp"), present, plan.sequence_parallel,
-                                  TPKernels(reduce_scatter=sp_backend, fused=plan.fused_rowwise))
+                                  TPKernels(reduce_scatter=sp_backend, fused=plan.fused_rowwise,
+                                            selective_recompute=plan.recompute == "selective"))
             loss_parallel |= any(isinstance(st, VocabHead) for st in present.values())
             retie_after_tp(module, resolved.tied)  # the head takes the embedding's DTensor again
         sites = {}

@@ -58,7 +58,10 @@ class ParallelPlan:
         fused_rowwise: with the Triton SP reduce-scatter, run each plain row-parallel
             ``nn.Linear``'s matmul and reduce-scatter as one op (chunked GEMMs pushed into
             symmetric memory, ``tensor_parallel/matmul_reduce_scatter.py``); False keeps the
-            unfused kernel after the matmul. A ``Rowwise(fused=...)`` rule overrides it per module.
+            unfused kernel after the matmul. With the torch (NCCL) reduce-scatter under
+            ``recompute="selective"``, eager blocks run matmul and NCCL reduce-scatter as one op,
+            so the recompute saves the layer's output once (``tensor_parallel/rowwise_nccl.py``).
+            A ``Rowwise(fused=...)`` rule overrides it per module.
         fused_loss: compute the loss from the output head's input and weight chunk by chunk of
             tokens, never making the (tokens, vocab) logits (``fused_cross_entropy.py``;
             loss-parallel over the vocabulary shard under TP; exact to the unfused loss up to

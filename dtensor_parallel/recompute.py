@@ -8,6 +8,14 @@
   op-level form of Megatron's selective recompute: with flash attention there is no
   s x s score matrix to drop, so the memory worth saving is the element-wise activations.
 
+Under sequence parallelism each row-parallel plain ``nn.Linear`` is one op, matmul and
+reduce-scatter (``tensor_parallel/rowwise_nccl.py``, or the Triton ``matmul_reduce_scatter``),
+so its output is saved once: as ``aten.mm`` then ``reduce_scatter_tensor`` both outputs are
+saved, the full-sequence partial sums to no use (``tests/test_recompute_memory.py``), which
+still happens where the layer stays two ops (``fused_rowwise=False``, a ``Rowwise(fused=False)``
+rule, a module other than a plain ``nn.Linear``). Compiled blocks keep the two ops: the min-cut
+partitioner saves only what backward needs there.
+
 Megatron's ``--recompute-method block --recompute-num-layers N`` recomputes only the first N
 blocks; ``uniform`` recomputes every block (our unit is one block; Megatron's
 ``uniform`` with N > 1 groups N blocks per checkpoint, which trades a little more
@@ -40,6 +48,7 @@ _SAVE_OPS = {
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._grouped_mm.default if hasattr(_aten, "_grouped_mm") else _aten.mm.default,
+    # NCCL reduce-scatters (row-parallel layers in compiled blocks, or left as two ops)
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     # SP's Triton reduce-scatters (custom ops): saved, else backward reruns GEMM + communication
     torch.ops.dtensor_parallel.matmul_reduce_scatter.default,

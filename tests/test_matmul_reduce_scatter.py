@@ -93,6 +93,21 @@ def test_op_rejects_what_it_cannot_serve() -> None:
     assert "dtype" in mrs.fused_cannot_serve(x.double(), w.double(), 1, group)
     with pytest.raises(ValueError, match="before the last"):
         mrs.matmul_reduce_scatter(x, w, -1, group)
+    # the NCCL form: any float dtype (fp64 passes to the last rule), the same shape rules, and
+    # no fake process group (simulated ranks compute DTensor's collectives, not an op's)
+    from dtensor_parallel.tensor_parallel.rowwise_nccl import nccl_cannot_serve
+
+    from .local_ranks import fake_world
+    fake_world(2)
+    assert "fake process group" in nccl_cannot_serve(x.double(), w.double(), 1, dist.group.WORLD)
+    assert "before the last" in nccl_cannot_serve(x, w, 2, group)
+    assert "weight" in nccl_cannot_serve(x, w.half(), 1, group)
+    assert "divide" in nccl_cannot_serve(torch.randn(2, 3, 6), w, 1, group)
+    assert "dtype" in nccl_cannot_serve(x.long(), w.long(), 1, group)
+    with pytest.raises(ValueError, match="divide"):
+        mrs.matmul_reduce_scatter(torch.randn(2, 3, 6), w, 1, group, push=mrs.NCCL)
+    with pytest.raises(ValueError, match="push='nvls'"):
+        mrs.matmul_reduce_scatter(x, w, 1, group, push="nvls")
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,7 +115,7 @@ def test_op_rejects_what_it_cannot_serve() -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _op_against_dtensor(shape: tuple, dim: int, bias: bool) -> None:
+def _op_against_dtensor(shape: tuple, dim: int, bias: bool, push: str = "copy") -> None:
     """matmul_reduce_scatter (+ bias on the DTensor, as the wiring adds it) against DTensor's
     F.linear (Partial) -> Shard(dim); forward and the input, weight (and bias) gradients."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -119,7 +134,7 @@ def _op_against_dtensor(shape: tuple, dim: int, bias: bool) -> None:
         b = DTensor.from_local(b_full.clone(), mesh, [Replicate()]).requires_grad_() if bias else None
         if fused:
             out = mrs.matmul_reduce_scatter(x.to_local(grad_placements=[Shard(x.dim() - 1)]),
-                                            w.to_local(grad_placements=[Shard(1)]), dim, mesh.get_group())
+                                            w.to_local(grad_placements=[Shard(1)]), dim, mesh.get_group(), push=push)
             out = DTensor.from_local(out, mesh, [Shard(dim)], run_check=False)
             out = out + b if bias else out
         else:
@@ -139,6 +154,14 @@ def _op_against_dtensor(shape: tuple, dim: int, bias: bool) -> None:
                                                   (2, (12, 6), 0, False)])
 def test_gloo_op_matches_dtensor_linear_and_reduce_scatter(world, shape, dim, bias) -> None:
     run_distributed(world, _op_against_dtensor, shape, dim, bias)
+
+
+@pytest.mark.parametrize("world,shape,dim,bias", [(2, (3, 8, 6), 1, True), (4, (2, 8, 3, 6), 1, False),
+                                                  (2, (1, 8, 6), 1, False), (2, (12, 6), 0, False)])
+def test_gloo_nccl_op_matches_dtensor_linear_and_reduce_scatter(world, shape, dim, bias) -> None:
+    """The op's NCCL form (``rowwise_nccl.py``; gloo here): one GEMM (outer 1) or a GEMM per
+    chunk (outer > 1), then the functional reduce-scatter."""
+    run_distributed(world, _op_against_dtensor, shape, dim, bias, mrs.NCCL)
 
 
 def fused_parity_counting(kind: str, mesh_kwargs: dict, plan_kwargs: dict, fuse: bool = True,
@@ -179,6 +202,30 @@ def test_gloo_parity_through_the_fused_rowwise_linear(world: int, mesh_kwargs: d
     results = run_distributed(world, fused_parity_counting, kind, mesh_kwargs, SP_TRITON, batch=8)
     assert len({loss for loss, _, _ in results}) == 1, results
     assert all((f, u) == (rowwise_layers(kind), 0) for _, f, u in results), results
+
+
+@pytest.mark.parametrize("world,mesh_kwargs,kind", [(2, {"tp": 2}, "llama"), (2, {"tp": 2}, "toy"),
+                                                    (4, {"tp": 2, "dp_shard": 2}, "toy")])
+def test_gloo_selective_recompute_takes_the_nccl_op(world: int, mesh_kwargs: dict, kind: str) -> None:
+    """The torch (NCCL) backend under SP and selective recompute: every row-parallel layer
+    runs the one-op form once per step (forward only: the recompute takes its saved output;
+    ``rowwise_nccl.py``), and loss and every gradient equal the single-device model's (toy:
+    biased row-parallel layers; world 4: FSDP2 x TP2)."""
+    plan = {"sequence_parallel": True, "recompute": "selective"}
+    results = run_distributed(world, fused_parity_counting, kind, mesh_kwargs, plan, batch=8)
+    assert all((f, u) == (rowwise_layers(kind), 0) for _, f, u in results), results
+
+
+def _opcheck_nccl_op() -> dict:
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, w = (torch.randn(shape, generator=g).requires_grad_() for shape in ((2, 8, 6), (5, 6)))
+    return torch.library.opcheck(torch.ops.dtensor_parallel.matmul_reduce_scatter.default,
+                                 (x, w, 1, dist.group.WORLD.group_name, mrs.NCCL))
+
+
+def test_gloo_nccl_op_passes_opcheck() -> None:
+    results = run_distributed(2, _opcheck_nccl_op)
+    assert all(v == "SUCCESS" for r in results for v in r.values()), results
 
 
 def _opcheck_custom_ops() -> list[dict]:

@@ -65,6 +65,20 @@ def test_recompute_orders_memory() -> None:
     assert full == pytest.approx(4 * args.dim * 8192 * 4)  # fp32 residual (autocast) block inputs, 4 layers
 
 
+def test_selective_under_sp_keeps_each_row_parallel_output_once() -> None:
+    """One op per row-parallel layer (matmul + reduce-scatter, ``fused_rowwise``, the default)
+    keeps its (b, s/t, d) output; two ops (``fused_rowwise=False``) keep the full-sequence
+    partial sums too: 2 layers x a d bytes a token more (tests/test_recompute_memory.py
+    measures both)."""
+    args = llama3_args("8B")
+    plan = ParallelPlan(mixed_precision="bf16", sequence_parallel=True, recompute="selective")
+    one, two = _acts(args, _dims(tp=2), plan), _acts(args, _dims(tp=2), replace(plan, fused_rowwise=False))
+    assert two - one == pytest.approx(2 * 2 * args.dim * 8192 * 4)  # wo, w2; bf16; 8192 tokens; 4 layers
+    no_sp = _acts(args, _dims(tp=2), replace(plan, sequence_parallel=False))
+    sp_terms = (4 * args.dim / 2 + 2 * 2 * args.dim / 2) * 8192 * 4  # block input, the two shards
+    assert no_sp - one == pytest.approx((4 * args.dim + 2 * 2 * args.dim) * 8192 * 4 - sp_terms)
+
+
 @pytest.mark.parametrize("schedule,pp,v,rank,m,expect", [
     ("1f1b", 4, 1, 0, 16, 4), ("1f1b", 4, 1, 3, 16, 1), ("1f1b", 4, 1, 0, 2, 2),
     ("interleaved_1f1b", 4, 2, 0, 16, 2 * 3 + 4 + 1), ("interleaved_1f1b", 4, 2, 3, 16, 5),

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import phase_memory  # noqa: E402
+import throughput_targets  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 
@@ -59,18 +61,28 @@ def test_configs_put_triton_only_where_a_kernel_family_applies():
     assert keys.index("torchtitan/cp2/-/eager") < keys.index("ours/1gpu/torch/compile")  # eager first
 
 
-def _row(fw, layout, tps_gpu, world, kernels=None, compile=False, mfu=0.4):
+def test_fused_loss_multiplies_our_rows_only():
+    cfgs = tt.configs(["tp2sp"], ["ours", "torchtitan"], [True], ["torch"], (False, True))
+    assert [c.key for c in cfgs] == ["ours/tp2sp/torch/compile", "ours/tp2sp/torch/compile/fused_loss",
+                                     "torchtitan/tp2sp/-/compile"]
+    assert tt.configs(["tp2sp"], ["ours"], [True], ["torch"]) == cfgs[:1]  # off by default, key unchanged
+    with pytest.raises(SystemExit):
+        tt.driver_args(["--fused-loss", "yes"])
+
+
+def _row(fw, layout, tps_gpu, world, kernels=None, compile=False, mfu=0.4, fused_loss=False, peak=None):
     kernels = kernels or ("torch" if fw == "ours" else "-")
-    cfg = tt.RunConfig(fw, layout, kernels, compile)
+    cfg = tt.RunConfig(fw, layout, kernels, compile, fused_loss)
     return {"impl": cfg.key, "framework": fw, "layout": layout, "kernels": kernels, "compile": compile,
-            "status": "ok", "tokens_per_s": tps_gpu * world, "tokens_per_s_per_gpu": tps_gpu, "mfu": mfu}
+            "fused_loss": fused_loss, "status": "ok", "tokens_per_s": tps_gpu * world, "tokens_per_s_per_gpu": tps_gpu,
+            "mfu": mfu, "peak_allocated_gib": peak}
 
 
 def test_targets():
     rows = [_row("ours", "1gpu", 1000, 1), _row("torchtitan", "1gpu", 800, 1, mfu=0.3),
             _row("ours", "fsdp2", 950, 2), _row("torchtitan", "fsdp2", 1000, 2),
             _row("ours", "tp2sp", 800, 2, "triton"), {"impl": "ours/pp2/torch/eager", "status": "timeout"}]
-    got = {t["name"]: t for t in tt.targets(rows)}
+    got = {t["name"]: t for t in throughput_targets.targets(rows)}
     assert got["1gpu eager kernels=torch: ours / TorchTitan tokens/s"]["value"] == pytest.approx(1.25)
     assert got["fsdp2 eager kernels=torch: ours / TorchTitan tokens/s"]["value"] == pytest.approx(0.95)
     assert got["1gpu eager: MFU (989 TFLOP/s, attention not halved)"]["value"] == pytest.approx(0.4)
@@ -78,3 +90,37 @@ def test_targets():
     assert (eff["value"], eff["torchtitan"], eff["goal"]) == (pytest.approx(0.95), pytest.approx(1.25), 0.9)
     assert got["tp2sp eager kernels=triton: scaling efficiency (tokens/s/GPU over 1gpu's)"]["value"] == 0.8
     assert not any("pp2" in name for name in got)  # no TorchTitan row, no scaling target
+
+
+def test_targets_of_fused_loss_rows_and_peak_memory():
+    """Both of our loss variants against the same TorchTitan row, told apart by name; the
+    peak memory ratio where both rows have one (goal 0.85, issue 23)."""
+    rows = [_row("ours", "tp2sp", 1000, 2, compile=True, peak=30.0),
+            _row("ours", "tp2sp", 990, 2, compile=True, fused_loss=True, peak=24.0),
+            _row("torchtitan", "tp2sp", 1000, 2, compile=True, peak=25.0)]
+    got = {t["name"]: t for t in throughput_targets.targets(rows)}
+    assert got["tp2sp compile kernels=torch: ours / TorchTitan tokens/s"]["value"] == pytest.approx(1.0)
+    assert got["tp2sp compile kernels=torch fused_loss: ours / TorchTitan tokens/s"]["value"] == pytest.approx(0.99)
+    peak = got["tp2sp compile kernels=torch fused_loss: ours / TorchTitan peak allocated"]
+    assert (peak["value"], peak["goal"], peak["higher_is_better"]) == (pytest.approx(0.96), 0.85, False)
+    assert got["tp2sp compile kernels=torch: ours / TorchTitan peak allocated"]["value"] == pytest.approx(1.2)
+
+
+def test_phase_marks_come_in_step_order():
+    """phase_memory on a CPU step: forward (root forward hook), loss (the output's gradient),
+    then the step's own backward and optimizer marks; no bytes off CUDA."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x, y, mark=lambda phase: None):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        mark("backward")
+        opt.step()
+        opt.zero_grad()
+        mark("optimizer")
+
+    rows = phase_memory.measure_phases(step, torch.randn(5, 4), torch.randint(0, 3, (5,)), model)
+    assert [r["phase"] for r in rows] == ["start", "forward", "loss", "backward", "optimizer"]
+    assert not model._forward_hooks  # removed after the step

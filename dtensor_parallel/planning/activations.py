@@ -28,6 +28,16 @@ def _act_bytes(plan: ParallelPlan, dims: ParallelDims) -> tuple[int, int]:
     return 2, (2 if dims.dp_cp > 1 else 4)  # FSDP casts the embedding to bf16; autocast does not
 
 
+def _rowwise_outputs(plan: ParallelPlan, a: int, d: int, t: int, sp_div: int) -> float:
+    """Selective recompute's saved bytes per token of one row-parallel layer's output (wo, w2):
+    without SP the matmul's (partial-sum) output; under SP one op (matmul + reduce-scatter,
+    ``plan.fused_rowwise``: ``tensor_parallel/rowwise_nccl.py`` or the Triton op) keeps only
+    the sequence shard, two ops keep the full-sequence partial sums as well."""
+    if sp_div == 1:
+        return a * d
+    return a * d / t + (0.0 if plan.fused_rowwise else a * d)
+
+
 def dense_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan,
                                 recompute: str | None = None, sp: bool | None = None) -> float:
     a, r = _act_bytes(plan, dims)
@@ -38,9 +48,8 @@ def dense_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: Paral
     if mode == "full":
         return r * d / sp_div
     if mode == "selective":
-        rs = 2 * a * d / t if sp_div > 1 else 0.0
         return (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
-                + 2 * a * f / t + 2 * a * d + rs)
+                + 2 * a * f / t + 2 * _rowwise_outputs(plan, a, d, t, sp_div))
     return 2 * (4 + r) * d / sp_div + 2 * a * d + 2 * a * (h + kv) * hd / t + 4 * h / t + 4 * a * f / t
 
 
@@ -57,8 +66,8 @@ def moe_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: Paralle
         return r * d / sp_div
     fe, fs = m.hidden_dim, m.hidden_dim * m.n_shared_experts
     if mode == "selective":
-        attn = (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t + a * d
-                + (a * d / t if sp_div > 1 else 0.0))
+        attn = (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
+                + _rowwise_outputs(plan, a, d, t, sp_div))
         moe_tok = 4 * m.n_experts + m.top_k * (2 * a * fe + a * d) + (2 * a * fs + a * d if fs else 0.0)
         return attn + moe_tok / t
     attn = (4 + r) * d / sp_div + a * d + 2 * a * (h + kv) * hd / t + 4 * h / t

@@ -51,8 +51,13 @@ output, SwiGLU), shared experts ``t a d + 4 a f_s`` (they gather the layer's tok
 Recompute (``recompute.py``): ``full`` keeps only each block's input (``r d / sp``) and
 rematerializes one block at a time in backward (+ one block's activations, transient);
 ``selective`` keeps the block input and the outputs of the matmuls, attention and SP
-reduce-scatters (``a (d + 2 kv hd)/t + a d/t + 4 h/t + 2 a f/t + 2 a d`` + ``2 a d / t``
-under SP) and recomputes norms, RoPE and SwiGLU's element-wise ops.
+reduce-scatters (``a (d + 2 kv hd)/t + a d/t + 4 h/t + 2 a f/t`` and the two row-parallel
+outputs: ``2 a d`` without SP, the matmuls' partial sums; ``2 a d / t`` under SP, where each
+row-parallel layer is one op, matmul + reduce-scatter, saved once; ``2 a d + 2 a d / t``
+with ``fused_rowwise=False``, two ops both saved) and recomputes norms, RoPE and SwiGLU's
+element-wise ops. Checked against the selective-checkpoint cache of a TP2+SP block
+(``tests/test_recompute_memory.py``). Compiled blocks keep a little less (the partitioner
+drops w2's output, ``a d / t``), not modelled.
 
 Pipeline: a stage keeps the activations of its in-flight micro-batches. 1F1B (Narayanan
 et al. 2021, PipeDream-Flush): pp rank ``i`` holds ``min(pp - i, m)``, so rank 0 holds

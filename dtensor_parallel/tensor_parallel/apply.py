@@ -82,8 +82,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
     """Distribute each matched module over ``tp_mesh`` with its style, resolved with the
     plan's kernel choices (styles that resolve to None, such as the attention call site,
     have nothing to do under TP). A plain ``nn.Linear`` whose style asks for the fused
-    matmul + Triton reduce-scatter is first replaced by a ``FusedRowwiseLinear`` holding the
-    same parameters; any other module keeps the unfused reduce-scatter."""
+    matmul + reduce-scatter (Triton; or NCCL under selective recompute) is first replaced by
+    a ``FusedRowwiseLinear`` holding the same parameters; any other module keeps the unfused
+    reduce-scatter."""
     from .matmul_reduce_scatter import FusedRowwiseLinear
 
     plan = {name: resolve_style(style, sequence_parallel, kernels) for name, style in styles.items()}
@@ -93,5 +94,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
             if type(module) is nn.Linear:
                 parent, _, attr = name.rpartition(".")
                 model.get_submodule(parent).register_module(
-                    attr, FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim))
+                    attr, FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim, style.fused_push))
     parallelize_module(model, tp_mesh, {name: style for name, style in plan.items() if style is not None})

@@ -41,7 +41,8 @@ a checkpointed block would run the whole block eagerly), and selective recompute
 op's output instead of rerunning the GEMM and its communication in backward. A bias (``Replicate``) is added after the
 reduce-scatter, on the DTensor, so its gradient is ``Partial`` like the SP norm weights'.
 
-Wiring: with ``kernels['sp_reduce_scatter']`` resolved to ``"triton"``, every row-parallel plain
+Wiring: with ``kernels['sp_reduce_scatter']`` resolved to ``"triton"`` (or to ``"torch"`` under
+selective recompute, with ``push="nccl"``: ``rowwise_nccl.py``), every row-parallel plain
 ``nn.Linear`` under SP becomes a :class:`FusedRowwiseLinear` (``apply_tensor_parallel``) whose
 forward runs this op on the local tensors and returns the ``Shard(seq)`` DTensor the rowwise
 output hook expects (which then has nothing to redistribute). Whenever the op cannot serve (same
@@ -62,9 +63,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import sp_reduce_scatter as sprs
+from .rowwise_nccl import forward_nccl, nccl_cannot_serve
 
 #: "copy" (copy engine, the default) or "gemm" (the GEMM stores into the peer's slot)
 PUSH_MODES = ("copy", "gemm")
+#: the op's NCCL form: one GEMM, then a functional reduce-scatter (``rowwise_nccl.py``)
+NCCL = "nccl"
 
 
 def chunk_order(rank: int, world: int) -> list[int]:
@@ -191,7 +195,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.Proces
     x = x.contiguous()
     x3, lead = _as_3d(x, dim)  # (outer, S*P, K)
     wt = weight.t()  # (K, N), a view: cuBLAS reads it transposed, as F.linear does
-    out = _forward_cuda(x3, wt, group, push) if x.is_cuda else _forward_emulated(x3, wt, group)
+    if push == NCCL:
+        out = forward_nccl(x3, wt, group)
+    else:
+        out = _forward_cuda(x3, wt, group, push) if x.is_cuda else _forward_emulated(x3, wt, group)
     shape = list(lead)
     shape[dim] //= group.size()
     return out.view(*shape, weight.shape[0])
@@ -201,7 +208,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.Proces
 def _matmul_reduce_scatter_op(x: torch.Tensor, weight: torch.Tensor, dim: int, group_name: str,
                               push: str) -> torch.Tensor:
     """The fused op on local tensors: opaque to dynamo and inductor (no graph break), and an op
-    the selective recompute policy saves (``recompute.py``: no rerun of its communication)."""
+    the selective recompute policy saves (``recompute.py``: no rerun of its communication).
+    ``push``: one of :data:`PUSH_MODES` (Triton) or :data:`NCCL`."""
     return _forward(x, weight, dim, sprs._group(group_name), push)
 
 
@@ -241,6 +249,10 @@ def fused_cannot_serve(x: torch.Tensor, weight: torch.Tensor, dim: int, group: d
     return sprs.cannot_serve(x, dim, group)
 
 
+def _cannot_serve(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.ProcessGroup, push: str) -> str | None:
+    return nccl_cannot_serve(x, weight, dim, group) if push == NCCL else fused_cannot_serve(x, weight, dim, group)
+
+
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, dim: int, group: dist.ProcessGroup,
                           *, push: str = "copy") -> torch.Tensor:
     """``reduce_scatter(x @ weight.T, dim)`` over ``group``, the communication hidden behind the GEMM.
@@ -250,15 +262,17 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, dim: int, group
         weight: (N, K) this rank's weight shard, ``nn.Linear`` layout, x's dtype.
         dim: the scattered dim of x (the sequence, 1, for SP); not the last.
         group: 2..8 ranks of one NVLink host (symmetric memory); CPU only under the interpreter.
-        push: "copy" (copy engine) or "gemm" (GEMM stores into peers' buffers).
-    Returns (*pre, S/W, *post, N): this rank's chunk of the sum over ranks (fp32, rank order).
+        push: "copy" (copy engine) or "gemm" (GEMM stores into peers' buffers); or "nccl": one
+            GEMM and a functional (NCCL, gloo) reduce-scatter, any group size, dtype and device.
+    Returns (*pre, S/W, *post, N): this rank's chunk of the sum over ranks (fp32, rank order;
+    "nccl": the collective's sum).
     """
     dim = dim % max(x.dim(), 1)
-    reason = fused_cannot_serve(x, weight, dim, group)
+    if push not in (*PUSH_MODES, NCCL):
+        raise ValueError(f"push={push!r}: use one of {(*PUSH_MODES, NCCL)}")
+    reason = _cannot_serve(x, weight, dim, group, push)
     if reason is not None:
         raise ValueError(f"matmul_reduce_scatter cannot serve this call: {reason}")
-    if push not in PUSH_MODES:
-        raise ValueError(f"push={push!r}: use one of {PUSH_MODES}")
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _matmul_reduce_scatter_op(x, weight, dim, group.group_name, push)
     return _forward(x, weight, dim, group, push)  # eager without autograd: no op dispatch
@@ -319,13 +333,14 @@ def _is_shard(placements: tuple, dim: int, ndim: int) -> bool:
     return len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim % ndim == dim
 
 
-def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
+def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int, push: str = "copy") -> torch.Tensor:
     """The forward of a row-parallel Linear whose output is scattered on ``dim``: the fused
     op on the local tensors when it can serve (every rank decides alike), else ``F.linear``
-    on the DTensors (then the output hook reduce-scatters)."""
+    on the DTensors (then the output hook reduce-scatters). ``push="nccl"`` under
+    ``torch.compile`` takes ``F.linear`` too (``rowwise_nccl.py`` says why)."""
     w, b = mod.weight, mod.bias
     if (not isinstance(x, DTensor) or not isinstance(w, DTensor) or x.device_mesh.ndim != 1
-            or w.device_mesh != x.device_mesh):
+            or w.device_mesh != x.device_mesh or (push == NCCL and torch.compiler.is_compiling())):
         return F.linear(x, w, b)
     mesh, ndim = x.device_mesh, x.ndim
     dim = dim % ndim
@@ -338,10 +353,10 @@ def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(xl.device.type)
         xl, wl = xl.to(dtype), wl.to(dtype)
     group = mesh.get_group()
-    if fused_cannot_serve(xl, wl, dim, group) is not None:
+    if _cannot_serve(xl, wl, dim, group, push) is not None:
         return F.linear(x, w, b)
     with torch.autocast(xl.device.type, enabled=False):
-        out = matmul_reduce_scatter(xl, wl, dim, group)
+        out = matmul_reduce_scatter(xl, wl, dim, group, push=push)
     out = DTensor.from_local(out, mesh, [Shard(dim)], run_check=False)
     if b is not None:  # after the sum (Replicate); its gradient is Partial, reduced like the norms'
         out = out + (b if b.dtype == out.dtype else b.to(out.dtype))
@@ -350,22 +365,25 @@ def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
 
 class FusedRowwiseLinear(nn.Linear):
     """A row-parallel ``nn.Linear`` whose forward fuses the matmul with the SP reduce-scatter
-    on ``scatter_dim`` (:func:`rowwise_forward`); parameters, state dict and everything else
-    are nn.Linear's. ``apply_tensor_parallel`` puts one in a plain Linear's place (holding
-    that Linear's own parameters, so names and optimizer state are unchanged) when the
-    style asks for the fused op."""
+    on ``scatter_dim`` (:func:`rowwise_forward`) into one op, communicating by ``push``
+    ("copy": Triton over symmetric memory; "nccl": ``rowwise_nccl.py``); parameters, state
+    dict and everything else are nn.Linear's. ``apply_tensor_parallel`` puts one in a plain
+    Linear's place (holding that Linear's own parameters, so names and optimizer state are
+    unchanged) when the style asks for the fused op."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scatter_dim: int = 1, **kw):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, scatter_dim: int = 1,
+                 push: str = "copy", **kw):
         super().__init__(in_features, out_features, bias, **kw)
-        self.scatter_dim = scatter_dim
+        self.scatter_dim, self.push = scatter_dim, push
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scatter_dim: int) -> "FusedRowwiseLinear":
+    def from_linear(cls, linear: nn.Linear, scatter_dim: int, push: str = "copy") -> "FusedRowwiseLinear":
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None, scatter_dim=scatter_dim)
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, scatter_dim=scatter_dim,
+                      push=push)
         for name, p in linear.named_parameters(recurse=False):
             new.register_parameter(name, p)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rowwise_forward(self, x, self.scatter_dim)
+        return rowwise_forward(self, x, self.scatter_dim, self.push)

@@ -56,10 +56,13 @@ class TPKernels:
     """The plan's kernel choices a style resolves its own ``None`` options with:
     ``reduce_scatter`` ("torch": NCCL through DTensor, or "triton": the symmetric-memory
     kernel) for Partial -> Shard outputs under SP, and ``fused`` (a plain row-parallel
-    ``nn.Linear`` runs its matmul and the Triton reduce-scatter as one op)."""
+    ``nn.Linear`` runs its matmul and the Triton reduce-scatter as one op). With "torch",
+    ``selective_recompute`` fuses too (matmul and NCCL reduce-scatter as one op, eager only),
+    so the recompute policy saves the layer's output once (``rowwise_nccl.py``)."""
 
     reduce_scatter: str = "torch"
     fused: bool = True
+    selective_recompute: bool = False
 
 
 class TPStyle:
@@ -108,17 +111,23 @@ class _RowwiseParallel(RowwiseParallel):
     block, and the very next op (the residual add) needs the result anyway.
 
     ``fused_scatter_dim``: set when a plain ``nn.Linear`` under this style runs the fused
-    matmul + reduce-scatter (``apply_tensor_parallel`` gives it a ``FusedRowwiseLinear``).
+    matmul + reduce-scatter (``apply_tensor_parallel`` gives it a ``FusedRowwiseLinear``),
+    communicating by ``fused_push``: "copy" (Triton), or "nccl" with the torch backend under
+    selective recompute (``save_once``).
     """
 
-    def __init__(self, *, reduce_scatter: str = "torch", fused: bool = False, **kwargs):
+    def __init__(self, *, reduce_scatter: str = "torch", fused: bool = False, save_once: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.reduce_scatter, self.fused = reduce_scatter, fused
+        self.reduce_scatter, self.fused, self.save_once = reduce_scatter, fused, save_once
+
+    @property
+    def fused_push(self) -> str:
+        return "copy" if self.reduce_scatter == "triton" else "nccl"
 
     @property
     def fused_scatter_dim(self) -> int | None:
         target = self.output_layouts[0]
-        if self.reduce_scatter == "triton" and self.fused and isinstance(target, Shard):
+        if self.fused and isinstance(target, Shard) and (self.reduce_scatter == "triton" or self.save_once):
             return target.dim
         return None
 
@@ -150,7 +159,8 @@ class Colwise(TPStyle):
 class Rowwise(TPStyle):
     """Row-parallel linear. ``output_layout=None``: Shard(1) under SP (reduce-scatter),
     Replicate otherwise (all-reduce). ``reduce_scatter`` ("torch" or "triton") and
-    ``fused`` (matmul and Triton reduce-scatter as one op, for a plain ``nn.Linear``):
+    ``fused`` (matmul and Triton reduce-scatter as one op, for a plain ``nn.Linear``; with
+    "torch", matmul and NCCL reduce-scatter as one op under selective recompute):
     ``None`` takes the plan's (``kernels['sp_reduce_scatter']``, ``fused_rowwise``)."""
 
     input_layout: Placement = Shard(-1)
@@ -166,7 +176,8 @@ class Rowwise(TPStyle):
             output_layouts=self.output_layout or _seq_or_replicate(sequence_parallel),
             use_local_output=self.use_local_output,
             reduce_scatter=self.reduce_scatter or kernels.reduce_scatter,
-            fused=kernels.fused if self.fused is None else self.fused)
+            fused=kernels.fused if self.fused is None else self.fused,
+            save_once=kernels.selective_recompute)
 
 
 @dataclass(frozen=True, kw_only=True)
