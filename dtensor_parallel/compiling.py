@@ -1,4 +1,5 @@
-"""``torch.compile`` per block (the chain's compile step).
+"""``torch.compile`` per block (the chain's compile step), in a cache directory of the rank's
+own (:func:`isolate_compile_cache`).
 
 Static shapes: blocks that see two input shapes (a transformers model's first layer takes
 the whole sequence and slices its SP shard) get a graph each, instead of one dynamic-shape
@@ -19,9 +20,36 @@ setting stays off for any other code of the process; TorchTitan sets it globally
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+#: the inductor cache directory of this process's rank lives under this name
+RANK_CACHE = "rank{}"
+
+
+def isolate_compile_cache() -> str | None:
+    """Give this rank its own inductor cache directory (AOTAutograd's and the FX graph cache
+    live under it): ``$TORCHINDUCTOR_CACHE_DIR/rank<global rank>``, under torch's default
+    when unset. Ranks of one host share the default directory, and torch's cache keys do not
+    always tell the ranks' graphs apart (pytorch/pytorch#188390, #188332: a DTensor graph's
+    AOTAutograd key is the same on every rank), so a warm cache served one rank another's
+    compiled code: on gloo ranks (torch 2.13) the TP2+SP Llama and the TP2 MoE parity cases
+    computed another loss (5.188 against 5.236) on every run after the first, and matched with
+    the caches off or one directory a rank. Costs each rank its own compile of a graph another
+    rank of the host already compiled. Returns the directory (None: a single process)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    mine = RANK_CACHE.format(dist.get_rank())
+    if os.path.basename(os.path.normpath(base)) != mine:
+        base = os.path.join(base, mine)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = base  # read by torch at each cache lookup
+    return base
 
 
 def compile_block(block: nn.Module, has_ring: bool) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -113,7 +113,8 @@ class ParallelModel:
                  *, loss_parallel: bool, autocast_bf16: bool, pipeline: PipelineRuntime | None = None,
                  state_order: list[str] | None = None, experts: tuple | None = None,
                  tied_sync: TiedGradSync | None = None, tied_names: list[list[str]] | None = None,
-                 attention_window: int | None = None, loss_head: LossHead | None = None):
+                 attention_window: int | None = None, loss_head: LossHead | None = None,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
         self.stage_modules = modules
         self.mesh = mesh
         self.plan = plan
@@ -131,6 +132,9 @@ class ParallelModel:
         self._attention_window = attention_window  # a sliding window (transformers models)
         # the fused loss (plan.fused_loss): the head hands its input to the loss; None: logits
         self.loss_head = loss_head
+        # (model output, labels) -> summed token loss: the fused loss's, or cross entropy on the
+        # logits (compiled with the blocks: no fp32 logits kept, tensor_parallel/loss.py)
+        self._loss_sum_of = loss_sum
         # full positions for models that would otherwise derive them from the length they
         # see (a sequence shard under SP, a stage's input under PP); CP's zigzag ones always
         self._pass_positions = takes_position_ids(modules[0]) and (
@@ -314,8 +318,7 @@ class ParallelModel:
         for x, y, kwargs in zip(input_ids.chunk(n_micro), labels.chunk(n_micro), micro_kwargs):
             with self._loss_scope(), self._autocast():
                 out = logits_of(self.module(x, **kwargs))  # the logits, or the head's input (fused loss)
-                loss_sum = (self.loss_head.output_loss_sum(out, y) if self.loss_head is not None
-                            else cross_entropy_sum(out, y))
+                loss_sum = self._loss_sum_of(out, y)
                 (loss_sum / n_tokens).backward()
             total += loss_sum.detach()
         self._finish_grads()

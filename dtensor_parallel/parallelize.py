@@ -12,7 +12,7 @@
                  retie_after_tp          (tied.py)           a tied head takes the embedding's DTensor
          CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
          recompute apply_recompute       (recompute.py)      checkpoint each block
-         compile compile_block           (compiling.py)      per block
+         compile compile_block           (compiling.py)      per block, and the loss
          DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP
     4. the pipeline runtime over the stages (``pipeline/runtime.py``), and the sum of a tied
        weight's gradients over the stages holding a copy (``tied.py``)
@@ -46,7 +46,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .compiling import compile_block
+from .compiling import compile_block, isolate_compile_cache
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, data_parallel_mesh
 from .expert_parallel import apply_expert_parallel, build_dispatch, check_experts
@@ -60,6 +60,7 @@ from .plans.hf import check_hf_attention, hf_attention_window, is_transformers_c
 from .plans.hf_moe import adapt_hf_moe_blocks, check_expert_parallel_support
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel.loss import compiled_cross_entropy_sum, cross_entropy_sum
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
 from .tensor_parallel.styles import AttentionSite, TPKernels, VocabHead
 from .tied import TiedGradSync, retie_after_tp, separate_stage_copies
@@ -83,6 +84,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)
+    compiled = plan.compiles_on(mesh.device_type)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
     head_name = resolve_fused_loss(model, styles, dims.tp, plan.fused_loss)  # None: the unfused loss
     window = None
@@ -132,7 +134,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
             apply_context_parallel(sites, submesh(mesh, "cp").get_group(), attention.plain,
                                    document_backend=attention.documents)
         apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
-        if plan.compiles_on(mesh.device_type):  # per block, after recompute (it compiles the checkpointed forward)
+        if compiled:  # per block, after recompute (it compiles the checkpointed forward)
+            isolate_compile_cache()  # (a warm cache shared by the ranks served one rank another's graphs)
             for block in blocks:
                 compile_block(block, has_ring=any(_holds(block, site) for site in sites.values()))
         if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too
@@ -145,10 +148,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     pipeline = tied_sync = None
     # the fused loss's head: on the last stage (the others hold a pass-through in its place)
     loss_head = next((m for sm in stage_modules for m in sm.modules() if isinstance(m, LossHead)), None)
+    loss_sum = (loss_head.output_loss_sum if loss_head is not None
+                else compiled_cross_entropy_sum() if compiled else cross_entropy_sum)
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
-                                   layout.schedule, mesh_device(mesh),
-                                   **({"loss_sum": loss_head.output_loss_sum} if loss_head else {}))
+                                   layout.schedule, mesh_device(mesh), loss_sum=loss_sum)
         if resolved.tied:
             all_blocks = [layout.blocks_of(s) for s in range(layout.n_stages)]
             using = [set().union(*(stages_using(model, block_names, all_blocks, n) for n in names))
@@ -159,7 +163,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          autocast_bf16=plan.mixed_precision == "bf16" and dp_mesh is None,
                          pipeline=pipeline, state_order=state_order, tied_sync=tied_sync,
                          tied_names=resolved.tied,
-                         attention_window=window, loss_head=loss_head,
+                         attention_window=window, loss_head=loss_head, loss_sum=loss_sum,
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
 
 

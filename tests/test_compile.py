@@ -89,3 +89,62 @@ def test_gpu_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
     """``pytest -m gpu tests/test_compile.py``: the same on 2 GPUs (symmetric memory, nccl)."""
     _check_sp_triton_compiled(run_distributed(2, _sp_triton_compiled_stats, fuse, backend="nccl"), fuse)
 
+
+
+def _loss_choice(compile_: bool | str) -> str:
+    from dtensor_parallel import build_mesh, parallelize
+    from dtensor_parallel.tensor_parallel.loss import compiled_cross_entropy_sum, cross_entropy_sum
+
+    from .parity import make_model, plan_for
+
+    pm = parallelize(make_model("llama"), build_mesh(dp_shard=2), plan_for("llama", compile=compile_))
+    fns = {compiled_cross_entropy_sum(): "compiled", cross_entropy_sum: "eager"}
+    return fns.get(pm._loss_sum_of, "other") + "/" + fns.get(pm.pipeline.loss_sum if pm.pipeline else None, "-")
+
+
+def test_compile_compiles_the_loss() -> None:
+    """With compiled blocks the cross entropy is compiled too (no fp32 logits or their fp32
+    gradient kept: tensor_parallel/loss.py); "auto" on the CPU and False keep it eager. The
+    parity cases above run it compiled (their counters: no graph break)."""
+    assert run_distributed(2, _loss_choice, True) == ["compiled/-"] * 2
+    assert run_distributed(2, _loss_choice, "auto") == ["eager/-"] * 2
+
+
+def _cache_dirs(base: str) -> tuple[str, str]:
+    from dtensor_parallel.compiling import isolate_compile_cache
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = base  # (pooled workers: restored below)
+    try:
+        return isolate_compile_cache(), isolate_compile_cache()  # a second call keeps it
+    finally:
+        if before is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def test_each_rank_compiles_into_its_own_cache(tmp_path) -> None:
+    """Ranks sharing an inductor cache directory were served each other's compiled graphs on
+    a warm cache (torch's keys do not tell them apart: compiling.py), so parallelize gives
+    each rank a directory of its own under the configured one. (Without it the TP parity
+    cases above and the MoE one below computed another loss on every run after the first.)"""
+    dirs = run_distributed(2, _cache_dirs, str(tmp_path))
+    assert dirs == [(str(tmp_path / f"rank{r}"),) * 2 for r in range(2)], dirs
+
+
+def _moe_compiled_parity(mesh_kwargs: dict, plan_kwargs: dict) -> float:
+    torch._dynamo.reset()
+    return one_step_parity("moe", mesh_kwargs, {"compile": True, **plan_kwargs})
+
+
+@pytest.mark.parametrize("mesh_kwargs,plan_kwargs", [
+    ({"dp_shard": 2}, {"expert_parallel": 2, "recompute": "selective"}),
+    ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective"}),  # token parallel over tp
+])
+def test_compiled_moe_matches_one_device(mesh_kwargs: dict, plan_kwargs: dict) -> None:
+    """Compiled MoE blocks match one device: EP folded over dp_shard (the all-to-all dispatch
+    is a graph break inside), and token parallel over tp with SP (wrong on a warm shared
+    cache before the per-rank cache directories)."""
+    losses = run_distributed(2, _moe_compiled_parity, mesh_kwargs, plan_kwargs)
+    assert len(set(losses)) == 1, losses

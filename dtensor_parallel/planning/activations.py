@@ -105,12 +105,17 @@ def activation_bytes(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, la
 def logits_bytes(args: ModelArgs, plan: ParallelPlan, t: int, a: int, tokens: float) -> tuple[float, float]:
     """(saved until the loss backward, peak at the loss backward) of the logits of one
     micro-batch on the last stage. Unfused: log_softmax's fp32 output (4 V / t a token)
-    saved, its gradient and input gradient (8 V / t a token) at the backward. Fused
+    saved, its gradient and input gradient (8 V / t a token) at the backward; compiled
+    (``plan.compile``), the head's own output (``a V / t``) and its gradient instead. Fused
     (``plan.fused_loss``; the built-in Llama's head always qualifies): the per-token
     log-sum-exp (4 bytes) saved, and at the backward one chunk's fp32 logits (plus their
     matmul output in the compute dtype below fp32) and, in bf16, the fp32 accumulator of the
     head's weight gradient (``fused_cross_entropy.py``)."""
     v = args.vocab_size / t
+    if not plan.fused_loss and plan.compile in (True, "auto"):  # the GPU run ("auto": on CUDA)
+        # compiled cross entropy (tensor_parallel/loss.py): the logits in the compute dtype
+        # kept, their gradient in that dtype at the backward; no fp32 copy of either
+        return a * v * tokens, a * v * tokens
     if not plan.fused_loss:
         return 4 * v * tokens, 8 * v * tokens
     from ..fused_cross_entropy import chunk_tokens_for

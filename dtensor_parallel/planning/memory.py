@@ -74,7 +74,11 @@ Logits (last stage): ``log_softmax`` keeps its fp32 output (``4 V / t`` a token,
 the head's saved activations); at the loss backward its fp32 gradient and its input
 gradient join it: ``+ 8 V / t`` a token of one micro-batch, the loss peak. (Counting the
 output a second time here over-predicted FSDP runs by 4 V / t a token: 2 GiB at 8B, seq 4K.)
-With ``plan.fused_loss`` (``fused_cross_entropy.py``) no logits are kept: 4 bytes a token
+Compiled (``plan.compile`` True or "auto", the GPU run), the cross entropy is one inductor
+kernel each way (``tensor_parallel/loss.py``): the head's output in the compute dtype is
+kept (``a V / t`` a token) and its gradient in that dtype joins it at the loss backward
+(measured on an H200 at the 8B shape, 8K tokens: +1.95 GiB at the loss, +2.15 at its
+backward; ``a V`` is 1.96 GiB there). With ``plan.fused_loss`` (``fused_cross_entropy.py``) no logits are kept: 4 bytes a token
 (the log-sum-exp) saved, and at the loss backward one chunk's fp32 logits (``c V / t``,
 ``c`` = ``fused_loss_chunk_tokens`` or a 256 MiB budget) and, in bf16, the fp32 sum of the
 head's weight gradient (``activations.logits_bytes``).
@@ -88,7 +92,8 @@ gradient (bf16) and its fp32 copy for the reduce-scatter, and the root's unshard
 gradients until the end of backward. Without FSDP, autocast caches a bf16 copy of every
 weight through forward and backward (so does FSDP when its shard group is one rank, which
 keeps the gathered weights). AdamW (``foreach``) allocates one fp32 temporary the size of
-the parameters (``sqrt(exp_avg_sq)``) during ``step()``.
+the parameters (``sqrt(exp_avg_sq)``) during ``step()``; fused AdamW (``optimizer="fused"``)
+one the size of the largest parameter.
 
 Peak: with one micro-batch per step, the largest of the loss peak (static + activations +
 logits + the weights gathered at the loss; gradients are None after
@@ -300,13 +305,17 @@ def rank_of(dims: ParallelDims, pp_rank: int) -> int:
 
 def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, seq_len: int,
                     micro_batch_size: int, n_micro: int, pp_rank: int = 0,
-                    numels: dict[str, int] | None = None) -> MemoryEstimate:
+                    numels: dict[str, int] | None = None, optimizer: str = "foreach") -> MemoryEstimate:
     """Memory of rank (pp_rank, 0, 0, 0, 0) for one training step of ``n_micro``
     micro-batches of ``micro_batch_size`` sequences of ``seq_len`` tokens.
 
     ``numels`` (parameter -> local elements) replaces the analytic shards, e.g. by the dry
-    run's real ones; by default :func:`local_param_numels`.
+    run's real ones; by default :func:`local_param_numels`. ``optimizer``: the AdamW
+    implementation, "foreach" (torch's default, the trainer's) or "fused" (``fused=True``,
+    TorchTitan's default and the throughput benchmark's): its step's temporary.
     """
+    if optimizer not in ("foreach", "fused"):
+        raise ValueError(f"optimizer={optimizer!r}: choose 'foreach' or 'fused' (AdamW's implementation)")
     from ..validation import check_degrees
 
     check_degrees(dims, plan, has_moe=args.moe is not None)  # the API's own checks, no model needed
@@ -369,7 +378,10 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     embed_grad = 4 * args.vocab_size * args.dim * (1 - 1 / dims.tp) if first and dims.tp > 1 and not fsdp else 0
     at_bwd_end = static + earlier_grads + gathered + bwd_grads if fsdp and dims.pp > 1 else \
         static + gbytes + gathered + bwd_grads + embed_grad
-    at_opt = pbytes + gbytes + obytes + buffers + 4 * n  # foreach AdamW: sqrt(exp_avg_sq) temporary
+    # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once; fused: one fp32 temporary the
+    # size of the largest local parameter (H200, 8B shape: +1.96 GiB on one GPU, the embedding)
+    opt_temp = 4 * n if optimizer == "foreach" else 4 * max(numels.values(), default=0)
+    at_opt = pbytes + gbytes + obytes + buffers + opt_temp
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}
     phase = max(phases, key=phases.get)
@@ -377,7 +389,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     return MemoryEstimate(
         rank=rank_of(dims, pp_rank), coords=coords, params=n, param_bytes=pbytes, grad_bytes=gbytes,
         optimizer_bytes=obytes, buffer_bytes=buffers, activation_bytes=activations,
-        logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, 4 * n),
+        logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, opt_temp),
         peak_bytes=phases[phase], peak_phase=phase, layers=layers, stages=stages,
         detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb,
                 "gathered": gathered, "logits_saved": act.logits_saved, "bwd_grads": bwd_grads, "recompute": recompute_t,
