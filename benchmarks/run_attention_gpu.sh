@@ -9,13 +9,7 @@
 #   bash benchmarks/run_attention_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}; export OUT; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-start=$SECONDS
-log="$OUT/tests.log"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])" | tee "$log"
-PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider"  # a variable, not a function: timeout runs it
+source benchmarks/gpu_preamble.sh  # $OUT, NCCL settings, PYTHONPATH, $log, $PYTEST, $start
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout -k 5 "${T_KERNEL_TESTS:-240}" $PYTEST tests/test_flash_attention.py > "$OUT/kernel_tests.txt" 2>&1

@@ -36,6 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .flash_attention_bwd_kernels import _key_block, _query_walk
 from .flash_attention_hopper import _row_tiles
 from .flash_attention_kernels import _INTERPRET, _LOG2E, _configs, _prune
 
@@ -130,27 +131,12 @@ def _attn_bwd_fused(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sm_scale,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < S_K
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _key_block(K + off_b * stride_kb + off_hk * stride_kh, V + off_b * stride_vb + off_hk * stride_vh,
+                      stride_kn, stride_vn, offs_n, col_ok, HEAD_DIM, UPCAST)
     qk_scale = sm_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Query blocks as in _attn_bwd_dkdv: [lo, mid) straddle the causal diagonal, [mid, full_end)
-    # need no mask, [full_end, end) hold the query tail.
-    if IS_CAUSAL:
-        lo = start_n
-        mid = start_n + BLOCK_N
-    else:
-        lo = 0
-        mid = 0
-    end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
-    full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
-    diag_end = tl.minimum(mid, end)
+    lo, mid, diag_end, full_end, end = _query_walk(start_n, S_Q, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for g in range(GROUP):
         off_h = off_hk * GROUP + g
         Qh = Q + off_b * stride_qb + off_h * stride_qh

@@ -40,6 +40,35 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 
 @triton.jit
+def _key_block(K, V, stride_kn, stride_vn, offs_n, col_ok, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``offs_n`` of one (batch, kv head)'s K and V (rows past S_K, ``~col_ok``, zero)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _query_walk(start_n, S_Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The query blocks a key block at ``start_n`` walks: [lo, diag_end) straddle the causal
+    diagonal (masked), [mid, full_end) need no mask, [full_end, end) hold the query tail
+    (masked). Returns (lo, mid, diag_end, full_end, end)."""
+    if IS_CAUSAL:
+        lo = start_n
+        mid = start_n + BLOCK_N
+    else:
+        lo = 0
+        mid = 0
+    end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
+    full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
+    diag_end = tl.minimum(mid, end)
+    return lo, mid, diag_end, full_end, end
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
                 col_lo, col_hi, KV_LO, KV_HI, n0, n1, q_desc, do_desc,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -130,28 +159,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < S_K
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _key_block(K + off_b * stride_kb + off_hk * stride_kh, V + off_b * stride_vb + off_hk * stride_vh,
+                      stride_kn, stride_vn, offs_n, col_ok, HEAD_DIM, UPCAST)
     qk_scale = sm_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    # Query blocks: [lo, mid) straddle the causal diagonal (masked), [mid, full_end) need no
-    # mask, [full_end, end) hold the query tail (masked).
-    if IS_CAUSAL:
-        lo = start_n
-        mid = start_n + BLOCK_N
-    else:
-        lo = 0
-        mid = 0
-    end = tl.cdiv(S_Q, BLOCK_M) * BLOCK_M
-    full_end = tl.maximum(mid, (S_Q // BLOCK_M) * BLOCK_M)
-    diag_end = tl.minimum(mid, end)
+    lo, mid, diag_end, full_end, end = _query_walk(start_n, S_Q, BLOCK_M, BLOCK_N, IS_CAUSAL)
     col_lo = offs_n
     col_hi = offs_n
     q_lo = 0
