@@ -220,12 +220,15 @@ def test_tma_forward_kernel(s_q, s_k, d, causal, bshd):
     assert rel_err(acc, ref_o) < 2e-3 and rel_err(acc_lse, ref_l) < 1e-5
 
 
+@pytest.mark.parametrize("backward", ["split", "fused"])
 @pytest.mark.parametrize("s_q,s_k,causal,bshd", [(100, 100, True, True), (70, 130, False, False),
                                                 (130, 70, True, False)])
-def test_tma_backward_kernels(monkeypatch, s_q, s_k, causal, bshd):
-    """The backward kernels with their TMA flag (Q/dO tiles of dK/dV, K/V tiles of dQ through
-    descriptors) in the interpreter: equal to the pointer-based loads and to the fp32
-    reference, with odd lengths (the zero-filled tile tails), GQA and (b, s, h, d) views."""
+def test_tma_backward_kernels(monkeypatch, s_q, s_k, causal, bshd, backward):
+    """The backward kernels with their TMA flag (split: Q/dO tiles of dK/dV, K/V tiles of dQ;
+    fused: Q/dO tiles, its dQ atomics staying per element, as the interpreter has no bulk
+    reduction: TestGPU covers that) in the interpreter: equal to the pointer-based loads and
+    to the fp32 reference, with odd lengths (the zero-filled tile tails), GQA and (b, s, h, d)
+    views."""
     import triton_kernels.flash_attention as fa
 
     if DEVICE != "cpu":
@@ -234,10 +237,11 @@ def test_tma_backward_kernels(monkeypatch, s_q, s_k, causal, bshd):
     q, k, v = _inputs(2, 4, 2, s_q, s_k, 32, torch.float16, bshd=bshd)
     dout = torch.randn(q.shape, dtype=torch.float16)
     out, lse = flash_attention(q, k, v, causal=causal)
+    monkeypatch.setattr(fa, "_BACKWARD", backward)
+    monkeypatch.setattr(fa, "hopper_eligible", lambda *a: True)  # the interpreter runs descriptors too
     grads = {}
     for tma in (True, False):
         monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
-        monkeypatch.setattr(fa, "hopper_eligible", lambda *a: True)  # the interpreter runs descriptors too
         grads[tma] = fa._backward(q, k, v, out, lse, dout, None, causal, 32 ** -0.5, torch.float32)
     ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)), dout.float(), None)
     for name, g_tma, g_ptr, r in zip(("dq", "dk", "dv"), grads[True], grads[False], ref[2:]):
@@ -300,31 +304,6 @@ def test_fused_backward_yields_to_determinism_and_documents(monkeypatch):
     assert not fa._fused_backward(object())  # any document ranges
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert not fa._fused_backward(None)
-
-
-@pytest.mark.parametrize("s_q,s_k,causal", [(100, 100, True), (70, 130, False)])
-def test_fused_backward_tma_loads(monkeypatch, s_q, s_k, causal):
-    """The one-pass backward with its Q/dO tiles through TMA descriptors (interpreter): equal
-    to its pointer loads (the dQ atomics stay per element: the interpreter has no bulk
-    reduction; tests/test_gpu.py-style GPU test below covers that)."""
-    import triton_kernels.flash_attention as fa
-
-    if DEVICE != "cpu":
-        pytest.skip("interpreter test (the GPU class runs the real kernels)")
-    torch.manual_seed(0)
-    q, k, v = _inputs(2, 4, 2, s_q, s_k, 32, torch.float16, bshd=True)
-    dout = torch.randn(q.shape, dtype=torch.float16)
-    out, lse = flash_attention(q, k, v, causal=causal)
-    monkeypatch.setattr(fa, "_BACKWARD", "fused")
-    monkeypatch.setattr(fa, "hopper_eligible", lambda *a: True)
-    grads = {}
-    for tma in (True, False):
-        monkeypatch.setattr(fa, "_TMA_BACKWARD", tma)
-        grads[tma] = fa._backward(q, k, v, out, lse, dout, None, causal, 32 ** -0.5, torch.float32)
-    ref = _run(lambda *a: attention_ref(*a, causal=causal), *(t.float() for t in (q, k, v)), dout.float(), None)
-    for name, g_tma, g_ptr, r in zip(("dq", "dk", "dv"), grads[True], grads[False], ref[2:]):
-        assert rel_err(g_tma, g_ptr) < 1e-6, name
-        assert rel_err(g_tma, r) < 5e-3, name
 
 
 def test_measured_configs_pin_one_config_on_hopper_only(monkeypatch):

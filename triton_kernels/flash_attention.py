@@ -183,18 +183,20 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     flags = _flags(q.dtype)
     eligible = hopper_eligible(q, k, v, docs is not None, dout)
     flags["TMA"] = _TMA_BACKWARD and eligible
-    if eligible:
+    fused = _fused_backward(docs)
+    tma_reduce = _TMA_REDUCE_DQ and eligible and fused
+    if flags["TMA"] or tma_reduce:  # device-side descriptors need Triton's scratch allocator
         ensure_allocator()
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    if _fused_backward(docs):
+    if fused:
         dq_sum = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # unscaled dQ, atomics add here
         _attn_bwd_fused[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
             q, k, v, dout, lse, delta, dk, dv, dq_sum, scale, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
             hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal),
-            TMA_REDUCE=_TMA_REDUCE_DQ and eligible, **flags,
+            TMA_REDUCE=tma_reduce, **flags,
         )
         return dq_sum.mul_(scale).to(grad_dtype or q.dtype), dk, dv
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype)  # (b, hq, s_q, d)
