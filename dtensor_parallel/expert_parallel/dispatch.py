@@ -16,12 +16,21 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from ..models.moe import LocalDispatch
 from .groups import ExpertGroups
+
+
+class KernelSlots(NamedTuple):
+    """The Triton permute's slots: ``pos`` (T*k,) int32, the sorted row of each flat entry
+    ``t*k + j`` (the inverse of torch's slot order), which the Triton combine reads."""
+
+    pos: torch.Tensor
 
 
 class ParallelDispatch(LocalDispatch):
@@ -36,17 +45,19 @@ class ParallelDispatch(LocalDispatch):
     def permute(self, flat, expert_ids, n_experts, capacity):
         if self.kernels != "triton" or capacity is not None:  # the kernels are dropless
             return super().permute(flat, expert_ids, n_experts, capacity)
-        from triton_kernels.moe_dispatch import permute
+        from triton_kernels import moe_dispatch
 
-        rows, slots = permute(flat, expert_ids, n_experts=n_experts)  # the same order as torch's
-        return rows, slots, torch.bincount(expert_ids.reshape(-1), minlength=n_experts)
+        # the same order as torch's; counts (int64, as bincount) and the inverse map from the
+        # same two launches (routing + copy), so neither bincount nor an inversion runs
+        rows, _, counts, pos = moe_dispatch.permute(flat, expert_ids, n_experts=n_experts, routing=True)
+        return rows, KernelSlots(pos), counts
 
     def combine(self, y, slots, weights, flat):
-        if self.kernels != "triton" or slots.numel() != weights.numel():  # dropped slots: torch
+        if not isinstance(slots, KernelSlots):  # the torch path's slots (capacity, or kernels="torch")
             return super().combine(y, slots, weights, flat)
-        from triton_kernels.moe_dispatch import unpermute
+        from triton_kernels import moe_dispatch
 
-        return unpermute(y, slots, weights)  # weighted combine, fp32 accumulation
+        return moe_dispatch.unpermute(y, None, weights, pos=slots.pos)  # weighted combine, fp32 accumulation
 
     def run_experts(self, rows, counts, experts):
         if self.groups is None:
