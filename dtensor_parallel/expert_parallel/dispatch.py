@@ -7,8 +7,9 @@
   kernels (``triton_kernels/moe_dispatch.py``, dropless only: under a capacity the torch
   path runs);
 - ``run_experts``: with EP, the rows travel to the ranks holding their experts and back
-  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher); without, the layer's
-  local grouped GEMM;
+  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher, NCCL; with the Triton
+  kernels on GPUs of one host, ``symm_dispatch.symm_dispatch_combine``: symmetric memory, no
+  host sync); without, the layer's local grouped GEMM;
 - ``sum_over_sequence`` / ``sum_over_batch``: the routing statistics summed over the ranks
   holding the same sequences' other positions (cp, and tp: MoE layers run token parallel
   over tp) and over the ranks holding other sequences (dp).
@@ -35,12 +36,28 @@ class KernelSlots(NamedTuple):
 
 class ParallelDispatch(LocalDispatch):
     def __init__(self, *, kernels: str = "torch", groups: ExpertGroups | None = None,
-                 seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = ()):
+                 seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = (),
+                 exchange: str = "auto", recv_bound: float | None = None):
+        """``exchange`` (with kernels="triton" and ep > 1): "symm" (symmetric memory; an
+        error where it cannot run), "nccl", or "auto" (symm where it can run, else NCCL with
+        one log line). ``recv_bound``: the rows a rank may receive per MoE layer, as a multiple
+        of its own T*k (default ep: never exceeded; see ``symm_dispatch.py``)."""
         if kernels not in ("torch", "triton"):
             raise ValueError(f"moe_dispatch kernels={kernels!r}: choose 'torch' or 'triton'")
+        if exchange not in ("auto", "symm", "nccl"):
+            raise ValueError(f"moe_dispatch exchange={exchange!r}: choose 'auto', 'symm' or 'nccl'")
+        if recv_bound is not None and recv_bound <= 0:
+            raise ValueError(f"moe_dispatch recv_bound={recv_bound} must be > 0 (a multiple of T*k), or None")
         self.kernels = kernels
         self.groups = groups if groups is not None and groups.ep > 1 else None
         self.seq_groups, self.batch_groups = tuple(seq_groups), tuple(batch_groups)
+        self.recv_bound = recv_bound
+        self.exchange = "nccl"
+        if kernels == "triton" and self.groups is not None:  # before any collective of the layer
+            from .symm_dispatch import choose_exchange
+
+            mesh = self.groups.ep_mesh
+            self.exchange = choose_exchange(self.groups.ep, mesh.device_type, exchange)
 
     def permute(self, flat, expert_ids, n_experts, capacity):
         if self.kernels != "triton" or capacity is not None:  # the kernels are dropless
@@ -62,6 +79,10 @@ class ParallelDispatch(LocalDispatch):
     def run_experts(self, rows, counts, experts):
         if self.groups is None:
             return experts(rows, counts)
+        if self.exchange != "nccl":
+            from .symm_dispatch import symm_dispatch_combine
+
+            return symm_dispatch_combine(rows, counts, experts, self.groups.ep_group, self.exchange, self.recv_bound)
         return dispatch_combine(rows, counts, experts, self.groups)
 
     def sum_over_sequence(self, t):
