@@ -60,7 +60,7 @@ __all__ = ["MAX_WORLD", "Tables", "launch_exchange", "launch_push", "simulate", 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_WORLD = 8
-_BIG = 2 ** 30
+_BIG = tl.constexpr(2 ** 30)  # padding of the ends tables (a constexpr: jit code reads no other globals)
 
 
 @triton.jit
