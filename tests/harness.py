@@ -113,12 +113,14 @@ class _Pool:
                 p.kill()
 
 
-def run_distributed(world_size: int, fn: Callable, *args, backend: str = "gloo", **kwargs) -> list[Any]:
+def run_distributed(world_size: int, fn: Callable, *args, backend: str = "gloo", fresh: bool = False,
+                    **kwargs) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on every rank of a process group (gloo on CPU; nccl
-    with one GPU per rank); return each rank's result."""
+    with one GPU per rank); return each rank's result. ``fresh``: in new processes (a case
+    whose outcome depends on what earlier cases left in the process: see its caller)."""
     key = (world_size, backend)
     pool = _POOLS.pop(key, None)  # (re-inserted last: the dict's order is the use order)
-    if pool is not None and (not all(p.is_alive() for p in pool.procs) or pool.groups > MAX_GROUPS):
+    if pool is not None and (fresh or not all(p.is_alive() for p in pool.procs) or pool.groups > MAX_GROUPS):
         pool.close(force=not all(p.is_alive() for p in pool.procs))
         pool = None
     if pool is None:

@@ -134,7 +134,12 @@ def test_compiled_selective_saves_each_row_parallel_output_once() -> None:
     (hidden shard, rotary table). This is the unfused layer (F.linear, DTensor's
     reduce-scatter), which compiled blocks keep (``rowwise_nccl.py``)."""
     n = _sizes()
-    for cache, saved, runs in run_distributed(TP, _held_per_block, True):
+    # fresh ranks: on torch 2.13 (CPU), after some earlier cases in the same processes, AOT
+    # tracing rebuilds a closure-captured submesh as a ``device_mesh._get_submesh`` call that
+    # inductor cannot lower ("is not an OpOverload"; torch's make_fx reconstruction of
+    # pytorch/pytorch#179080). Alone, or first in its processes, the case compiles; torch 2.11
+    # (the GPU machines) has no such path. A torch state issue, not one of this test's.
+    for cache, saved, runs in run_distributed(TP, _held_per_block, True, fresh=True):
         assert cache == [] and runs == 0, cache  # the unfused layer, no eager checkpoint cache at run time
         want = [(B * S, n["q"]), (B * S, n["kv"]), (B * S, n["kv"]), (B * S, n["ffn"]), (B * S, n["ffn"]),
                 (B, n["heads"], S, n["head"]), (B, n["heads"], S), (B, S // TP, n["dim"]),

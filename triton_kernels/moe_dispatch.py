@@ -26,18 +26,17 @@ first, and within an expert by flat index, i.e. by token then slot (the same ord
     unpermute:  out[t] = sum_j w[t, j] * y[pos[t*k + j]]
                 grad:   dy[pos[t*k + j]] = w[t, j] * dout[t]    dw[t, j] = <y[pos[t*k + j]], dout[t]>
 
-Kernels. Routing is two launches: ``_histogram_kernel`` counts each block of BLOCK_N entries
-per expert (one-hot sum, written per block, and added into the totals with integer atomics,
-which are exact and order-free); a torch cumsum over blocks gives each block's first row per
-expert; ``_rank_kernel`` adds each entry's rank among the *earlier entries of its block* with
-the same expert (a (BLOCK_N, BLOCK_N) comparison) and writes ``pos`` and ``row_map``. No sort,
-no float atomics: the result is deterministic and equal to the argsort reference bit for bit.
-The row kernels all work token-major on (tokens, k slots, hidden) tiles: ``_permute_kernel``
-reads a token's row once and writes its k copies; ``_combine_kernel`` (unpermute forward,
-and permute backward with unit weights) gathers a token's k rows and sums them in fp32 in
-one program per output tile — no atomics, so deterministic; ``_unpermute_bwd_kernel`` walks
-the hidden dim of a token block once, writing ``dy`` rows and reducing ``dw`` in fp32.
-Every sorted row is written by exactly one program.
+Kernels. Routing and the permute copy are two launches (``moe_dispatch_route.py``: a
+per-chunk histogram whose last program scans, then ranks + copy); no sort, no float
+atomics: the result is deterministic and equal to the argsort reference bit for bit.
+The row kernels here work token-major on (tokens, k slots, hidden) tiles: ``_combine_kernel``
+(unpermute forward, and permute backward with unit weights) gathers a token's k rows and
+sums them in fp32 in one program per output tile (no atomics, so deterministic);
+``_unpermute_bwd_kernel`` walks the hidden dim of a token block once, writing ``dy`` rows and
+reducing ``dw`` in fp32. ``unpermute`` needs the inverse map ``pos`` (flat entry -> sorted
+row): from a row_map it costs one more launch (``_invert_kernel``); ``permute(...,
+routing=True)`` returns ``pos`` and ``unpermute(..., pos=pos)`` skips it (the MoE layer's
+path: permute forward 2 launches, unpermute forward 1, each backward 1).
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): one small config per kernel, with tiles
 smaller than the test shapes so tails in tokens, hidden and slots are all exercised. There is
@@ -55,6 +54,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .moe_dispatch_route import route_and_permute, route_counts
+
 __all__ = [
     "moe_dispatch",
     "moe_dispatch_ref",
@@ -68,53 +69,12 @@ __all__ = [
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Routing tiles. BLOCK_N: entries per program (the rank kernel compares BLOCK_N x BLOCK_N);
-# BLOCK_E: experts per histogram program. Smaller under the interpreter so that the CPU
-# tests span several blocks of entries and of experts.
-_ROUTE_BLOCK_N = 32 if _INTERPRET else 128
-_ROUTE_BLOCK_E = 16 if _INTERPRET else 64
 _MAX_TILE = 16384  # elements of one (BLOCK_T, K_PAD, BLOCK_H) tile
 
 
 # ----------------------------------------------------------------------------------------
 # Routing: histogram and stable positions
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _histogram_kernel(IDS, BLOCK_COUNTS, COUNTS, N, E,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Program (n, e): entries [n*BLOCK_N, (n+1)*BLOCK_N) against experts [e*BLOCK_E, ...).
-    Writes BLOCK_COUNTS[n, e-range] (nblocks, E) and adds the same counts into COUNTS (E,)."""
-    pid_n = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ids = tl.load(IDS + offs_n, mask=offs_n < N, other=-1).to(tl.int32)  # (BN,)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    hits = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # (BN, BE) one-hot
-    cnt = tl.sum(hits, axis=0)  # (BE,)
-    e_ok = offs_e < E
-    tl.store(BLOCK_COUNTS + pid_n.to(tl.int64) * E + offs_e, cnt, mask=e_ok)
-    tl.atomic_add(COUNTS + offs_e, cnt, mask=e_ok & (cnt > 0))  # integer atomics: exact
-
-
-@triton.jit
-def _rank_kernel(IDS, BLOCK_BASE, POS, ROW_MAP, N, E, BLOCK_N: tl.constexpr):
-    """pos[i] = BLOCK_BASE[block, ids[i]] + #{earlier entries of the block with the same id};
-    ROW_MAP[pos[i]] = i. BLOCK_BASE (nblocks, E) is the block's first sorted row per expert."""
-    pid = tl.program_id(0)
-    local = tl.arange(0, BLOCK_N)
-    offs = pid * BLOCK_N + local
-    in_range = offs < N
-    ids = tl.load(IDS + offs, mask=in_range, other=-1).to(tl.int32)  # (BN,)
-    valid = in_range & (ids >= 0) & (ids < E)
-    # padding (id -1) sits after every real entry, so it never counts as "earlier"
-    same = (ids[:, None] == ids[None, :]) & (local[None, :] < local[:, None])  # (BN, BN)
-    rank = tl.sum(same.to(tl.int32), axis=1)  # (BN,)
-    base = tl.load(BLOCK_BASE + pid.to(tl.int64) * E + ids, mask=valid, other=0)
-    pos = base + rank
-    tl.store(POS + offs, pos, mask=valid)
-    tl.store(ROW_MAP + pos, offs.to(tl.int64), mask=valid)
 
 
 @triton.jit
@@ -154,26 +114,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             if c.kwargs["BLOCK_T"] * k_pad * c.kwargs["BLOCK_H"] <= _MAX_TILE
             and c.kwargs["BLOCK_H"] <= max(64, triton.next_power_of_2(h))]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"])]
-
-
-@triton.autotune(configs=_ROW_CONFIGS, key=["H", "K_PAD"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _permute_kernel(X, POS, OUT, T, H, K, stride_xt,
-                    K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """OUT[POS[t*K + j]] = X[t] for the program's (BLOCK_T, BLOCK_H) tile and every slot j:
-    each token row is read once and written k times. OUT (T*K, H) contiguous."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, K_PAD)
-    t_ok = offs_t < T
-    h_ok = offs_h < H
-    x = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_h[None, :],
-                mask=t_ok[:, None] & h_ok[None, :])  # (BT, BH)
-    tk_ok = t_ok[:, None] & (offs_k[None, :] < K)  # (BT, KP)
-    pos = tl.load(POS + offs_t[:, None] * K + offs_k[None, :], mask=tk_ok, other=0).to(tl.int64)
-    out_ptrs = OUT + pos[:, :, None] * H + offs_h[None, None, :]  # (BT, KP, BH)
-    tl.store(out_ptrs, tl.broadcast_to(x[:, None, :], (BLOCK_T, K_PAD, BLOCK_H)),
-             mask=tk_ok[:, :, None] & h_ok[None, None, :])
 
 
 @triton.autotune(configs=_ROW_CONFIGS, key=["H", "K_PAD", "HAS_W"],
@@ -279,37 +219,6 @@ def _check_ids(name: str, expert_ids: torch.Tensor, n_experts: int | None) -> tu
     return flat, n_experts
 
 
-def _histogram(flat: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """counts (E,) int32, offsets (E+1,) int32, per-block counts (nblocks, E) int32."""
-    n = flat.numel()
-    nblocks = triton.cdiv(n, _ROUTE_BLOCK_N)
-    counts = torch.zeros(n_experts, device=flat.device, dtype=torch.int32)  # (E,)
-    block_counts = torch.empty((nblocks, n_experts), device=flat.device, dtype=torch.int32)  # (nblocks, E)
-    if n:
-        _histogram_kernel[(nblocks, triton.cdiv(n_experts, _ROUTE_BLOCK_E))](
-            flat, block_counts, counts, n, n_experts, BLOCK_N=_ROUTE_BLOCK_N, BLOCK_E=_ROUTE_BLOCK_E)
-    offsets = torch.zeros(n_experts + 1, device=flat.device, dtype=torch.int32)  # (E+1,)
-    torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
-    return counts, offsets, block_counts
-
-
-def _route(flat: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
-    """counts, offsets, pos (N,) int32 (flat entry -> sorted row), row_map (N,) int64."""
-    n = flat.numel()
-    counts, offsets, block_counts = _histogram(flat, n_experts)
-    # First sorted row of each (block, expert): the expert's offset plus the entries of that
-    # expert in earlier blocks (exclusive scan over blocks). (nblocks, E) ints: a few small ops.
-    block_base = torch.cumsum(block_counts, 0, dtype=torch.int32)
-    block_base -= block_counts
-    block_base += offsets[:-1]
-    pos = torch.empty(n, device=flat.device, dtype=torch.int32)  # (N,)
-    row_map = torch.empty(n, device=flat.device, dtype=torch.int64)  # (N,)
-    if n:
-        _rank_kernel[(triton.cdiv(n, _ROUTE_BLOCK_N),)](flat, block_base, pos, row_map, n, n_experts,
-                                                       BLOCK_N=_ROUTE_BLOCK_N)
-    return counts, offsets, pos, row_map
-
-
 def _invert(row_map: torch.Tensor) -> torch.Tensor:
     n = row_map.numel()
     pos = torch.empty(n, device=row_map.device, dtype=torch.int32)  # (N,)
@@ -325,14 +234,6 @@ def _k_pad(k: int) -> int:
 
 def _row_grid(t: int, h: int):
     return lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(h, meta["BLOCK_H"]))
-
-
-def _permute_rows(x: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
-    t, h = x.shape
-    out = torch.empty((t * k, h), device=x.device, dtype=x.dtype)  # (T*k, H)
-    if out.numel():
-        _permute_kernel[_row_grid(t, h)](x, pos, out, t, h, k, x.stride(0), K_PAD=_k_pad(k))
-    return out
 
 
 def _combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None, t: int, k: int) -> torch.Tensor:
@@ -358,10 +259,11 @@ def _check_rows(name: str, t: torch.Tensor, what: str) -> None:
 
 
 class _Permute(torch.autograd.Function):
-    """x_sorted, row_map, counts, offsets = dispatch(x, expert_ids); differentiable in x only."""
+    """x_sorted, row_map, counts, offsets, pos = dispatch(x, expert_ids); differentiable in x only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None):
+    def forward(ctx, x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None,
+                counts_dtype: torch.dtype = torch.int32):
         _check_rows("permute", x, "x")
         flat, n_experts = _check_ids("permute", expert_ids, n_experts)
         t, k = expert_ids.shape
@@ -370,40 +272,44 @@ class _Permute(torch.autograd.Function):
                              "expert_ids (T, k))")
         if x.device != expert_ids.device:
             raise ValueError(f"permute: x on {x.device}, expert_ids on {expert_ids.device}")
-        x = _unit_last(x)
-        counts, offsets, pos, row_map = _route(flat, n_experts)
-        x_sorted = _permute_rows(x, pos, k)  # (T*k, H)
+        x_sorted, row_map, pos, counts, offsets = route_and_permute(_unit_last(x), flat, t, k, n_experts,
+                                                                     counts_dtype)  # (T*k, H), ...
         ctx.save_for_backward(pos)
         ctx.k = k
-        ctx.mark_non_differentiable(row_map, counts, offsets)
-        return x_sorted, row_map, counts, offsets
+        ctx.mark_non_differentiable(row_map, counts, offsets, pos)
+        return x_sorted, row_map, counts, offsets, pos
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dx_sorted: torch.Tensor | None, *_):
         (pos,) = ctx.saved_tensors
         dx = _combine(_unit_last(dx_sorted), pos, None, pos.numel() // ctx.k, ctx.k)  # (T, H)
-        return dx, None, None
+        return dx, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
-    """out = combine(y_sorted, row_map, weights); differentiable in y_sorted and weights."""
+    """out = combine(y_sorted, pos or the inverse of row_map, weights); differentiable in
+    y_sorted and weights."""
 
     @staticmethod
-    def forward(ctx, y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, y_sorted: torch.Tensor, row_map: torch.Tensor | None, weights: torch.Tensor,
+                pos: torch.Tensor | None) -> torch.Tensor:
         _check_rows("unpermute", y_sorted, "y_sorted")
         _check_rows("unpermute", weights, "weights")
         t, k = weights.shape
-        if y_sorted.shape[0] != t * k or row_map.shape != (t * k,):
+        index = pos if pos is not None else row_map
+        if index is None:
+            raise ValueError("unpermute: give row_map (from permute) or pos (permute(..., routing=True))")
+        if y_sorted.shape[0] != t * k or index.shape != (t * k,):
             raise ValueError(f"unpermute: weights {tuple(weights.shape)} means T*k = {t * k} rows, but y_sorted "
-                             f"is {tuple(y_sorted.shape)} and row_map {tuple(row_map.shape)}")
-        if row_map.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"unpermute: row_map.dtype is {row_map.dtype}; use the int64 map from permute")
-        if not (y_sorted.device == row_map.device == weights.device):
-            raise ValueError(f"unpermute: y_sorted, row_map, weights on different devices: "
-                             f"{y_sorted.device}, {row_map.device}, {weights.device}")
+                             f"is {tuple(y_sorted.shape)} and the row map {tuple(index.shape)}")
+        if index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"unpermute: the row map's dtype is {index.dtype}; use the int64 map from permute")
+        if not (y_sorted.device == index.device == weights.device):
+            raise ValueError(f"unpermute: y_sorted, the row map, weights on different devices: "
+                             f"{y_sorted.device}, {index.device}, {weights.device}")
         y_sorted, weights = _unit_last(y_sorted), weights.contiguous()
-        pos = _invert(row_map.contiguous())
+        pos = pos.contiguous() if pos is not None else _invert(row_map.contiguous())
         out = _combine(y_sorted, pos, weights, t, k)  # (T, H)
         ctx.save_for_backward(y_sorted, pos, weights)
         return out
@@ -412,7 +318,7 @@ class _Unpermute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout: torch.Tensor):
         y_sorted, pos, weights = ctx.saved_tensors
-        need_dy, _, need_dw = ctx.needs_input_grad
+        need_dy, _, need_dw, _ = ctx.needs_input_grad
         t, k = weights.shape
         h = y_sorted.shape[1]
         dout = _unit_last(dout)
@@ -423,7 +329,7 @@ class _Unpermute(torch.autograd.Function):
                 y_sorted, pos, weights, dout, dy if need_dy else y_sorted, dw if need_dw else weights,
                 t, h, k, y_sorted.stride(0), dout.stride(0),
                 COMPUTE_DY=need_dy, COMPUTE_DW=need_dw, K_PAD=_k_pad(k))
-        return dy, None, dw
+        return dy, None, dw, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -443,8 +349,8 @@ def routing_histogram(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.T
         ``offsets[e]:offsets[e+1]`` the rows of expert e in :func:`permute`'s output.
     """
     flat, n_experts = _check_ids("routing_histogram", expert_ids, n_experts)
-    counts, offsets, _ = _histogram(flat, n_experts)
-    return counts, offsets
+    t, k = expert_ids.shape
+    return route_counts(flat, t, k, n_experts)
 
 
 def moe_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None = None
@@ -455,11 +361,11 @@ def moe_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | Non
     everything a grouped GEMM (``offsets``) and the EP all-to-all (``counts``) need.
     Differentiable in x.
     """
-    return _Permute.apply(x, expert_ids, n_experts)
+    return _Permute.apply(x, expert_ids, n_experts)[:4]
 
 
-def permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None = None, *, routing: bool = False
+            ) -> tuple[torch.Tensor, ...]:
     """Copy each token once per chosen expert, into expert-contiguous order.
 
     Args:
@@ -472,12 +378,17 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None = N
         by token, then slot (stable). row_map (T*k,) int64: ``x_sorted[r] = x[row_map[r] // k]``,
         ``row_map[r] = token*k + slot``. Backward: ``dx[t] = sum_j dx_sorted[pos(t, j)]``,
         summed in fp32 per token (deterministic).
+        With ``routing=True`` also counts (E,) int64 (as ``torch.bincount``) and pos (T*k,) int32,
+        the inverse of row_map (``pos[t*k + j]`` is the sorted row of token t's slot j), for
+        ``unpermute(..., pos=pos)``: the whole routing still in the same two launches.
     """
-    x_sorted, row_map, _, _ = _Permute.apply(x, expert_ids, n_experts)
-    return x_sorted, row_map
+    x_sorted, row_map, counts, _, pos = _Permute.apply(x, expert_ids, n_experts,
+                                                       torch.int64 if routing else torch.int32)
+    return (x_sorted, row_map, counts, pos) if routing else (x_sorted, row_map)
 
 
-def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor | None, weights: torch.Tensor, *,
+              pos: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted combine of the expert outputs back into token order.
 
     ``out[t] = sum_j weights[t, j] * y_sorted[pos(t, j)]`` with ``row_map[pos(t, j)] = t*k + j``,
@@ -488,8 +399,10 @@ def unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tens
 
     Args:
         y_sorted: (T*k, H) fp16/bf16/fp32. row_map: (T*k,) from :func:`permute`. weights: (T, k).
+        pos: optional (T*k,), the inverse of row_map from ``permute(..., routing=True)``: saves
+            the inversion's launch (row_map may then be None).
     """
-    return _Unpermute.apply(y_sorted, row_map, weights)
+    return _Unpermute.apply(y_sorted, row_map, weights, pos)
 
 
 # ----------------------------------------------------------------------------------------

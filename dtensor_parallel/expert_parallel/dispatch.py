@@ -7,14 +7,17 @@
   kernels (``triton_kernels/moe_dispatch.py``, dropless only: under a capacity the torch
   path runs);
 - ``run_experts``: with EP, the rows travel to the ranks holding their experts and back
-  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher); without, the layer's
-  local grouped GEMM;
+  (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher, NCCL; with the Triton
+  kernels on GPUs of one host, ``symm_dispatch.symm_dispatch_combine``: symmetric memory, no
+  host sync); without, the layer's local grouped GEMM;
 - ``sum_over_sequence`` / ``sum_over_batch``: the routing statistics summed over the ranks
   holding the same sequences' other positions (cp, and tp: MoE layers run token parallel
   over tp) and over the ranks holding other sequences (dp).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,33 +27,56 @@ from ..models.moe import LocalDispatch
 from .groups import ExpertGroups
 
 
+class KernelSlots(NamedTuple):
+    """The Triton permute's slots: ``pos`` (T*k,) int32, the sorted row of each flat entry
+    ``t*k + j`` (the inverse of torch's slot order), which the Triton combine reads."""
+
+    pos: torch.Tensor
+
+
 class ParallelDispatch(LocalDispatch):
     def __init__(self, *, kernels: str = "torch", groups: ExpertGroups | None = None,
-                 seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = ()):
+                 seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = (),
+                 exchange: str = "auto", recv_bound: float | None = None):
+        """``exchange`` (with kernels="triton" and ep > 1): "symm" (symmetric memory; an
+        error where it cannot run), "nccl", or "auto" (symm where it can run, else NCCL with
+        one log line). ``recv_bound``: the rows a rank may receive per MoE layer, as a multiple
+        of its own T*k (default ep: never exceeded; see ``symm_dispatch.py``)."""
         if kernels not in ("torch", "triton"):
             raise ValueError(f"moe_dispatch kernels={kernels!r}: choose 'torch' or 'triton'")
+        if exchange not in ("auto", "symm", "nccl"):
+            raise ValueError(f"moe_dispatch exchange={exchange!r}: choose 'auto', 'symm' or 'nccl'")
+        if recv_bound is not None and recv_bound <= 0:
+            raise ValueError(f"moe_dispatch recv_bound={recv_bound} must be > 0 (a multiple of T*k), or None")
         self.kernels = kernels
         self.groups = groups if groups is not None and groups.ep > 1 else None
         self.seq_groups, self.batch_groups = tuple(seq_groups), tuple(batch_groups)
+        self.recv_bound = recv_bound
+        self.exchange = "nccl"
+        if kernels == "triton" and self.groups is not None:  # before any collective of the layer
+            from .symm_dispatch import choose_exchange
+
+            mesh = self.groups.ep_mesh
+            self.exchange = choose_exchange(self.groups.ep, mesh.device_type, exchange)
 
     def permute(self, flat, expert_ids, n_experts, capacity):
         if self.kernels != "triton" or capacity is not None:  # the kernels are dropless
             return super().permute(flat, expert_ids, n_experts, capacity)
-        from triton_kernels.moe_dispatch import permute
-
-        rows, slots = permute(flat, expert_ids, n_experts=n_experts)  # the same order as torch's
-        return rows, slots, torch.bincount(expert_ids.reshape(-1), minlength=n_experts)
+        # the same order as torch's; counts (int64, as bincount) and the inverse map from the
+        # same two launches (routing + copy), so neither bincount nor an inversion runs
+        rows, counts, pos = _triton_permute(flat, expert_ids, n_experts)
+        return rows, KernelSlots(pos), counts
 
     def combine(self, y, slots, weights, flat):
-        if self.kernels != "triton" or slots.numel() != weights.numel():  # dropped slots: torch
+        if not isinstance(slots, KernelSlots):  # the torch path's slots (capacity, or kernels="torch")
             return super().combine(y, slots, weights, flat)
-        from triton_kernels.moe_dispatch import unpermute
-
-        return unpermute(y, slots, weights)  # weighted combine, fp32 accumulation
+        return _triton_unpermute(y, weights, slots.pos)  # weighted combine, fp32 accumulation
 
     def run_experts(self, rows, counts, experts):
         if self.groups is None:
             return experts(rows, counts)
+        if self.exchange != "nccl":
+            return _symm_dispatch_combine(rows, counts, experts, self.groups.ep_group, self.exchange, self.recv_bound)
         return dispatch_combine(rows, counts, experts, self.groups)
 
     def sum_over_sequence(self, t):
@@ -58,6 +84,32 @@ class ParallelDispatch(LocalDispatch):
 
     def sum_over_batch(self, t):
         return _sum_over(t, self.batch_groups)
+
+
+# Compiled blocks (compile="auto" on CUDA) run the Triton routing and the symmetric-memory
+# exchange eagerly: their launchers keep per-device/stream state (the routing ticket, the
+# workspace) that Dynamo cannot trace (on 2 x H200 it failed on the current stream's
+# handle). The MoE layer breaks the graph at its dispatch anyway (split sizes on the host).
+@torch.compiler.disable
+def _triton_permute(flat, expert_ids, n_experts):
+    from triton_kernels import moe_dispatch
+
+    rows, _, counts, pos = moe_dispatch.permute(flat, expert_ids, n_experts=n_experts, routing=True)
+    return rows, counts, pos
+
+
+@torch.compiler.disable
+def _triton_unpermute(y, weights, pos):
+    from triton_kernels import moe_dispatch
+
+    return moe_dispatch.unpermute(y, None, weights, pos=pos)
+
+
+@torch.compiler.disable
+def _symm_dispatch_combine(rows, counts, experts, group, exchange, recv_bound):
+    from .symm_dispatch import symm_dispatch_combine
+
+    return symm_dispatch_combine(rows, counts, experts, group, exchange, recv_bound)
 
 
 def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:

@@ -1,0 +1,288 @@
+"""Expert-parallel dispatch and combine over symmetric memory: no host sync, NCCL-free.
+
+The drop-in for ``dispatch.dispatch_combine`` when ``plan.kernels["moe_dispatch"]`` is
+"triton" (or "auto") on GPUs of one NVLink host. Kernels and their protocol:
+``triton_kernels/moe_dispatch_symm.py``. Per MoE layer::
+
+    exchange(counts)          one launch: counts to every peer, barrier, receive tables
+    recv = to_expert(rows)    dispatch: my sorted rows into the owners' receive areas
+                              (expert-major, then source: the NCCL path's regroup order)
+    y = experts(recv, recv_counts)
+    back = to_source(y)       combine: the expert outputs back to my sorted rows
+    backward: to_expert and to_source swap (the gradient of a copy is the reverse copy)
+
+The weighted sum of the k outputs of a token (the combine proper, fp32, fixed slot order)
+is the local ``unpermute`` that follows (``dispatch.ParallelDispatch.combine``).
+
+Receive bound. The rows a rank receives depend on the routing; the receive area has a size
+fixed per call shape: ``recv_bound`` (a multiple of this rank's T*k rows; default ``ep``,
+the worst case: every rank's every row to one rank, so no routing can exceed it; with k
+distinct experts per token ``ep * min(k, E/ep) / k`` is enough, less when k > E/ep). Every rank computes the largest receive count on the device; if it exceeds the
+bound, every rank skips every store of that layer (its output is then wrong) and the host
+raises ``ValueError`` at the next call (the check reads a pinned copy: no synchronisation;
+:meth:`SymmExchange.check` forces it). The expert GEMM runs on all ``bound`` rows of the
+receive area with counts summing to the rows received (``torch._grouped_mm`` leaves rows past
+the last offset alone).
+
+Every ep rank must route the same number of tokens per call (true in this library's
+layouts): the workspace is one symmetric allocation of the same size on every rank.
+
+On CPU under ``TRITON_INTERPRET=1`` (tests) the same kernels run with the peers' areas
+emulated: each push all-gathers its inputs and runs every rank's phase on stacked tensors
+(``moe_dispatch_symm.simulate``'s method), so the wiring is tested on gloo ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_SLOT = 64  # signal-pad slots [64, 64 + W): the workspace's init barrier (channel 0) uses [0, W)
+_WORKSPACES: dict[str, "_Workspace"] = {}
+_FALLBACK_LOGGED = False
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_exchange(ep: int, device_type: str, requested: str = "auto") -> str:
+    """"symm" (GPU symmetric memory), "emulated" (CPU, interpreter: tests) or "nccl".
+    ``requested`` "symm" where it cannot run is a ``ValueError`` naming why; "auto" falls
+    back to NCCL with one log line."""
+    if requested == "nccl" or ep < 2:
+        return "nccl"
+    if device_type != "cuda" and _interpreted():
+        return "emulated"
+    from ..tensor_parallel.sp_reduce_scatter import symm_mem_unavailable
+
+    reason = symm_mem_unavailable(ep, device_type)
+    if reason is not None:
+        reason = reason.replace("tp=", "ep=").replace("tp group", "ep group")
+    if reason is None:
+        return "symm"
+    if requested == "symm":
+        raise ValueError(f"moe_dispatch over symmetric memory cannot run: {reason}. Use the NCCL all-to-all "
+                         f"(kernels={{'moe_dispatch': 'auto'}} or 'torch')")
+    global _FALLBACK_LOGGED
+    if not _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED = True
+        logger.warning("kernels['moe_dispatch']: the expert-parallel exchange uses NCCL all-to-all, since %s", reason)
+    return "nccl"
+
+
+class _Workspace:
+    """One symmetric allocation per ep group: count areas (W, E) int32 | receive area
+    (bound, H) | return area (N, H), and the signal pads; grown (collectively: every rank at
+    the same call, shapes agree) when a call needs more."""
+
+    def __init__(self, group: dist.ProcessGroup, nbytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch._C._distributed_c10d import _SymmetricMemory
+
+        name = group.group_name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(name)
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.rank, self.world, self.nbytes = group.rank(), group.size(), nbytes
+        self.buf = _SymmetricMemory.empty_strided_p2p((nbytes,), (1,), torch.uint8, device)
+        self.hdl = symm_mem.rendezvous(self.buf, name)  # collective
+        self.offset = self.buf.data_ptr() - int(self.hdl.buffer_ptrs[self.rank])
+        pad_slots = int(self.hdl.signal_pad_size) // 4
+        if pad_slots < _SLOT + self.world:
+            raise RuntimeError(f"signal pad of {pad_slots} slots is too small for {self.world} ranks")
+        self.pads = [self.hdl.get_signal_pad(p, (pad_slots,), dtype=torch.int32) for p in range(self.world)]
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+        self.views: dict = {}
+        self.last_direction: str | None = None
+        self.max_programs = torch.cuda.get_device_properties(device).multi_processor_count
+        self.pads[self.rank][_SLOT:].zero_()
+        self.hdl.barrier(channel=0)
+        torch.cuda.synchronize()
+
+    def areas(self, byte_off: int, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+        key = (byte_off, dtype, numel)
+        if key not in self.views:
+            esize = torch.empty((), dtype=dtype).element_size()
+            self.views[key] = [self.hdl.get_buffer(p, (numel,), dtype, (self.offset + byte_off) // esize)
+                               for p in range(self.world)]
+        return self.views[key]
+
+
+def _align(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+class SymmExchange:
+    """One MoE layer call's exchange on the GPU (module docstring)."""
+
+    def __init__(self, group: dist.ProcessGroup, counts: torch.Tensor, n_rows: int, h: int, dtype: torch.dtype,
+                 bound: int):
+        from triton_kernels.moe_dispatch_symm import Tables, launch_exchange
+
+        self.world, self.e, self.n, self.h, self.dtype, self.bound = group.size(), counts.numel(), n_rows, h, dtype, bound
+        esize = torch.empty((), dtype=dtype).element_size()
+        self.count_bytes = _align(self.world * self.e * 4)
+        self.recv_bytes = _align(bound * h * esize)
+        need = self.count_bytes + self.recv_bytes + _align(max(n_rows, 1) * h * esize)
+        ws = _WORKSPACES.get(group.group_name)
+        if ws is None or ws.nbytes < need:
+            if ws is not None:
+                torch.cuda.synchronize()  # no rank may still use the old buffers
+            _WORKSPACES[group.group_name] = ws = _Workspace(group, 1 << (need - 1).bit_length())
+        self.ws = ws
+        _raise_if_overflowed(group.group_name)
+        self.tables = Tables(self.e, self.world, counts.device)
+        launch_exchange(counts, ws.areas(0, torch.int32, self.world * self.e), ws.pads, ws.rank, self.tables,
+                        slot=_SLOT)
+        self.recv_counts = self.tables.recv_counts
+        _remember_overflow(group.group_name, self.tables.info, bound)
+
+    def _order(self, direction: str) -> None:
+        if self.ws.last_direction == direction:  # keep pushes alternating (the reuse argument)
+            self.ws.hdl.barrier(channel=1)
+        self.ws.last_direction = direction
+
+    def to_expert(self, src: torch.Tensor) -> torch.Tensor:
+        from triton_kernels.moe_dispatch_symm import launch_push
+
+        self._order("expert")
+        areas = self.ws.areas(self.count_bytes, self.dtype, self.bound * self.h)
+        launch_push(src.contiguous(), self.n, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
+                    self.ws.rank, to_expert=True, slot=_SLOT, max_programs=self.ws.max_programs)
+        return areas[self.ws.rank].view(self.bound, self.h).clone()  # (bound, H); the area is reused
+
+    def to_source(self, src: torch.Tensor) -> torch.Tensor:
+        from triton_kernels.moe_dispatch_symm import launch_push
+
+        self._order("source")
+        areas = self.ws.areas(self.count_bytes + self.recv_bytes, self.dtype, max(self.n, 1) * self.h)
+        launch_push(src.contiguous(), 0, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
+                    self.ws.rank, to_expert=False, slot=_SLOT, max_programs=self.ws.max_programs)
+        return areas[self.ws.rank][:self.n * self.h].view(self.n, self.h).clone()  # (N, H)
+
+    def check(self) -> None:
+        """Synchronise and raise if this call's routing exceeded the bound."""
+        torch.cuda.current_stream().synchronize()
+        _raise_if_overflowed(None, int(self.tables.info[1]), self.bound)
+
+
+_PENDING: dict[str, tuple[torch.Tensor, int]] = {}
+
+
+def _remember_overflow(name: str, info: torch.Tensor, bound: int) -> None:
+    host = _PENDING.get(name, (None, 0))[0]
+    if host is None:
+        host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    host.copy_(info[1:2], non_blocking=True)
+    _PENDING[name] = (host, bound)
+
+
+def _raise_if_overflowed(name: str | None, need: int | None = None, bound: int | None = None) -> None:
+    if name is not None and name in _PENDING:
+        host, bound = _PENDING[name]
+        need = int(host[0])  # an earlier call's value (pinned, copied without synchronising)
+    if need is not None and bound is not None and need > bound:
+        raise ValueError(f"moe_dispatch: a rank received {need} expert rows but the receive bound is {bound}; that "
+                         f"layer's output was skipped. Raise ParallelDispatch(recv_bound=...) (a multiple of T*k; the "
+                         f"worst case ep * min(k, E/ep) / k never overflows) or use kernels={{'moe_dispatch': 'torch'}}")
+
+
+class EmulatedExchange:
+    """The same kernels on CPU ranks (interpreter): each push all-gathers its inputs and runs
+    every rank's phase on stacked tensors; every rank computes every rank's tables."""
+
+    def __init__(self, group: dist.ProcessGroup, counts: torch.Tensor, n_rows: int, h: int, dtype: torch.dtype,
+                 bound: int):
+        from triton_kernels.moe_dispatch_symm import Tables, launch_exchange
+
+        self.group, self.world, self.rank = group, group.size(), group.rank()
+        self.e, self.n, self.h, self.dtype, self.bound = counts.numel(), n_rows, h, dtype, bound
+        sizes = _gather(torch.tensor([n_rows]), group)
+        if len(set(sizes.flatten().tolist())) != 1:
+            raise ValueError(f"moe_dispatch over symmetric memory: ep ranks route different token counts "
+                             f"{sizes.flatten().tolist()}; every rank must route T*k = the same number of rows")
+        all_counts = _gather(counts.reshape(-1), group)  # (W, E)
+        areas = torch.zeros(self.world, self.world * self.e, dtype=torch.int32)
+        self.tables = [Tables(self.e, self.world, counts.device) for _ in range(self.world)]
+        for s in range(self.world):
+            launch_exchange(all_counts[s], list(areas), None, s, self.tables[s], barrier=False, make_tables=False)
+        for s in range(self.world):
+            launch_exchange(all_counts[s], list(areas), None, s, self.tables[s], push=False, barrier=False)
+        self.recv_counts = self.tables[self.rank].recv_counts
+        _raise_if_overflowed(None, int(self.tables[self.rank].info[1]), bound)
+        self.ticket = torch.zeros(1, dtype=torch.int32)
+
+    def _push(self, src: torch.Tensor, to_expert: bool) -> torch.Tensor:
+        from triton_kernels.moe_dispatch_symm import launch_push
+
+        everyone = _gather(src.contiguous(), self.group)  # (W, rows, H)
+        rows = self.bound if to_expert else self.n
+        areas = torch.zeros(self.world, max(rows, 1) * self.h, dtype=self.dtype)
+        for s in range(self.world):
+            launch_push(everyone[s], self.n, list(areas), self.bound, None, self.ticket, self.tables[s], s,
+                        to_expert=to_expert, max_programs=3, barrier=False)
+        return areas[self.rank][:rows * self.h].view(rows, self.h).clone()
+
+    def to_expert(self, src: torch.Tensor) -> torch.Tensor:
+        return self._push(src, True)
+
+    def to_source(self, src: torch.Tensor) -> torch.Tensor:
+        if src.shape[0] < self.bound:  # the CPU experts return only the received rows: pad to
+            src = torch.cat([src, src.new_zeros(self.bound - src.shape[0], self.h)])  # equal shapes
+        return self._push(src, False)
+
+
+def _gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = [torch.empty_like(t) for _ in range(group.size())]
+    dist.all_gather(out, t, group=group)
+    return torch.stack(out)
+
+
+class _ToExpert(torch.autograd.Function):
+    """Dispatch: rows to their experts' ranks; backward: the gradient rows back (reverse copy)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, ex) -> torch.Tensor:
+        ctx.ex = ex
+        return ex.to_expert(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.ex.to_source(grad), None
+
+
+class _ToSource(torch.autograd.Function):
+    """Combine's way back: expert outputs to their sources' sorted rows; backward: dispatch."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, ex) -> torch.Tensor:
+        ctx.ex, ctx.y_rows = ex, y.shape[0]  # y may stop at the received rows (experts' CPU loop)
+        return ex.to_source(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.ex.to_expert(grad)[:ctx.y_rows], None
+
+
+def symm_dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts, group: dist.ProcessGroup,
+                          exchange: str, recv_bound: float | None = None) -> torch.Tensor:
+    """``dispatch.dispatch_combine`` over symmetric memory (or its CPU emulation): rows (N, d)
+    sorted by global expert with ``counts`` (E,); returns the expert outputs in rows' order."""
+    world = group.size()
+    factor = recv_bound if recv_bound is not None else float(world)  # the worst case
+    bound = max(1, math.ceil(factor * rows.shape[0]))
+    cls = SymmExchange if exchange == "symm" else EmulatedExchange
+    ex = cls(group, counts, rows.shape[0], rows.shape[1], rows.dtype, bound)
+    recv = _ToExpert.apply(rows, ex)  # (bound, d): expert-major, then source
+    y = experts(recv, ex.recv_counts)  # rows past the received ones are never read back
+    return _ToSource.apply(y, ex)
