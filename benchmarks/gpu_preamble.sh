@@ -8,4 +8,5 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 start=$SECONDS
 log="$OUT/tests.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])" | tee "$log"
-PYTEST="python3 -m pytest -q -m gpu -p no:cacheprovider"
+export DTP_FAILURE_LOG="$OUT/failures.log"  # each failure as it happens (tests/conftest.py)
+PYTEST="python3 -m pytest -v -m gpu -p no:cacheprovider"

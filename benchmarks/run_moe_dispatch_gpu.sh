@@ -10,11 +10,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_preamble.sh
 status=0
-timeout -k 15 240 $PYTEST tests/test_moe_fused_permute.py tests/test_moe_symm_dispatch.py tests/test_moe_dispatch.py \
+timeout -k 15 "${TESTS_BUDGET:-240}" $PYTEST tests/test_moe_fused_permute.py tests/test_moe_symm_dispatch.py tests/test_moe_dispatch.py \
   "tests/test_gpu.py::test_gpu_moe_one_step_parity" -k "ep2_triton or not one_step" 2>&1 | tee -a "$log" | tail -15 \
   || status=1
 echo "tests done at $((SECONDS - start)) s" | tee -a "$log"
-(cd benchmarks && timeout -k 15 300 torchrun --standalone --nproc-per-node 2 moe_dispatch.py --iters 10 \
+(cd benchmarks && timeout -k 15 "${BENCH_BUDGET:-300}" torchrun --standalone --nproc-per-node 2 moe_dispatch.py --iters 10 \
   --graph-reps 5) 2>&1 | grep -v "^W1\|OMP_NUM_THREADS\|\*\*\*\*" | tee "$OUT/moe_dispatch.log" | tail -40 || status=1
 echo "done at $((SECONDS - start)) s" | tee -a "$log"
 exit $status

@@ -31,7 +31,8 @@ def targets(rows: list[dict]) -> list[dict]:
             continue
         mode = "compile" if r["compile"] else "eager"
         fused = "/fused_loss" if r.get("fused_loss") else ""
-        label = f"{r['layout']} {mode} kernels={r['kernels']}{' fused_loss' if fused else ''}"
+        alt = r.get("selective_policy") == "save_alternate_matmuls"
+        label = f"{r['layout']} {mode} kernels={r['kernels']}{' fused_loss' if fused else ''}{' alt_mm' if alt else ''}"
         tt = ok.get(f"torchtitan/{r['layout']}/-/{mode}")
         if tt is not None:
             out.append({"name": f"{label}: ours / TorchTitan tokens/s",
@@ -45,10 +46,10 @@ def targets(rows: list[dict]) -> list[dict]:
                         "value": r["predicted_peak_gib"] / r["peak_allocated_gib"], "goal": [0.9, 1.1],
                         "higher_is_better": None})
         if r["layout"] == "1gpu" and r["mfu"] is not None:
-            out.append({"name": f"1gpu {mode}{' fused_loss' if fused else ''}: MFU (989 TFLOP/s, attention not halved)",
+            out.append({"name": f"1gpu {mode}{' fused_loss' if fused else ''}{' alt_mm' if alt else ''}: MFU (989 TFLOP/s, attention not halved)",
                         "value": r["mfu"], "goal": 0.45, "higher_is_better": True, "torchtitan": tt and tt["mfu"]})
         lay = parse_layout(r["layout"])
-        one = ok.get(f"ours/1gpu/torch/{mode}{fused}")
+        one = ok.get(f"ours/1gpu/torch/{mode}{fused}{'/alt_mm' if alt else ''}")
         if one is not None and lay.world_size > 1 and lay.world_size in (lay.dp_shard, lay.tp):
             tt_one = ok.get(f"torchtitan/1gpu/-/{mode}")
             out.append({"name": f"{label}: scaling efficiency (tokens/s/GPU over 1gpu's)",

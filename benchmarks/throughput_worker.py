@@ -61,8 +61,9 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
     if args.kernels == "sdpa":  # the ring's blocks through PyTorch's fused attention ops
         kernels = {"attention": "sdpa"}
     fused_loss = getattr(args, "fused_loss", False)  # (the hf_*_gpu.py scripts' arguments have none)
+    policy = getattr(args, "selective_policy", "save_matmuls")
     plan = ParallelPlan(sequence_parallel=lay.sp, recompute="selective", compile=args.compile,
-                        kernels=kernels, fused_loss=fused_loss, mixed_precision="bf16", micro_batch_size=1,
+                        selective_policy=policy, kernels=kernels, fused_loss=fused_loss, mixed_precision="bf16", micro_batch_size=1,
                         global_batch_size=n_micro * lay.dp_shard,
                         pipeline_schedule="1f1b" if lay.pp > 1 else None,
                         layers_per_stage=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None)
@@ -195,7 +196,7 @@ def worker(args) -> None:
     lay = parse_layout(args.layout)
     n_micro = args.microbatches if lay.pp > 1 else 1
     margs = model_args(args.shape, args.layers, args.seq)
-    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile, args.fused_loss)
+    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile, args.fused_loss, args.selective_policy)
     torch.manual_seed(0)  # TorchTitan initializes from the global RNG
     if args.framework in ("ours", "hf"):
         step, global_loss, dp_rank, dp_size, info, root = build_ours(lay, args, device, hf=args.framework == "hf")
@@ -271,5 +272,6 @@ def worker_args(argv: list[str]):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fused-loss", action="store_true")
+    p.add_argument("--selective-policy", default="save_matmuls")
     p.add_argument("--profile", action="store_true")
     return p.parse_args(argv)

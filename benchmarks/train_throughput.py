@@ -3,6 +3,7 @@
     python3 benchmarks/train_throughput.py --layouts 1gpu,fsdp2,tp2sp,pp2,cp2 --compile off,on
     python3 benchmarks/train_throughput.py --dry            # CPU smoke: tiny model, gloo
     python3 benchmarks/train_throughput.py --layouts tp2sp --fused-loss off,on   # ours both ways
+    python3 benchmarks/train_throughput.py --layouts 1gpu --selective-policy save_matmuls,save_alternate_matmuls
     bash benchmarks/run_throughput.sh 1gpu,fsdp2 --compile off   # one device call
 
 A driver launches one ``torchrun`` per (framework, layout, kernels, compile) config, several
@@ -134,17 +135,21 @@ class RunConfig:
     kernels: str  # "torch" | "triton" | "sdpa" (ours), "-" (torchtitan)
     compile: bool
     fused_loss: bool = False  # ours: ParallelPlan.fused_loss (the key says so only when on)
+    selective_policy: str = "save_matmuls"  # ours: ParallelPlan.selective_policy (key: /alt_mm)
 
     @property
     def key(self) -> str:
         key = f"{self.framework}/{self.layout}/{self.kernels}/{'compile' if self.compile else 'eager'}"
-        return key + "/fused_loss" if self.fused_loss else key
+        key = key + "/fused_loss" if self.fused_loss else key
+        return key + "/alt_mm" if self.selective_policy == "save_alternate_matmuls" else key
 
 
 def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], kernels: list[str],
-            fused_losses: tuple[bool, ...] = (False,)) -> list[RunConfig]:
+            fused_losses: tuple[bool, ...] = (False,),
+            policies: tuple[str, ...] = ("save_matmuls",)) -> list[RunConfig]:
     """Layout-major, so both frameworks of a layout run close together in time;
-    ``fused_losses`` multiplies our rows only (TorchTitan's loss is its own)."""
+    ``fused_losses`` and ``policies`` (selective recompute's) multiply our rows only
+    (TorchTitan's loss and recompute policy are its own)."""
     out = []
     for c in compiles:
         for name in layouts:
@@ -158,7 +163,8 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
                     if k == "torch" and lay.cp > 1:  # our "torch" ring blocks are the fp32 reference
                         continue  # (about 20 TFLOP/s in benchmarks/ring_attention.py): not a training path
                     for fused in (fused_losses if fw == "ours" else (False,)):
-                        out.append(RunConfig(fw, name, k, c, fused))
+                        for policy in (policies if fw == "ours" else ("save_matmuls",)):
+                            out.append(RunConfig(fw, name, k, c, fused, policy))
     return out
 
 
@@ -185,7 +191,7 @@ def launch(cfg: RunConfig, gpus: list[str] | None, args, tmp: Path) -> Running:
            "--kernels", cfg.kernels, "--shape", args.shape, "--layers", str(args.layers), "--seq", str(args.seq),
            "--microbatches", str(args.microbatches), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--result", str(result)] + (["--compile"] if cfg.compile else []) + (["--profile"] if args.profile else []) \
-        + (["--fused-loss"] if cfg.fused_loss else [])
+        + (["--fused-loss"] if cfg.fused_loss else []) + ["--selective-policy", cfg.selective_policy]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"),
                                                                      os.environ.get("PYTHONPATH")])))
     env["OUT"] = str(args.out_dir)  # where a profile summary goes
@@ -312,6 +318,8 @@ def driver_args(argv: list[str]):
                                       "(default torch,triton; --dry: torch)")
     p.add_argument("--fused-loss", default="off", help="ours: ParallelPlan.fused_loss off, on or off,on "
                    "(on: rows keyed .../fused_loss; TorchTitan's rows unchanged)")
+    p.add_argument("--selective-policy", default="save_matmuls",
+                   help="ours: ParallelPlan.selective_policy, comma-separated (save_alternate_matmuls: rows keyed .../alt_mm)")
     p.add_argument("--shape", default="8B", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8, help="the same depth for every layout")
     p.add_argument("--seq", type=int, default=8192)
@@ -338,6 +346,9 @@ def driver_args(argv: list[str]):
     bad = set(args.fused_loss.split(",")) - {"off", "on"}
     if bad:
         p.error(f"--fused-loss {args.fused_loss!r}: use off, on or off,on")
+    bad = set(args.selective_policy.split(",")) - {"save_matmuls", "save_alternate_matmuls"}
+    if bad:
+        p.error(f"--selective-policy {sorted(bad)}: use save_matmuls and/or save_alternate_matmuls")
     return args
 
 
@@ -360,7 +371,8 @@ def main(argv: list[str]) -> None:
         return
     layouts = [args.profile] if args.profile else args.layouts.split(",")
     cfgs = configs(layouts, args.frameworks.split(","), [c == "on" for c in args.compile.split(",")],
-                   args.kernels.split(","), tuple(f == "on" for f in args.fused_loss.split(",")))
+                   args.kernels.split(","), tuple(f == "on" for f in args.fused_loss.split(",")),
+                   tuple(args.selective_policy.split(",")))
     if args.only:  # e.g. a rerun of some configs after a fix
         cfgs = [c for c in cfgs if re.search(args.only, c.key)]
     if args.dry:  # torch's CP dispatcher has no rule for CPU attention kernels

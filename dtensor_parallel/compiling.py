@@ -20,6 +20,7 @@ setting stays off for any other code of the process; TorchTitan sets it globally
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -28,6 +29,30 @@ from torch import nn
 
 #: the inductor cache directory of this process's rank lives under this name
 RANK_CACHE = "rank{}"
+log = logging.getLogger(__name__)
+
+
+def compiles_blocks(plan, device_type: str, schedule: str | None) -> bool:
+    """Whether ``parallelize`` compiles the blocks: ``plan.compiles_on(device_type)``, except
+    under a pipeline schedule that splits each backward into its input-gradient and
+    weight-gradient halves (zero_bubble, zbv). A compiled block's backward is one graph: the
+    first half frees its buffers, and the second fails ("donated buffers", on 2 x H200 and on
+    CPU ranks; pytorch/pytorch#161904), or, with donation off, reruns the whole backward.
+    ``compile=True`` with such a schedule is an error that names the fix; ``"auto"`` leaves
+    the blocks eager and says so in one log line. Called before any collective."""
+    if not plan.compiles_on(device_type):
+        return False
+    from .pipeline.schedules import SCHEDULES
+
+    if schedule is None or not SCHEDULES[schedule].splits_backward:
+        return True
+    why = (f"pipeline_schedule={schedule!r} splits each backward into input- and weight-gradient "
+           "halves, which a compiled block's single backward graph cannot (pytorch/pytorch#161904)")
+    if plan.compile is True:
+        raise ValueError(f"compile=True: {why}; set compile=False (or 'auto', which keeps these blocks "
+                         "eager) or choose pipeline_schedule '1f1b' or 'interleaved_1f1b'")
+    log.info("compile='auto': blocks stay eager: %s", why)
+    return False
 
 
 def isolate_compile_cache() -> str | None:

@@ -39,9 +39,18 @@ def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | Non
 
 def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh,
                         *, mixed_precision: str, reshard_after_forward: bool | None,
-                        ignored_params: set[nn.Parameter] | None = None) -> None:
-    """Wrap each block, then the root (which takes the remaining parameters: embedding,
-    final norm, head), with ``fully_shard``."""
+                        ignored_params: set[nn.Parameter] | None = None,
+                        embeddings: list[nn.Module] = ()) -> None:
+    """Wrap each block, then each of ``embeddings`` as a unit of its own, then the root (which
+    takes the remaining parameters: final norm, head, a tied embedding), with ``fully_shard``.
+
+    The root stays gathered from forward to backward: its head runs first in backward, so
+    resharding it would only gather it again at once. The input embedding runs first in
+    forward and last in backward, and its backward needs no weight (it scatters the output
+    gradient by token id): in the root it would hold its whole bf16 weight through the step
+    (1 GiB at Llama 3's vocabulary 128256 x 4096), as a unit of its own it frees it after
+    the forward like a block (TorchTitan shards it the same way). Gathering it again for the
+    backward (FSDP's pre-backward hook) happens when the blocks' activations are gone."""
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
         reduce_dtype=torch.float32)
@@ -51,7 +60,8 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: Devi
     extra = {"ignored_params": ignored_params} if ignored_params else {}  # EP-sharded experts
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, **extra)
-    # The root's parameters are needed again at the start of backward: keep them gathered.
+    for embedding in embeddings:
+        fully_shard(embedding, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, **extra)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, **extra)
     for m in model.modules():
         if isinstance(m, FSDPModule):

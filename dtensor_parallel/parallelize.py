@@ -3,7 +3,8 @@
     1. a transformers LM: its MoE blocks computed as our MoE layers (``plans/hf_moe.py``);
        resolve the plan (the model's default plan, ``plans/``) and validate the layout once
        (``validation.py``: degrees, rules, divisibility, CP contract, EP fold, tied weights,
-       PP split; a meta-device shape probe where the plan has no head counts); the fused
+       PP split; a meta-device shape probe where the plan has no head counts; whether blocks
+       compile: ``compiling.compiles_blocks``); the fused
        loss: the output head replaced by a ``LossHead`` sharing its weight (``loss_head.py``)
     2. PP: split into this rank's stage modules (``pipeline/split.py``)
     3. for each stage module:
@@ -12,8 +13,10 @@
                  retie_after_tp          (tied.py)           a tied head takes the embedding's DTensor
          CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
          recompute apply_recompute       (recompute.py)      checkpoint each block
-         compile compile_block           (compiling.py)      per block, and the loss
-         DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP
+         compile compile_block           (compiling.py)      per block, and the loss (plan.compile,
+                                                             "auto": CUDA; never under zero-bubble)
+         DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP (each block and the
+                                                             input embedding a unit; the root)
     4. the pipeline runtime over the stages (``pipeline/runtime.py``), and the sum of a tied
        weight's gradients over the stages holding a copy (``tied.py``)
     5. ``ParallelModel``: forward, forward_backward, gradients, state dicts
@@ -46,7 +49,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .compiling import compile_block, isolate_compile_cache
+from .compiling import compile_block, compiles_blocks, isolate_compile_cache
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, data_parallel_mesh
 from .expert_parallel import apply_expert_parallel, build_dispatch, check_experts
@@ -62,7 +65,7 @@ from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
 from .tensor_parallel.loss import compiled_cross_entropy_sum, cross_entropy_sum
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
-from .tensor_parallel.styles import AttentionSite, TPKernels, VocabHead
+from .tensor_parallel.styles import AttentionSite, TPKernels, VocabEmbedding, VocabHead
 from .tied import TiedGradSync, retie_after_tp, separate_stage_copies
 from .validation import attention_backends, check_kernels, kernel_backend, resolve_plan, validate_layout
 
@@ -84,8 +87,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     check_kernels(plan, mesh.device_type)
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)
-    compiled = plan.compiles_on(mesh.device_type)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
+    compiled = compiles_blocks(plan, mesh.device_type, layout.schedule if layout is not None else None)
     head_name = resolve_fused_loss(model, styles, dims.tp, plan.fused_loss)  # None: the unfused loss
     window = None
     if hf:  # a transformers LM: our causal attention in its registry, no KV cache
@@ -133,7 +136,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
             sites = {n: module.get_submodule(n) for n, st in present.items() if isinstance(st, AttentionSite)}
             apply_context_parallel(sites, submesh(mesh, "cp").get_group(), attention.plain,
                                    document_backend=attention.documents)
-        apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers)
+        apply_recompute(blocks, plan.recompute, plan.recompute_method, plan.recompute_num_layers,
+                        plan.selective_policy)
         if compiled:  # per block, after recompute (it compiles the checkpointed forward)
             isolate_compile_cache()  # (a warm cache shared by the ranks served one rank another's graphs)
             for block in blocks:
@@ -141,7 +145,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
         if dp_mesh is not None:  # FSDP / HSDP / DDP, last: it shards TP's DTensors too
             apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
                                 reshard_after_forward=plan.reshard_after_forward,
-                                ignored_params=set(stage_experts) or None)
+                                ignored_params=set(stage_experts) or None,
+                                embeddings=_untied_embeddings(module, present, resolved.tied))
 
     # 4. the pipeline runtime (tied weights: the stages' copies sum their gradients),
     # 5. the model every layout shares
@@ -165,6 +170,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          tied_names=resolved.tied,
                          attention_window=window, loss_head=loss_head, loss_sum=loss_sum,
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
+
+
+def _untied_embeddings(module: nn.Module, present: dict, tied: list[list[str]]) -> list[nn.Module]:
+    """The input embeddings that FSDP can shard as units of their own: a tied one shares its
+    weight with the head, which must stay in one unit with it (the root)."""
+    tied_names = {n for group in tied for n in group}
+    out = []
+    for name, style in present.items():
+        if isinstance(style, VocabEmbedding) and not any(n.startswith(name + ".") for n in tied_names):
+            out.append(module.get_submodule(name))
+    return out
 
 
 def _holds(block: nn.Module, module: nn.Module) -> bool:

@@ -42,11 +42,17 @@ class ParallelPlan:
             (Megatron's ``--sequence-parallel``). Needs tp > 1.
         recompute: ``"none"``, ``"selective"`` (keep matmul/attention outputs, recompute the
             cheap element-wise ops) or ``"full"`` (keep only each block's input).
+        selective_policy: what ``recompute="selective"`` keeps: ``"save_matmuls"`` every
+            matmul output, or ``"save_alternate_matmuls"`` every second one of a block
+            (TorchTitan's op-level policy: about a third less saved activation memory for
+            rerunning about a third of the forward's matmuls; ``recompute.py``).
         recompute_method / recompute_num_layers: Megatron's ``--recompute-method`` and
             ``--recompute-num-layers`` for ``recompute="full"``: ``"block"`` recomputes the
             first N blocks only; ``"uniform"`` recomputes every block.
-        compile: ``torch.compile`` each block: ``True``, ``False``, or ``"auto"`` (on when the
-            mesh is on CUDA; on the CPU compile time outweighs what it saves).
+        compile: ``torch.compile`` each block and the loss: ``True``, ``False``, or ``"auto"``
+            (the default: on when the mesh is on CUDA, the fast path: the 8B recipe under TP2 on
+            2 x H200 ran at 1.7-2x its eager tokens/s, issue 23; off on the CPU, where compile
+            time outweighs what it saves).
         kernels: ``"torch"``, ``"triton"``, ``"auto"`` or ``{family: backend}`` over the
             families ``attention``, ``sp_reduce_scatter``, ``moe_dispatch``. ``"triton"`` where
             it cannot run is a ``ValueError`` before any collective; ``"auto"`` takes Triton
@@ -101,8 +107,9 @@ class ParallelPlan:
     sequence_parallel: bool = False
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_method: Literal["uniform", "block"] = "uniform"
+    selective_policy: Literal["save_matmuls", "save_alternate_matmuls"] = "save_matmuls"
     recompute_num_layers: int | None = None
-    compile: bool | str = False
+    compile: bool | str = "auto"
     kernels: str | dict[str, str] = "torch"
     fused_rowwise: bool = True
     fused_loss: bool | str = False
@@ -127,6 +134,9 @@ class ParallelPlan:
         if self.recompute_method not in RECOMPUTE_METHODS:
             raise ValueError(
                 f"recompute_method={self.recompute_method!r}: choose one of {RECOMPUTE_METHODS}")
+        if self.selective_policy not in ("save_matmuls", "save_alternate_matmuls"):
+            raise ValueError(f"selective_policy={self.selective_policy!r}: choose 'save_matmuls' or "
+                             "'save_alternate_matmuls'")
         if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
             raise ValueError(f"recompute_num_layers={self.recompute_num_layers} must be >= 1")
         if self.mixed_precision not in MIXED_PRECISION:

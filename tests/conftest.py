@@ -21,3 +21,13 @@ EIGHT_RANK_CASES = ("test_world8.py::", "test_hf_cli.py::test_hf_train_export_ro
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: any(case in item.nodeid for case in EIGHT_RANK_CASES))  # (stable)
+
+
+def pytest_runtest_logreport(report):
+    """With ``DTP_FAILURE_LOG`` set (the GPU scripts set it), each failure's report is appended
+    to that file as it happens: a device call that ends at its time limit kills pytest
+    before its summary, which would lose every traceback."""
+    path = os.environ.get("DTP_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"\n===== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")

@@ -127,6 +127,7 @@ def hf_one_step_parity(arch: str, mesh_kwargs: dict, plan_kwargs: dict, batch: i
     """Loss, every gradient and the gradient norm equal to the single-device model's, then
     every parameter after an AdamW step; ``steps`` > 1: the losses of that many steps track
     one device."""
+    torch._dynamo.reset()  # a pooled worker's earlier cases must not use up the recompile limit
     ref = make_hf_model(arch, num_hidden_layers=layers)
     model = copy.deepcopy(ref)
     pm = parallelize(model, build_mesh(**mesh_kwargs), ParallelPlan(**plan_kwargs))

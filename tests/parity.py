@@ -162,6 +162,7 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
                     documents: bool = False):
     """One forward+backward: global loss and every gradient equal the single-device ones
     (``documents``: with packed-document ids, ``make_documents``)."""
+    torch._dynamo.reset()  # a pooled worker's earlier cases must not use up the recompile limit
     ref = make_model(kind)
     model = copy.deepcopy(ref)
     mesh = build_mesh(**mesh_kwargs)
@@ -184,6 +185,7 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
 def training_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, steps: int = 20,
                     batch: int = 4, seq: int = 16) -> list[float]:
     """``steps`` AdamW steps with clipping: the losses track the single-device run."""
+    torch._dynamo.reset()
     ref = make_model(kind)
     model = copy.deepcopy(ref)
     pm = parallelize(model, build_mesh(**mesh_kwargs), plan_for(kind, **plan_kwargs))

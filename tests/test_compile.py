@@ -4,7 +4,6 @@ really compiles: no graph break sends a block back to eager."""
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import torch
@@ -148,3 +147,34 @@ def test_compiled_moe_matches_one_device(mesh_kwargs: dict, plan_kwargs: dict) -
     cache before the per-rank cache directories)."""
     losses = run_distributed(2, _moe_compiled_parity, mesh_kwargs, plan_kwargs)
     assert len(set(losses)) == 1, losses
+
+
+def test_zero_bubble_schedules_keep_blocks_eager():
+    """zero_bubble / zbv run each backward in two halves, which a compiled block's one backward
+    graph cannot (pytorch/pytorch#161904: "donated buffers" on the second half, seen on
+    2 x H200 with the compile default): compile=True with them is an error naming the fix,
+    "auto" keeps the blocks eager with one log line, and other schedules still compile."""
+    import logging
+
+    from dtensor_parallel import ParallelPlan
+    from dtensor_parallel.compiling import compiles_blocks
+
+    with pytest.raises(ValueError, match=r"compile=True: pipeline_schedule='zbv' splits each backward.*"
+                                         r"set compile=False"):
+        compiles_blocks(ParallelPlan(compile=True, pipeline_schedule="zbv"), "cuda", "zbv")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("dtensor_parallel.compiling")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert not compiles_blocks(ParallelPlan(pipeline_schedule="zero_bubble"), "cuda", "zero_bubble")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert len(records) == 1 and "blocks stay eager" in records[0].getMessage()
+    assert compiles_blocks(ParallelPlan(pipeline_schedule="1f1b"), "cuda", "1f1b")
+    assert compiles_blocks(ParallelPlan(), "cuda", None) and not compiles_blocks(ParallelPlan(), "cpu", None)
+    assert not compiles_blocks(ParallelPlan(compile=False, pipeline_schedule="zbv"), "cuda", "zbv")

@@ -49,6 +49,16 @@ def test_expert_parallel_parity(layout: str) -> None:
     assert len(set(losses)) == 1
 
 
+def test_bf16_expert_parallel_under_fsdp() -> None:
+    """bf16 mixed precision with the experts sharded by EP: FSDP leaves those weights alone
+    (its ignored parameters), so the experts cast them to the activations' bf16 themselves;
+    they crashed in the grouped GEMM (bf16 rows against fp32 weights) before, also in the
+    Mixtral recipe's own layout (EP over FSDP, selective recompute) on 2 x H200."""
+    from .test_meta_init import _bf16_case
+
+    run_distributed(2, _bf16_case, {"dp_shard": 2}, {"expert_parallel": 2, "recompute": "selective"}, "moe")
+
+
 def test_expert_parallel_training_tracks_single_device() -> None:
     run_distributed(4, training_parity, "moe", {"dp_shard": 4}, {"expert_parallel": 2}, steps=10, batch=4)
 

@@ -17,21 +17,26 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 
+# Under the plan's default (compile="auto") every layout below runs compiled on CUDA; the
+# "_eager" ones keep the eager path covered.
 LAYOUTS = {
     "tp2": ({"tp": 2}, {}),
     "tp2_sp": ({"tp": 2}, {"sequence_parallel": True}),
     "fsdp2": ({"dp_shard": 2}, {}),
     "ddp2": ({"dp_replicate": 2, "dp_shard": 1}, {}),
-    "tp2_sp_selective_compile": ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective",
-                                             "compile": True}),
+    "tp2_sp_selective": ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective"}),
     "pp2_1f1b": ({"pp": 2}, {"micro_batch_size": 2}),
     "pp2_interleaved_v2": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2}),
     "pp2_zbv": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_schedule": "zbv"}),
     "cp2_torch": ({"cp": 2}, {}),
     "cp2_triton": ({"cp": 2}, {"kernels": {"attention": "triton"}}),
     "cp2_sdpa": ({"cp": 2}, {"kernels": {"attention": "sdpa"}}),
-    "cp2_triton_selective_compile": ({"cp": 2}, {"kernels": {"attention": "triton"}, "recompute": "selective",
-                                                 "compile": True}),
+    "cp2_triton_selective": ({"cp": 2}, {"kernels": {"attention": "triton"}, "recompute": "selective"}),
+    "tp2_sp_selective_eager": ({"tp": 2}, {"sequence_parallel": True, "recompute": "selective", "compile": False}),
+    "fsdp2_eager": ({"dp_shard": 2}, {"compile": False}),
+    "pp2_interleaved_v2_eager": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2, "compile": False}),
+    "cp2_triton_selective_eager": ({"cp": 2}, {"kernels": {"attention": "triton"}, "recompute": "selective",
+                                               "compile": False}),
 }
 
 

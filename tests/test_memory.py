@@ -171,7 +171,7 @@ def test_compiled_loss_keeps_the_logits_in_the_compute_dtype() -> None:
 
     args = llama3_args("8B", n_layers=2)
     tokens, v = 8192, args.vocab_size
-    eager = logits_bytes(args, ParallelPlan(mixed_precision="bf16"), 1, 2, tokens)
+    eager = logits_bytes(args, ParallelPlan(mixed_precision="bf16", compile=False), 1, 2, tokens)
     for compile_ in (True, "auto"):
         assert logits_bytes(args, ParallelPlan(mixed_precision="bf16", compile=compile_), 1, 2, tokens) == \
             (2 * v * tokens, 2 * v * tokens)
@@ -192,3 +192,20 @@ def test_fused_adamw_needs_one_parameter_sized_temporary() -> None:
     assert foreach - fused == 4 * (sum(numels.values()) - max(numels.values()))
     with pytest.raises(ValueError, match="optimizer="):
         estimate_memory(args, dims, plan, optimizer="sgd", **kw)
+
+
+def test_alternate_selective_policy_drops_wk_wo_w3_outputs() -> None:
+    """TorchTitan's op-level policy (every second matmul of a block recomputed): the estimate
+    drops wk's, wo's and w3's saved outputs, a * (kv hd + d + f) / t bytes a token (under
+    SP wo's output is one op's sequence shard)."""
+    from dtensor_parallel.planning.activations import dense_layer_bytes_per_token
+
+    args = llama3_args("8B", n_layers=2)
+    kv_hd, d, f = args.n_kv_heads * args.head_dim, args.dim, args.ffn_hidden_dim
+    for dims, sp in ((ParallelDims(dp_shard=1, world_size=1), False), (ParallelDims(tp=2, world_size=2), True)):
+        t = dims.tp
+        base = ParallelPlan(mixed_precision="bf16", recompute="selective", sequence_parallel=sp)
+        alt = ParallelPlan(mixed_precision="bf16", recompute="selective", sequence_parallel=sp,
+                           selective_policy="save_alternate_matmuls")
+        drop = dense_layer_bytes_per_token(args, dims, base) - dense_layer_bytes_per_token(args, dims, alt)
+        assert drop == 2 * (kv_hd / t + d / t + f / t), (dims, drop)

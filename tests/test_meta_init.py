@@ -45,12 +45,12 @@ def test_meta_build_parallelize_then_init(world: int, mesh_kwargs: dict, plan_kw
     assert abs(losses[0] - math.log(TINY_LLAMA.vocab_size)) < 1.0  # a fresh model: about uniform
 
 
-def _bf16_case(mesh_kwargs: dict, plan_kwargs: dict) -> float:
-    ref = make_model("llama")
+def _bf16_case(mesh_kwargs: dict, plan_kwargs: dict, kind: str = "llama") -> float:
+    ref = make_model(kind)
     x, y = make_batch(TINY_LLAMA.vocab_size, 4, 16)
     ref_loss = reference_step(ref, x, y).item()
     pm = parallelize(copy.deepcopy(ref), build_mesh(**mesh_kwargs),
-                     plan_for("llama", mixed_precision="bf16", **plan_kwargs))
+                     plan_for(kind, mixed_precision="bf16", **plan_kwargs))
     loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y)).item()
     assert abs(loss - ref_loss) < 2e-2 * ref_loss, (loss, ref_loss)
     assert all(p.dtype == torch.float32 for p in pm.parameters()), "master weights stay fp32"

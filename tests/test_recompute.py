@@ -18,6 +18,7 @@ from .parity import TINY_LLAMA, make_batch, make_model, one_step_parity, plan_fo
 @pytest.mark.parametrize("plan_kwargs", [
     {"recompute": "full"},
     {"recompute": "selective"},
+    {"recompute": "selective", "selective_policy": "save_alternate_matmuls"},
     {"recompute": "full", "recompute_method": "block", "recompute_num_layers": 1},
 ])
 def test_recompute_parity_tp_sp_fsdp(plan_kwargs: dict, kind: str) -> None:
@@ -92,7 +93,45 @@ def test_selective_reruns_norms_but_not_matmuls() -> None:
         return c.mm, c.rsqrt
 
     n = TINY_LLAMA.n_layers
-    (base_mm, base_rsqrt), (sel_mm, sel_rsqrt), (full_mm, full_rsqrt) = (
-        counts({}), counts({"recompute": "selective"}), counts({"recompute": "full"}))
+    (base_mm, base_rsqrt), (sel_mm, sel_rsqrt), (full_mm, full_rsqrt), (alt_mm, alt_rsqrt) = (
+        counts({}), counts({"recompute": "selective"}), counts({"recompute": "full"}),
+        counts({"recompute": "selective", "selective_policy": "save_alternate_matmuls"}))
     assert (sel_mm, sel_rsqrt) == (base_mm, base_rsqrt + 2 * n)
     assert (full_mm, full_rsqrt) == (base_mm + 6 * n, base_rsqrt + 2 * n)
+    # the alternate policy reruns the 2nd, 4th and 6th of a block's 7 matmuls (wk, wo, w3)
+    assert (alt_mm, alt_rsqrt) == (base_mm + 3 * n, base_rsqrt + 2 * n)
+
+
+def test_alternate_policy_saves_less_than_every_matmul() -> None:
+    """What the checkpoint keeps for backward (its saved-tensor cache, read through the
+    policy's decisions): the alternate policy drops wk's, wo's and w3's outputs."""
+    from dtensor_parallel import recompute as rc
+
+    def saved(policy: str) -> int:
+        fake_world(1)
+        total = 0
+        original = rc.create_selective_checkpoint_contexts
+
+        def recording(policy_fn, *a, **k):
+            def record(ctx, op, *args, **kwargs):
+                nonlocal total
+                decision = policy_fn(ctx, op, *args, **kwargs)
+                if not ctx.is_recompute and decision == rc.CheckpointPolicy.MUST_SAVE and op in rc._MATMUL_OPS:
+                    total += 1
+                return decision
+            return original(record, *a, **k)
+
+        rc.create_selective_checkpoint_contexts = recording  # (before parallelize binds it)
+        try:
+            pm = parallelize(copy.deepcopy(make_model("llama")), build_mesh(),
+                             plan_for("llama", recompute="selective", selective_policy=policy))
+            x, y = make_batch(TINY_LLAMA.vocab_size, 2, 16)
+            pm.forward_backward(x, y)
+        finally:
+            rc.create_selective_checkpoint_contexts = original
+        return total
+
+    n = TINY_LLAMA.n_layers
+    assert saved("save_matmuls") == 7 * n and saved("save_alternate_matmuls") == 4 * n
+    with pytest.raises(ValueError, match="selective_policy='every'"):
+        plan_for("llama", selective_policy="every")

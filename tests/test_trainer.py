@@ -392,15 +392,19 @@ def test_packed_documents_train_under_context_parallel(tmp_path):
 
 
 def test_compile_auto_is_on_for_cuda_only():
-    """``compile = "auto"`` (the dense recipes' default): blocks compiled on a CUDA mesh,
+    """``compile = "auto"`` (the plan's and every recipe's default): blocks compiled on a CUDA mesh,
     never on the CPU, where compile time outweighs the run."""
     from dtensor_parallel import ParallelPlan
 
     plan = ParallelPlan(compile="auto")
     assert plan.compiles_on("cuda") and not plan.compiles_on("cpu")
-    assert ParallelPlan(compile=True).compiles_on("cpu") and not ParallelPlan().compiles_on("cuda")
+    assert ParallelPlan(compile=True).compiles_on("cpu") and not ParallelPlan(compile=False).compiles_on("cuda")
+    assert ParallelPlan().compile == "auto"  # the default: the fast path on CUDA
     with pytest.raises(ValueError, match=r"compile='yes': choose True, False or 'auto'"):
         ParallelPlan(compile="yes")
-    for recipe in ("llama3_8b", "llama3_70b", "llama3_405b", "debug"):
+    for recipe in ("llama3_8b", "llama3_70b", "llama3_405b", "debug", "debug_moe", "mixtral_8x7b"):
         assert load_config(REPO / "recipes" / f"{recipe}.toml").parallel_plan().compile == "auto", recipe
     assert load_config(DEBUG_RECIPE, ["--compile"]).parallel_plan().compile is True
+    assert load_config(DEBUG_RECIPE, ["--no-compile"]).parallel_plan().compile is False
+    with pytest.raises(ValueError, match="--compile and --no-compile both given"):
+        load_config(DEBUG_RECIPE, ["--compile", "--no-compile"])

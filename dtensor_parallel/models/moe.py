@@ -199,10 +199,20 @@ def expert_slots(expert_ids: torch.Tensor, n_experts: int, capacity: int | None)
     return order[keep[order]], counts, keep
 
 
+def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The experts' weights in the activations' dtype. Under FSDP's bf16 mixed precision the
+    experts that expert parallelism shards are not FSDP's (``ignored_params``: FSDP would
+    shard them again over dp), so nothing casts their fp32 weights as FSDP casts the rest;
+    this is that cast (its backward hands the fp32 parameters an fp32 gradient)."""
+    return tuple(w if w.dtype == x.dtype else w.to(x.dtype) for w in weights)
+
+
 def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                    counts: torch.Tensor) -> torch.Tensor:
     """Per-expert SwiGLU over expert-contiguous rows. x: (N, dim); w1, w3: (E, dim, F);
-    w2: (E, F, dim); counts: rows per expert (sum N)."""
+    w2: (E, F, dim); counts: rows per expert (sum N). Weights in another dtype than ``x``
+    are cast to it (``_compute_dtype``)."""
+    w1, w3, w2 = _compute_dtype(x, w1, w3, w2)
     if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
@@ -220,7 +230,8 @@ def grouped_glu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
     """Per-expert gated MLP in transformers' fused layout (Mixtral, Qwen-MoE): x (N, dim);
     gate_up (E, 2F, dim), the gate's rows then the up projection's; down (E, dim, F);
     ``act`` the gate's activation. The weights are read transposed, the layout
-    ``torch._grouped_mm`` takes as it is."""
+    ``torch._grouped_mm`` takes as it is. Weights in another dtype than ``x`` are cast to it."""
+    gate_up, down = _compute_dtype(x, gate_up, down)
     f = down.shape[-1]
     if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
         offs = torch.cumsum(counts, 0).to(torch.int32)

@@ -31,14 +31,15 @@ class ScheduleSpec:
     min_virtual: int
     max_virtual: int | None
     multi: bool  # a PipelineScheduleMulti (list of stages) rather than a single stage
+    splits_backward: bool = False  # runs each backward as input-gradient and weight-gradient halves
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
     "gpipe": ScheduleSpec("gpipe", "loop", 1, None, multi=False),
     "1f1b": ScheduleSpec("1f1b", "loop", 1, 1, multi=False),
     "interleaved_1f1b": ScheduleSpec("interleaved_1f1b", "loop", 2, None, multi=True),
-    "zero_bubble": ScheduleSpec("zero_bubble", "loop", 1, None, multi=True),
-    "zbv": ScheduleSpec("zbv", "v", 2, 2, multi=True),
+    "zero_bubble": ScheduleSpec("zero_bubble", "loop", 1, None, multi=True, splits_backward=True),
+    "zbv": ScheduleSpec("zbv", "v", 2, 2, multi=True, splits_backward=True),
 }
 
 

@@ -21,6 +21,14 @@ class ActivationBytes:
     recompute_transient: float  # one block rematerialized in backward
 
 
+def _splits_backward(plan: ParallelPlan) -> bool:
+    """A zero-bubble schedule: its blocks and loss stay eager (``compiling.compiles_blocks``)."""
+    from ..pipeline.schedules import SCHEDULES
+
+    spec = SCHEDULES.get(plan.pipeline_schedule or "")
+    return spec is not None and spec.splits_backward
+
+
 def _act_bytes(plan: ParallelPlan, dims: ParallelDims) -> tuple[int, int]:
     """(a, r): bytes of a matmul activation and of the residual stream."""
     if plan.mixed_precision == "fp32":
@@ -48,14 +56,18 @@ def dense_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: Paral
     if mode == "full":
         return r * d / sp_div
     if mode == "selective":
-        return (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
-                + 2 * a * f / t + 2 * _rowwise_outputs(plan, a, d, t, sp_div))
+        saved = (r * d / sp_div + a * (h + 2 * kv) * hd / t + a * h * hd / t + 4 * h / t
+                 + 2 * a * f / t + 2 * _rowwise_outputs(plan, a, d, t, sp_div))
+        if plan.selective_policy == "save_alternate_matmuls":  # wk, wo and w3 recomputed
+            saved -= a * kv * hd / t + _rowwise_outputs(plan, a, d, t, sp_div) + a * f / t
+        return saved
     return 2 * (4 + r) * d / sp_div + 2 * a * d + 2 * a * (h + kv) * hd / t + 4 * h / t + 4 * a * f / t
 
 
 def moe_layer_bytes_per_token(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan,
                               recompute: str | None = None, sp: bool | None = None) -> float:
-    """Bytes per token of the sequence (b s / c tokens per rank) of one MoE block."""
+    """Bytes per token of the sequence (b s / c tokens per rank) of one MoE block (the
+    alternate selective policy is estimated as saving every matmul here: an upper bound)."""
     a, r = _act_bytes(plan, dims)
     t = dims.tp
     sp_div = t if (plan.sequence_parallel if sp is None else sp) else 1
@@ -112,7 +124,8 @@ def logits_bytes(args: ModelArgs, plan: ParallelPlan, t: int, a: int, tokens: fl
     matmul output in the compute dtype below fp32) and, in bf16, the fp32 accumulator of the
     head's weight gradient (``fused_cross_entropy.py``)."""
     v = args.vocab_size / t
-    if not plan.fused_loss and plan.compile in (True, "auto"):  # the GPU run ("auto": on CUDA)
+    compiled = plan.compile in (True, "auto") and not _splits_backward(plan)  # the GPU run ("auto": on CUDA)
+    if not plan.fused_loss and compiled:
         # compiled cross entropy (tensor_parallel/loss.py): the logits in the compute dtype
         # kept, their gradient in that dtype at the backward; no fp32 copy of either
         return a * v * tokens, a * v * tokens

@@ -32,7 +32,8 @@ flag                                       overlay key
 --fp16                                     ValueError: no fp16 loss scaling; use --bf16
 --kernels torch|triton|auto                plan.kernels *(ours)*; or per family:
                                            attention=triton,sp_reduce_scatter=auto
---compile                                  plan.compile=True *(ours)*
+--compile / --no-compile                   plan.compile=True / False *(ours)*; absent: the
+                                           recipe's, else "auto" (compiled on CUDA only)
 --num-experts N                            model.moe.n_experts (the [model.moe] table)
 --moe-router-topk N                        model.moe.top_k
 --moe-ffn-hidden-size N                    model.moe.hidden_dim
@@ -127,6 +128,7 @@ class _Flag(NamedTuple):
     convert: Callable[[str], Any] | None = None  # None: store_true
     choices: tuple[str, ...] | None = None
     many: bool = False  # nargs="+"
+    store: Any = True  # the value of a switch (convert None)
 
 
 _f = _Flag
@@ -173,6 +175,7 @@ _FLAGS: dict[str, _Flag] = {
     "--fp16": _f(None, None),
     "--kernels": _f("plan", "kernels", _kernels_arg),
     "--compile": _f("plan", "compile"),
+    "--no-compile": _f("plan", "compile", store=False),
     "--num-experts": _f("model", "moe.n_experts", int),
     "--moe-router-topk": _f("model", "moe.top_k", int),
     "--moe-ffn-hidden-size": _f("model", "moe.hidden_dim", int),
@@ -281,7 +284,7 @@ def _read(argv: list[str] | str) -> dict[str, Any]:
         if spec.convert is None:
             if eq:
                 raise ValueError(f"{name} is a switch and takes no value, got {tok!r}")
-            raw[name] = True
+            raw[name] = spec.store
             continue
         if eq:
             values = [inline]
@@ -316,6 +319,8 @@ def parse_megatron_args(argv: list[str] | str) -> dict[str, dict[str, Any]]:
     multi-head, so ``n_kv_heads = n_heads``). Empty sections are left out.
     """
     raw = _read(argv)
+    if "--compile" in raw and "--no-compile" in raw:
+        raise ValueError("--compile and --no-compile both given: keep one")
     out: dict[str, dict[str, Any]] = {}
 
     def put(section: str, key: str, value: Any) -> None:
