@@ -179,8 +179,13 @@ def test_bad_recipe_rejected(raw, match):
 def test_ffn_hidden_dim_and_unsupported_features():
     cfg = config_from_dict({"model": {"ffn_hidden_dim": 768}})
     assert cfg.model.args().ffn_hidden_dim == 768
-    with pytest.raises(ValueError, match="ffn_hidden_dim=512 cannot be expressed"):
-        config_from_dict({"model": {"ffn_hidden_dim": 512}})  # below 8 dim / 3 = 682
+    # any width, below 8 dim / 3 too (682 here), and over a flavour with its own width: the
+    # Mixtral recipe with --ffn-hidden-size once kept 14336 and said it could not express 1024
+    assert config_from_dict({"model": {"ffn_hidden_dim": 512}}).model.args().ffn_hidden_dim == 512
+    mixtral = load_config(REPO / "recipes" / "mixtral_8x7b.toml", ["--hidden-size", "256", "--ffn-hidden-size", "1024"])
+    assert (mixtral.model.args().dim, mixtral.model.args().ffn_hidden_dim) == (256, 1024)
+    with pytest.raises(ValueError, match="ffn_hidden_dim=0 must be a positive int"):
+        config_from_dict({"model": {"ffn_hidden_dim": 0}})
     assert config_from_dict({"checkpoint": {"save": "ckpt", "save_interval": 5}}).checkpoint.save_interval == 5
     with pytest.raises(ValueError, match=r"save_interval \(--save-interval\) needs a directory"):
         config_from_dict({"checkpoint": {"save_interval": 5}})

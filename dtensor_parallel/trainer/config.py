@@ -274,19 +274,12 @@ def _model_section(raw: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"unknown key {key!r} in section [model]{_did_you_mean(key, hints)}; "
                              f"known keys: name, flavour, ffn_hidden_dim, {', '.join(hints)}")
         raw[key] = _coerce("model", key, value, hints[key])
-    if ffn_hidden is not None:
-        # ModelArgs derives the SwiGLU width: multiple_of * ceil(hidden / multiple_of) with
-        # hidden = 8 dim / 3 (no multiplier); multiple_of = the wanted width hits it exactly
-        # whenever 8 dim / 3 <= the wanted width.
-        raw["multiple_of"], raw["ffn_dim_multiplier"] = int(ffn_hidden), None
+    if ffn_hidden is not None:  # (Megatron's --ffn-hidden-size): the dense SwiGLU width as given
+        if ffn_hidden < 1:
+            raise ValueError(f"[model] ffn_hidden_dim={ffn_hidden} must be a positive int")
+        raw["ffn_hidden"] = int(ffn_hidden)  # over any flavour's own, e.g. Mixtral's 14336
     cfg = ModelConfig(name=name, flavour=flavour, overrides=raw)
-    args = cfg.args()
-    if ffn_hidden is not None and args.ffn_hidden_dim != ffn_hidden:
-        raise ValueError(
-            f"[model] ffn_hidden_dim={ffn_hidden} cannot be expressed by this Llama: the SwiGLU "
-            f"width is a multiple of multiple_of at least int(8*dim/3) = {int(8 * args.dim / 3)} "
-            f"(got {args.ffn_hidden_dim}); choose ffn_hidden_dim >= {int(8 * args.dim / 3)} or a "
-            f"larger dim")
+    cfg.args()  # the flavour and every override, checked now
     return cfg
 
 
