@@ -25,6 +25,7 @@ for mode in compile no-compile; do
 done
 python3 benchmarks/train_metrics_summary.py --out "$OUT/moe_recipe_compile.json" --baseline no-compile \
   --device "$(python3 -c 'import torch; print(torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))')" \
-  --versions "$(head -1 "$log")" --command "run_compiled_default_gpu.sh: mixtral_8x7b.toml, 2 layers, EP2 over FSDP2" \
+  --torch "$(python3 -c 'import torch; print(torch.__version__)')" \
+  --triton "$(python3 -c 'import triton; print(triton.__version__)')" --date "$(date +%F)" --command "run_compiled_default_gpu.sh: mixtral_8x7b.toml, 2 layers, EP2 over FSDP2" \
   compile="$OUT/moe_compile.jsonl" no-compile="$OUT/moe_no-compile.jsonl" || status=1
 exit $status
