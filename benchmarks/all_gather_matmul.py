@@ -14,7 +14,7 @@ Rows per (T, N):
 - ``torch_fused_all_gather_matmul``: ``torch.ops.symm_mem.fused_all_gather_matmul`` (same run);
 - backward, the input gradient: ``input_grad_matmul_alone`` ((T, N) @ (N, K)),
   ``input_grad_matmul_then_nccl_rs`` (then NCCL reduce-scatter) and ``input_grad_ours_fused``
-  (``all_gather_matmul_input_grad``: chunk GEMMs pushed by the copy engine, fp32 reduce).
+  (``matmul_add_reduce_scatter.input_grad``: chunk GEMMs pushed by the copy engine, fp32 reduce).
 
 Times: CUDA events around back-to-back calls after warm-up, per call; the median of 5 such
 measurements (``sp_reduce_scatter.timed``). Each fused row checks its output against the NCCL
@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dtensor_parallel.tensor_parallel import all_gather_matmul as agm  # noqa: E402
+from dtensor_parallel.tensor_parallel import matmul_add_reduce_scatter as mars  # noqa: E402
 from dtensor_parallel.tensor_parallel import sp_reduce_scatter as sprs  # noqa: E402
 
 from common import write_results  # noqa: E402
@@ -124,7 +125,7 @@ def shape_rows(rows: list, world: int, dev: torch.device, rank: int, name: str, 
     ref = None
     for impl, fn in (("input_grad_matmul_then_nccl_rs", mm_then_nccl_rs),
                      ("input_grad_matmul_alone", lambda: grad.view(tokens, n) @ w),
-                     ("input_grad_ours_fused", lambda: agm._input_grad(grad, w, None, 1, group))):
+                     ("input_grad_ours_fused", lambda: mars.input_grad(grad, w, None, 1, group))):
         out = _row(rows, rank, {"impl": impl, **base}, fn, 5, None if "alone" in impl else ref, flops)
         if impl == "input_grad_matmul_then_nccl_rs" and out is not None:
             ref = out.clone()

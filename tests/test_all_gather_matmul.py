@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from dtensor_parallel.tensor_parallel import all_gather_matmul as agm
 from dtensor_parallel.tensor_parallel import gather_once
+from dtensor_parallel.tensor_parallel import matmul_add_reduce_scatter as mars
 from dtensor_parallel.tensor_parallel import matmul_reduce_scatter as mrs
 from dtensor_parallel.tensor_parallel import sp_reduce_scatter as sprs
-from triton_kernels.sp_reduce_scatter import launch_reduce_slots
-
 from .harness import run_distributed
 from .kernel_checks import ATOL, check_against_torch, rel_err
 from .parity import TINY_LLAMA, case_device, one_step_parity
@@ -56,7 +55,7 @@ def test_simulated_forward_is_the_gathered_matmul(world, shape, dim, dtype) -> N
     output is within the kernel tolerance rule of the float64 GEMM (PyTorch's own: one GEMM
     over the gathered input)."""
     xs, ws = _inputs(world, shape, 6, dtype)
-    got, gathered = agm.all_gather_matmul_simulated(xs, ws, dim)
+    got, gathered, _ = agm.all_gather_matmul_simulated(xs, ws, dim)
     want, want_gathered = agm.all_gather_matmul_ref(xs, ws, dim)
     assert torch.equal(gathered, want_gathered)
     exact, _ = agm.all_gather_matmul_ref(xs.double(), ws.double(), dim)
@@ -64,49 +63,68 @@ def test_simulated_forward_is_the_gathered_matmul(world, shape, dim, dtype) -> N
 
 
 @pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 1), (3, 2)])
-def test_own_chunk_first_and_no_chunk_before_its_pull(world: int, rank: int) -> None:
+def test_own_chunk_first_and_no_chunk_before_it_arrives(world: int, rank: int) -> None:
     """consume_chunks multiplies the own chunk first, from the shard itself (no wait), then
-    chunks rank+1, rank+2, ... each after its pull's wait and never before it."""
+    chunks rank+1, rank+2, ... each after its wait and never before it."""
     b, r, k, n = 2, 3, 4, 5
     g = torch.Generator().manual_seed(world)
     x3, wt = torch.randn((b, r, k), generator=g), torch.randn((k, n), generator=g)
     full = torch.randn((b, world * r, k), generator=g)
     full[:, rank * r:(rank + 1) * r] = x3
-    g3 = torch.full_like(full, float("nan"))  # chunks not pulled yet
+    slots = torch.full((world, b, r, k), float("nan"))  # nothing arrived yet
     out3 = torch.full((b, world * r, n), float("nan"))
     waits = []
 
     def wait(i: int, c: int) -> None:
-        rows = slice(c * r, (c + 1) * r)
         assert not out3[:, rank * r:(rank + 1) * r].isnan().any(), "own chunk not first"
-        assert out3[:, rows].isnan().all(), f"chunk {c} multiplied before its pull"
+        assert out3[:, c * r:(c + 1) * r].isnan().all(), f"chunk {c} multiplied before it arrived"
         waits.append((i, c))
-        g3[:, rows] = full[:, rows]
+        slots[c] = full[:, c * r:(c + 1) * r]
 
-    agm.consume_chunks(x3, g3, wt, out3, rank, world, wait)
+    agm.consume_chunks(x3, wt, out3, rank, world, lambda c: slots[c], wait)
     assert waits == [(i, (rank + i) % world) for i in range(1, world)]
-    assert agm.gather_order(1, 4) == [1, 2, 3, 0]
+    assert agm.gather_order(1, 4) == [1, 2, 3, 0] and agm.push_order(1, 4) == [0, 3, 2]
     torch.testing.assert_close(out3, full @ wt, rtol=1e-6, atol=1e-6)
 
 
-def input_grad_simulated(grads: torch.Tensor, ws: torch.Tensor, adds: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """The backward op on one device: every rank's partials (``produce_partials``) into a stacked
-    tensor of slots [owner, slot], then every rank's reduce (the kernel's reduce-only mode)."""
-    world = grads.shape[0]
-    g3s = [mrs._as_3d(grads[p].contiguous(), dim)[0] for p in range(world)]
-    a3s = [None if adds is None else mrs._as_3d(adds[p].contiguous(), dim)[0] for p in range(world)]
-    outer, rows, _ = g3s[0].shape
-    r_loc, k = rows // world, ws.shape[2]
-    slots = torch.full((world, world, outer, r_loc, k), float("nan"), dtype=grads.dtype)
-    for p in range(world):
-        agm.produce_partials(g3s[p], ws[p], a3s[p], p, world, slots[p, p], lambda i, c, p=p: slots[c, p])
-    outs = torch.empty((world, outer, r_loc, k), dtype=grads.dtype)
-    for r in range(world):
-        launch_reduce_slots(outs[r].view(outer, -1), list(slots.view(world, -1)), None, r, max_programs=3,
-                            barrier=False)
-    shape = list(grads.shape[1:-1])
-    shape[dim] //= world
-    return outs.view(world, *shape, k)
+@pytest.mark.parametrize("world,shape,dim", CASES)
+def test_simulated_pushes_fill_every_peer_slot_once(world: int, shape: tuple, dim: int) -> None:
+    """Rank p's shard lands in slot p of every peer's buffer (never its own), each receiver
+    waits for exactly its peers' chunks in gather order, and each pushes first to the peer
+    that multiplies its chunk soonest."""
+    xs, ws = _inputs(world, shape, 4, torch.float32)
+    waits = []
+    _, _, slots = agm.all_gather_matmul_simulated(xs, ws, dim, wait=lambda r, i, c: waits.append((r, i, c)))
+    for q in range(world):
+        for p in range(world):
+            if p == q:
+                assert slots[q, p].isnan().all(), "a rank pushed to itself"
+            else:
+                torch.testing.assert_close(slots[q, p], mrs._as_3d(xs[p].contiguous(), dim)[0], rtol=0, atol=0)
+    assert waits == [(r, i, (r + i) % world) for r in range(world) for i in range(1, world)]
+    for p in range(world):  # peer q multiplies chunk p at step (p - q) mod W: 1, 2, ... in push order
+        assert [(p - q) % world for q in agm.push_order(p, world)] == list(range(1, world))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seq,expected,arrived", [(5, 5, True), (6, 5, True), (0, 65535, True), (3, 65534, True),
+                                                   (5 + 0x7FFF, 5, True), (4, 5, False), (65535, 0, False),
+                                                   (5 + 0x8000, 5, False)])
+def test_wait_kernel_serial_comparison(seq: int, expected: int, arrived: bool) -> None:
+    """The wait kernel (interpreted) returns once the pad holds the expected sequence number
+    or a later one (mod 2^16; a peer may be ahead), and spins on an earlier one until it comes."""
+    import threading
+
+    pad = torch.zeros(96, dtype=torch.int32)
+    pad[70] = seq
+    t = threading.Thread(target=agm.wait_for, args=(pad, 70, expected), daemon=True)
+    t.start()
+    t.join(0.5 if not arrived else 30)
+    assert t.is_alive() != arrived, f"seq {seq}, expected {expected}: {'spun' if arrived else 'returned'}"
+    if not arrived:
+        pad[70] = expected
+        t.join(30)
+        assert not t.is_alive(), "did not return once the expected sequence number arrived"
 
 
 @needs_interpreter
@@ -121,9 +139,9 @@ def test_simulated_input_grad_is_the_reduce_scattered_matmul_plus_addend(world, 
     g = torch.Generator().manual_seed(5)
     grads = torch.randn((world, *gathered_shape[:-1], 6), generator=g).to(dtype)
     adds = torch.randn((world, *gathered_shape), generator=g).to(dtype) if addend else None
-    got = input_grad_simulated(grads, ws, adds, dim)
-    same = agm.input_grad_ref(grads, ws, adds, dim)
-    exact = agm.input_grad_ref(grads.double(), ws.double(), None if adds is None else adds.double(), dim)
+    got = mars.input_grad_simulated(grads, ws, adds, dim)
+    same = mars.input_grad_ref(grads, ws, adds, dim)
+    exact = mars.input_grad_ref(grads.double(), ws.double(), None if adds is None else adds.double(), dim)
     assert got.shape == (world, *shape)
     check_against_torch(f"input grad W{world} {shape} {dtype}", got, same, exact, ATOL[dtype])
 
@@ -429,7 +447,7 @@ def _gpu_against_nccl(cases: list, rounds: int) -> int:
         for x in xs:  # no sync between: both workspaces' double buffering
             out, _ = agm.all_gather_matmul(x, w, 1, group)
             outs.append((out, mrs.matmul_reduce_scatter(out, w.t().contiguous(), 1, group),
-                         agm._input_grad_op(out, w, None, 1, group.group_name),
+                         mars.input_grad_op(out, w, None, 1, group.group_name),
                          sprs.sequence_reduce_scatter(x, 1, group)))
     for x, (out, rs, ig, srs) in zip(xs, outs):
         full = nccl_gather(x, 1)
@@ -437,7 +455,7 @@ def _gpu_against_nccl(cases: list, rounds: int) -> int:
         want = nccl_rs(full @ w.t() @ w, 1)
         assert rel_err(rs, want) < 2e-2 and rel_err(ig, want) < 2e-2
         assert rel_err(srs, nccl_rs(x, 1)) < 1e-2
-    return agm._GATHER_WORKSPACES[group.group_name].calls
+    return agm._GATHER_STATES[group.group_name].ws.calls
 
 
 GPU_CASES = [((1, 256, 256), 384, torch.bfloat16), ((3, 38, 136), 200, torch.bfloat16),
