@@ -320,13 +320,15 @@ def agm_parity_counting(kind: str, mesh_kwargs: dict, plan_kwargs: dict, **kwarg
 
 
 @needs_interpreter
-@pytest.mark.parametrize("world,mesh_kwargs,kind", [(2, {"tp": 2}, "llama"), (2, {"tp": 2}, "toy"),
-                                                    (4, {"tp": 2, "dp_shard": 2}, "toy")])
-def test_gloo_parity_through_the_fused_colwise_linear(world: int, mesh_kwargs: dict, kind: str) -> None:
+@pytest.mark.parametrize("world,mesh_kwargs,kind,extra", [(2, {"tp": 2}, "llama", {}), (2, {"tp": 2}, "toy", {}),
+                                                          (4, {"tp": 2, "dp_shard": 2}, "toy", {}),
+                                                          (2, {"tp": 2}, "llama", {"fused_loss": True})])
+def test_gloo_parity_through_the_fused_colwise_linear(world: int, mesh_kwargs: dict, kind: str, extra: dict) -> None:
     """Loss and every gradient equal the single-device model's (toy: biased q/v and a lone
-    c_fc, whose gathered input nothing else reads; world 4: FSDP2 x TP2); each norm's output
-    was gathered once, inside the first layer's GEMM."""
-    results = run_distributed(world, agm_parity_counting, kind, mesh_kwargs, SP_TRITON, batch=8)
+    c_fc, whose gathered input nothing else reads; world 4: FSDP2 x TP2; the fused loss, whose
+    head gathers the final norm's shard); each norm's output was gathered once, inside the
+    first layer's GEMM."""
+    results = run_distributed(world, agm_parity_counting, kind, mesh_kwargs, {**SP_TRITON, **extra}, batch=8)
     leaders, layers = colwise_layers(kind)
     assert len({loss for loss, _ in results}) == 1, results
     assert all(c == {"op": leaders, "colwise": layers, "dtensor_gather": 0} for _, c in results), results
@@ -342,6 +344,33 @@ def test_gloo_selective_recompute_saves_the_op(recompute: str, runs: int) -> Non
     leaders, layers = colwise_layers("llama")
     assert len({loss for loss, _ in results}) == 1, results
     assert all(c == {"op": runs * leaders, "colwise": 2 * layers, "dtensor_gather": 0} for _, c in results), results
+
+
+def _hf_counting(arch: str) -> tuple[float, int]:
+    from .hf_parity import hf_one_step_parity
+
+    calls, orig = [0], agm._forward
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    agm._forward = spy
+    try:
+        loss = hf_one_step_parity(arch, {"tp": 2}, SP_TRITON, layers=2)
+    finally:
+        agm._forward = orig
+    return loss, calls[0]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_gloo_hf_parity_tp2_sp(arch: str) -> None:
+    """transformers models through their built-in plan (Qwen2: q/k/v biases; Qwen3: per-head
+    q/k norms after the projections): parity with one device, q_proj and gate_proj gathering."""
+    pytest.importorskip("transformers")
+    results = run_distributed(2, _hf_counting, arch)
+    assert len({loss for loss, _ in results}) == 1 and all(n == 2 * 2 for _, n in results), results
 
 
 def _compiled_counting() -> tuple[float, dict, int, int]:
