@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_preamble.sh  # $OUT, NCCL settings (NVLink multicast off), PYTHONPATH, $log, $PYTEST, $start
-timeout -k 5 "${T_TESTS:-200}" $PYTEST tests/test_all_gather_matmul.py >> "$log" 2>&1
+timeout -k 5 "${T_TESTS:-200}" $PYTEST tests/test_all_gather_matmul.py tests/test_gather_once.py >> "$log" 2>&1
 echo "== all_gather_matmul GPU tests done at $((SECONDS - start)) s" | tee -a "$log"
 timeout -k 5 "${T_SP_TESTS:-150}" $PYTEST tests/test_matmul_reduce_scatter.py tests/test_sp_reduce_scatter.py \
   "tests/test_compile.py::test_gpu_compiled_sp_triton_reduce_scatter" >> "$log" 2>&1
