@@ -275,7 +275,8 @@ def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, dim: int, group: di
     dim = dim % max(x.dim(), 1)
     reason = cannot_serve(x, weight, dim, group)
     if reason is not None:
-        raise ValueError(f"all_gather_matmul cannot serve this call: {reason}")
+        raise ValueError(f"all_gather_matmul cannot serve this call: {reason}. Gather with DTensor instead "
+                         f"(x.redistribute(placements=[Replicate()]), then F.linear), as the wiring does")
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _all_gather_matmul_op(x, weight, dim, group.group_name)
     return _forward(x, weight, dim, group)  # eager without autograd: no op dispatch
