@@ -57,7 +57,8 @@ class ParallelPlan:
             families ``attention``, ``sp_reduce_scatter``, ``moe_dispatch``. ``"triton"`` where
             it cannot run is a ``ValueError`` before any collective; ``"auto"`` takes Triton
             where it can run and otherwise torch (for ``sp_reduce_scatter`` with one log line
-            saying why: ``tensor_parallel/sp_reduce_scatter.py``). ``attention`` (the ring's
+            saying why: ``tensor_parallel/sp_reduce_scatter.py``; its Triton backend also moves
+            SP's all-gather into the column-parallel GEMMs: ``gather_once.py``). ``attention`` (the ring's
             block kernel) also takes ``"sdpa"`` (PyTorch's fused attention ops), and its
             ``"auto"`` picks from a table measured per GPU, with one log line
             (``context_parallel/backend_choice.py``).

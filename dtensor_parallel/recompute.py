@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .context_parallel import ring  # noqa: F401 - register the custom ops
-from .tensor_parallel import matmul_reduce_scatter, sp_reduce_scatter  # noqa: F401
+from .tensor_parallel import all_gather_matmul, matmul_reduce_scatter, sp_reduce_scatter  # noqa: F401
 
 _aten = torch.ops.aten
 _SAVE_OPS = {
@@ -60,6 +60,7 @@ _SAVE_OPS = {
     # SP's Triton reduce-scatters (custom ops): saved, else backward reruns GEMM + communication
     torch.ops.dtensor_parallel.matmul_reduce_scatter.default,
     torch.ops.dtensor_parallel.sequence_reduce_scatter.default,
+    torch.ops.dtensor_parallel.all_gather_matmul.default,  # the SP all-gather fused into a colwise GEMM
     # the ring (context parallel, packed documents): saved, else the recompute reruns the ring
     torch.ops.dtensor_parallel.ring_attention.default,
 }

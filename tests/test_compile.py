@@ -76,7 +76,11 @@ def test_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
 
 # On 2 x H100 (torch 2.11, 2026-11-27) the unfused case compiled with no break and kept
 # parity, but never called the Triton op: the output hook took DTensor's NCCL path under
-# compile. Not yet understood (on CPU it takes the op); strict, so a fix shows.
+# compile. On 2 x H200 (2026-11-30, TORCH_LOGS=graph_code) the traced graph holds the
+# fallback line of sp_reduce_scatter.redistribute_rowwise_output (DTensor's redistribute), so
+# its Triton branch's condition was false while Dynamo traced on CUDA; on CPU ranks the same
+# trace takes the op. Not yet understood; strict, so a fix shows. The default path (the fused
+# row-parallel matmul) is not affected (the case above it), nor is eager.
 _UNFUSED_ON_GPU = pytest.param(False, id="unfused", marks=pytest.mark.xfail(
     strict=True, reason="under compile on CUDA the unfused hook falls back to NCCL"))
 

@@ -258,6 +258,8 @@ class TestGPU:
 
     @pytest.mark.parametrize("kind", ["llama", "toy"])
     def test_one_step_parity_tp2_sp_triton(self, kind: str) -> None:
-        results = run_distributed(2, _parity_counting, kind, {"tp": 2}, SP_TRITON, batch=8, backend="nccl")
+        # eager: compiled, the unfused hook takes NCCL on CUDA (the strict xfail in test_compile.py)
+        plan = {**SP_TRITON, "compile": False}
+        results = run_distributed(2, _parity_counting, kind, {"tp": 2}, plan, batch=8, backend="nccl")
         assert results[0][0] == results[1][0], results
         assert all(n == _expected_calls(kind) for _, n in results), results

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from .styles import TPKernels, TPStyle, _RowwiseParallel, resolve_style, style_from_rule
+from .styles import TPKernels, TPStyle, _GatherOnceColwise, _RowwiseParallel, resolve_style, style_from_rule
 
 
 def glob_match(pattern: str, name: str) -> bool:
@@ -84,15 +84,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
     have nothing to do under TP). A plain ``nn.Linear`` whose style asks for the fused
     matmul + reduce-scatter (Triton; or NCCL under selective recompute) is first replaced by
     a ``FusedRowwiseLinear`` holding the same parameters; any other module keeps the unfused
-    reduce-scatter."""
+    reduce-scatter. Likewise a plain column-parallel ``nn.Linear`` whose input arrives
+    sequence-sharded (``_GatherOnceColwise``, fused) becomes a ``FusedColwiseLinear``."""
+    from .gather_once import FusedColwiseLinear
     from .matmul_reduce_scatter import FusedRowwiseLinear
 
     plan = {name: resolve_style(style, sequence_parallel, kernels) for name, style in styles.items()}
     for name, style in plan.items():
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            continue
         if isinstance(style, _RowwiseParallel) and style.fused_scatter_dim is not None:
-            module = model.get_submodule(name)
-            if type(module) is nn.Linear:
-                parent, _, attr = name.rpartition(".")
-                model.get_submodule(parent).register_module(
-                    attr, FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim, style.fused_push))
+            fused = FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim, style.fused_push)
+        elif isinstance(style, _GatherOnceColwise) and style.fused:
+            fused = FusedColwiseLinear.from_linear(module, style.input_layouts[0].dim)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        model.get_submodule(parent).register_module(attr, fused)
     parallelize_module(model, tp_mesh, {name: style for name, style in plan.items() if style is not None})

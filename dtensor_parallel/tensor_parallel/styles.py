@@ -33,7 +33,10 @@ attention  (none)               unchanged                  none: it marks the mo
 
 The norm gathers its output (instead of each following column-parallel layer gathering
 its own input) so a block does one all-gather per norm however many projections read it,
-as Megatron does with its fused QKV projection.
+as Megatron does with its fused QKV projection. With the Triton SP kernels
+(``TPKernels.gathers_in_colwise``) the norm passes its sequence shard on instead, and the
+first column-parallel layer reading it does that one all-gather inside its GEMM
+(``gather_once.py``, ``all_gather_matmul.py``); the layers after it reuse the gathered input.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
+from .gather_once import FusedColwiseLinear, gathered_dtensor
 from .sp_reduce_scatter import redistribute_rowwise_output
 
 SEQ_DIM = 1
@@ -58,11 +62,19 @@ class TPKernels:
     kernel) for Partial -> Shard outputs under SP, and ``fused`` (a plain row-parallel
     ``nn.Linear`` runs its matmul and the Triton reduce-scatter as one op). With "torch",
     ``selective_recompute`` fuses too (matmul and NCCL reduce-scatter as one op, eager only),
-    so the recompute policy saves the layer's output once (``rowwise_nccl.py``)."""
+    so the recompute policy saves the layer's output once (``rowwise_nccl.py``).
+    ``fused_colwise``: with "triton", the SP all-gather before the column-parallel layers
+    moves from the norm into the first such layer's GEMM (``gather_once.py``)."""
 
     reduce_scatter: str = "torch"
     fused: bool = True
     selective_recompute: bool = False
+    fused_colwise: bool = True
+
+    @property
+    def gathers_in_colwise(self) -> bool:
+        """Under SP, norms pass their sequence shard on and the column-parallel layers gather it."""
+        return self.reduce_scatter == "triton" and self.fused_colwise
 
 
 class TPStyle:
@@ -97,6 +109,29 @@ class _ColwiseParallel(ColwiseParallel):
         if tuple(x.placements) != tuple(desired_input_layouts):
             x = x.redistribute(placements=desired_input_layouts, async_op=True)
         return x
+
+
+class _GatherOnceColwise(_ColwiseParallel):
+    """The column-parallel style when the norm before it passes its sequence shard on
+    (``TPKernels.gathers_in_colwise``): a ``FusedColwiseLinear`` (``fused``: put in a plain
+    Linear's place by ``apply_tensor_parallel``) takes the ``Shard(1)`` input itself and
+    gathers it inside its GEMM; any other module gets the input gathered by DTensor, once for
+    all the layers reading it (``gather_once.gathered_dtensor``)."""
+
+    def __init__(self, *, fused: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = fused
+
+    def _prepare_input_fn(self, input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        # bound to the instance (torch binds this with partial(self._prepare_input_fn, ...))
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, input_layouts, run_check=False)
+        if isinstance(mod, FusedColwiseLinear) or tuple(x.placements) == tuple(desired_input_layouts):
+            return x
+        if len(x.placements) == 1 and isinstance(x.placements[0], Shard):
+            return gathered_dtensor(x)
+        return x.redistribute(placements=desired_input_layouts, async_op=False)
 
 
 class _RowwiseParallel(RowwiseParallel):
@@ -142,14 +177,21 @@ class _RowwiseParallel(RowwiseParallel):
 @dataclass(frozen=True, kw_only=True)
 class Colwise(TPStyle):
     """Column-parallel linear. ``input_layout=None``: Shard(1) under SP (a local input is
-    then sequence-sharded and gathered here), Replicate otherwise."""
+    then sequence-sharded and gathered here), Replicate otherwise. Under SP with the Triton
+    kernels (``TPKernels.gathers_in_colwise``) the input arrives sequence-sharded from the norm
+    and is gathered once for all the layers reading it: ``fused`` (``None``: True) inside a
+    plain Linear's GEMM (``all_gather_matmul.py``), False by DTensor's all-gather."""
 
     input_layout: Placement | None = None
     output_layout: Placement = Shard(-1)
     use_local_output: bool = True
+    fused: bool | None = None
     sharded_feature = "out_features"
 
     def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
+        if sequence_parallel and kernels.gathers_in_colwise and self.input_layout in (None, Shard(SEQ_DIM)):
+            return _GatherOnceColwise(input_layouts=Shard(SEQ_DIM), output_layouts=self.output_layout,
+                                      use_local_output=self.use_local_output, fused=self.fused is not False)
         return _ColwiseParallel(
             input_layouts=self.input_layout or _seq_or_replicate(sequence_parallel),
             output_layouts=self.output_layout, use_local_output=self.use_local_output)
@@ -213,7 +255,16 @@ class VocabHead(TPStyle):
 
 class _VocabHeadParallel(_ColwiseParallel):
     """The colwise head, except that a plain tensor output passes through as it is: the
-    hidden states a ``LossHead`` returns for the fused loss (``loss_head.py``)."""
+    hidden states a ``LossHead`` returns for the fused loss (``loss_head.py``); and a DTensor
+    input in another layout (the final norm's sequence shard under
+    ``TPKernels.gathers_in_colwise``) is gathered synchronously, as that norm did otherwise."""
+
+    @staticmethod
+    def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        x = inputs[0]
+        if isinstance(x, DTensor) and tuple(x.placements) != tuple(desired_input_layouts):
+            return x.redistribute(placements=desired_input_layouts, async_op=False)
+        return _ColwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh)
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
@@ -237,14 +288,20 @@ class Norm(TPStyle):
 
     def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
         return _NormParallel(sequence_parallel=sequence_parallel,
-                             sequence_dim=self.sequence_dim, gather_output=self.gather_output)
+                             sequence_dim=self.sequence_dim, gather_output=self.gather_output,
+                             defer_gather=sequence_parallel and kernels.gathers_in_colwise)
 
 
 class _NormParallel(ParallelStyle):
-    def __init__(self, *, sequence_parallel: bool, sequence_dim: int, gather_output: bool):
+    """``defer_gather``: an output to gather stays a ``Shard(seq)`` DTensor: the column-parallel
+    layers reading it gather it (once, ``gather_once.py``), DTensor wherever else it must."""
+
+    def __init__(self, *, sequence_parallel: bool, sequence_dim: int, gather_output: bool,
+                 defer_gather: bool = False):
         super().__init__()
         self.input_layout = Shard(sequence_dim) if sequence_parallel else Replicate()
         self.gather_output = gather_output
+        self.defer_gather = defer_gather
 
     @staticmethod
     def _replicate_params(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
@@ -261,6 +318,8 @@ class _NormParallel(ParallelStyle):
         return (x, *rest)
 
     def _prepare_output(self, mod: nn.Module, out: DTensor, mesh: DeviceMesh):
+        if self.gather_output and self.defer_gather:
+            return out  # Shard(seq): gathered by the column-parallel layers after it
         if self.gather_output:
             return out.redistribute(placements=[Replicate()])  # stays a DTensor
         return out.to_local()
