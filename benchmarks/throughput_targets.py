@@ -41,6 +41,10 @@ def targets(rows: list[dict]) -> list[dict]:
                 out.append({"name": f"{label}: ours / TorchTitan peak allocated",
                             "value": r["peak_allocated_gib"] / tt["peak_allocated_gib"], "goal": 0.85,
                             "higher_is_better": False})
+        tt_async = ok.get(f"torchtitan/{r['layout']}/async_tp/{mode}")
+        if tt_async is not None:  # issue 24: TP >= 1.05x TorchTitan's TP with its async TP on
+            out.append({"name": f"{label}: ours / TorchTitan (async TP) tokens/s",
+                        "value": r["tokens_per_s"] / tt_async["tokens_per_s"], "goal": 1.05, "higher_is_better": True})
         if r.get("predicted_peak_gib") and r.get("peak_allocated_gib"):  # (no peak on the CPU dry run)
             out.append({"name": f"{label}: memory estimate / measured peak allocated",
                         "value": r["predicted_peak_gib"] / r["peak_allocated_gib"], "goal": [0.9, 1.1],

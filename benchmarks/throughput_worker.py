@@ -205,7 +205,7 @@ def worker(args) -> None:
         run = torchtitan_adapter.build(lay, dims=SHAPES[args.shape], n_layers=args.layers, seq=args.seq,
                                        n_micro=n_micro, compile=args.compile,
                                        stage_layers=stage_layers(args.layers, lay.pp) if lay.pp > 1 else None,
-                                       device=device)
+                                       device=device, async_tp=args.kernels == "async_tp")
         step, global_loss, dp_rank, dp_size, info, root = (run.step, run.global_loss, run.dp_rank, run.dp_size,
                                                            run.info, run.root)
     global_batch = n_micro * dp_size

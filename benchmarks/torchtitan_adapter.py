@@ -66,8 +66,10 @@ NOTES = [  # how the two configurations compare: the results JSON's "notes"
     "yardstick, slow; 'triton' = our flash kernel merging in-kernel); TorchTitan uses torch's experimental "
     "_ContextParallel on SDPA with head-tail load balancing (torch's default all-gather rotation). Both "
     "shard the weights with FSDP over the cp ranks.",
-    "TP: both TP + SP + loss-parallel cross entropy, async TP off; ours kernels 'triton' swaps the SP "
-    "reduce-scatter for our symmetric-memory Triton kernel.",
+    "TP: both TP + SP + loss-parallel cross entropy, TorchTitan's async TP off, except in its rows keyed "
+    "torchtitan/<layout>/async_tp/compile (--titan-async-tp: enable_async_tensor_parallel, compiled TP layouts); "
+    "ours kernels 'triton' swaps the SP reduce-scatter for our symmetric-memory Triton kernel and, under SP, "
+    "the all-gather before the column-parallel layers for our fused all-gather + matmul.",
     "FSDP units: ours each block + the root (embedding, final norm, head; not resharded after forward); "
     "TorchTitan the embedding, each block, [norm, output] (not resharded after forward), the root. Both "
     "sum gradients (divide factor 1) and divide the loss by the global token count.",
@@ -139,7 +141,7 @@ class TitanRun:
 
 
 def job_config(layout, *, seq: int, n_micro: int, compile: bool, stage_fqns: list[list[str]] | None,
-               dump_folder: str):
+               dump_folder: str, async_tp: bool = False):
     """TorchTitan's JobConfig for one layout; every field set here is listed in the notes."""
     from torchtitan.config import JobConfig
 
@@ -153,7 +155,7 @@ def job_config(layout, *, seq: int, n_micro: int, compile: bool, stage_fqns: lis
     p.tensor_parallel_degree, p.context_parallel_degree = layout.tp, layout.cp
     p.pipeline_parallel_degree, p.pipeline_parallel_schedule = layout.pp, "1F1B"
     p.pipeline_parallel_microbatch_size, p.module_fqns_per_model_part = 1, stage_fqns
-    p.enable_async_tensor_parallel, p.disable_loss_parallel = False, False
+    p.enable_async_tensor_parallel, p.disable_loss_parallel = async_tp, False
     jc.activation_checkpoint.mode, jc.activation_checkpoint.selective_ac_option = "selective", "op"
     jc.compile.enable = compile  # components: its default ["model", "loss"]
     return jc
@@ -169,8 +171,11 @@ def model_args(dims: dict[str, Any], n_layers: int, seq: int):
 
 
 def build(layout, *, dims: dict[str, Any], n_layers: int, seq: int, n_micro: int, compile: bool,
-          stage_layers: list[int] | None, device: torch.device) -> TitanRun:
-    """Build TorchTitan's parallelized Llama 3 and its step on the current process group."""
+          stage_layers: list[int] | None, device: torch.device, async_tp: bool = False) -> TitanRun:
+    """Build TorchTitan's parallelized Llama 3 and its step on the current process group
+    (``async_tp``: its async TP, compiled TP layouts only: the rows keyed ``.../async_tp/...``)."""
+    if async_tp and not (compile and layout.tp > 1):
+        raise ValueError("TorchTitan's async TP needs a TP layout and compile (its micro-pipeline TP is an inductor pass)")
     stubbed = stub_missing_modules()
     from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
     from torchtitan.components.optimizer import build_optimizers
@@ -194,7 +199,7 @@ def build(layout, *, dims: dict[str, Any], n_layers: int, seq: int, n_micro: int
             stage_fqns.append((["tok_embeddings"] if s == 0 else []) + names
                               + (["norm", "output"] if s == len(stage_layers) - 1 else []))
     jc = job_config(layout, seq=seq, n_micro=n_micro, compile=compile, stage_fqns=stage_fqns,
-                    dump_folder=tempfile.mkdtemp(prefix="titan_"))
+                    dump_folder=tempfile.mkdtemp(prefix="titan_"), async_tp=async_tp)
     pd = ParallelDims(dp_shard=layout.dp_shard, dp_replicate=1, cp=layout.cp, tp=layout.tp, pp=layout.pp,
                       ep=1, etp=1, world_size=dist.get_world_size())
     margs = model_args(dims, n_layers, seq)

@@ -132,7 +132,7 @@ def flops_per_token(args, seq: int) -> dict[str, float]:
 class RunConfig:
     framework: str  # "ours" | "torchtitan" | "hf" (transformers' Llama through our parallelize)
     layout: str
-    kernels: str  # "torch" | "triton" | "sdpa" (ours), "-" (torchtitan)
+    kernels: str  # "torch" | "triton" | "sdpa" (ours), "-" | "async_tp" (torchtitan)
     compile: bool
     fused_loss: bool = False  # ours: ParallelPlan.fused_loss (the key says so only when on)
     selective_policy: str = "save_matmuls"  # ours: ParallelPlan.selective_policy (key: /alt_mm)
@@ -146,16 +146,18 @@ class RunConfig:
 
 def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], kernels: list[str],
             fused_losses: tuple[bool, ...] = (False,),
-            policies: tuple[str, ...] = ("save_matmuls",)) -> list[RunConfig]:
+            policies: tuple[str, ...] = ("save_matmuls",), titan_async_tp: bool = False) -> list[RunConfig]:
     """Layout-major, so both frameworks of a layout run close together in time;
     ``fused_losses`` and ``policies`` (selective recompute's) multiply our rows only
-    (TorchTitan's loss and recompute policy are its own)."""
+    (TorchTitan's loss and recompute policy are its own); ``titan_async_tp`` adds TorchTitan
+    rows with its async TP on (kernels "async_tp") to compiled TP layouts."""
     out = []
     for c in compiles:
         for name in layouts:
             lay = parse_layout(name)
             for fw in frameworks:
-                for k in (kernels if fw in ("ours", "hf") else ["-"]):
+                titan = ["-"] + (["async_tp"] if titan_async_tp and c and lay.tp > 1 else [])
+                for k in (kernels if fw in ("ours", "hf") else titan):
                     if k == "triton" and not lay.triton_families:
                         continue
                     if k == "sdpa" and lay.cp == 1:  # (the ring's block kernel: CP layouts only)
@@ -320,6 +322,8 @@ def driver_args(argv: list[str]):
                    "(on: rows keyed .../fused_loss; TorchTitan's rows unchanged)")
     p.add_argument("--selective-policy", default="save_matmuls",
                    help="ours: ParallelPlan.selective_policy, comma-separated (save_alternate_matmuls: rows keyed .../alt_mm)")
+    p.add_argument("--titan-async-tp", action="store_true",
+                   help="also TorchTitan with its async TP on, compiled TP layouts (rows keyed torchtitan/<layout>/async_tp/compile)")
     p.add_argument("--shape", default="8B", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8, help="the same depth for every layout")
     p.add_argument("--seq", type=int, default=8192)
@@ -372,7 +376,7 @@ def main(argv: list[str]) -> None:
     layouts = [args.profile] if args.profile else args.layouts.split(",")
     cfgs = configs(layouts, args.frameworks.split(","), [c == "on" for c in args.compile.split(",")],
                    args.kernels.split(","), tuple(f == "on" for f in args.fused_loss.split(",")),
-                   tuple(args.selective_policy.split(",")))
+                   tuple(args.selective_policy.split(",")), args.titan_async_tp)
     if args.only:  # e.g. a rerun of some configs after a fix
         cfgs = [c for c in cfgs if re.search(args.only, c.key)]
     if args.dry:  # torch's CP dispatcher has no rule for CPU attention kernels

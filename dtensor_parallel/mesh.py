@@ -118,6 +118,7 @@ def build_mesh(
     cp: int = 1,
     tp: int = 1,
     device_type: str | None = None,
+    nccl_max_ctas: dict[str, int] | None = None,
 ) -> DeviceMesh:
     """Build the one mesh over the default process group.
 
@@ -125,7 +126,13 @@ def build_mesh(
     ``ValueError`` on every rank rather than a hang. The same degrees on the same default
     group give the same mesh object: its process groups are created once (each gloo or
     NCCL group holds threads and buffers, so rebuilding meshes in a loop would pile them up).
+
+    ``nccl_max_ctas``: per mesh dim, the most CTAs (SMs) its NCCL communicators' kernels may
+    take (NCCL's ``maxCTAs``; Megatron's ``nccl_comm_cfgs``), e.g. ``{"pp": 2}``: the pipeline's
+    P2P kernels, which interleaved schedules run beside the compute (RESULTS.md, issue 24),
+    then hold 2 SMs; pair it with ``ParallelPlan(pipeline_sm_carveout=2)``. CUDA meshes only.
     """
+    caps = _check_nccl_caps(nccl_max_ctas)
     if not dist.is_initialized():
         raise RuntimeError(
             "build_mesh needs the default process group: call "
@@ -135,16 +142,40 @@ def build_mesh(
                         world_size=dist.get_world_size())
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    if caps and device_type != "cuda":
+        raise ValueError(f"nccl_max_ctas={nccl_max_ctas} caps NCCL communicators, but this mesh is "
+                         f"{device_type!r} (gloo): leave nccl_max_ctas out on CPU ranks")
     world = dist.distributed_c10d._get_default_group()
-    key = (dims.shape, device_type)
+    key = (dims.shape, device_type, caps)
     cached = _MESHES.get(key)
     if cached is not None and cached[0] is world:  # not a mesh of an earlier, destroyed group
         return cached[1]
-    mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIMS)
+    override = None
+    if caps:
+        override = {}
+        for name, n in caps:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.config.max_ctas = n
+            override[name] = ("nccl", opts)
+    mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIMS, backend_override=override)
     for view, parts in FLATTENED_VIEWS.items():
         mesh[parts]._flatten(view)
     _MESHES[key] = (world, mesh)
     return mesh
+
+
+def _check_nccl_caps(caps: dict[str, int] | None) -> tuple[tuple[str, int], ...]:
+    """``build_mesh``'s nccl_max_ctas, checked (before any group exists), as a sorted tuple."""
+    if not caps:
+        return ()
+    if not isinstance(caps, dict):
+        raise TypeError(f"nccl_max_ctas must be a dict of mesh dim -> int, got {type(caps).__name__}")
+    for name, n in caps.items():
+        if name not in MESH_DIMS:
+            raise ValueError(f"nccl_max_ctas: {name!r} is not a mesh dim; choose among {MESH_DIMS}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise ValueError(f"nccl_max_ctas[{name!r}]={n!r} must be an int in 1..64")
+    return tuple(sorted(caps.items()))
 
 
 def mesh_device(mesh: DeviceMesh) -> torch.device:

@@ -157,7 +157,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                 else compiled_cross_entropy_sum() if compiled else cross_entropy_sum)
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
-                                   layout.schedule, mesh_device(mesh), loss_sum=loss_sum)
+                                   layout.schedule, mesh_device(mesh), loss_sum=loss_sum,
+                                   sm_carveout=plan.pipeline_sm_carveout)
         if resolved.tied:
             all_blocks = [layout.blocks_of(s) for s in range(layout.n_stages)]
             using = [set().union(*(stages_using(model, block_names, all_blocks, n) for n in names))

@@ -101,6 +101,11 @@ class ParallelPlan:
         first_stage_layers / last_stage_layers: fewer blocks on the first / last stage to
             balance the embedding and the head (Megatron's
             ``--decoder-first/last-pipeline-num-layers``); the rest split evenly.
+        pipeline_sm_carveout: SMs that cuBLAS's matmuls leave free during each pipeline step
+            (torch's experimental SM carveout), for the NCCL P2P kernels that interleaved and
+            zero-bubble schedules run beside the compute: a persistent GEMM sized to every SM
+            otherwise waits for the few SMs a spinning P2P kernel holds (measured: RESULTS.md,
+            issue 24). Pair with ``build_mesh(nccl_max_ctas={"pp": n})``. 0: off.
     """
 
     blocks: str | None = None
@@ -128,6 +133,7 @@ class ParallelPlan:
     layers_per_stage: list[int] | None = None
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    pipeline_sm_carveout: int = 0
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -158,6 +164,10 @@ class ParallelPlan:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name}={v!r} must be an int >= 0")
+        if (not isinstance(self.pipeline_sm_carveout, int) or isinstance(self.pipeline_sm_carveout, bool)
+                or not 0 <= self.pipeline_sm_carveout <= 64):
+            raise ValueError(f"pipeline_sm_carveout={self.pipeline_sm_carveout!r} must be an int in 0..64 "
+                             "(SMs left to the pipeline's P2P kernels; 0: off)")
         if self.layers_per_stage is not None and not all(isinstance(c, int) for c in self.layers_per_stage):
             raise ValueError(f"layers_per_stage={self.layers_per_stage!r} must be a list of ints")
         for name in ("micro_batch_size", "global_batch_size", "fused_loss_chunk_tokens", "num_heads", "num_kv_heads",

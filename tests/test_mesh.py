@@ -48,3 +48,18 @@ def test_product_error_prints_the_arithmetic_before_any_collective() -> None:
 def test_bad_degrees(kwargs: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         ParallelDims(**kwargs, world_size=8)
+
+
+@pytest.mark.parametrize("caps,match", [
+    ({"pp": 2}, "caps NCCL communicators, but this mesh is 'cpu'"),
+    ({"pipe": 2}, "'pipe' is not a mesh dim"),
+    ({"pp": 0}, r"nccl_max_ctas\['pp'\]=0 must be an int in 1..64"),
+    ({"pp": True}, "must be an int"),
+])
+def test_nccl_caps_are_checked_before_any_group(caps: dict, match: str) -> None:
+    """build_mesh(nccl_max_ctas=...) (the pp communicator's P2P kernels held to a few SMs):
+    a CUDA (NCCL) mesh only, mesh dims only, 1..64; every error before any group exists."""
+    fake_world(2)
+    with CommDebugMode() as comm, pytest.raises(ValueError, match=match):
+        build_mesh(pp=2, nccl_max_ctas=caps)
+    assert comm.get_total_counts() == 0

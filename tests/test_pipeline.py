@@ -178,3 +178,33 @@ def _forward_only_case() -> bool:
 def test_pipeline_forward_only() -> None:
     """pm(x) under PP: the logits on the last stage's ranks, equal to one device's."""
     assert run_distributed(2, _forward_only_case) == [False, True]
+
+
+def _carveout_seen_by_the_stages() -> tuple[set, object]:
+    """The SM carveout each stage forward and backward ran under, and the one after the step."""
+    import copy
+
+    from .parity import make_batch, plan_for
+    ref = make_model("llama")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(pp=2),
+                     plan_for("llama", micro_batch_size=2, pipeline_sm_carveout=3))
+    seen = set()
+    for m in pm.stage_modules:
+        m.register_forward_pre_hook(lambda mod, args: seen.add(torch._C._get_sm_carveout_experimental()))
+        m.register_full_backward_pre_hook(lambda mod, g: seen.add(torch._C._get_sm_carveout_experimental()))
+    x, y = make_batch(TINY_LLAMA.vocab_size, 4, 16)
+    pm.forward_backward(x, y)
+    return seen, torch._C._get_sm_carveout_experimental()
+
+
+def test_pipeline_sm_carveout_holds_inside_the_step_only() -> None:
+    """plan.pipeline_sm_carveout: cuBLAS targets that many fewer SMs while the schedule runs
+    (every stage's forward and backward), and the setting before the step is back after it."""
+    for seen, after in run_distributed(2, _carveout_seen_by_the_stages):
+        assert seen == {3} and after is None, (seen, after)
+
+
+@pytest.mark.parametrize("value", [-1, 65, True, 1.5])
+def test_pipeline_sm_carveout_is_checked(value) -> None:
+    with pytest.raises(ValueError, match="pipeline_sm_carveout"):
+        ParallelPlan(pipeline_sm_carveout=value)

@@ -18,6 +18,7 @@ reported loss is summed over pp (others add 0) and dp.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Callable
@@ -32,15 +33,32 @@ from ..tensor_parallel.loss import cross_entropy_sum
 from .schedules import SCHEDULES, schedule_class
 
 
+@contextlib.contextmanager
+def sm_carveout(n: int):
+    """cuBLAS targets ``n`` fewer SMs inside (torch's experimental carveout, read by each
+    matmul when it runs, compiled graphs' included); the previous setting after. n = 0: as is."""
+    if not n:
+        yield
+        return
+    previous = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(n)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
+
+
 class PipelineRuntime:
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
                  pp_mesh: DeviceMesh, schedule: str, device: torch.device,
-                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
+                 sm_carveout: int = 0):
         self.group = pp_mesh.get_group()
         self.stage_ids = stage_ids
         self.loss_sum = loss_sum  # (last stage output, labels) -> summed token loss; the fused loss's head
         self.n_stages = n_stages
         self.schedule_name = schedule
+        self.sm_carveout = sm_carveout  # ParallelPlan.pipeline_sm_carveout
         self.virtual = len(stage_ids)
         self.stages = [PipelineStage(m, sid, n_stages, device, group=self.group)
                        for m, sid in zip(stage_modules, stage_ids)]
@@ -106,7 +124,8 @@ class PipelineRuntime:
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
         t0 = time.perf_counter()
-        sched.step(*args, **kwargs, **(model_kwargs or {}), **self._step_kwargs(sched))
+        with sm_carveout(self.sm_carveout):
+            sched.step(*args, **kwargs, **(model_kwargs or {}), **self._step_kwargs(sched))
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
         self.step_s = time.perf_counter() - t0

@@ -122,8 +122,11 @@ def _train(cfg: TrainConfig) -> list[float]:
     args = cfg.model.args()
     plan = cfg.parallel_plan(global_batch)
 
+    # plan.pipeline_sm_carveout leaves SMs to the pp communicator's P2P kernels: hold them to as many
+    nccl = dist.get_backend() == "nccl"
+    caps = {"pp": plan.pipeline_sm_carveout} if plan.pipeline_sm_carveout and dims.pp > 1 and nccl else None
     mesh = build_mesh(pp=dims.pp, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
-                      cp=dims.cp, tp=dims.tp)
+                      cp=dims.cp, tp=dims.tp, nccl_max_ctas=caps)
     with torch.device("meta"):
         model = Llama(args)
     pm = parallelize(model, mesh, plan)
