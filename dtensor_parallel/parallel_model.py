@@ -369,10 +369,13 @@ class ParallelModel:
         norm before clipping (no host sync)."""
         total = self.grad_norm()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in self.parameters():
             if p.grad is not None:
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                g.mul_(coef)
+                groups.setdefault((g.device, g.dtype), []).append(g)
+        for grads in groups.values():  # one multi-tensor kernel a (device, dtype), not one per parameter
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
         return total
 
     def _pp_group(self):
