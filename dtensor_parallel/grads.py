@@ -47,8 +47,9 @@ def global_grad_norm(params: Iterable[nn.Parameter], ranks_per_replica: int, dev
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for (copies, _, _), tensors in groups.items():
         # one multi-tensor kernel a group for the per-tensor norms (in fp32 whatever the
-        # gradients' dtype), not a full-size pow, a sum and a divide per parameter: 76
-        # parameters' worth of those took about 5 ms a step on an H200 (RESULTS.md, issue 24)
+        # gradients' dtype), not a full-size pow and a sum per parameter: with the clip's
+        # per-parameter multiply, about 8 ms a step of small kernels in the compiled TP2+SP
+        # profile on an H200 (RESULTS.md, issue 24)
         norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
         sq += torch.stack(norms).to(device).square().sum() / copies
     if dist.is_initialized() and dist.get_world_size() > 1:

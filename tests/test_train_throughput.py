@@ -124,3 +124,68 @@ def test_phase_marks_come_in_step_order():
     rows = phase_memory.measure_phases(step, torch.randn(5, 4), torch.randint(0, 3, (5,)), model)
     assert [r["phase"] for r in rows] == ["start", "forward", "loss", "backward", "optimizer"]
     assert not model._forward_hooks  # removed after the step
+
+
+def test_titan_async_tp_rows_and_their_target():
+    """--titan-async-tp adds TorchTitan rows with its async TP on, to compiled TP layouts only;
+    ours is compared with them at goal 1.05 (issue 24), beside the plain TorchTitan row."""
+    cfgs = tt.configs(["1gpu", "tp2sp"], ["ours", "torchtitan"], [False, True], ["triton"], titan_async_tp=True)
+    keys = [c.key for c in cfgs]
+    assert "torchtitan/tp2sp/async_tp/compile" in keys and "torchtitan/tp2sp/-/compile" in keys
+    assert not any("async_tp" in k and ("eager" in k or "1gpu" in k) for k in keys)
+    assert not any("async_tp" in c.key for c in tt.configs(["tp2sp"], ["torchtitan"], [True], ["-"]))
+    rows = [_row("ours", "tp2sp", 1100, 2, "triton", compile=True), _row("torchtitan", "tp2sp", 1000, 2, compile=True),
+            _row("torchtitan", "tp2sp", 1000, 2, "async_tp", compile=True)]
+    got = {t["name"]: t for t in throughput_targets.targets(rows)}
+    target = got["tp2sp compile kernels=triton: ours / TorchTitan (async TP) tokens/s"]
+    assert (target["value"], target["goal"]) == (pytest.approx(1.1), 1.05)
+    assert got["tp2sp compile kernels=triton: ours / TorchTitan tokens/s"]["value"] == pytest.approx(1.1)
+
+
+def test_kernel_timeline_splits_compute_nccl_and_idle():
+    """kernel_timeline.kernel_split on a made-up trace: compute is the union of its kernels
+    (overlapping streams count once), GPU-side annotations are not kernels, NCCL time beside
+    compute is the intersection, idle the rest of the wall time."""
+    import kernel_timeline
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    class E:
+        def __init__(self, name, a, b, annotation=False, device=cuda):
+            self.name, self.device_type, self.is_user_annotation = name, device, annotation
+            self.time_range = type("R", (), {"start": a, "end": b})()
+
+    class Prof:
+        def events(self):
+            return [E("gemm", 0, 4000), E("add", 3000, 5000), E("ncclDevKernel_SendRecv", 4500, 9000),
+                    E("PP:0F1", 0, 10000, annotation=True), E("cpu op", 0, 10000, device=torch.autograd.DeviceType.CPU)]
+
+    got = kernel_timeline.kernel_split(Prof(), steps=1, wall_s=0.010)
+    assert got["compute_ms"] == pytest.approx(5.0) and got["nccl_ms"] == pytest.approx(4.5)
+    assert got["nccl_overlapping_compute_ms"] == pytest.approx(0.5) and got["idle_ms"] == pytest.approx(5.0)
+    assert [name for _, _, name in got["top"]] == ["gemm", "add"]
+
+
+def test_pipeline_targets():
+    """pipeline.py's targets: interleaved and ZBV against 1F1B (goal 1.0), every row's
+    efficiency against the ideal step, and the worst rank's measured bubble minus theory
+    (goal 0.02) where theory applies (not ZBV, not the deliberately uneven split)."""
+    import pipeline
+
+    def row(impl, schedule, ms, overhead, bubbles, theory, split=(5, 3)):
+        return {"impl": impl, "schedule": schedule, "median_ms": ms, "overhead_vs_ideal": overhead,
+                "bubble_over_compute_per_rank": bubbles, "theory_bubble_over_compute": theory,
+                "layers_per_stage": list(split) if split else "even"}
+
+    rows = [{"impl": "single_gpu_no_pipeline"}, row("pp2_1f1b_v1", "1f1b", 460.0, 0.08, [0.15, 0.06], 0.125),
+            row("pp2_1f1b_v1_even", "1f1b", 600.0, 0.4, [0.6, 0.1], 0.125, split=None),
+            row("pp2_interleaved_1f1b_v2", "interleaved_1f1b", 437.0, 0.03, [0.07, 0.06], 0.0625),
+            row("pp2_zbv_v2", "zbv", 506.0, 0.19, [0.05, 0.04], 0.0)]
+    got = {t["name"]: t for t in pipeline.targets_from(rows, 8)}
+    assert got["pp2_interleaved_1f1b_v2 step / pp2_1f1b_v1 step"]["value"] == pytest.approx(0.95)
+    assert got["pp2_zbv_v2 step / pp2_1f1b_v1 step"]["value"] == pytest.approx(1.1)
+    assert got["pp2_1f1b_v1: efficiency (ideal step / step)"]["value"] == pytest.approx(1 / 1.08)
+    assert got["pp2_1f1b_v1: measured bubble - theory (worst rank)"]["value"] == pytest.approx(0.025)
+    assert got["pp2_interleaved_1f1b_v2: measured bubble - theory (worst rank)"]["value"] == pytest.approx(0.0075)
+    assert not any("bubble" in n and ("zbv" in n or "even" in n) for n in got)
