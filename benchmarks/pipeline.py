@@ -1,6 +1,7 @@
-"""Pipeline schedules on 2 GPUs: step time and measured bubble against theory.
+"""Pipeline schedules on pp GPUs (pp = the world size): step time and measured bubble against theory.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/pipeline.py
+    torchrun --standalone --nproc-per-node 4 benchmarks/pipeline.py --layers 16 --microbatches 16
 
 A Llama-3-8B-shaped model (dim 4096, 32 heads / 8 kv heads, SwiGLU 14336, vocab 128256)
 with ``--layers`` layers, bf16 weights, sequence ``--seq``, ``--microbatches`` micro-batches
@@ -8,7 +9,7 @@ of one sequence per step. Schedules: 1F1B (v=1), interleaved 1F1B (v=2), zero bu
 (ZBV, v=2), GPipe (v=1).
 
 Baseline, measured in the same run on each GPU: the same model on one GPU without any
-pipeline, the same micro-batches accumulated. Its step time over 2 is the ideal PP2 step
+pipeline, the same micro-batches accumulated. Its step time over pp is the ideal step
 (perfect balance, no bubble, no communication), so ``step / ideal - 1`` is the whole
 pipeline overhead. The bubble each rank measures itself (``PipelineRuntime``: step time
 minus time inside the stage's forward/backward methods) is reported as a fraction of its
@@ -40,12 +41,42 @@ from dtensor_parallel.pipeline.schedules import theoretical_bubble
 from common import median, write_results
 from kernel_timeline import kernel_split
 
-# (schedule, virtual stages, layers per stage for 8 layers). The last stage also holds the
-# 128256-word head, about 2.4 layers of FLOPs, so the splits give the rank holding it about
-# 2.4 layers fewer (loop order: rank r holds stages r, r+2; V order: rank 0 holds 0 and 3).
-# An even split is run too, for 1F1B, to show what the imbalance costs.
-SCHEDULES = [("1f1b", 1, [5, 3]), ("1f1b", 1, None), ("interleaved_1f1b", 2, [3, 2, 2, 1]),
-             ("zbv", 2, [2, 3, 2, 1]), ("gpipe", 1, [5, 3])]
+# (schedule, virtual stages, balanced split?). The last stage also holds the 128256-word head,
+# about 2.4 layers of FLOPs, so a balanced split (balanced_split) gives the rank holding it
+# about 2.4 layers fewer; an even split is run too, for 1F1B, to show what the imbalance costs.
+SCHEDULES = [("1f1b", 1, True), ("1f1b", 1, False), ("interleaved_1f1b", 2, True), ("zbv", 2, True),
+             ("gpipe", 1, True)]
+HEAD_LAYERS = 2.4  # the head's FLOPs in layers of the 8B shape (vocab 128256, dim 4096, SwiGLU 14336)
+
+
+def stage_rank(stage: int, pp: int, schedule: str) -> int:
+    """The pp rank holding ``stage``: loop order (rank r holds r, r + pp, ...), or V order for
+    ZBV (rank r holds r and 2pp - 1 - r)."""
+    if schedule == "zbv":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def balanced_split(layers: int, pp: int, virtual: int, schedule: str) -> list[int]:
+    """Layers per stage that even out the ranks' loads, the head counted as HEAD_LAYERS on the
+    last stage's rank: every stage starts with one layer, then each next layer goes to the
+    least-loaded rank, on its stage with the fewest layers (the earliest on ties). At pp=2 and
+    8 layers this gives the splits measured since 2026-11-26: 1F1B [5, 3], interleaved
+    [3, 2, 2, 1], ZBV [2, 3, 2, 1]."""
+    n = pp * virtual
+    if layers < n:
+        raise ValueError(f"{layers} layers cannot fill {n} stages: pass --layers >= {n}")
+    counts = [1] * n
+    load = [0.0] * pp
+    for st in range(n):
+        load[stage_rank(st, pp, schedule)] += 1
+    load[stage_rank(n - 1, pp, schedule)] += HEAD_LAYERS
+    for _ in range(layers - n):
+        r = min(range(pp), key=lambda q: (load[q], q))
+        st = min((i for i in range(n) if stage_rank(i, pp, schedule) == r), key=lambda i: (counts[i], i))
+        counts[st] += 1
+        load[r] += 1
+    return counts
 
 
 def batch(args, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +138,10 @@ def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int]
                  p2p_ctas: int = 0, carveout: int = 0) -> dict:
     """One schedule's row; ``p2p_ctas`` > 0 caps the pp communicator's NCCL CTAs
     (``build_mesh(nccl_max_ctas=...)``), ``carveout`` is ``plan.pipeline_sm_carveout``."""
-    mesh = build_mesh(pp=2, dp_shard=1, nccl_max_ctas={"pp": p2p_ctas} if p2p_ctas else None)
+    pp = dist.get_world_size()
+    mesh = build_mesh(pp=pp, dp_shard=1, nccl_max_ctas={"pp": p2p_ctas} if p2p_ctas else None)
     with torch.device("meta"):
         model = Llama(model_args)
-    if split is not None and sum(split) != model_args.n_layers:
-        split = None  # the balanced splits are for the default 8 layers
     plan = ParallelPlan(pipeline_schedule=schedule, virtual_stages=virtual, micro_batch_size=1,
                         layers_per_stage=split, compile={"auto": "auto", "on": True, "off": False}[args.compile],
                         pipeline_sm_carveout=carveout)
@@ -143,7 +173,7 @@ def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int]
         torch.cuda.empty_cache()
     extra = {"gpu_time_split_per_rank": split_rows} if split_rows is not None else {}
     return extra | {
-        "impl": f"pp2_{schedule}_v{virtual}" + ("_even" if split is None else "") + variant_suffix(p2p_ctas, carveout),
+        "impl": row_name(pp, schedule, virtual, split is not None) + variant_suffix(p2p_ctas, carveout),
         "schedule": schedule, "virtual_stages": virtual, "microbatches": args.microbatches,
         "pp_nccl_max_ctas": p2p_ctas or None, "pipeline_sm_carveout": carveout,
         "layers_per_stage": split or "even",
@@ -154,8 +184,12 @@ def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int]
         "bubble_over_compute_per_rank": [round(g[0].item() / g[1].item(), 4) for g in gathered],
         "peak_mem_gib_per_rank": [round(g[2].item(), 2) for g in gathered],
         "theory_bubble_over_compute": (0.0 if schedule == "zbv"
-                                       else theoretical_bubble(2, virtual, args.microbatches)),
+                                       else theoretical_bubble(pp, virtual, args.microbatches)),
     }
+
+
+def row_name(pp: int, schedule: str, virtual: int, balanced: bool) -> str:
+    return f"pp{pp}_{schedule}_v{virtual}" + ("" if balanced else "_even")
 
 
 def variant_suffix(p2p_ctas: int, carveout: int) -> str:
@@ -190,7 +224,8 @@ def main() -> None:
     p.add_argument("--flavour", default="8B", help="'debug' for a CPU smoke run (gloo)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="the plan's compile (auto: on GPUs); the baseline's blocks alike")
-    p.add_argument("--schedules", help="comma-separated row names to keep, e.g. pp2_1f1b_v1,pp2_interleaved_1f1b_v2")
+    p.add_argument("--schedules", help="comma-separated row names to keep, e.g. pp2_1f1b_v1,pp2_interleaved_1f1b_v2 "
+                   "(pp is the world size)")
     p.add_argument("--profile", action="store_true", help="per row: the GPU time split of 2 more steps")
     p.add_argument("--name", default="pipeline", help="results file <name>.json")
     p.add_argument("--variants", default="0:0", help="comma-separated P2P_CTAS:CARVEOUT pairs, each schedule run "
@@ -206,14 +241,15 @@ def main() -> None:
         dist.init_process_group("gloo")
     model_args = llama3_args(args.flavour, n_layers=args.layers, max_seq_len=args.seq)
 
+    pp = dist.get_world_size()
     baseline = single_gpu_step_s(args, model_args, device)
-    ideal_ms = 1000 * baseline / 2
+    ideal_ms = 1000 * baseline / pp
     rows = [{"impl": "single_gpu_no_pipeline", "shape": f"same model, {args.microbatches} micro-batches accumulated",
-             "median_ms": 1000 * baseline, "ideal_pp2_ms": ideal_ms}]
+             "median_ms": 1000 * baseline, "ideal_pp_ms": ideal_ms, "pp": pp}]
     keep = set(args.schedules.split(",")) if args.schedules else None
     variants = [tuple(int(v) for v in pair.split(":")) for pair in args.variants.split(",")]
-    runs = [(sch, v, split, ctas, carve) for sch, v, split in SCHEDULES for ctas, carve in variants
-            if keep is None or f"pp2_{sch}_v{v}" + ("_even" if split is None else "") in keep]
+    runs = [(sch, v, balanced_split(args.layers, pp, v, sch) if bal else None, ctas, carve)
+            for sch, v, bal in SCHEDULES for ctas, carve in variants if keep is None or row_name(pp, sch, v, bal) in keep]
     for schedule, virtual, split, ctas, carve in runs:
         row = pipeline_row(args, model_args, schedule, virtual, split, device, ctas, carve)
         row["overhead_vs_ideal"] = row["median_ms"] / ideal_ms - 1
@@ -227,22 +263,23 @@ def main() -> None:
                 print(f"{'':>24}  rank {r}: " + ", ".join(f"{k} {v:.1f}" for k, v in split_row.items()
                                                            if k.endswith("_ms")), flush=True)
     if dist.get_rank() == 0:
-        path = write_results(args.name, rows, targets_from(rows, args.microbatches), world_size=dist.get_world_size(),
+        path = write_results(args.name, rows, targets_from(rows, pp), world_size=dist.get_world_size(),
                              compile=compiles(args, device))
         print(f"wrote {path}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def targets_from(rows: list[dict], microbatches: int) -> list[dict]:
+def targets_from(rows: list[dict], pp: int) -> list[dict]:
     """Issue 24: interleaved faster than 1F1B; each schedule's measured bubble against theory
     (within 0.02) and its efficiency against the ideal step (rows that ran)."""
     by = {r["impl"]: r for r in rows}
     targets = []
-    one = by.get("pp2_1f1b_v1")
+    base = row_name(pp, "1f1b", 1, True)
+    one = by.get(base)
     for r in rows[1:]:
         if one is not None and r["schedule"] in ("interleaved_1f1b", "zbv"):
-            targets.append({"name": f"{r['impl']} step / pp2_1f1b_v1 step", "value": r["median_ms"] / one["median_ms"],
+            targets.append({"name": f"{r['impl']} step / {base} step", "value": r["median_ms"] / one["median_ms"],
                             "goal": 1.0, "higher_is_better": False})
     for r in rows[1:]:
         targets.append({"name": f"{r['impl']}: efficiency (ideal step / step)", "value": 1 / (1 + r["overhead_vs_ideal"]),
