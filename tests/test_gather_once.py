@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dtensor_parallel.tensor_parallel import all_gather_matmul as agm
 from dtensor_parallel.tensor_parallel import gather_once
+from dtensor_parallel.warn_once import forget
 
 from .harness import run_distributed
 from .parity import TINY_LLAMA, case_device, one_step_parity
@@ -67,7 +68,7 @@ def _shared_gather_against_dtensor(shape: tuple, dtype: torch.dtype) -> dict:
     g_outs = [torch.randn((*shape[:-1], lin.out_features // world), generator=torch.Generator().manual_seed(rank + i))
               .to(dev, dtype) for i, lin in enumerate(lins)]
     calls, records = {"op": 0, "dtensor_gather": 0}, []
-    gather_once._LOGGED.clear()  # (a worker process may have logged before)
+    forget()  # (a worker process may have logged before)
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger(gather_once.__name__).addHandler(handler)

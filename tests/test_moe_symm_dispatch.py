@@ -225,3 +225,24 @@ class TestGPU:
         results = run_distributed(2, _model_parity_spied, *EP2_TRITON, "symm", backend="nccl")
         n_moe = TINY_MOE.n_layers - TINY_MOE.n_dense_layers
         assert results[0][0] == results[1][0] and all(n == n_moe for _, n in results), results
+
+
+def test_exchange_choice_names_the_ep_group_and_logs_its_fallback_once(caplog, monkeypatch) -> None:
+    """symm_mem_unavailable speaks of the group it was asked about (ep here, not tp), and
+    "auto" falls back to NCCL with one log line however often it is asked."""
+    import logging
+
+    from dtensor_parallel.expert_parallel import symm_dispatch
+    from dtensor_parallel.tensor_parallel.sp_reduce_scatter import symm_mem_unavailable
+    from dtensor_parallel.warn_once import forget
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert symm_mem_unavailable(9, "cuda", dim="ep").startswith("ep=9; the kernel serves 2..8")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    forget()
+    with caplog.at_level(logging.WARNING, logger=symm_dispatch.__name__):
+        assert [symm_dispatch.choose_exchange(9, "cuda") for _ in range(3)] == ["nccl"] * 3
+    lines = [r.getMessage() for r in caplog.records if r.name == symm_dispatch.__name__]
+    assert len(lines) == 1 and "ep=9" in lines[0], lines
+    with pytest.raises(ValueError, match="ep=9"):
+        symm_dispatch.choose_exchange(9, "cuda", "symm")

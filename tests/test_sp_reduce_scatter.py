@@ -117,7 +117,9 @@ def test_switch_torch_and_no_sp_never_use_the_kernel() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-mesh behaviour")
 def test_switch_auto_falls_back_with_one_log_line(caplog, monkeypatch) -> None:
-    monkeypatch.setattr(sprs, "_FALLBACK_LOGGED", False)
+    from dtensor_parallel.warn_once import forget
+
+    forget()
     with caplog.at_level(logging.WARNING, logger=sprs.__name__):
         assert _resolve("auto") == "torch"
         assert _resolve({"sp_reduce_scatter": "auto"}) == "torch"

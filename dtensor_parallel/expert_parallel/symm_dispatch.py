@@ -42,11 +42,12 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..warn_once import warn_once
+
 logger = logging.getLogger(__name__)
 
 _SLOT = 64  # signal-pad slots [64, 64 + W): the workspace's init barrier (channel 0) uses [0, W)
 _WORKSPACES: dict[str, "_Workspace"] = {}
-_FALLBACK_LOGGED = False
 
 
 def _interpreted() -> bool:
@@ -63,18 +64,14 @@ def choose_exchange(ep: int, device_type: str, requested: str = "auto") -> str:
         return "emulated"
     from ..tensor_parallel.sp_reduce_scatter import symm_mem_unavailable
 
-    reason = symm_mem_unavailable(ep, device_type)
-    if reason is not None:
-        reason = reason.replace("tp=", "ep=").replace("tp group", "ep group")
+    reason = symm_mem_unavailable(ep, device_type, dim="ep")
     if reason is None:
         return "symm"
     if requested == "symm":
         raise ValueError(f"moe_dispatch over symmetric memory cannot run: {reason}. Use the NCCL all-to-all "
                          f"(kernels={{'moe_dispatch': 'auto'}} or 'torch')")
-    global _FALLBACK_LOGGED
-    if not _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED = True
-        logger.warning("kernels['moe_dispatch']: the expert-parallel exchange uses NCCL all-to-all, since %s", reason)
+    warn_once(logger, "fallback", "kernels['moe_dispatch']: the expert-parallel exchange uses NCCL all-to-all, "
+              "since %s", reason)
     return "nccl"
 
 

@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ..warn_once import warn_once
 from .all_gather_matmul import all_gather_matmul, cannot_serve
 
 logger = logging.getLogger(__name__)
 
 _LOCAL = "_dtp_gathered_local"  # the op's gathered local tensor (followers compute locally)
 _DTENSOR = "_dtp_gathered"  # DTensor's all-gather, a Replicate DTensor
-_LOGGED: set[str] = set()
 
 
 def _is_shard(placements: tuple, dim: int, ndim: int) -> bool:
@@ -72,10 +72,8 @@ def gathered_dtensor(x: DTensor) -> DTensor:
 
 
 def _log_once(reason: str) -> None:
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        logger.warning("the fused all-gather + column-parallel matmul cannot serve a call (%s): DTensor's "
-                       "all-gather (NCCL) serves it, once for the layers that read the same input", reason)
+    warn_once(logger, reason, "the fused all-gather + column-parallel matmul cannot serve a call (%s): DTensor's "
+              "all-gather (NCCL) serves it, once for the layers that read the same input", reason)
 
 
 def colwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:

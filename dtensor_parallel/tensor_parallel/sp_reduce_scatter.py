@@ -58,27 +58,28 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group  # group name -> group (2.11+)
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from ..warn_once import warn_once
+
 logger = logging.getLogger(__name__)
 funcol_ops = torch.ops._c10d_functional
 
 _SLOT0 = 64  # first signal-pad slot of the kernel; the workspace's init barrier (channel 0) uses [0, tp)
 _MIN_HALF_BYTES = 1 << 20
 _WORKSPACES: dict[str, "_Workspace"] = {}
-_FALLBACK_LOGGED = False
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def symm_mem_unavailable(world: int, device_type: str) -> str | None:
-    """Why the symmetric-memory kernel cannot serve a tp group of ``world`` ranks, or None."""
+def symm_mem_unavailable(world: int, device_type: str, dim: str = "tp") -> str | None:
+    """Why symmetric memory cannot serve a ``dim`` group (tp, ep) of ``world`` ranks, or None."""
     from triton_kernels.sp_reduce_scatter import MAX_WORLD
 
     if device_type != "cuda" or not torch.cuda.is_available():
         return f"the mesh is on {device_type!r}; symmetric memory needs CUDA GPUs"
     if not 2 <= world <= MAX_WORLD:
-        return f"tp={world}; the kernel serves 2..{MAX_WORLD} ranks of one NVLink domain"
+        return f"{dim}={world}; the kernel serves 2..{MAX_WORLD} ranks of one NVLink domain"
     try:
         import torch.distributed._symmetric_memory as symm_mem
         from torch._C._distributed_c10d import _SymmetricMemory
@@ -91,7 +92,7 @@ def symm_mem_unavailable(world: int, device_type: str) -> str | None:
         return f"torch {torch.__version__} lacks symmetric-memory APIs {missing}"
     n = torch.cuda.device_count()
     if world > n:
-        return f"tp={world} but this host sees {n} GPUs; the tp group must sit on one NVLink host"
+        return f"{dim}={world} but this host sees {n} GPUs; the {dim} group must sit on one NVLink host"
     cur = torch.cuda.current_device()
     no_peer = [d for d in range(n) if d != cur and not torch.cuda.can_device_access_peer(cur, d)]
     if no_peer:
@@ -117,10 +118,8 @@ def check_sp_reduce_scatter(plan, mesh) -> str:
     if requested == "triton":
         raise ValueError(f"kernels['sp_reduce_scatter']='triton' cannot run: {reason}. Use kernels="
                          f"{{'sp_reduce_scatter': 'auto'}} (falls back to NCCL) or 'torch'")
-    global _FALLBACK_LOGGED
-    if not _FALLBACK_LOGGED:
-        _FALLBACK_LOGGED = True
-        logger.warning("kernels['sp_reduce_scatter']='auto': using the torch (NCCL) reduce-scatter, since %s", reason)
+    warn_once(logger, "fallback", "kernels['sp_reduce_scatter']='auto': using the torch (NCCL) reduce-scatter, "
+              "since %s", reason)
     return "torch"
 
 
