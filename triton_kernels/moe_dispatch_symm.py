@@ -49,8 +49,9 @@ Kernels (one launch each; the host never waits):
    Why a second launch and not the push's tail: the area is complete only when the push's
    barrier has passed, and only its last program waits for that; every program waiting
    instead would need a grid-wide barrier (the whole grid co-resident) and hold every SM
-   idle through the peers' wait. One more launch (a few microseconds) is cheaper, and the
-   own rows, the part the push can place itself, already skip the area.
+   idle through the peers' wait. One more launch, which waits for nothing, is the cheaper
+   trade (not yet measured apart: the benchmark times dispatch+combine whole), and the own
+   rows, the part the push can place itself, already skip the area.
 
 Reuse of the areas (no double buffering needed): pushes alternate TO_EXPERT / TO_SOURCE
 (forward: dispatch, combine; backward: combine's, then dispatch's), and each area's reader
