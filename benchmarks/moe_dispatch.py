@@ -65,11 +65,17 @@ bf16 activations and weights; router weights fp32 (as MoE's router makes them).
    (default issue 22 item 5's rows: H4096 top-2 and H7168 top-8, E 8 and 64);
    ``remote_GBps_per_gpu``: the rows this rank sends over NVLink, one way, / half the
    forward time (DeepEP's per-GPU convention; its anchor 153 / 158 GB/s on H800).
+   ``ep_symm_dispatch_combine_identity_bound<b>``: the same with the receive bound
+   ``--tight-bounds`` b (``ParallelPlan.moe_recv_bound``; the plain row has ``--recv-bound``,
+   by default ep, the worst case), so the bound's effect is visible beside it: the
+   dispatch output, and any work over it, has ``bound`` rows (issue 22b). A routing that
+   exceeds a bound makes its row an ``error`` naming the bound (checked after the row).
 
 4. ``part: moe_layer_ep``, both ranks: MoE(4096, 8 experts, top 2, ffn 14336) with E/ep local
    experts, forward+backward, through ``ParallelDispatch(kernels="triton")`` with the
    symmetric-memory exchange and with NCCL, against the local grouped SwiGLU alone on T*k
-   rows (issue 22: the layer within 1.15x of it).
+   rows (issue 22: the layer within 1.15x of it); ``moe_ep_triton_symm_bound<b>`` with each
+   ``--tight-bounds`` receive bound (the SwiGLU's element-wise ops run over all bound rows).
 
 Goals: part 1 >= 0.6x copy at H4096 top-2 and >= 0.8x at H7168 top-8 (issue 22 item 3),
 >= 3x torch; part 3 symmetric memory >= 1.2x NCCL (issue 22 item 5); parts 2-3's NCCL-path
@@ -93,6 +99,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, without PYTHONPATH
 from dtensor_parallel import build_mesh  # noqa: E402
 from dtensor_parallel.expert_parallel import ParallelDispatch, build_expert_groups, dispatch_combine
+from dtensor_parallel.expert_parallel import symm_dispatch
 from dtensor_parallel.expert_parallel.symm_dispatch import choose_exchange, symm_dispatch_combine
 from dtensor_parallel.mesh import ParallelDims
 from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots, grouped_swiglu
@@ -337,8 +344,23 @@ def part_moe_layer(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device
 # ----------------------------------------------------------------------------------------
 
 
+def bound_name(b: float) -> str:
+    return f"bound{b:g}"
+
+
+def symm_overflow_check(group: dist.ProcessGroup, cuda: bool) -> None:
+    """Raise in this row if its last symmetric-memory call exceeded the receive bound, and
+    forget it, so the next row starts clean (every rank sees the same largest count)."""
+    if cuda:
+        torch.cuda.synchronize()
+    try:
+        symm_dispatch._raise_if_overflowed(group.group_name)
+    finally:
+        symm_dispatch._PENDING.pop(group.group_name, None)
+
+
 def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emit,
-            recv_bound: float | None = None) -> None:
+            recv_bound: float | None = None, tight_bounds: tuple[float, ...] = ()) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     shape = f"{t} tokens/GPU H{h} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}, ep{world}"
     e_size = torch.finfo(dtype).bits // 8
@@ -381,11 +403,13 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
 
     exchange = choose_exchange(world, device.type, "auto")  # symm on NVLink GPUs, emulated under --smoke
 
-    def symm(inp):
-        return symm_dispatch_combine(inp, counts, identity, group, exchange, recv_bound)
+    def symm(inp, bound=recv_bound):
+        return symm_dispatch_combine(inp, counts, identity, group, exchange, bound)
 
     impls = {
         "ep_symm_dispatch_combine_identity": (lambda: symm(rows), with_backward(lambda: symm(rows), [rows])),
+        **{f"ep_symm_dispatch_combine_identity_{bound_name(b)}": (
+            lambda b=b: symm(rows, b), with_backward(lambda b=b: symm(rows, b), [rows])) for b in tight_bounds},
         "ep2_dispatch_combine_identity": (
             lambda: dispatch_combine(rows, counts, identity, groups),
             with_backward(lambda: dispatch_combine(rows, counts, identity, groups), [rows])),
@@ -396,9 +420,15 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
     for name, (fwd_fn, both_fn) in impls.items():
         row = {"part": "ep2", "impl": name, "shape": shape, "bytes": 2 * row_bytes, "exchange": exchange,
                "remote_bytes": 2 * remote, "fwd_bwd_bytes": 4 * row_bytes}
+        is_symm = name.startswith("ep_symm")
+        if is_symm:
+            b = next((b for b in tight_bounds if name.endswith(bound_name(b))), recv_bound)
+            row["recv_bound"] = b if b is not None else float(world)
         try:
             fwd = bench(fwd_fn, barrier=True)
             both = bench(both_fn, barrier=True)
+            if is_symm:
+                symm_overflow_check(group, device.type == "cuda")
             local = torch.tensor([fwd, both], dtype=torch.float64, device=device)
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local)
@@ -411,13 +441,14 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
                        remote_GBps_per_gpu=remote / (max(p[0].item() for p in parts) / 2) / 1e6)
         except Exception as e:  # noqa: BLE001 - both ranks should fail alike; if not, this hangs
             row["error"] = err_text(e)
+            symm_dispatch._PENDING.pop(group.group_name, None)
         emit(row)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device, bench: Bench, emit,
-                      recv_bound: float | None = None) -> None:
+                      recv_bound: float | None = None, tight_bounds: tuple[float, ...] = ()) -> None:
     """Both ranks: MoE(dim, E experts, top k) with E/ep local experts, forward+backward,
     through ParallelDispatch(kernels=triton) with the symmetric-memory exchange and with
     NCCL, and the local grouped SwiGLU alone on T*k rows over the local experts."""
@@ -444,8 +475,8 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
         emit({"part": "moe_layer_ep", "impl": "setup", "shape": shape, "error": err_text(e)})
         return
 
-    def layer(exchange: str):
-        dispatch = ParallelDispatch(kernels="triton", groups=groups, exchange=exchange, recv_bound=recv_bound)
+    def layer(exchange: str, bound: float | None = recv_bound):
+        dispatch = ParallelDispatch(kernels="triton", groups=groups, exchange=exchange, recv_bound=bound)
 
         def fn():
             moe.dispatch = dispatch
@@ -454,21 +485,29 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
 
     impls = {
         "moe_ep_triton_symm": (layer("auto"), [x, *params]),
+        **{f"moe_ep_triton_symm_{bound_name(b)}": (layer("auto", b), [x, *params]) for b in tight_bounds},
         "moe_ep_triton_nccl": (layer("nccl"), [x, *params]),
         "grouped_swiglu_local_only": (lambda: grouped_swiglu(rows, moe.w1, moe.w3, moe.w2, local_counts),
                                       [rows, moe.w1, moe.w3, moe.w2]),
     }
     for name, (fn, inputs) in impls.items():
         row = {"part": "moe_layer_ep", "impl": name, "shape": shape}
+        is_symm = name.startswith("moe_ep_triton_symm")
+        if is_symm:
+            b = next((b for b in tight_bounds if name.endswith(bound_name(b))), recv_bound)
+            row["recv_bound"] = b if b is not None else float(world)
         try:
             fwd = bench(fn, barrier=True)
             both = bench(with_backward(fn, inputs), barrier=True)
+            if is_symm:
+                symm_overflow_check(groups.ep_group, device.type == "cuda")
             local = torch.tensor([fwd, both], dtype=torch.float64, device=device)
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local)
             row.update(median_ms=fwd, fwd_bwd_ms=both, fwd_bwd_ms_max_rank=max(p[1].item() for p in parts))
         except Exception as e:  # noqa: BLE001
             row["error"] = err_text(e)
+            symm_dispatch._PENDING.pop(groups.ep_group.group_name, None)
         emit(row)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -480,7 +519,7 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
 
 
 def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3: list[str],
-               shape_p4: str | None = None) -> list[dict]:
+               shape_p4: str | None = None, tight_bounds: tuple[float, ...] = ()) -> list[dict]:
     by = {(r["part"], r["impl"], r["shape"]): r for r in rows}
     nan = float("nan")
 
@@ -548,6 +587,17 @@ def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3:
              "value": get(e, "ep_symm_dispatch_combine_identity", shape_p3, "remote_GBps_per_gpu"), "goal": 153.0,
              "higher_is_better": True},
         ]
+        for b in tight_bounds:
+            impl = f"ep_symm_dispatch_combine_identity_{bound_name(b)}"
+            out += [
+                {"name": f"{shape_p3}: symmetric-memory dispatch+combine, receive bound {b:g}, fwd bandwidth / NCCL "
+                         "all_to_all_single x2",
+                 "value": ratio(get(e, impl, shape_p3, "algbw_GBps"), nccl), "goal": 1.2, "higher_is_better": True},
+                {"name": f"{shape_p3}: symmetric-memory dispatch+combine, receive bound {b:g}, fwd+bwd bandwidth / "
+                         "NCCL all_to_all_single x4",
+                 "value": ratio(get(e, impl, shape_p3, "fwd_bwd_algbw_GBps"), nccl_both), "goal": 1.2,
+                 "higher_is_better": True},
+            ]
     if shape_p4 is not None:
         m = "moe_layer_ep"
         out.append({"name": f"{shape_p4}: MoE layer (triton, symmetric memory) fwd+bwd time / local grouped SwiGLU "
@@ -558,6 +608,12 @@ def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3:
                     "value": ratio(get(m, "moe_ep_triton_symm", shape_p4, "fwd_bwd_ms_max_rank"),
                                    get(m, "moe_ep_triton_nccl", shape_p4, "fwd_bwd_ms_max_rank")),
                     "goal": 1.0, "higher_is_better": False})
+        for b in tight_bounds:
+            out.append({"name": f"{shape_p4}: MoE layer fwd+bwd, symmetric memory with receive bound {b:g} / NCCL "
+                                "exchange (time)",
+                        "value": ratio(get(m, f"moe_ep_triton_symm_{bound_name(b)}", shape_p4, "fwd_bwd_ms_max_rank"),
+                                       get(m, "moe_ep_triton_nccl", shape_p4, "fwd_bwd_ms_max_rank")),
+                        "goal": 1.0, "higher_is_better": False})
     return out
 
 
@@ -579,6 +635,9 @@ def main() -> None:
                         "rows by default; issue 11's anchor: 7168,256,8)")
     p.add_argument("--recv-bound", type=float, default=None,
                    help="symmetric-memory receive bound, a multiple of T*k (default: ep, the worst case)")
+    p.add_argument("--tight-bounds", default="1.25", metavar="B[,B...]",
+                   help="receive bounds of extra symmetric-memory rows beside the --recv-bound ones (issue 22b; "
+                        "'' for none)")
     p.add_argument("--no-layer", action="store_true", help="skip the single-GPU MoE layer and the EP layer parts")
     p.add_argument("--no-deepseek", action="store_true", help="skip the H7168 top-8 shapes of part 1")
     p.add_argument("--warmup", type=int, default=5)
@@ -597,6 +656,7 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16
+    tight = tuple(float(b) for b in args.tight_bounds.split(",") if b.strip())
     if args.smoke:
         t, h, dim, ffn = 64, 64, 64, 128
         shapes = [(t, h, 8, 2)] + ([] if args.no_deepseek else [(t, 96, 64, 8), (t, 96, 256, 8)])
@@ -632,10 +692,10 @@ def main() -> None:
     if args.smoke:
         ep_shapes = [(h, ee, ek) for _, ee, ek in ep_shapes]
     for eh, ee, ek in ep_shapes:
-        part_ep(t, eh, ee, ek, dtype, device, bench, emit, args.recv_bound)
+        part_ep(t, eh, ee, ek, dtype, device, bench, emit, args.recv_bound, tight)
     layer_shape = None
     if not args.no_layer:
-        part_moe_layer_ep(t, dim, ffn, 8, 2, dtype, device, bench, emit, args.recv_bound)
+        part_moe_layer_ep(t, dim, ffn, 8, 2, dtype, device, bench, emit, args.recv_bound, tight)
         layer_shape = f"{t} tokens/GPU H{dim} F{ffn} E8 top2 {str(dtype).removeprefix('torch.')}, ep{world}"
 
     def save() -> tuple[list[dict], Path]:
@@ -643,7 +703,7 @@ def main() -> None:
         shapes_p1 = [f"T{t} H{hh} E{e} top{k} {e_str}" for _, hh, e, k in shapes]
         targets = targets_of(rows, shapes_p1, f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
                              [f"{t} tokens/GPU H{eh} E{ee} top{ek} {e_str}, ep{world}" for eh, ee, ek in ep_shapes],
-                             layer_shape)
+                             layer_shape, tight)
         path = write_results(
             NAME + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
             grouped_mm=hasattr(torch, "_grouped_mm"), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",

@@ -16,6 +16,7 @@ Every field is checked in ``__post_init__``; errors name the fix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,6 +91,15 @@ class ParallelPlan:
         expert_parallel: experts sharded over this many ranks, folded out of dp_shard x cp x tp
             (Megatron's ``--expert-model-parallel-size``; experts are never tensor-sharded:
             under TP the MoE layers run token parallel over tp, see ``expert_parallel.py``).
+        moe_recv_bound: the expert rows a rank may receive per MoE layer over symmetric memory
+            (``kernels={"moe_dispatch": "triton" | "auto"}`` with expert_parallel > 1 on GPUs
+            of one host), as a multiple of the T*k rows it routes itself (T tokens, top-k).
+            ``None``: expert_parallel, the worst case, which no routing exceeds (values above it
+            act as it). It sizes the receive area and the dispatched tensor, so the experts'
+            element-wise ops and kept activations scale with it: 1.25, say, fits balanced
+            routing at a quarter of headroom; a layer whose routing exceeds it is a
+            ``ValueError`` naming this field (``expert_parallel/symm_dispatch.py``). The NCCL
+            exchange sizes its buffers per call and ignores it.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
             ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
             ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).
@@ -127,6 +137,7 @@ class ParallelPlan:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     expert_parallel: int = 1
+    moe_recv_bound: float | None = None
     pipeline_schedule: str | None = None
     virtual_stages: int | None = None
     layers_per_virtual_stage: int | None = None
@@ -175,6 +186,10 @@ class ParallelPlan:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int or None")
+        v = self.moe_recv_bound
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise ValueError(f"moe_recv_bound={v!r} must be a number > 0 (the rows a rank may receive per MoE layer, "
+                             f"as a multiple of its T*k routed rows), or None for the worst case, expert_parallel")
         if (self.micro_batch_size and self.global_batch_size
                 and self.global_batch_size % self.micro_batch_size):
             raise ValueError(

@@ -3,11 +3,16 @@
 Kernel math in the Triton interpreter on CPU with the peers simulated by stacked tensors
 (``triton_kernels.moe_dispatch_symm.simulate``): the receive layout (expert-major, then
 source, then the source's sorted order: the NCCL path's regroup order), the receive counts,
-the way back to each source's sorted rows, and the bound's all-or-nothing skip. The op and
+the way back to each source's sorted rows, and the bound's all-or-nothing skip; the copy-out
+kernel (issue 22b) against its reference, writing the received rows and nothing past them
+(areas poisoned with NaN). The op and
 its autograd on gloo ranks with the peers' areas emulated by all-gathers, against the NCCL
 path's ``dispatch_combine`` (output and gradients bit-equal: the same copies, the same
 expert rows). On 2 GPUs (``pytest -m gpu``): the symmetric-memory op against the NCCL path,
-output and every gradient, and the model's EP2 parity with the kernels spied."""
+output and every gradient, and the model's EP2 parity with the kernels spied. The emulation
+fills every row nothing writes with NaN, so each gloo case also checks that no NaN past the
+received count reaches an output or a gradient; ``_bound_rows_experts`` touches those rows
+as the grouped GEMM path does, and the GPU cases poison them too (``_POISON_UNWRITTEN``)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from triton_kernels.moe_dispatch_symm import simulate, tables_ref
+from triton_kernels.moe_dispatch_symm import Tables, copy_out_ref, launch_copy_out, launch_exchange, simulate, tables_ref
 
 from .harness import run_distributed
 
@@ -78,6 +83,86 @@ def test_simulated_bound_exceeded_skips_every_store() -> None:
     assert all(bool(r[3].any()) for r in got)
 
 
+def _received(ref: list[dict], d: int, rows: list[torch.Tensor]) -> torch.Tensor:
+    order = ref[d]["recv_order"]
+    return torch.stack([rows[s][i] for s, i in order]) if order else rows[0][:0]
+
+
+@pytest.mark.parametrize("world,t,k,e,h,dead,slack", [
+    (2, 13, 2, 8, 40, 0, 0),   # the rank receiving most: count == bound
+    (2, 11, 2, 8, 24, 4, 3),   # rank 0's experts get nothing: count 0
+    (3, 9, 2, 6, 20, 2, 5), (4, 7, 3, 8, 17, 0, 1), (8, 5, 2, 16, 16, 0, 0)])
+def test_simulated_round_trip_writes_only_the_received_rows(world, t, k, e, h, dead, slack) -> None:
+    """Areas and outputs start as NaN: the dispatch output holds exactly the received rows in
+    [0, count) and NaN past them (nothing written there), and the way back has no NaN."""
+    rows, counts = _rank_rows(world, t, k, e, h, seed=world + 31 * slack, dead=dead)
+    ref = tables_ref([c.cpu() for c in counts], world)
+    need = max(len(r["recv_order"]) for r in ref)
+    got = simulate(rows, counts, need + slack, fill=float("nan"))
+    seen = set()
+    for d, (recv, _, info, back) in enumerate(got):
+        n = len(ref[d]["recv_order"])
+        seen.add("zero" if n == 0 else "full" if n == need + slack else "partial")
+        assert int(info[0]) == n
+        assert torch.equal(recv[:n], _received(ref, d, rows))  # exact, no NaN
+        assert recv[n:].isnan().all()  # nothing written past the count
+        assert torch.equal(back, rows[d])  # identity experts: every row comes back, no NaN
+    if dead:
+        assert "zero" in seen
+    if slack == 0:
+        assert "full" in seen
+
+
+def _tables_on_every_rank(counts: list[torch.Tensor], world: int) -> list[Tables]:
+    e = counts[0].numel()
+    areas = torch.zeros(world, world * e, dtype=torch.int32, device=DEVICE)
+    tabs = [Tables(e, world, DEVICE) for _ in range(world)]
+    for s in range(world):
+        launch_exchange(counts[s], list(areas), None, s, tabs[s], barrier=False, make_tables=False)
+    for s in range(world):
+        launch_exchange(counts[s], list(areas), None, s, tabs[s], push=False, barrier=False)
+    return tabs
+
+
+@pytest.mark.parametrize("world,t,k,e,h,dead,slack", [
+    (2, 13, 2, 8, 40, 0, 0), (2, 11, 2, 8, 24, 4, 2), (4, 7, 3, 8, 17, 0, 3), (8, 5, 2, 16, 9, 0, 1)])
+def test_copy_out_kernel_against_reference(world, t, k, e, h, dead, slack) -> None:
+    """The copy-out alone: from an area of random rows (NaN past the received count) into an
+    output filled with a sentinel: the peers' rows of [0, count) are copied exactly, the own
+    rows (the push's) and every row past the count keep the sentinel. Both directions, every
+    rank, against ``copy_out_ref`` and against a mask built from ``tables_ref``."""
+    rows, counts = _rank_rows(world, t, k, e, h, seed=5 + world, dead=dead)
+    ref = tables_ref([c.cpu() for c in counts], world)
+    bound = max(len(r["recv_order"]) for r in ref) + slack
+    tabs = _tables_on_every_rank(counts, world)
+    g = torch.Generator().manual_seed(world)
+    el = e // world
+    for d in range(world):
+        n = len(ref[d]["recv_order"])
+        area = torch.randn(bound, h, generator=g).to(DEVICE)
+        area[n:] = float("nan")
+        out = launch_copy_out(area.reshape(-1), torch.full((bound, h), -7.0, device=DEVICE), tabs[d], d, world,
+                              bound, to_expert=True, max_programs=2)
+        peer = torch.tensor([s != d for s, _ in ref[d]["recv_order"]] + [False] * (bound - n), dtype=torch.bool)
+        want = torch.full((bound, h), -7.0)
+        want[peer] = area.cpu()[peer]
+        assert torch.equal(out.cpu(), want)
+        assert torch.equal(copy_out_ref(area.reshape(-1), torch.full((bound, h), -7.0, device=DEVICE), tabs[d], d,
+                                        world, bound, to_expert=True).cpu(), want)
+        n_src = rows[d].shape[0]  # the way back: rows of my own experts are the push's
+        back_area = torch.randn(n_src, h, generator=g).to(DEVICE)
+        out = launch_copy_out(back_area.reshape(-1), torch.full((n_src, h), -7.0, device=DEVICE), tabs[d], d, world,
+                              bound, to_expert=False, max_programs=2)
+        owner = torch.repeat_interleave(torch.arange(e) // el, counts[d].cpu())  # (N,) rank of each row's expert
+        want = torch.where((owner != d)[:, None], back_area.cpu(), torch.tensor(-7.0))
+        assert torch.equal(out.cpu(), want)
+        assert torch.equal(copy_out_ref(back_area.reshape(-1), torch.full((n_src, h), -7.0, device=DEVICE), tabs[d],
+                                        d, world, bound, to_expert=False).cpu(), want)
+    over = launch_copy_out(area.reshape(-1), torch.zeros(bound, h, device=DEVICE), tabs[0], 0, world,
+                           bound - slack - 1, to_expert=True, max_programs=2)  # a rank exceeds the bound
+    assert not over.any()  # nothing copied (the push stored nothing either)
+
+
 # ----------------------------------------------------------------------------------------
 # gloo ranks (peers emulated) and 2 GPUs (symmetric memory): the op against the NCCL path
 # ----------------------------------------------------------------------------------------
@@ -94,15 +179,47 @@ def _looped_experts(w: torch.Tensor):
     return run
 
 
+def _bound_rows_experts(w: torch.Tensor):
+    """Over all the rows it is given, as the grouped GEMM path is (CPU): SiLU on every row
+    (its element-wise ops do), then per local expert x @ w[e] on its rows; rows past the
+    received ones pass through. Checks they are the emulation's NaN (so the test can fail)."""
+    def run(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        a = torch.nn.functional.silu(x)  # (rows, H), every row
+        n = int(counts.sum())
+        if n < x.shape[0]:
+            assert x[n:].isnan().all(), "rows past the received count should be unwritten (NaN)"
+        outs, start = [], 0
+        for e, c in enumerate(counts.tolist()):
+            outs.append(a[start:start + c] @ w[e])
+            start += c
+        return torch.cat(outs + [a[n:]])
+    return run
+
+
 def _grouped_experts(w: torch.Tensor):
     """bf16 grouped GEMM (rows past the last offset left alone), as the model's experts."""
     return lambda x, counts: torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
 
 
-def _op_against_nccl(t: int, k: int, e: int, h: int, dtype: torch.dtype, grouped: bool, calls: int = 1) -> int:
+def _op_against_nccl(t: int, k: int, e: int, h: int, dtype: torch.dtype, grouped: bool | str, calls: int = 1,
+                     recv_bound: float | None = None) -> int:
     """symm_dispatch_combine (emulated on gloo / symmetric memory on GPUs) against
     dispatch_combine (all-to-all): output, rows' gradient and the experts' weight gradient,
-    bit-equal (the same copies; each expert sees the same rows in the same order)."""
+    bit-equal (the same copies; each expert sees the same rows in the same order).
+    ``grouped``: True the grouped GEMM, "bound_rows" ``_bound_rows_experts``, False the loop.
+    Rows nothing writes are NaN (the emulation's; ``_POISON_UNWRITTEN`` on GPUs): none may
+    reach the output or a gradient."""
+    from dtensor_parallel.expert_parallel import symm_dispatch
+
+    symm_dispatch._POISON_UNWRITTEN = True  # (reset below: the harness's workers run other cases next)
+    try:
+        return _op_against_nccl_poisoned(t, k, e, h, dtype, grouped, calls, recv_bound)
+    finally:
+        symm_dispatch._POISON_UNWRITTEN = False
+
+
+def _op_against_nccl_poisoned(t: int, k: int, e: int, h: int, dtype: torch.dtype, grouped: bool | str, calls: int,
+                              recv_bound: float | None) -> int:
     from dtensor_parallel import build_mesh
     from dtensor_parallel.expert_parallel import build_expert_groups, dispatch_combine
     from dtensor_parallel.expert_parallel.symm_dispatch import choose_exchange, symm_dispatch_combine
@@ -128,9 +245,9 @@ def _op_against_nccl(t: int, k: int, e: int, h: int, dtype: torch.dtype, grouped
         outs, grads = [], []
         for path in ("symm", "nccl"):
             xr, wr = rows.clone().requires_grad_(), w.clone().requires_grad_()
-            experts = _grouped_experts(wr) if grouped else _looped_experts(wr)
+            experts = {True: _grouped_experts, "bound_rows": _bound_rows_experts, False: _looped_experts}[grouped](wr)
             if path == "symm":
-                out = symm_dispatch_combine(xr, counts, experts, groups.ep_group, exchange)
+                out = symm_dispatch_combine(xr, counts, experts, groups.ep_group, exchange, recv_bound)
             else:
                 out = dispatch_combine(xr, counts, experts, groups)
             out.backward(gout)
@@ -139,7 +256,10 @@ def _op_against_nccl(t: int, k: int, e: int, h: int, dtype: torch.dtype, grouped
         pairs = [("output", outs[0], outs[1]), ("rows' gradient", grads[0][0], grads[1][0]),
                  ("experts' weight gradient", grads[0][1], grads[1][1])]
         for name, a, b in pairs:
-            if grouped and not torch.equal(a, b):  # the GEMM ran on more rows (the bound): cuBLAS/CUTLASS
+            assert not a.isnan().any(), f"NaN in the {name}: a row past the received count was read"
+            if grouped == "bound_rows":  # SiLU over a longer tensor: vectorized differently, an ulp at most
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+            elif grouped is True and not torch.equal(a, b):  # the GEMM ran on more rows (the bound): cuBLAS/CUTLASS
                 torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-2, msg=name)  # may tile differently
                 unequal.append(name)
             else:
@@ -153,6 +273,16 @@ def test_gloo_op_matches_the_all_to_all_path(world, k, e) -> None:
     assert run_distributed(world, _op_against_nccl, 9, k, e, 24, torch.float32, False, 2) == [2] * world
 
 
+@pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the kernels under the interpreter")
+@pytest.mark.parametrize("world,k,e,bound", [(2, 2, 8, None), (2, 2, 4, 1.75), (4, 2, 8, 2.5)])
+def test_gloo_experts_over_every_row_see_nan_past_the_count(world, k, e, bound) -> None:
+    """Experts that touch every row of the (bound, H) dispatch output, as the grouped GEMM
+    path does: the rows past the received count are NaN (unwritten) and none of it reaches the
+    output or a gradient, which equal the all-to-all path's."""
+    got = run_distributed(world, _op_against_nccl, 9, k, e, 24, torch.float32, "bound_rows", 2, bound)
+    assert got == [2] * world
+
+
 def _bound_error() -> str:
     from dtensor_parallel import build_mesh
     from dtensor_parallel.expert_parallel import build_expert_groups
@@ -164,7 +294,8 @@ def _bound_error() -> str:
     counts = torch.tensor([8, 0, 0, 0]) if dist.get_rank() == 0 else torch.tensor([0, 0, 8, 0])
     rows = torch.randn(8, 4)
     symm_dispatch_combine(rows, counts, lambda x, c: x, groups.ep_group, "emulated", recv_bound=1.0)  # fits
-    with pytest.raises(ValueError, match=r"received 16 expert rows but the receive bound is 12.*recv_bound"):
+    with pytest.raises(ValueError, match=r"received 16 expert rows but the receive bound is 12.*"
+                                         r"ParallelPlan\(moe_recv_bound=\.\.\.\)"):
         symm_dispatch_combine(rows, torch.tensor([8, 0, 0, 0]), lambda x, c: x, groups.ep_group, "emulated",
                               recv_bound=1.5)
     return "ok"
@@ -181,14 +312,17 @@ def _model_parity_spied(mesh_kwargs: dict, plan_kwargs: dict, backend_kind: str)
 
     from .parity import one_step_parity
 
-    calls = []
+    calls, bounds = [], []
     real = symm_dispatch.symm_dispatch_combine
-    symm_dispatch.symm_dispatch_combine = lambda *a, **kw: calls.append(a[4]) or real(*a, **kw)
+    symm_dispatch.symm_dispatch_combine = lambda *a, **kw: calls.append(a[4]) or bounds.append(a[5]) or real(*a, **kw)
+    symm_dispatch._POISON_UNWRITTEN = True  # (the GPU's outputs too: rows nothing writes are NaN)
     try:
         loss = one_step_parity("moe", mesh_kwargs, plan_kwargs, batch=4, seq=16)
     finally:
         symm_dispatch.symm_dispatch_combine = real
+        symm_dispatch._POISON_UNWRITTEN = False
     assert set(calls) == {backend_kind}, calls
+    assert set(bounds) == {plan_kwargs.get("moe_recv_bound")}, bounds  # the plan's field reached the op
     return loss, len(calls)
 
 
@@ -202,6 +336,42 @@ def test_gloo_model_parity_through_the_emulated_exchange() -> None:
     results = run_distributed(2, _model_parity_spied, *EP2_TRITON, "emulated")
     n_moe = TINY_MOE.n_layers - TINY_MOE.n_dense_layers
     assert len({loss for loss, _ in results}) == 1 and all(n == n_moe for _, n in results), results
+
+
+EP2_TRITON_BOUND = ({"dp_shard": 2}, {**EP2_TRITON[1], "moe_recv_bound": 1.5})
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the kernels under the interpreter")
+def test_gloo_model_parity_with_the_plan_receive_bound() -> None:
+    """ParallelPlan(moe_recv_bound=1.5) reaches the exchange (spied) and the EP2 model still
+    matches the single-device one: loss and every gradient."""
+    from .parity import TINY_MOE
+
+    results = run_distributed(2, _model_parity_spied, *EP2_TRITON_BOUND, "emulated")
+    n_moe = TINY_MOE.n_layers - TINY_MOE.n_dense_layers
+    assert len({loss for loss, _ in results}) == 1 and all(n == n_moe for _, n in results), results
+
+
+def _model_bound_too_tight() -> str:
+    """A plan bound no routing fits: every rank raises the same error, naming the field."""
+    import copy
+
+    from dtensor_parallel import build_mesh, parallelize
+
+    from .parity import make_batch, make_model, plan_for
+
+    ref = make_model("moe")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(dp_shard=2), plan_for("moe", **{**EP2_TRITON[1],
+                                                                                    "moe_recv_bound": 0.25}))
+    x, y = make_batch(ref.args.vocab_size, 4, 16)
+    with pytest.raises(ValueError, match=r"receive bound is \d+.*ParallelPlan\(moe_recv_bound=\.\.\.\)"):
+        pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    return "ok"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU ranks run the kernels under the interpreter")
+def test_gloo_plan_bound_too_tight_names_the_plan_field() -> None:
+    assert run_distributed(2, _model_bound_too_tight) == ["ok", "ok"]
 
 
 @pytest.mark.gpu
@@ -218,6 +388,18 @@ class TestGPU:
         got = run_distributed(2, _op_against_nccl, 256, 8, 64, 512, torch.bfloat16, True, 2, backend="nccl")
         print("bit-equal" if got == [2, 2] else "within bf16 rounding", got)
         assert [abs(v) for v in got] == [2, 2]
+
+    def test_symm_op_matches_nccl_with_a_tight_bound(self) -> None:
+        got = run_distributed(2, _op_against_nccl, 512, 2, 8, 256, torch.bfloat16, True, 3, 1.25, backend="nccl")
+        print("bit-equal" if got == [3, 3] else "within bf16 rounding", got)
+        assert [abs(v) for v in got] == [3, 3]
+
+    def test_model_ep2_parity_with_the_plan_receive_bound(self) -> None:
+        from .parity import TINY_MOE
+
+        results = run_distributed(2, _model_parity_spied, *EP2_TRITON_BOUND, "symm", backend="nccl")
+        n_moe = TINY_MOE.n_layers - TINY_MOE.n_dense_layers
+        assert results[0][0] == results[1][0] and all(n == n_moe for _, n in results), results
 
     def test_model_ep2_parity_with_the_symm_exchange_spied(self) -> None:
         from .parity import TINY_MOE

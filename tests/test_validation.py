@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,10 +119,31 @@ def test_local_batch_mismatch_with_global_batch() -> None:
     ({"kernels": {"attn": "triton"}}, "unknown kernel families"),
     ({"micro_batch_size": 3, "global_batch_size": 8}, r"global_batch_size\(8\) is not a multiple"),
     ({"mixed_precision": "fp16"}, "mixed_precision='fp16'"),
+    ({"moe_recv_bound": 0}, r"moe_recv_bound=0 must be a number > 0"),
+    ({"moe_recv_bound": -1.25}, r"moe_recv_bound=-1.25 must be a number > 0"),
+    ({"moe_recv_bound": float("nan")}, r"moe_recv_bound=nan must be a number > 0"),
+    ({"moe_recv_bound": float("inf")}, r"moe_recv_bound=inf must be a number > 0"),
+    ({"moe_recv_bound": True}, r"moe_recv_bound=True must be a number > 0"),
+    ({"moe_recv_bound": "1.25"}, r"moe_recv_bound='1.25' must be a number > 0"),
 ])
 def test_plan_rejects_bad_fields(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ParallelPlan(**kwargs)
+
+
+def test_plan_moe_recv_bound_reaches_the_dispatcher() -> None:
+    """The plan's receive bound (a recipe's [plan] key too) is the dispatcher's; None by default."""
+    from dtensor_parallel.expert_parallel import ParallelDispatch
+    from dtensor_parallel.trainer.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "debug_moe.toml"
+    assert ParallelPlan().moe_recv_bound is None and ParallelPlan(moe_recv_bound=1).moe_recv_bound == 1
+    cfg = load_config(recipe, overlay={"plan": {"moe_recv_bound": 1.25}})
+    assert cfg.parallel_plan().moe_recv_bound == 1.25 and load_config(recipe).plan.moe_recv_bound is None
+    with pytest.raises(ValueError, match=r"moe_recv_bound=0\.0 must be a number > 0"):  # (a float field)
+        load_config(recipe, overlay={"plan": {"moe_recv_bound": 0}})
+    with pytest.raises(ValueError, match=r"recv_bound=0 must be > 0.*ParallelPlan.moe_recv_bound"):
+        ParallelDispatch(recv_bound=0)
 
 
 def test_plan_kernels_switch_normalizes() -> None:

@@ -33,17 +33,35 @@ Kernels (one launch each; the host never waits):
    ``sp_reduce_scatter._signal_barrier`` on one fixed slot). Only that one program spins, and
    it waits only for the peers' last programs of the same launch, which every rank makes
    (same calls, same order): no co-residency needed, no deadlock. When the kernel ends,
-   every rank's stores into this rank are visible.
+   every rank's stores into this rank are visible. Rows a rank sends to itself never enter
+   its symmetric area: the push stores them straight into ``OUT``, the call's fresh output.
+3. ``_copy_out_kernel``: the peers' rows of this rank's area into ``OUT`` (the area is reused
+   by the next call, and autograd keeps the output). TO_EXPERT: the received rows
+   ``[0, info[0])``, ``info[0]`` read on the device, less the segments of source ``me``;
+   TO_SOURCE: the N return rows less those of my own experts (one contiguous range of my
+   sorted rows). Grid-stride over row tiles up to the count: programs past it return at once,
+   the grid is fixed by the host-known ``bound`` (no host sync, CUDA-graph capturable). Rows
+   of ``OUT`` past ``info[0]`` are never written (see ``expert_parallel/symm_dispatch.py``
+   for why nothing reads them). So a dispatch copies the ``info[0]`` rows it received less
+   its own, about ``(ep - 1) / ep`` of T*k under balanced routing, where a clone of the
+   area copied all ``bound`` rows (ep T*k by default: four times as many at ep 2).
+
+   Why a second launch and not the push's tail: the area is complete only when the push's
+   barrier has passed, and only its last program waits for that; every program waiting
+   instead would need a grid-wide barrier (the whole grid co-resident) and hold every SM
+   idle through the peers' wait. One more launch, which waits for nothing, is the cheaper
+   trade (not yet measured apart: the benchmark times dispatch+combine whole), and the own
+   rows, the part the push can place itself, already skip the area.
 
 Reuse of the areas (no double buffering needed): pushes alternate TO_EXPERT / TO_SOURCE
 (forward: dispatch, combine; backward: combine's, then dispatch's), and each area's reader
-(the clone right after a push into it) runs before its rank enters the next push's barrier,
-which every writer of the area's next push has passed. The caller inserts a bare barrier
-when two pushes of one direction follow each other.
+(the copy-out right after a push into it) runs before its rank enters the next push's
+barrier, which every writer of the area's next push has passed. The caller inserts a bare
+barrier when two pushes of one direction follow each other.
 
 Interpreter (``TRITON_INTERPRET=1``): fences compiled out; the phases are constexpr flags,
-so :func:`simulate` runs the exchange and push code with stacked tensors standing in for
-the peers' areas and no barrier (every rank's phase, then the next).
+so :func:`simulate` runs the exchange, push and copy-out code with stacked tensors standing
+in for the peers' areas and no barrier (every rank's phase, then the next).
 """
 
 from __future__ import annotations
@@ -56,7 +74,8 @@ import triton.language as tl
 
 from .sp_reduce_scatter import _fence_system, _pick, _signal_barrier, pad8
 
-__all__ = ["MAX_WORLD", "Tables", "launch_exchange", "launch_push", "simulate", "tables_ref"]
+__all__ = ["MAX_WORLD", "Tables", "copy_out_ref", "launch_copy_out", "launch_exchange", "launch_push", "simulate",
+           "tables_ref"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_WORLD = 8
@@ -110,12 +129,13 @@ def _exchange_kernel(COUNTS, A0, A1, A2, A3, A4, A5, A6, A7, S0, S1, S2, S3, S4,
 
 
 @triton.jit
-def _push_kernel(SRC, B0, B1, B2, B3, B4, B5, B6, B7, S0, S1, S2, S3, S4, S5, S6, S7, TICKET,
+def _push_kernel(SRC, OUT, B0, B1, B2, B3, B4, B5, B6, B7, S0, S1, S2, S3, S4, S5, S6, S7, TICKET,
                  SEND_BASE, MY_START, MY_END, SEG_START, SEG_END, SEG_SRC, INFO, N, BOUND, stride_src, SLOT,
                  H: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
                  E_PAD: tl.constexpr, SEG_PAD: tl.constexpr, TO_EXPERT: tl.constexpr, BARRIER: tl.constexpr,
                  FENCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """SRC (rows, H) local with row stride stride_src; B_p: rank p's destination area (rows, H).
+    """SRC (rows, H) local with row stride stride_src; B_p: rank p's destination area (rows, H);
+    OUT: this rank's output (rows, H), local, which takes the rows bound for this rank itself.
     TO_EXPERT: rows [0, N) of SRC (sorted by global expert) to their owners' receive areas
     (BOUND rows). TO_SOURCE: the INFO[0] received rows back to their sources' return areas.
     No store at all if some rank receives more than BOUND rows (INFO[1] > BOUND)."""
@@ -144,7 +164,7 @@ def _push_kernel(SRC, B0, B1, B2, B3, B4, B5, B6, B7, S0, S1, S2, S3, S4, S5, S6
             c_ok = cols < H
             v = tl.load(SRC + r[:, None].to(tl.int64) * stride_src + cols[None, :], mask=r_ok[:, None] & c_ok[None, :])
             for p in tl.static_range(WORLD):
-                dst = _pick(p, B0, B1, B2, B3, B4, B5, B6, B7)
+                dst = OUT if p == RANK else _pick(p, B0, B1, B2, B3, B4, B5, B6, B7)  # own rows skip the area
                 tl.store(dst + dst64[:, None] * H + cols[None, :], v,
                          mask=(r_ok & (dst_rank == p))[:, None] & c_ok[None, :])
     if BARRIER:
@@ -155,6 +175,38 @@ def _push_kernel(SRC, B0, B1, B2, B3, B4, B5, B6, B7, S0, S1, S2, S3, S4, S5, S6
         if ticket == nprog - 1:  # every program of this launch has stored and fenced
             tl.atomic_xchg(TICKET, 0, sem="relaxed", scope="gpu")
             _signal_barrier(S0, S1, S2, S3, S4, S5, S6, S7, SLOT, RANK, WORLD, FENCE)
+
+
+@triton.jit
+def _copy_out_kernel(AREA, OUT, MY_START, MY_END, SEG_END, INFO, N, BOUND,
+                     H: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
+                     SEG_PAD: tl.constexpr, TO_EXPERT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """AREA: this rank's area (rows, H) after a push into it; OUT (rows, H), both local and
+    contiguous. Copies the rows the peers stored: TO_EXPERT rows [0, INFO[0]) whose segment's
+    source is not RANK; TO_SOURCE rows [0, N) outside RANK's own experts' rows. Nothing if the
+    push skipped its stores (INFO[1] > BOUND)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    fits = tl.load(INFO + 1) <= BOUND
+    n_rows = tl.minimum(tl.load(INFO), BOUND) if TO_EXPERT else N
+    n_rows = tl.where(fits, n_rows, 0)
+    own_lo = tl.load(MY_START + RANK * EL)  # my sorted rows of my own experts: [own_lo, own_hi)
+    own_hi = tl.load(MY_END + RANK * EL + EL - 1)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_R), nprog):  # none for programs past the count
+        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        if TO_EXPERT:
+            q_ok = tl.arange(0, SEG_PAD) < EL * WORLD
+            ends = tl.load(SEG_END + tl.arange(0, SEG_PAD), mask=q_ok, other=_BIG)
+            seg = tl.sum((ends[None, :] <= r[:, None]).to(tl.int32), axis=1)  # segment e*WORLD + s
+            peer = seg % WORLD != RANK
+        else:
+            peer = (r < own_lo) | (r >= own_hi)
+        r_ok = (r < n_rows) & peer
+        r64 = r.to(tl.int64)[:, None] * H
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = r_ok[:, None] & (cols < H)[None, :]
+            tl.store(OUT + r64 + cols[None, :], tl.load(AREA + r64 + cols[None, :], mask=m), mask=m)
 
 
 class Tables:
@@ -207,19 +259,24 @@ def _row_config(h: int) -> tuple[int, int, int]:
 
 def launch_push(src: torch.Tensor, n_rows: int, areas: list[torch.Tensor], bound: int,
                 pads: list[torch.Tensor] | None, ticket: torch.Tensor, tables: Tables, rank: int, *, to_expert: bool,
-                slot: int = 0, max_programs: int = 132, barrier: bool = True) -> None:
+                out: torch.Tensor, slot: int = 0, max_programs: int = 132, barrier: bool = True) -> None:
     """src (rows, H) unit last stride; areas: W row areas in src's dtype, rank p's at index p:
     receive areas of ``bound`` rows (TO_EXPERT) or return areas of each source's rows
     (TO_SOURCE). TO_EXPERT pushes rows [0, n_rows) of src; TO_SOURCE the received rows
-    (tables.info[0], on the device, at most ``bound``)."""
+    (tables.info[0], on the device, at most ``bound``). ``out``: this rank's contiguous
+    output (as many rows as its area), which takes the rows this rank sends to itself
+    (:func:`launch_copy_out` adds the peers' rows after the push)."""
     world = len(areas)
+    if not out.is_contiguous() or out.shape[1] != src.shape[1] or out.dtype != src.dtype:
+        raise ValueError(f"moe symmetric push: out must be contiguous (rows, {src.shape[1]}) {src.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
     e = tables.send_base.numel()
     h = src.shape[1]
     block_r, block_h, warps = _row_config(h)
     rows = n_rows if to_expert else bound
     grid = (max(1, min(max_programs, triton.cdiv(max(rows, 1), block_r))),)
     pads8 = pad8(pads) if pads is not None else [None] * MAX_WORLD
-    _push_kernel[grid](src, *pad8(areas), *pads8, ticket, tables.send_base, tables.my_start, tables.my_end,
+    _push_kernel[grid](src, out, *pad8(areas), *pads8, ticket, tables.send_base, tables.my_start, tables.my_end,
                        tables.seg_start, tables.seg_end, tables.seg_src, tables.info, n_rows, bound, src.stride(0),
                        slot, H=h, RANK=rank, WORLD=world, EL=e // world,
                        E_PAD=max(2, triton.next_power_of_2(e)),
@@ -227,12 +284,33 @@ def launch_push(src: torch.Tensor, n_rows: int, areas: list[torch.Tensor], bound
                        FENCE=not _INTERPRET, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
 
 
-def simulate(rows: list[torch.Tensor], counts: list[torch.Tensor], cap: int, experts=None):
-    """Every rank's exchange and pushes on one device, stacked tensors standing in for the
-    peers' areas, no barrier (each phase on every rank, then the next). rows[s] (N_s, H)
-    sorted by expert with counts[s] (E,). ``experts(recv, recv_counts, rank)`` maps the
-    received rows (default: identity). Returns per rank (recv (cap, H), recv_counts (EL,),
-    info (2,), back (N_s, H): the expert outputs at the source's sorted rows)."""
+def launch_copy_out(area: torch.Tensor, out: torch.Tensor, tables: Tables, rank: int, world: int, bound: int,
+                    *, to_expert: bool, max_programs: int = 132) -> torch.Tensor:
+    """After :func:`launch_push` into this rank's ``area`` (rows * H, its symmetric area):
+    the peers' rows into ``out`` (rows, H), contiguous. TO_EXPERT: the received rows
+    [0, tables.info[0]) (a device count: no sync), rows past it untouched; TO_SOURCE: all
+    ``out.shape[0]`` rows. Returns ``out``."""
+    rows, h = out.shape
+    if not out.is_contiguous() or area.numel() < rows * h or area.dtype != out.dtype:
+        raise ValueError(f"moe symmetric copy-out: out {tuple(out.shape)} {out.dtype} (contiguous) from an area of "
+                         f"{area.numel()} {area.dtype} elements")
+    e = tables.send_base.numel()
+    block_r, block_h, warps = _row_config(h)
+    # a pure copy: a few programs per SM hide the loads' latency (a heuristic, not measured)
+    grid = (max(1, min(4 * max_programs, triton.cdiv(max(rows, 1), block_r))),)
+    _copy_out_kernel[grid](area, out, tables.my_start, tables.my_end, tables.seg_end, tables.info, rows, bound,
+                           H=h, RANK=rank, WORLD=world, EL=e // world, SEG_PAD=max(2, triton.next_power_of_2(e)),
+                           TO_EXPERT=to_expert, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps)
+    return out
+
+
+def simulate(rows: list[torch.Tensor], counts: list[torch.Tensor], cap: int, experts=None, fill: float = 0.0):
+    """Every rank's exchange, pushes and copy-outs on one device, stacked tensors standing in
+    for the peers' areas, no barrier (each phase on every rank, then the next). rows[s]
+    (N_s, H) sorted by expert with counts[s] (E,). ``experts(recv, recv_counts, rank)`` maps
+    the received rows (default: identity). Areas and outputs start as ``fill`` (NaN shows
+    what is never written). Returns per rank (recv (cap, H), recv_counts (EL,), info (2,),
+    back (N_s, H): the expert outputs at the source's sorted rows)."""
     world, e, h = len(rows), counts[0].numel(), rows[0].shape[1]
     dev, dtype = rows[0].device, rows[0].dtype
     count_areas = torch.zeros(world, world * e, dtype=torch.int32, device=dev)
@@ -241,23 +319,46 @@ def simulate(rows: list[torch.Tensor], counts: list[torch.Tensor], cap: int, exp
         launch_exchange(counts[s], list(count_areas), None, s, tabs[s], barrier=False, make_tables=False)
     for s in range(world):
         launch_exchange(counts[s], list(count_areas), None, s, tabs[s], push=False, barrier=False)
-    recv = torch.zeros(world, cap * h, dtype=dtype, device=dev)
+    areas = torch.full((world, cap * h), fill, dtype=dtype, device=dev)
+    recv = torch.full((world, cap, h), fill, dtype=dtype, device=dev)
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     for s in range(world):
-        launch_push(rows[s], rows[s].shape[0], list(recv), cap, None, ticket, tabs[s], s, to_expert=True,
-                    max_programs=3, barrier=False)
-    n_max = max(r.shape[0] for r in rows)
-    back = torch.zeros(world, max(n_max, 1) * h, dtype=dtype, device=dev)
+        launch_push(rows[s], rows[s].shape[0], list(areas), cap, None, ticket, tabs[s], s, to_expert=True,
+                    out=recv[s], max_programs=3, barrier=False)
+    for d in range(world):
+        launch_copy_out(areas[d], recv[d], tabs[d], d, world, cap, to_expert=True, max_programs=2)
+    n_max = max(max(r.shape[0] for r in rows), 1)
+    areas = torch.full((world, n_max * h), fill, dtype=dtype, device=dev)
+    back = [torch.full((max(r.shape[0], 1), h), fill, dtype=dtype, device=dev) for r in rows]
     outs = []
     for d in range(world):
-        got = recv[d].view(cap, h)
-        y = got if experts is None else experts(got, tabs[d].recv_counts, d)
+        y = recv[d] if experts is None else experts(recv[d], tabs[d].recv_counts, d)
         outs.append(y.contiguous())
     for d in range(world):
-        launch_push(outs[d], 0, list(back), cap, None, ticket, tabs[d], d, to_expert=False, max_programs=3,
-                    barrier=False)
-    return [(recv[d].view(cap, h), tabs[d].recv_counts, tabs[d].info,
-             back[d, :rows[d].shape[0] * h].view(-1, h)) for d in range(world)]
+        launch_push(outs[d], 0, list(areas), cap, None, ticket, tabs[d], d, to_expert=False, out=back[d],
+                    max_programs=3, barrier=False)
+    for d in range(world):
+        launch_copy_out(areas[d], back[d], tabs[d], d, world, cap, to_expert=False, max_programs=2)
+    return [(recv[d], tabs[d].recv_counts, tabs[d].info, back[d][:rows[d].shape[0]]) for d in range(world)]
+
+
+def copy_out_ref(area: torch.Tensor, out: torch.Tensor, tables: Tables, rank: int, world: int, bound: int, *,
+                 to_expert: bool) -> torch.Tensor:
+    """Plain-PyTorch :func:`launch_copy_out` (host reads of the tables): a new ``out``."""
+    rows, h = out.shape
+    out = out.clone()
+    received, most = tables.info.tolist()
+    if most > bound:
+        return out
+    el = tables.send_base.numel() // world
+    r = torch.arange(rows, device=out.device)
+    if to_expert:
+        source = torch.searchsorted(tables.seg_end, r.to(tables.seg_end.dtype), right=True) % world
+        keep = (r < min(received, bound)) & (source != rank)
+    else:
+        keep = (r < int(tables.my_start[rank * el])) | (r >= int(tables.my_end[rank * el + el - 1]))
+    out[keep] = area[:rows * h].view(rows, h)[keep]
+    return out
 
 
 def tables_ref(counts: list[torch.Tensor], world: int) -> list[dict]:

@@ -41,13 +41,15 @@ class ParallelDispatch(LocalDispatch):
         """``exchange`` (with kernels="triton" and ep > 1): "symm" (symmetric memory; an
         error where it cannot run), "nccl", or "auto" (symm where it can run, else NCCL with
         one log line). ``recv_bound``: the rows a rank may receive per MoE layer, as a multiple
-        of its own T*k (default ep: never exceeded; see ``symm_dispatch.py``)."""
+        of its own T*k (default ep: never exceeded; see ``symm_dispatch.py``);
+        ``ParallelPlan.moe_recv_bound`` sets it for ``parallelize``."""
         if kernels not in ("torch", "triton"):
             raise ValueError(f"moe_dispatch kernels={kernels!r}: choose 'torch' or 'triton'")
         if exchange not in ("auto", "symm", "nccl"):
             raise ValueError(f"moe_dispatch exchange={exchange!r}: choose 'auto', 'symm' or 'nccl'")
-        if recv_bound is not None and recv_bound <= 0:
-            raise ValueError(f"moe_dispatch recv_bound={recv_bound} must be > 0 (a multiple of T*k), or None")
+        if recv_bound is not None and not recv_bound > 0:
+            raise ValueError(f"moe_dispatch recv_bound={recv_bound} must be > 0 (a multiple of T*k), or None "
+                             f"(ParallelPlan.moe_recv_bound)")
         self.kernels = kernels
         self.groups = groups if groups is not None and groups.ep > 1 else None
         self.seq_groups, self.batch_groups = tuple(seq_groups), tuple(batch_groups)

@@ -15,14 +15,38 @@ The weighted sum of the k outputs of a token (the combine proper, fp32, fixed sl
 is the local ``unpermute`` that follows (``dispatch.ParallelDispatch.combine``).
 
 Receive bound. The rows a rank receives depend on the routing; the receive area has a size
-fixed per call shape: ``recv_bound`` (a multiple of this rank's T*k rows; default ``ep``,
-the worst case: every rank's every row to one rank, so no routing can exceed it; with k
-distinct experts per token ``ep * min(k, E/ep) / k`` is enough, less when k > E/ep). Every rank computes the largest receive count on the device; if it exceeds the
-bound, every rank skips every store of that layer (its output is then wrong) and the host
-raises ``ValueError`` at the next call (the check reads a pinned copy: no synchronisation;
-:meth:`SymmExchange.check` forces it). The expert GEMM runs on all ``bound`` rows of the
-receive area with counts summing to the rows received (``torch._grouped_mm`` leaves rows past
-the last offset alone).
+fixed per call shape: ``recv_bound`` (``ParallelPlan.moe_recv_bound``, a multiple of this
+rank's T*k rows; default ``ep``, the worst case: every rank's every row to one rank, so no
+routing can exceed it, and larger values act as ``ep``; with k distinct experts per token
+``ep * min(k, E/ep) / k`` is enough, less when k > E/ep). Every rank computes the largest
+receive count on the device; if it exceeds the bound, every rank skips every store of that
+layer (its output is then wrong) and the host raises ``ValueError`` at the next call (the
+check reads a pinned copy: no synchronisation; :meth:`SymmExchange.check` forces it). The
+bound sets the receive area, the dispatch output's shape ``(bound, H)`` and so the rows
+over which the experts' element-wise ops run and their activations are kept: a tight bound
+(1.25, say, for balanced routing) saves memory and time at the risk of that error.
+
+Copies. The peers' rows land in this rank's symmetric areas, which the next call reuses, so
+each push is followed by a copy into a fresh tensor (autograd keeps it); the rows a rank
+sends to itself skip the area and the copy (``moe_dispatch_symm._copy_out_kernel``, whose
+docstring says why it is a launch of its own). The dispatch output's rows past the received
+count (``tables.info[0]``, on the device) are never written: copying the whole area, as a
+clone did, moved ``bound`` rows (by default ep times T*k) for about T*k received.
+
+Why nothing reads the rows past the count. ``experts(recv, recv_counts)`` takes only the
+``sum(recv_counts)`` leading rows: the CPU loop slices them, and ``torch._grouped_mm`` with
+offsets (the model's ``grouped_swiglu`` / ``grouped_glu``) computes and writes only the rows
+of its groups. Their element-wise ops (SiLU, product) do touch the rest, row by row, so what
+the rows past the count hold stays in those rows. Backward: the gradient of those rows (the
+dispatch of ``_ToSource.backward``, unwritten there too) meets the same GEMMs; the weight
+gradient ``x^T dy`` per group sums over the rows of that group only (it must stop exactly at
+each group's end for the groups before the last to be right, and the last ends at the
+count), and the input gradient is again row by row. ``_ToSource`` pushes back only the
+received rows, ``_ToExpert.backward`` likewise. So a NaN there cannot reach an output or a
+gradient (the emulation fills those rows with NaN in every test; the GPU tests set
+``_POISON_UNWRITTEN``). One visible effect: ``torch.autograd.set_detect_anomaly`` may see a
+NaN in those rows of an intermediate gradient and raise. An ``experts`` that reads every row
+(a dense matmul over all of ``recv``) would be wrong here; ours never do.
 
 Every ep rank must route the same number of tokens per call (true in this library's
 layouts): the workspace is one symmetric allocation of the same size on every rank.
@@ -48,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 _SLOT = 64  # signal-pad slots [64, 64 + W): the workspace's init barrier (channel 0) uses [0, W)
 _WORKSPACES: dict[str, "_Workspace"] = {}
+_POISON_UNWRITTEN = False  # tests: outputs start as NaN, so rows nothing writes show if read
 
 
 def _interpreted() -> bool:
@@ -149,23 +174,32 @@ class SymmExchange:
             self.ws.hdl.barrier(channel=1)
         self.ws.last_direction = direction
 
+    def _output(self, rows: int) -> torch.Tensor:
+        out = torch.empty(max(rows, 1), self.h, dtype=self.dtype, device=self.tables.info.device)
+        return out.fill_(float("nan")) if _POISON_UNWRITTEN else out
+
     def to_expert(self, src: torch.Tensor) -> torch.Tensor:
-        from triton_kernels.moe_dispatch_symm import launch_push
+        from triton_kernels.moe_dispatch_symm import launch_copy_out, launch_push
 
         self._order("expert")
         areas = self.ws.areas(self.count_bytes, self.dtype, self.bound * self.h)
+        out = self._output(self.bound)  # (bound, H): the received rows; the rest never written
         launch_push(src.contiguous(), self.n, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
-                    self.ws.rank, to_expert=True, slot=_SLOT, max_programs=self.ws.max_programs)
-        return areas[self.ws.rank].view(self.bound, self.h).clone()  # (bound, H); the area is reused
+                    self.ws.rank, to_expert=True, out=out, slot=_SLOT, max_programs=self.ws.max_programs)
+        return launch_copy_out(areas[self.ws.rank], out, self.tables, self.ws.rank, self.world, self.bound,
+                               to_expert=True, max_programs=self.ws.max_programs)
 
     def to_source(self, src: torch.Tensor) -> torch.Tensor:
-        from triton_kernels.moe_dispatch_symm import launch_push
+        from triton_kernels.moe_dispatch_symm import launch_copy_out, launch_push
 
         self._order("source")
         areas = self.ws.areas(self.count_bytes + self.recv_bytes, self.dtype, max(self.n, 1) * self.h)
+        out = self._output(self.n)  # (N, H): every row written (the own ones by the push)
         launch_push(src.contiguous(), 0, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
-                    self.ws.rank, to_expert=False, slot=_SLOT, max_programs=self.ws.max_programs)
-        return areas[self.ws.rank][:self.n * self.h].view(self.n, self.h).clone()  # (N, H)
+                    self.ws.rank, to_expert=False, out=out, slot=_SLOT, max_programs=self.ws.max_programs)
+        launch_copy_out(areas[self.ws.rank], out, self.tables, self.ws.rank, self.world, self.bound,
+                        to_expert=False, max_programs=self.ws.max_programs)
+        return out[:self.n]
 
     def check(self) -> None:
         """Synchronise and raise if this call's routing exceeded the bound."""
@@ -190,8 +224,9 @@ def _raise_if_overflowed(name: str | None, need: int | None = None, bound: int |
         need = int(host[0])  # an earlier call's value (pinned, copied without synchronising)
     if need is not None and bound is not None and need > bound:
         raise ValueError(f"moe_dispatch: a rank received {need} expert rows but the receive bound is {bound}; that "
-                         f"layer's output was skipped. Raise ParallelDispatch(recv_bound=...) (a multiple of T*k; the "
-                         f"worst case ep * min(k, E/ep) / k never overflows) or use kernels={{'moe_dispatch': 'torch'}}")
+                         f"layer's output was skipped. Raise ParallelPlan(moe_recv_bound=...) ([plan] moe_recv_bound "
+                         f"in a recipe; ParallelDispatch(recv_bound=...) directly): a multiple of T*k, None for the "
+                         f"worst case ep, which never overflows; or use kernels={{'moe_dispatch': 'torch'}}")
 
 
 class EmulatedExchange:
@@ -220,15 +255,19 @@ class EmulatedExchange:
         self.ticket = torch.zeros(1, dtype=torch.int32)
 
     def _push(self, src: torch.Tensor, to_expert: bool) -> torch.Tensor:
-        from triton_kernels.moe_dispatch_symm import launch_push
+        from triton_kernels.moe_dispatch_symm import launch_copy_out, launch_push
 
         everyone = _gather(src.contiguous(), self.group)  # (W, rows, H)
-        rows = self.bound if to_expert else self.n
-        areas = torch.zeros(self.world, max(rows, 1) * self.h, dtype=self.dtype)
+        rows = max(self.bound if to_expert else self.n, 1)
+        # areas and outputs start as NaN: a row that is read but never written shows up
+        areas = torch.full((self.world, rows * self.h), float("nan"), dtype=self.dtype)
+        outs = torch.full((self.world, rows, self.h), float("nan"), dtype=self.dtype)  # only ours is kept
         for s in range(self.world):
             launch_push(everyone[s], self.n, list(areas), self.bound, None, self.ticket, self.tables[s], s,
-                        to_expert=to_expert, max_programs=3, barrier=False)
-        return areas[self.rank][:rows * self.h].view(rows, self.h).clone()
+                        to_expert=to_expert, out=outs[s], max_programs=3, barrier=False)
+        out = launch_copy_out(areas[self.rank], outs[self.rank], self.tables[self.rank], self.rank, self.world,
+                              self.bound, to_expert=to_expert, max_programs=2)
+        return out if to_expert else out[:self.n]
 
     def to_expert(self, src: torch.Tensor) -> torch.Tensor:
         return self._push(src, True)
@@ -276,10 +315,10 @@ def symm_dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts, gro
     """``dispatch.dispatch_combine`` over symmetric memory (or its CPU emulation): rows (N, d)
     sorted by global expert with ``counts`` (E,); returns the expert outputs in rows' order."""
     world = group.size()
-    factor = recv_bound if recv_bound is not None else float(world)  # the worst case
+    factor = min(recv_bound, world) if recv_bound is not None else float(world)  # ep: the worst case
     bound = max(1, math.ceil(factor * rows.shape[0]))
     cls = SymmExchange if exchange == "symm" else EmulatedExchange
     ex = cls(group, counts, rows.shape[0], rows.shape[1], rows.dtype, bound)
     recv = _ToExpert.apply(rows, ex)  # (bound, d): expert-major, then source
-    y = experts(recv, ex.recv_counts)  # rows past the received ones are never read back
+    y = experts(recv, ex.recv_counts)  # reads only the received rows (module docstring)
     return _ToSource.apply(y, ex)
