@@ -72,13 +72,14 @@ def _query_walk(start_n, S_Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_C
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, S_Q, qk_scale, lo, hi,
                 col_lo, col_hi, KV_LO, KV_HI, n0, n1, q_desc, do_desc,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                WARP_SPECIALIZE: tl.constexpr = False):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
     HAS_DOCS: key j keeps rows [col_lo[j], col_hi[j]); only rows that see some key of
     [n0, n1) (their key ranges KV_LO/KV_HI) are loaded. TMA (never with HAS_DOCS): q and dO
     tiles come through the descriptors q_desc/do_desc (rows past S_Q read as zeros)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]  # (BM, D)
@@ -147,7 +148,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
                    H_Q, H_KV, GROUP, S_Q, S_K,
                    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
     share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics.
     HAS_DOCS: as ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI; only the queries the keys' ranges
@@ -197,7 +198,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
                                      q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                  offs_n, S_Q, qk_scale, mid, full_end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
-                                 q_desc, do_desc, BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
+                                 q_desc, do_desc, BLOCK_M, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA,
+                                 WARP_SPECIALIZE)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, stride_qm, stride_dom,
                                  offs_n, S_Q, qk_scale, full_end, end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
                                  q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
@@ -212,11 +214,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
 def _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, lo, hi,
               row_lo, row_hi, Q_LO, Q_HI, m0, m1, k_desc, v_desc,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+              HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              WARP_SPECIALIZE: tl.constexpr = False):
     """Accumulate dQ of one query block over key blocks [lo, hi). HAS_DOCS: as ``_fwd_inner``.
     TMA (never with HAS_DOCS): K and V tiles through k_desc/v_desc (rows past S_K are zeros)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BN, D)
@@ -268,7 +271,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
                  H_Q, GROUP, S_Q, S_K,
                  HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: dQ of BLOCK_M query rows of one (batch, query head). HAS_DOCS: as
     ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI. TMA: K and V tiles through device-side descriptors."""
     start_m = _query_block(IS_CAUSAL) * BLOCK_M
@@ -317,7 +320,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, 0, full,
                        offs_m, offs_m, Q_LO, Q_HI, 0, 0, k_desc, v_desc,
-                       BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
+                       BLOCK_N, HEAD_DIM, False, IS_CAUSAL, False, UPCAST, PRECISION, TMA, WARP_SPECIALIZE)
         dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, offs_m, S_K, qk_scale, full, hi,
                        offs_m, offs_m, Q_LO, Q_HI, 0, 0, k_desc, v_desc,
                        BLOCK_N, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
