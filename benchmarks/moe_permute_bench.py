@@ -10,7 +10,9 @@ Impls (each a forward, and forward+backward through ``torch.autograd.grad``):
   ``triton_unpermute`` (``unpermute(..., pos=pos)``), ``triton_permute_unpermute``
   (permute, then unpermute of its output: an identity expert): the MoE layer's calls
   (``ParallelDispatch``); ``triton_unpermute_row_map``: unpermute from a row_map (one more
-  launch, the inversion);
+  launch, the inversion); ``triton_permute_unpermute_two_launch_routing``, at shapes where
+  the routing takes its one-launch path (``moe_dispatch_route.ONE_LAUNCH_MAX``), the same with
+  the two-launch path forced: the two side by side say where the bound should be;
 - ``torch_ref_*``: ``permute_ref`` / ``unpermute_ref`` (argsort + gather; argsort + fp32
   weighted sum); ``torch_moe_index_path_permute_unpermute``: ``MoE.forward`` without the
   kernels (``expert_slots``, ``x[slots // k]``, ``zeros.index_add_``);
@@ -59,6 +61,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import median_ms
 from dtensor_parallel.models.moe import expert_slots
+from triton_kernels import moe_dispatch_route as route
 from triton_kernels.moe_dispatch import permute, permute_ref, unpermute, unpermute_ref
 
 PART = "permute_unpermute"
@@ -179,11 +182,23 @@ def impls_of(t: int, h: int, n_exp: int, k: int, dtype, device) -> dict:
         rows, _, _, p = permute(x, ids, n_experts=n_exp, routing=True)
         return unpermute(rows, None, w, pos=p)
 
+    def permute_unpermute_two_launches():  # the routing's other path, for the threshold's choice
+        bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, 0
+        try:
+            return permute_unpermute()
+        finally:
+            route.ONE_LAUNCH_MAX = bound
+
+    two = {}
+    if route._plan(t, k, n_exp, h, True).one_launch:
+        two["triton_permute_unpermute_two_launch_routing"] = ("permute_unpermute", permute_unpermute_two_launches,
+                                                              [x, w])
     return {
         "triton_permute": ("permute", lambda: permute(x, ids, n_experts=n_exp, routing=True)[0], [x]),
         "triton_unpermute": ("unpermute", lambda: unpermute(y, None, w, pos=pos), [y, w]),
         "triton_unpermute_row_map": ("unpermute", lambda: unpermute(y, row_map, w), [y, w]),
         "triton_permute_unpermute": ("permute_unpermute", permute_unpermute, [x, w]),
+        **two,
         "torch_ref_permute": ("permute", lambda: permute_ref(x, ids)[0], [x]),
         "torch_ref_unpermute": ("unpermute", lambda: unpermute_ref(y, ref_map, w), [y, w]),
         "torch_ref_permute_unpermute": ("permute_unpermute", lambda: unpermute_ref(*permute_ref(x, ids), w), [x, w]),

@@ -56,7 +56,7 @@ __all__ = ["route_and_permute", "route_counts"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ENTRIES = 16 if _INTERPRET else 128  # entries (CT * K_PAD) per chunk: the rank tile is its square
 _MAX_TILE = 64 if _INTERPRET else 16384  # elements of a (chunks, experts) scan tile
-_SCAN_TILE = 2048 if _INTERPRET else 8192  # elements of a (SCAN entries, E_PAD) one-hot tile
+_SCAN_TILE = 2048  # elements of a (SCAN entries, E_PAD) one-hot accumulator (two are live)
 # the one-launch path while N_PAD * E_PAD (comparisons per program) is at most this and
 # E_PAD <= 64 (a (CT, K_PAD, E_PAD) select tile); 2^18: 16K entries x 8 experts, 4K x 64
 ONE_LAUNCH_MAX = 1 << 18
@@ -127,14 +127,18 @@ def _route_place_kernel(X, IDS, POS, ROW_MAP, OUT, COUNTS, OFFSETS, N, T, H, str
     s = tl.program_id(1)
     first = c * CT * K  # the chunk's first flat entry
     experts = tl.arange(0, E_PAD)
-    total = tl.zeros([E_PAD], tl.int32)
-    before = tl.zeros([E_PAD], tl.int32)
+    # one-hot counts accumulated per lane, reduced across the program once after the loop
+    # (a cross-warp reduction per iteration made the loop latency-bound on H200)
+    total2 = tl.zeros([SCAN, E_PAD], tl.int32)
+    before2 = tl.zeros([SCAN, E_PAD], tl.int32)
     for i0 in range(0, N_PAD, SCAN):
         offs = i0 + tl.arange(0, SCAN)
         ids_all = tl.load(IDS + offs, mask=offs < N, other=-1).to(tl.int32)
-        hit = (ids_all[:, None] == experts[None, :]).to(tl.int32)  # (SCAN, E_PAD)
-        total += tl.sum(hit, axis=0)
-        before += tl.sum(hit * (offs < first).to(tl.int32)[:, None], axis=0)
+        hit = ids_all[:, None] == experts[None, :]  # (SCAN, E_PAD)
+        total2 += hit.to(tl.int32)
+        before2 += (hit & (offs < first)[:, None]).to(tl.int32)
+    total = tl.sum(total2, axis=0)  # (E_PAD,)
+    before = tl.sum(before2, axis=0)
     start = tl.cumsum(total, axis=0) - total  # (E_PAD,) exclusive scan: offsets
     if (c == 0) & (s == 0):
         e_ok = experts < E
