@@ -4,39 +4,16 @@
     cd benchmarks && TRITON_INTERPRET=1 OUT=/tmp/moe_smoke torchrun --standalone \\
         --nproc-per-node 2 moe_dispatch.py --smoke   # tiny shapes, CPU, gloo: logic only
 
-Rank 0 runs parts 1 and 2 on its GPU while rank 1 waits at a barrier; both run part 3;
-rank 0 then times CUDA-graph replays of part 1 (last, so that a failed capture can spoil
-nothing else). Every measured item is wrapped: one that fails is a row with ``error``.
+Rank 0 runs parts 1 and 2 on its GPU while rank 1 waits at a barrier; both run part 3.
+Every measured item is wrapped: one that fails is a row with ``error``.
 Times: CUDA events around one call, warm-up then the median (``--smoke``: perf_counter).
 bf16 activations and weights; router weights fp32 (as MoE's router makes them).
 
-1. ``part: permute_unpermute``. Tokens T = 8192, hidden H, E experts, top-k routing drawn
-   at random (k distinct experts per token, softmaxed fp32 weights): H 4096 / E 8 / k 2
-   (Mixtral-like) and H 7168 / k 8 with E 64 and 256 (DeepSeek-like). Impls:
-
-   - ``triton_permute``, ``triton_unpermute``, ``triton_permute_unpermute`` (permute, then
-     unpermute of its output: an identity expert), from ``triton_kernels/moe_dispatch.py``;
-     ``permute`` includes its routing (histogram + stable ranks);
-   - ``torch_ref_*``: the same with ``permute_ref`` / ``unpermute_ref`` (argsort + gather;
-     argsort + fp32 weighted sum), the plain-PyTorch references of that file;
-   - ``torch_moe_index_path_permute_unpermute``: what ``MoE.forward`` does without the
-     kernels: ``expert_slots`` (stable sort + bincount), ``x[slots // k]``, and
-     ``zeros.index_add_(0, slots // k, y * w)``;
-   - ``copy_d2d``: ``dst.copy_(src)`` moving as many bytes (read + written) as the
-     permute+unpermute forward, measured in the same run: the bandwidth ceiling;
-   - ``*_cudagraph``: the forward (and forward+backward) replayed from a CUDA graph of
-     ``--graph-reps`` calls: the GPU time without the host's launch overhead.
-
-   Byte convention: only the (rows, H) activation tensors count, each element once per
-   read and once per write, as the op must move them at the least (routing metadata, O(T k)
-   integers, is < 0.1% and left out; the same count is used for every impl, so bandwidth
-   ratios are time ratios). With e = 2 bytes (bf16):
-       permute     fwd: read T H, write T k H                      = (T H + T k H) e
-                   bwd: read T k H (dx_sorted), write T H          = (T H + T k H) e
-       unpermute   fwd: read T k H, write T H                      = (T H + T k H) e
-                   bwd: read dout T H and y T k H (for dw), write dy T k H = (T H + 2 T k H) e
-       permute+unpermute fwd = 2 (T H + T k H) e;  fwd+bwd = (4 T H + 5 T k H) e.
-   ``copy_d2d`` bandwidth is (read + write) / time, as DESIGN.md's 2.9 TB/s.
+1. ``part: permute_unpermute`` (``moe_permute_bench.py``, whose docstring has the impls, byte
+   counts and measures): the Triton permute / unpermute at T 8192, H4096 E8 top-2 and H7168
+   top-8 (E 64, 256) against a copy of the same bytes and the torch paths; per call (CUDA
+   events around one eager call), host time, kernel time and CUDA-graph replay. Alone on one
+   GPU: ``python moe_dispatch.py --part permute_unpermute`` (no torchrun; ``moe_permute.json``).
 
 2. ``part: moe_layer``. ``MoE(dim 4096, MoEArgs(8 experts, top 2, ffn 14336))``, 8192 tokens
    (batch 1), forward and forward+backward (grads of the input, expert weights and router):
@@ -77,7 +54,8 @@ bf16 activations and weights; router weights fp32 (as MoE's router makes them).
    rows (issue 22: the layer within 1.15x of it); ``moe_ep_triton_symm_bound<b>`` with each
    ``--tight-bounds`` receive bound (the SwiGLU's element-wise ops run over all bound rows).
 
-Goals: part 1 >= 0.6x copy at H4096 top-2 and >= 0.8x at H7168 top-8 (issue 22 item 3),
+Goals: part 1 >= 0.6x copy at H4096 top-2 and >= 0.8x at H7168 top-8 (issue 22 item 3; per
+call, the issue's measure, with the CUDA-graph ratio beside it),
 >= 3x torch; part 3 symmetric memory >= 1.2x NCCL (issue 22 item 5); parts 2-3's NCCL-path
 goals (beat the loop, >= 0.9x NCCL) are this script's picks.
 """
@@ -102,175 +80,14 @@ from dtensor_parallel.expert_parallel import ParallelDispatch, build_expert_grou
 from dtensor_parallel.expert_parallel import symm_dispatch
 from dtensor_parallel.expert_parallel.symm_dispatch import choose_exchange, symm_dispatch_combine
 from dtensor_parallel.mesh import ParallelDims
-from dtensor_parallel.models.moe import MoE, MoEArgs, expert_slots, grouped_swiglu
-from triton_kernels import moe_dispatch as md
-from triton_kernels.moe_dispatch import permute, permute_ref, unpermute, unpermute_ref
+from dtensor_parallel.models.moe import MoE, MoEArgs, grouped_swiglu
+from triton_kernels import moe_dispatch_rows
+from triton_kernels.moe_dispatch import moe_dispatch, permute_ref, unpermute
 
-from common import median_ms, write_results
+from common import write_results
+from moe_permute_bench import Bench, err_text, part_permute, permute_targets, routing, shape_name, with_backward
 
 NAME = "moe_dispatch"
-
-
-# ----------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------
-
-
-class Bench:
-    """Median ms of one call of fn: CUDA events (perf_counter on CPU), warm-up first."""
-
-    def __init__(self, cuda: bool, warmup: int, iters: int):
-        self.cuda, self.warmup, self.iters = cuda, warmup, iters
-
-    def __call__(self, fn, barrier: bool = False, iters: int | None = None) -> float:
-        return median_ms(fn, cuda=self.cuda, warmup=self.warmup, iters=self.iters if iters is None else iters,
-                         before=dist.barrier if barrier else None)
-
-    def graph(self, fn, reps: int) -> float:
-        """Median ms per call of a CUDA graph holding ``reps`` calls of fn (CUDA only)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture stream (allocator, cuBLAS)
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                fn()
-        torch.cuda.synchronize()
-        try:
-            return self(g.replay) / reps
-        finally:
-            del g
-            torch.cuda.synchronize()
-
-
-def with_backward(fn, inputs: list[torch.Tensor]):
-    """fn() then the gradients of its output w.r.t. inputs (torch.autograd.grad: nothing
-    accumulates into .grad between iterations), against a fixed random output gradient."""
-    state: dict[str, torch.Tensor] = {}
-
-    def run():
-        out = fn()
-        if "g" not in state:
-            gen = torch.Generator(device=out.device).manual_seed(1)
-            state["g"] = torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=gen)
-        return torch.autograd.grad(out, inputs, state["g"])
-    return run
-
-
-def err_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e)[:300]}"
-
-
-# ----------------------------------------------------------------------------------------
-# Part 1: permute / unpermute bandwidth
-# ----------------------------------------------------------------------------------------
-
-
-def routing(t: int, e: int, k: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k distinct random experts per token (T, k) int64 and softmaxed fp32 weights (T, k)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.rand(t, e, device=device, generator=g).topk(k, dim=-1).indices
-    w = torch.randn(t, k, device=device, generator=g).softmax(-1)
-    return ids, w
-
-
-def torch_moe_path(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """MoE.forward's dispatch without the kernels (dropless), with an identity expert."""
-    k = ids.shape[1]
-    slots, _, _ = expert_slots(ids, n_experts, None)
-    rows = x[slots // k]  # (T*k, H)
-    ws = w.reshape(-1)[slots].unsqueeze(-1).to(rows.dtype)
-    return torch.zeros_like(x).index_add_(0, slots // k, rows * ws)
-
-
-def part_permute(shapes, dtype, device, bench: Bench, emit) -> list[tuple]:
-    """Event-timed rows; returns the (shape, name, fwd, fwd_bwd inputs) to replay as graphs."""
-    e_size = torch.finfo(dtype).bits // 8
-    graph_jobs = []
-    for t, h, n_exp, k in shapes:
-        shape = f"T{t} H{h} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}"
-        th, tkh = t * h * e_size, t * k * h * e_size
-        nbytes = {  # (forward, forward+backward), see the docstring
-            "permute": (th + tkh, 2 * (th + tkh)),
-            "unpermute": (th + tkh, 2 * th + 3 * tkh),
-            "permute_unpermute": (2 * (th + tkh), 4 * th + 5 * tkh),
-        }
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(t, h, device=device, dtype=dtype, generator=g).requires_grad_()
-            ids, w = routing(t, n_exp, k, device, seed=1)
-            w.requires_grad_()
-            y = torch.randn(t * k, h, device=device, dtype=dtype, generator=g).requires_grad_()
-            with torch.no_grad():
-                row_map = permute(x, ids, n_experts=n_exp)[1]
-                ref_map = permute_ref(x, ids)[1]
-                if not torch.equal(row_map, ref_map):  # same stable order: else the rows mean nothing
-                    raise RuntimeError("triton permute's row_map differs from the argsort reference")
-        except Exception as e:  # noqa: BLE001
-            emit({"part": "permute_unpermute", "impl": "setup", "shape": shape, "error": err_text(e)})
-            continue
-
-        # copy_d2d: as many bytes read + written as the permute+unpermute forward
-        row = {"part": "permute_unpermute", "impl": "copy_d2d", "shape": shape}
-        try:
-            n = nbytes["permute_unpermute"][0] // 2 // e_size
-            src = torch.randn(n, device=device, dtype=dtype, generator=g)
-            dst = torch.empty_like(src)
-            ms = bench(lambda: dst.copy_(src))
-            row.update(median_ms=ms, bytes=2 * n * e_size, GBps=2 * n * e_size / ms / 1e6)
-            del src, dst
-        except Exception as e:  # noqa: BLE001
-            row["error"] = err_text(e)
-        emit(row)
-
-        impls = {
-            "triton_permute": ("permute", lambda: permute(x, ids, n_experts=n_exp)[0], [x]),
-            "triton_unpermute": ("unpermute", lambda: unpermute(y, row_map, w), [y, w]),
-            "triton_permute_unpermute": (
-                "permute_unpermute",
-                lambda: unpermute(*permute(x, ids, n_experts=n_exp), w), [x, w]),
-            "torch_ref_permute": ("permute", lambda: permute_ref(x, ids)[0], [x]),
-            "torch_ref_unpermute": ("unpermute", lambda: unpermute_ref(y, ref_map, w), [y, w]),
-            "torch_ref_permute_unpermute": (
-                "permute_unpermute", lambda: unpermute_ref(*permute_ref(x, ids), w), [x, w]),
-            "torch_moe_index_path_permute_unpermute": (
-                "permute_unpermute", lambda: torch_moe_path(x, ids, w, n_exp), [x, w]),
-        }
-        for name, (op, fn, inputs) in impls.items():
-            row = {"part": "permute_unpermute", "impl": name, "shape": shape,
-                   "bytes": nbytes[op][0], "fwd_bwd_bytes": nbytes[op][1]}
-            try:
-                fwd = bench(fn)
-                row.update(median_ms=fwd, GBps=nbytes[op][0] / fwd / 1e6)
-                both = bench(with_backward(fn, inputs))
-                row.update(fwd_bwd_ms=both, fwd_bwd_GBps=nbytes[op][1] / both / 1e6)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = err_text(e)
-            emit(row)
-            if name.startswith(("triton_", "torch_ref_")):
-                graph_jobs.append((shape, name, nbytes[op], fn, inputs))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return graph_jobs
-
-
-def part_graphs(graph_jobs, bench: Bench, reps: int, emit) -> None:
-    for shape, name, (b_fwd, b_both), fn, inputs in graph_jobs:
-        row = {"part": "permute_unpermute", "impl": f"{name}_cudagraph", "shape": shape,
-               "graph_reps": reps, "bytes": b_fwd, "fwd_bwd_bytes": b_both}
-        try:
-            fwd = bench.graph(fn, reps)
-            row.update(median_ms=fwd, GBps=b_fwd / fwd / 1e6)
-            both = bench.graph(with_backward(fn, inputs), reps)
-            row.update(fwd_bwd_ms=both, fwd_bwd_GBps=b_both / both / 1e6)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = err_text(e)
-        emit(row)
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------
@@ -398,7 +215,7 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
             dist.all_to_all_single(inp.new_empty(inp.shape), out, send_split, recv_split, group=group)
 
     def full_path():
-        xs, row_map, c, _ = md.moe_dispatch(x, ids, n_exp)  # c: int32 counts from the histogram kernel
+        xs, row_map, c, _ = moe_dispatch(x, ids, n_exp)  # c: int32 counts from the histogram kernel
         return unpermute(dispatch_combine(xs, c.long(), identity, groups), row_map, w)
 
     exchange = choose_exchange(world, device.type, "auto")  # symm on NVLink GPUs, emulated under --smoke
@@ -530,31 +347,7 @@ def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3:
     def ratio(a, b):
         return a / b if b and b == b and a == a else nan
 
-    out = []
-    for s in shapes_p1:
-        p = "permute_unpermute"
-        goal = 0.6 if " top2 " in s else 0.8  # issue 22 item 3
-        copy = get(p, "copy_d2d", s, "GBps")
-        torch_fwd = min(get(p, "torch_ref_permute_unpermute", s, "median_ms"),
-                        get(p, "torch_moe_index_path_permute_unpermute", s, "median_ms"))
-        torch_both = min(get(p, "torch_ref_permute_unpermute", s, "fwd_bwd_ms"),
-                         get(p, "torch_moe_index_path_permute_unpermute", s, "fwd_bwd_ms"))
-        out += [
-            {"name": f"{s}: triton permute+unpermute fwd bandwidth / copy_d2d",
-             "value": ratio(get(p, "triton_permute_unpermute", s, "GBps"), copy), "goal": goal, "higher_is_better": True},
-            {"name": f"{s}: triton permute+unpermute fwd+bwd bandwidth / copy_d2d",
-             "value": ratio(get(p, "triton_permute_unpermute", s, "fwd_bwd_GBps"), copy), "goal": goal,
-             "higher_is_better": True},
-            {"name": f"{s}: triton permute+unpermute fwd, CUDA graph (no launch overhead), bandwidth / copy_d2d",
-             "value": ratio(get(p, "triton_permute_unpermute_cudagraph", s, "GBps"), copy), "goal": 0.7,
-             "higher_is_better": True},
-            {"name": f"{s}: triton permute+unpermute fwd speed-up over the faster torch path",
-             "value": ratio(torch_fwd, get(p, "triton_permute_unpermute", s, "median_ms")), "goal": 3.0,
-             "higher_is_better": True},
-            {"name": f"{s}: triton permute+unpermute fwd+bwd speed-up over the faster torch path",
-             "value": ratio(torch_both, get(p, "triton_permute_unpermute", s, "fwd_bwd_ms")), "goal": 3.0,
-             "higher_is_better": True},
-        ]
+    out = permute_targets(rows, shapes_p1)
     m = "moe_layer"
     tri = get(m, "moe_dispatch_triton", shape_p2, "fwd_bwd_tflops")
     out += [
@@ -617,12 +410,10 @@ def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3:
     return out
 
 
-def autotuned() -> dict:
-    out = {}
-    for kern in ("_permute_kernel", "_combine_kernel", "_unpermute_bwd_kernel"):
-        cache = getattr(getattr(md, kern, None), "cache", None) or {}
-        out[kern] = {str(key): str(cfg) for key, cfg in cache.items()}
-    return out
+def pinned_configs(shapes) -> dict:
+    """The row kernels' (BLOCK_T, BLOCK_H, num_warps) at each part-1 shape (pinned, not tuned)."""
+    return {f"H{h} top{k}": {kind: moe_dispatch_rows.row_config(kind, h, k) for kind in ("combine", "bwd")}
+            for _, h, _, k in shapes}
 
 
 def main() -> None:
@@ -643,7 +434,61 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph-reps", type=int, default=10)
+    p.add_argument("--part", choices=("all", "permute_unpermute"), default="all",
+                   help="permute_unpermute: part 1 alone on one GPU, no torch.distributed (run with plain "
+                        "python); writes moe_permute[_smoke].json")
     args = p.parse_args()
+    if args.smoke:
+        args.warmup, args.iters, args.graph_reps = 1, 2, 2
+    dtype = torch.bfloat16
+    t = 64 if args.smoke else args.tokens
+    h_p1, h_ds = (64, 96) if args.smoke else (4096, 7168)
+    shapes = [(t, h_p1, 8, 2)] + ([] if args.no_deepseek else [(t, h_ds, 64, 8), (t, h_ds, 256, 8)])
+    if args.part == "permute_unpermute":
+        return main_permute(args, shapes, dtype)
+    main_all(args, shapes, dtype, t)
+
+
+def _conventions() -> dict:
+    return {
+        "bytes": "activation rows only, each element once per read and once per write; "
+                 "permute+unpermute fwd 2(TH+TkH)e, fwd+bwd (4TH+5TkH)e; copy_d2d read+write",
+        "flops": "fwd 3 matmuls x 2 x T x k x H x F; fwd+bwd 3x fwd",
+        "ep_bytes": "the (Tk, H) row buffer there and back: 2 TkH e (fwd), 4 TkH e (fwd+bwd)",
+        "timing": "per call (median_ms, fwd_bwd_ms): CUDA events around one eager call, warm-up then median, "
+                  "host launch gaps included; host_us: host time per call with the GPU busy ahead; kernel_ms: "
+                  "sum of CUDA kernel durations per call (torch.profiler); graph_ms: a CUDA graph of graph_reps "
+                  "calls replayed, time / graph_reps (GPU-side, no host gaps). See moe_permute_bench.py",
+    }
+
+
+def main_permute(args, shapes, dtype) -> None:
+    """Part 1 alone, one device, no process group."""
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    bench = Bench(cuda, args.warmup, args.iters)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+    part_permute(shapes, dtype, device, bench, emit, graph_reps=args.graph_reps if cuda else 0)
+    targets = permute_targets(rows, [shape_name(t, h, e, k, dtype) for t, h, e, k in shapes])
+    path = write_results("moe_permute" + ("_smoke" if args.smoke else ""), rows, targets, world_size=1,
+                         smoke=args.smoke, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
+                         wall_s=time.perf_counter() - t_start, pinned_configs=pinned_configs(shapes),
+                         conventions=_conventions())
+    for tg in targets:
+        print(tg, flush=True)
+    print(f"wrote {path} ({time.perf_counter() - t_start:.1f} s)", flush=True)
+
+
+def main_all(args, shapes, dtype, t: int) -> None:
+    """Every part: rank 0 runs parts 1-2 while the others wait; all run parts 3-4."""
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available() and not args.smoke
     timeout = datetime.timedelta(minutes=15)  # rank 1 waits out parts 1-2 at a barrier
@@ -655,15 +500,9 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
-    dtype = torch.bfloat16
     tight = tuple(float(b) for b in args.tight_bounds.split(",") if b.strip())
-    if args.smoke:
-        t, h, dim, ffn = 64, 64, 64, 128
-        shapes = [(t, h, 8, 2)] + ([] if args.no_deepseek else [(t, 96, 64, 8), (t, 96, 256, 8)])
-        args.warmup, args.iters, args.graph_reps = 1, 2, 2
-    else:
-        t, h, dim, ffn = args.tokens, 4096, 4096, 14336
-        shapes = [(t, h, 8, 2)] + ([] if args.no_deepseek else [(t, 7168, 64, 8), (t, 7168, 256, 8)])
+    h = shapes[0][1]
+    dim, ffn = (64, 128) if args.smoke else (4096, 14336)
     bench = Bench(cuda, args.warmup, args.iters)
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -673,10 +512,9 @@ def main() -> None:
         if rank == 0:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    graph_jobs = []
     if rank == 0:  # single-GPU parts; the other ranks wait at the barrier below
         try:
-            graph_jobs = part_permute(shapes, dtype, device, bench, emit)
+            part_permute(shapes, dtype, device, bench, emit, graph_reps=args.graph_reps if cuda else 0)
         except Exception as e:  # noqa: BLE001
             emit({"part": "permute_unpermute", "impl": "part", "error": err_text(e)})
             traceback.print_exc()
@@ -698,31 +536,16 @@ def main() -> None:
         part_moe_layer_ep(t, dim, ffn, 8, 2, dtype, device, bench, emit, args.recv_bound, tight)
         layer_shape = f"{t} tokens/GPU H{dim} F{ffn} E8 top2 {str(dtype).removeprefix('torch.')}, ep{world}"
 
-    def save() -> tuple[list[dict], Path]:
+    if rank == 0:
         e_str = str(dtype).removeprefix("torch.")
-        shapes_p1 = [f"T{t} H{hh} E{e} top{k} {e_str}" for _, hh, e, k in shapes]
-        targets = targets_of(rows, shapes_p1, f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
+        targets = targets_of(rows, [shape_name(tt, hh, e, k, dtype) for tt, hh, e, k in shapes],
+                             f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
                              [f"{t} tokens/GPU H{eh} E{ee} top{ek} {e_str}, ep{world}" for eh, ee, ek in ep_shapes],
                              layer_shape, tight)
         path = write_results(
             NAME + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
             grouped_mm=hasattr(torch, "_grouped_mm"), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
-            wall_s=time.perf_counter() - t_start, autotuned=autotuned(),
-            conventions={
-                "bytes": "activation rows only, each element once per read and once per write; "
-                         "permute+unpermute fwd 2(TH+TkH)e, fwd+bwd (4TH+5TkH)e; copy_d2d read+write",
-                "flops": "fwd 3 matmuls x 2 x T x k x H x F; fwd+bwd 3x fwd",
-                "ep_bytes": "the (Tk, H) row buffer there and back: 2 TkH e (fwd), 4 TkH e (fwd+bwd)",
-                "timing": "CUDA events around one call, warm-up then median; _cudagraph rows: a graph of "
-                          "graph_reps calls replayed, time / graph_reps",
-            })
-        return targets, path
-
-    if rank == 0:
-        save()  # once before the CUDA graphs, in case a failed capture takes the process down
-        if cuda:
-            part_graphs(graph_jobs, bench, args.graph_reps, emit)
-        targets, path = save()
+            wall_s=time.perf_counter() - t_start, pinned_configs=pinned_configs(shapes), conventions=_conventions())
         for tg in targets:
             print(tg, flush=True)
         print(f"wrote {path} ({time.perf_counter() - t_start:.1f} s)", flush=True)

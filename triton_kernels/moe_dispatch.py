@@ -26,17 +26,23 @@ first, and within an expert by flat index, i.e. by token then slot (the same ord
     unpermute:  out[t] = sum_j w[t, j] * y[pos[t*k + j]]
                 grad:   dy[pos[t*k + j]] = w[t, j] * dout[t]    dw[t, j] = <y[pos[t*k + j]], dout[t]>
 
-Kernels. Routing and the permute copy are two launches (``moe_dispatch_route.py``: a
+Kernels. Routing and the permute copy (``moe_dispatch_route.py``): one launch when
+T*k x E is small (every program histograms all ids itself: the Mixtral shape), else two (a
 per-chunk histogram whose last program scans, then ranks + copy); no sort, no float
-atomics: the result is deterministic and equal to the argsort reference bit for bit.
-The row kernels here work token-major on (tokens, k slots, hidden) tiles: ``_combine_kernel``
-(unpermute forward, and permute backward with unit weights) gathers a token's k rows and
-sums them in fp32 in one program per output tile (no atomics, so deterministic);
-``_unpermute_bwd_kernel`` walks the hidden dim of a token block once, writing ``dy`` rows and
-reducing ``dw`` in fp32. ``unpermute`` needs the inverse map ``pos`` (flat entry -> sorted
-row): from a row_map it costs one more launch (``_invert_kernel``); ``permute(...,
-routing=True)`` returns ``pos`` and ``unpermute(..., pos=pos)`` skips it (the MoE layer's
-path: permute forward 2 launches, unpermute forward 1, each backward 1).
+atomics: the result is deterministic and equal to the argsort reference bit for bit. The
+row kernels (``moe_dispatch_rows.py``, pinned configs, no autotuner) work token-major on
+(tokens, k slots, hidden) tiles: the combine (unpermute forward, and permute backward with
+unit weights) gathers a token's k rows and sums them in fp32 in one program per output tile
+(no atomics, so deterministic); the unpermute backward walks the hidden dim of a token block
+once, writing ``dy`` rows and reducing ``dw`` in fp32. ``unpermute`` needs the inverse map
+``pos`` (flat entry -> sorted row): from a row_map it costs one more launch (an inversion);
+``permute(..., routing=True)`` returns ``pos`` and ``unpermute(..., pos=pos)`` skips it.
+
+Launches per call (the MoE layer's path; no torch kernels besides ``torch.empty``
+allocations, no host synchronisation when ``n_experts`` is given):
+
+    permute forward      1 (T*k x E_pad <= 2^18) or 2      permute backward     1 (combine)
+    unpermute forward    1 (+1 inversion from a row_map)   unpermute backward   1 (dy and dw)
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): one small config per kernel, with tiles
 smaller than the test shapes so tails in tokens, hidden and slots are all exercised. There is
@@ -50,11 +56,10 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .moe_dispatch_route import route_and_permute, route_counts
+from .moe_dispatch_rows import combine, invert, unpermute_backward
 
 __all__ = [
     "moe_dispatch",
@@ -69,113 +74,6 @@ __all__ = [
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_TILE = 16384  # elements of one (BLOCK_T, K_PAD, BLOCK_H) tile
-
-
-# ----------------------------------------------------------------------------------------
-# Routing: histogram and stable positions
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _invert_kernel(ROW_MAP, POS, N, BLOCK_N: tl.constexpr):
-    """POS[ROW_MAP[r]] = r: the inverse permutation (unpermute gets only row_map)."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = offs < N
-    src = tl.load(ROW_MAP + offs, mask=ok, other=0)
-    tl.store(POS + src, offs, mask=ok)
-
-
-# ----------------------------------------------------------------------------------------
-# Row kernels: permute, combine (unpermute forward / permute backward), unpermute backward
-# ----------------------------------------------------------------------------------------
-
-
-def _configs(blocks: list[tuple[int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w) for bt, bh, w in blocks]
-
-
-# (BLOCK_T tokens, BLOCK_H hidden columns, num_warps). A program moves a (BLOCK_T, K_PAD,
-# BLOCK_H) tile. Under the interpreter: one config, smaller than the test shapes (tails).
-if _INTERPRET:
-    _ROW_CONFIGS = _configs([(4, 32, 1)])
-    _BWD_CONFIGS = _configs([(4, 32, 1)])
-else:
-    _ROW_CONFIGS = _configs([(1, 1024, 4), (2, 512, 4), (4, 256, 4), (1, 2048, 8), (4, 512, 8), (8, 128, 4)])
-    _BWD_CONFIGS = _configs([(1, 512, 4), (2, 256, 4), (1, 1024, 8), (4, 256, 8), (8, 64, 4)])
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Pruning filter: drop tiles over _MAX_TILE elements once the slot dim is padded to K_PAD,
-    and hidden blocks far wider than H (they would mostly be masked)."""
-    args = {**named_args, **kwargs}
-    k_pad, h = args["K_PAD"], args["H"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_T"] * k_pad * c.kwargs["BLOCK_H"] <= _MAX_TILE
-            and c.kwargs["BLOCK_H"] <= max(64, triton.next_power_of_2(h))]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"])]
-
-
-@triton.autotune(configs=_ROW_CONFIGS, key=["H", "K_PAD", "HAS_W"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _combine_kernel(Y, POS, W, OUT, T, H, K, stride_yr, stride_ot,
-                    HAS_W: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """OUT[t] = sum_j W[t, j] * Y[POS[t*K + j]] (W = 1 without HAS_W), in fp32. One program per
-    (token block, hidden block) reads its tokens' k rows: no atomics. W (T, K) contiguous."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, K_PAD)
-    t_ok = offs_t < T
-    h_ok = offs_h < H
-    tk_ok = t_ok[:, None] & (offs_k[None, :] < K)  # (BT, KP)
-    flat = offs_t[:, None] * K + offs_k[None, :]  # (BT, KP) = token * k + slot
-    pos = tl.load(POS + flat, mask=tk_ok, other=0).to(tl.int64)
-    y = tl.load(Y + pos[:, :, None] * stride_yr + offs_h[None, None, :],
-                mask=tk_ok[:, :, None] & h_ok[None, None, :], other=0.0).to(tl.float32)  # (BT, KP, BH)
-    if HAS_W:
-        w = tl.load(W + flat, mask=tk_ok, other=0.0).to(tl.float32)  # (BT, KP)
-        y = y * w[:, :, None]
-    out = tl.sum(y, axis=1)  # (BT, BH)
-    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_h[None, :], out.to(OUT.dtype.element_ty),
-             mask=t_ok[:, None] & h_ok[None, :])
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=["H", "K_PAD", "COMPUTE_DY", "COMPUTE_DW"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _unpermute_bwd_kernel(Y, POS, W, DOUT, DY, DW, T, H: tl.constexpr, K, stride_yr, stride_dot,
-                          COMPUTE_DY: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                          K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One program per token block walks the hidden dim once:
-    DY[POS[t*K + j]] = W[t, j] * DOUT[t]  and  DW[t, j] = <Y[POS[t*K + j]], DOUT[t]> (fp32).
-    DY (T*K, H) and W, DW (T, K) contiguous. H is a constexpr, the loop's bound: Triton 3.6's
-    interpreter cannot take a runtime scalar as a ``range`` bound under NumPy 2 ("only
-    0-dimensional arrays can be converted to Python scalars"); H is fixed per model (and
-    already an autotuning key), so this costs no extra compiles."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, K_PAD)
-    t_ok = offs_t < T
-    tk_ok = t_ok[:, None] & (offs_k[None, :] < K)  # (BT, KP)
-    flat = offs_t[:, None] * K + offs_k[None, :]
-    pos = tl.load(POS + flat, mask=tk_ok, other=0).to(tl.int64)  # (BT, KP)
-    w = tl.load(W + flat, mask=tk_ok, other=0.0).to(tl.float32)  # (BT, KP)
-    dw = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < H
-        g = tl.load(DOUT + offs_t[:, None].to(tl.int64) * stride_dot + offs_h[None, :],
-                    mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # (BT, BH)
-        m3 = tk_ok[:, :, None] & h_ok[None, None, :]  # (BT, KP, BH)
-        if COMPUTE_DY:
-            dy = w[:, :, None] * g[:, None, :]
-            tl.store(DY + pos[:, :, None] * H + offs_h[None, None, :], dy.to(DY.dtype.element_ty), mask=m3)
-        if COMPUTE_DW:
-            y = tl.load(Y + pos[:, :, None] * stride_yr + offs_h[None, None, :], mask=m3,
-                        other=0.0).to(tl.float32)
-            dw += tl.sum(y * g[:, None, :], axis=2)
-    if COMPUTE_DW:
-        tl.store(DW + flat, dw.to(DW.dtype.element_ty), mask=tk_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,32 +117,6 @@ def _check_ids(name: str, expert_ids: torch.Tensor, n_experts: int | None) -> tu
     return flat, n_experts
 
 
-def _invert(row_map: torch.Tensor) -> torch.Tensor:
-    n = row_map.numel()
-    pos = torch.empty(n, device=row_map.device, dtype=torch.int32)  # (N,)
-    if n:
-        block = 128 if _INTERPRET else 1024
-        _invert_kernel[(triton.cdiv(n, block),)](row_map, pos, n, BLOCK_N=block)
-    return pos
-
-
-def _k_pad(k: int) -> int:
-    return triton.next_power_of_2(k)
-
-
-def _row_grid(t: int, h: int):
-    return lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), triton.cdiv(h, meta["BLOCK_H"]))
-
-
-def _combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None, t: int, k: int) -> torch.Tensor:
-    h = y.shape[1]
-    out = torch.empty((t, h), device=y.device, dtype=y.dtype)  # (T, H)
-    if out.numel():
-        _combine_kernel[_row_grid(t, h)](y, pos, weights if weights is not None else pos, out, t, h, k,
-                                         y.stride(0), out.stride(0), HAS_W=weights is not None, K_PAD=_k_pad(k))
-    return out
-
-
 def _check_rows(name: str, t: torch.Tensor, what: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
@@ -277,13 +149,18 @@ class _Permute(torch.autograd.Function):
         ctx.save_for_backward(pos)
         ctx.k = k
         ctx.mark_non_differentiable(row_map, counts, offsets, pos)
+        # the integer outputs get no gradient: without this autograd would fill 4 zero tensors
+        # (4 launches) for them in every backward
+        ctx.set_materialize_grads(False)
         return x_sorted, row_map, counts, offsets, pos
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dx_sorted: torch.Tensor | None, *_):
         (pos,) = ctx.saved_tensors
-        dx = _combine(_unit_last(dx_sorted), pos, None, pos.numel() // ctx.k, ctx.k)  # (T, H)
+        if dx_sorted is None:
+            return None, None, None, None
+        dx = combine(_unit_last(dx_sorted), pos, None, pos.numel() // ctx.k, ctx.k)  # (T, H)
         return dx, None, None, None
 
 
@@ -309,8 +186,8 @@ class _Unpermute(torch.autograd.Function):
             raise ValueError(f"unpermute: y_sorted, the row map, weights on different devices: "
                              f"{y_sorted.device}, {index.device}, {weights.device}")
         y_sorted, weights = _unit_last(y_sorted), weights.contiguous()
-        pos = pos.contiguous() if pos is not None else _invert(row_map.contiguous())
-        out = _combine(y_sorted, pos, weights, t, k)  # (T, H)
+        pos = pos.contiguous() if pos is not None else invert(row_map.contiguous())
+        out = combine(y_sorted, pos, weights, t, k)  # (T, H)
         ctx.save_for_backward(y_sorted, pos, weights)
         return out
 
@@ -319,16 +196,7 @@ class _Unpermute(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         y_sorted, pos, weights = ctx.saved_tensors
         need_dy, _, need_dw, _ = ctx.needs_input_grad
-        t, k = weights.shape
-        h = y_sorted.shape[1]
-        dout = _unit_last(dout)
-        dy = torch.empty(y_sorted.shape, device=y_sorted.device, dtype=y_sorted.dtype) if need_dy else None
-        dw = torch.empty(weights.shape, device=weights.device, dtype=weights.dtype) if need_dw else None
-        if (need_dy or need_dw) and t:
-            _unpermute_bwd_kernel[lambda meta: (triton.cdiv(t, meta["BLOCK_T"]),)](
-                y_sorted, pos, weights, dout, dy if need_dy else y_sorted, dw if need_dw else weights,
-                t, h, k, y_sorted.stride(0), dout.stride(0),
-                COMPUTE_DY=need_dy, COMPUTE_DW=need_dw, K_PAD=_k_pad(k))
+        dy, dw = unpermute_backward(y_sorted, pos, weights, _unit_last(dout), need_dy, need_dw)
         return dy, None, dw, None
 
 
@@ -380,7 +248,7 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int | None = N
         summed in fp32 per token (deterministic).
         With ``routing=True`` also counts (E,) int64 (as ``torch.bincount``) and pos (T*k,) int32,
         the inverse of row_map (``pos[t*k + j]`` is the sorted row of token t's slot j), for
-        ``unpermute(..., pos=pos)``: the whole routing still in the same two launches.
+        ``unpermute(..., pos=pos)``: the routing comes from the same launches as the copy.
     """
     x_sorted, row_map, counts, _, pos = _Permute.apply(x, expert_ids, n_experts,
                                                        torch.int64 if routing else torch.int32)

@@ -1,4 +1,5 @@
-"""MoE routing fused with the permute copy: two launches from expert ids to sorted rows.
+"""MoE routing fused with the permute copy: one launch (few experts) or two, from expert ids
+to sorted rows.
 
 The math (stable counting sort of the T*k flat entries ``i = t*k + j`` by expert, as in
 ``moe_dispatch.py``'s docstring, equal to ``torch.argsort(ids.flatten(), stable=True)``)::
@@ -7,33 +8,44 @@ The math (stable counting sort of the T*k flat entries ``i = t*k + j`` by expert
     pos[i]    = offsets[ids[i]] + #{i' < i : ids[i'] == ids[i]}       row_map[pos[i]] = i
     x_sorted[pos[t*k + j]] = x[t]
 
-Launches (issue 22 item 3: the old path was 3 Triton launches and about 6 small torch ops,
-launch-bound at H4096 top-2):
+Every program owns a *chunk* of ``CT`` whole tokens (``CT*k`` consecutive entries) and a span
+of hidden columns. It needs ``BASE[c, e] = offsets[e] + #{entries of e before chunk c}``; then
+an entry's ``pos`` is ``BASE[c, id]`` plus its rank among the chunk's earlier entries of the
+same id (a (CT*K_PAD)^2 comparison), and the program copies its tokens' span into their k
+sorted rows (each token row read once). Programs of span 0 write ``pos`` and ``row_map``.
+Two ways to get BASE (issue 22 item 3: the Mixtral shape, H4096 top-2, is launch-bound):
 
-1. ``_count_kernel``, one program per *chunk* of ``CT`` whole tokens (``CT*k`` consecutive
-   entries): the chunk's per-expert counts (a one-hot sum) into ``CHUNK_COUNTS (nchunks, E)``,
-   then a ticket (integer atomic). The program that draws the last ticket, which therefore
-   runs after every other program has published its counts, does the two scans in one
-   program: over experts (``offsets``) and, per expert, over chunks (``BASE[c, e]``: the
-   first sorted row of chunk c's entries of expert e) and resets the ticket to 0 for the
-   next launch. Nothing waits on another program (no spin), so no program needs to be
-   co-resident with any other: no deadlock whatever the grid, and the interpreter (programs
-   one after another) runs the same code. Memory order: every thread fences (gpu scope)
-   before the block barrier and the ticket's acq_rel atomic; the last program reads the
-   counts bypassing L1 (``.cg``).
-2. ``_place_kernel``, grid (chunk, hidden span): the chunk's entries' ranks among the
-   chunk's earlier entries of the same expert (a (CT*K_PAD)^2 comparison), plus ``BASE``,
-   give ``pos``; programs of hidden span 0 write ``pos`` and ``row_map``; every program then
-   copies its tokens' hidden span into their k sorted rows (each token row read once).
+- **One launch** (``_route_place_kernel``) when ``N_PAD * E_PAD`` is small (Mixtral: 16K
+  entries x 8 experts): every program histograms *all* N ids itself (a one-hot sum in tiles
+  of ``SCAN`` entries), counting those before its chunk apart. The ids (N integers) are read
+  by every program from L2; the comparisons are ``N * E_PAD`` per program, hence the bound.
+  Program (0, 0) writes counts and offsets. No scratch, no atomics, no ticket.
+- **Two launches** otherwise (many experts or tokens: DeepSeek's 64-256 experts, top-8):
+  1. ``_count_kernel``, one program per chunk: the chunk's per-expert counts into
+     ``CHUNK_COUNTS (nchunks, E)``, then a ticket (integer atomic). The program that draws
+     the last ticket, which therefore runs after every other program has published its
+     counts, scans over experts (offsets) and, per expert, over chunks (BASE), and resets
+     the ticket to 0 for the next launch. Nothing waits on another program (no spin), so no
+     program needs to be co-resident with any other: no deadlock whatever the grid, and the
+     interpreter (programs one after another) runs the same code. Memory order: every
+     thread fences (gpu scope) before the block barrier and the ticket's acq_rel atomic; the
+     last program reads the counts bypassing L1 (``.cg``).
+  2. ``_place_kernel``: rank + copy as above, BASE read from memory.
 
 No float atomics, no sort: the result is deterministic and bit-equal to the argsort
 reference. The ticket is one int32 per (device, stream) kept here (the kernel resets it);
-two launches at once on one stream cannot happen, on two streams they get two tickets.
+two launches at once on one stream cannot happen, on two streams they get two tickets. Under
+CUDA-graph capture a fresh ticket is allocated (its zero-fill is captured with the kernels),
+so a ticket is never first created, uninitialised, inside a capture and reused eagerly.
+
+Host cost: the launch geometry of a (T, k, E, H) shape is computed once and cached
+(``_Plan``); a call is the allocations and one or two ``kernel[grid]`` launches.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,7 +56,16 @@ __all__ = ["route_and_permute", "route_counts"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ENTRIES = 16 if _INTERPRET else 128  # entries (CT * K_PAD) per chunk: the rank tile is its square
 _MAX_TILE = 64 if _INTERPRET else 16384  # elements of a (chunks, experts) scan tile
+_SCAN_TILE = 2048  # elements of a (SCAN entries, E_PAD) one-hot accumulator (two are live)
+# the one-launch path while N_PAD * E_PAD (comparisons per program) is at most this and
+# E_PAD <= 64 (a (CT, K_PAD, E_PAD) select tile); 2^18: 16K entries x 8 experts, 4K x 64
+ONE_LAUNCH_MAX = 1 << 18
 _TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -53,6 +74,82 @@ def _fence_gpu(FENCE: tl.constexpr):
     if FENCE:
         tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+
+@triton.jit
+def _chunk_ids(IDS, c, T, K: tl.constexpr, K_PAD: tl.constexpr, CT: tl.constexpr, M: tl.constexpr):
+    """Chunk c's ids (CT, K_PAD) (-1 where padded), flat entry indices, validity mask, and each
+    entry's rank among the chunk's earlier entries with the same id (M = CT * K_PAD)."""
+    offs_t = c * CT + tl.arange(0, CT)
+    slots = tl.arange(0, K_PAD)
+    ok = (offs_t[:, None] < T) & (slots[None, :] < K)  # (CT, K_PAD)
+    flat = offs_t[:, None] * K + slots[None, :]  # (CT, K_PAD) = token * k + slot
+    ids = tl.load(IDS + flat, mask=ok, other=-1).to(tl.int32)
+    ids1 = tl.reshape(ids, (M,))  # row-major: the flat entry order (padding never matches)
+    local = tl.arange(0, M)
+    same = (ids1[:, None] == ids1[None, :]) & (local[None, :] < local[:, None])  # (M, M)
+    rank = tl.reshape(tl.sum(same.to(tl.int32), axis=1), (CT, K_PAD))
+    return ids, flat, ok, rank
+
+
+@triton.jit
+def _write_and_copy(X, POS, ROW_MAP, OUT, pos, flat, ok, c, s, T, H, stride_xt,
+                    K_PAD: tl.constexpr, CT: tl.constexpr, SPAN: tl.constexpr, BLOCK_H: tl.constexpr,
+                    COPY: tl.constexpr):
+    """Span 0 writes POS and ROW_MAP of the chunk's entries; with COPY every program copies its
+    tokens' hidden span into their k sorted rows, OUT[pos[t*K + j]] = X[t] (OUT (T*K, H))."""
+    write = ok & ((flat * 0 + s) == 0)  # (CT, K_PAD): hidden span 0 writes the maps
+    tl.store(POS + flat, pos, mask=write)
+    tl.store(ROW_MAP + pos, flat.to(tl.int64), mask=write)
+    if COPY:
+        pos64 = pos.to(tl.int64)
+        offs_t = c * CT + tl.arange(0, CT)
+        t_ok = offs_t < T
+        for h0 in tl.static_range(0, SPAN, BLOCK_H):
+            offs_h = s * SPAN + h0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            x = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_h[None, :],
+                        mask=t_ok[:, None] & h_ok[None, :])  # (CT, BLOCK_H)
+            tl.store(OUT + pos64[:, :, None] * H + offs_h[None, None, :],
+                     tl.broadcast_to(x[:, None, :], (CT, K_PAD, BLOCK_H)),
+                     mask=ok[:, :, None] & h_ok[None, None, :])
+
+
+@triton.jit
+def _route_place_kernel(X, IDS, POS, ROW_MAP, OUT, COUNTS, OFFSETS, N, T, H, stride_xt,
+                        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                        CT: tl.constexpr, M: tl.constexpr, N_PAD: tl.constexpr, SCAN: tl.constexpr,
+                        SPAN: tl.constexpr, BLOCK_H: tl.constexpr, COPY: tl.constexpr):
+    """The one-launch path. Program (c, s): histogram of all N ids (and of those before chunk
+    c), BASE of the chunk, then ranks, maps and copy as ``_place_kernel``; program (0, 0) also
+    writes COUNTS (E,) and OFFSETS (E+1,)."""
+    c = tl.program_id(0)
+    s = tl.program_id(1)
+    first = c * CT * K  # the chunk's first flat entry
+    experts = tl.arange(0, E_PAD)
+    # one-hot counts accumulated per lane, reduced across the program once after the loop
+    # (a cross-warp reduction per iteration made the loop latency-bound on H200)
+    total2 = tl.zeros([SCAN, E_PAD], tl.int32)
+    before2 = tl.zeros([SCAN, E_PAD], tl.int32)
+    for i0 in range(0, N_PAD, SCAN):
+        offs = i0 + tl.arange(0, SCAN)
+        ids_all = tl.load(IDS + offs, mask=offs < N, other=-1).to(tl.int32)
+        hit = ids_all[:, None] == experts[None, :]  # (SCAN, E_PAD)
+        total2 += hit.to(tl.int32)
+        before2 += (hit & (offs < first)[:, None]).to(tl.int32)
+    total = tl.sum(total2, axis=0)  # (E_PAD,)
+    before = tl.sum(before2, axis=0)
+    start = tl.cumsum(total, axis=0) - total  # (E_PAD,) exclusive scan: offsets
+    if (c == 0) & (s == 0):
+        e_ok = experts < E
+        tl.store(COUNTS + experts, total.to(COUNTS.dtype.element_ty), mask=e_ok)
+        tl.store(OFFSETS + experts, start, mask=e_ok)
+        tl.store(OFFSETS + E, tl.sum(total, axis=0))
+    ids, flat, ok, rank = _chunk_ids(IDS, c, T, K, K_PAD, CT, M)
+    base_e = start + before  # (E_PAD,): BASE[c, e]
+    base = tl.sum(tl.where(ids[:, :, None] == experts[None, None, :], base_e[None, None, :], 0), axis=2)
+    _write_and_copy(X, POS, ROW_MAP, OUT, base + rank, flat, ok, c, s, T, H, stride_xt,
+                    K_PAD, CT, SPAN, BLOCK_H, COPY)
 
 
 @triton.jit
@@ -102,77 +199,35 @@ def _place_kernel(X, IDS, BASE, POS, ROW_MAP, OUT, T, H, stride_xt,
                   SPAN: tl.constexpr, BLOCK_H: tl.constexpr, COPY: tl.constexpr):
     """Program (c, s): tokens [c*CT, (c+1)*CT), hidden columns [s*SPAN, (s+1)*SPAN).
     pos of each entry = BASE[c, id] + its rank among the chunk's earlier entries of that id;
-    OUT[pos[t*K + j]] = X[t] (OUT (T*K, H) contiguous). COPY=False: routing only."""
+    OUT[pos[t*K + j]] = X[t]. COPY=False: routing only."""
     c = tl.program_id(0)
-    s = tl.program_id(1)  # M = CT * K_PAD entries
-    offs_t = c * CT + tl.arange(0, CT)
-    slots = tl.arange(0, K_PAD)
-    ok = (offs_t[:, None] < T) & (slots[None, :] < K)  # (CT, K_PAD)
-    flat = offs_t[:, None] * K + slots[None, :]  # (CT, K_PAD) = token * k + slot
-    ids = tl.load(IDS + flat, mask=ok, other=-1).to(tl.int32)
-    ids1 = tl.reshape(ids, (M,))  # row-major: the flat entry order (padding never matches)
-    local = tl.arange(0, M)
-    same = (ids1[:, None] == ids1[None, :]) & (local[None, :] < local[:, None])  # (M, M)
-    rank = tl.reshape(tl.sum(same.to(tl.int32), axis=1), (CT, K_PAD))
+    s = tl.program_id(1)
+    ids, flat, ok, rank = _chunk_ids(IDS, c, T, K, K_PAD, CT, M)
     base = tl.load(BASE + c.to(tl.int64) * E + ids, mask=ok, other=0)
-    pos = base + rank  # (CT, K_PAD)
-    write = ok & ((flat * 0 + s) == 0)  # (CT, K_PAD): hidden span 0 writes the maps
-    tl.store(POS + flat, pos, mask=write)
-    tl.store(ROW_MAP + pos, flat.to(tl.int64), mask=write)
-    if COPY:
-        pos64 = pos.to(tl.int64)
-        t_ok = offs_t < T
-        for h0 in tl.static_range(0, SPAN, BLOCK_H):
-            offs_h = s * SPAN + h0 + tl.arange(0, BLOCK_H)
-            h_ok = offs_h < H
-            x = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_h[None, :],
-                        mask=t_ok[:, None] & h_ok[None, :])  # (CT, BLOCK_H)
-            tl.store(OUT + pos64[:, :, None] * H + offs_h[None, None, :],
-                     tl.broadcast_to(x[:, None, :], (CT, K_PAD, BLOCK_H)),
-                     mask=ok[:, :, None] & h_ok[None, None, :])
+    _write_and_copy(X, POS, ROW_MAP, OUT, base + rank, flat, ok, c, s, T, H, stride_xt,
+                    K_PAD, CT, SPAN, BLOCK_H, COPY)
 
 
-def _ticket(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    t = _TICKETS.get(key)
-    if t is None:
-        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+# ----------------------------------------------------------------------------------------
+# Launch plans and launchers
+# ----------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """The launch geometry of one (T, k, E, H) shape, computed once."""
+
+    one_launch: bool
+    nchunks: int
+    grid: tuple[int, int]  # (chunks, hidden spans) of the place step
+    place_meta: dict  # constexprs (and num_warps) of _route_place_kernel or _place_kernel
+    count_meta: dict  # those of _count_kernel (the two-launch path and route_counts)
+
+
+_PLANS: dict[tuple, _Plan] = {}
 
 
 def _chunk_tokens(k: int) -> int:
     return max(1, _ENTRIES // triton.next_power_of_2(k))
-
-
-def _count(flat: torch.Tensor, t: int, k: int, n_experts: int, counts_dtype: torch.dtype):
-    """counts (E,), offsets (E+1,) int32, BASE (nchunks, E) int32 for chunks of whole tokens."""
-    device = flat.device
-    n = flat.numel()
-    ct = _chunk_tokens(k)
-    nchunks = triton.cdiv(t, ct)
-    counts = torch.empty(n_experts, device=device, dtype=counts_dtype)  # (E,)
-    offsets = torch.empty(n_experts + 1, device=device, dtype=torch.int32)  # (E+1,)
-    base = torch.empty((nchunks, n_experts), device=device, dtype=torch.int32)  # (nchunks, E)
-    if n == 0:
-        counts.zero_()
-        offsets.zero_()
-        return counts, offsets, base, ct
-    chunk_counts = torch.empty((nchunks, n_experts), device=device, dtype=torch.int32)
-    e_pad = max(2, triton.next_power_of_2(n_experts))
-    nchunk_pad = triton.next_power_of_2(nchunks)
-    cb = max(1, min(nchunk_pad, _MAX_TILE // e_pad))
-    _count_kernel[(nchunks,)](flat, chunk_counts, base, counts, offsets, _ticket(device), n, ct * k,
-                              E=n_experts, CHUNK_PAD=max(2, triton.next_power_of_2(ct * k)), E_PAD=e_pad,
-                              NCHUNK_PAD=nchunk_pad, CB=cb, FENCE=not _INTERPRET,
-                              num_warps=1 if _INTERPRET else 8)
-    return counts, offsets, base, ct
-
-
-def route_counts(flat: torch.Tensor, t: int, k: int, n_experts: int,
-                 counts_dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
-    """counts (E,) and offsets (E+1,) int32 of the flat (T*k,) ids: one launch."""
-    counts, offsets, _, _ = _count(flat, t, k, n_experts, counts_dtype)
-    return counts, offsets
 
 
 def _copy_config(h: int, k_pad: int, ct: int) -> tuple[int, int, int]:
@@ -185,25 +240,91 @@ def _copy_config(h: int, k_pad: int, ct: int) -> tuple[int, int, int]:
     return block_h, span, 4
 
 
+def _make_plan(t: int, k: int, e: int, h: int, copy: bool, one_launch_max: int) -> _Plan:
+    n = t * k
+    k_pad = triton.next_power_of_2(k)
+    e_pad = max(2, triton.next_power_of_2(e))
+    n_pad = max(2, triton.next_power_of_2(n))
+    ct = _chunk_tokens(k)
+    nchunks = triton.cdiv(t, ct)
+    block_h, span, warps = _copy_config(h, k_pad, ct)
+    grid = (nchunks, triton.cdiv(h, span) if copy else 1)
+    nchunk_pad = triton.next_power_of_2(nchunks)
+    count_meta = dict(E=e, CHUNK_PAD=max(2, triton.next_power_of_2(ct * k)), E_PAD=e_pad, NCHUNK_PAD=nchunk_pad,
+                      CB=max(1, min(nchunk_pad, _MAX_TILE // e_pad)), FENCE=not _INTERPRET,
+                      num_warps=1 if _INTERPRET else 8)
+    one = n_pad * e_pad <= one_launch_max and e_pad <= 64
+    place_meta = dict(K=k, K_PAD=k_pad, CT=ct, M=ct * k_pad, SPAN=span, BLOCK_H=block_h, COPY=copy,
+                      num_warps=warps)
+    if one:
+        place_meta.update(E=e, E_PAD=e_pad, N_PAD=n_pad, SCAN=max(2, min(n_pad, _SCAN_TILE // e_pad)))
+    else:
+        place_meta.update(E=e)
+    return _Plan(one, nchunks, grid, place_meta, count_meta)
+
+
+def _plan(t: int, k: int, e: int, h: int, copy: bool) -> _Plan:
+    key = (t, k, e, h, copy, ONE_LAUNCH_MAX)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(*key)
+    return plan
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)  # zero-filled by the graph itself
+    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    t = _TICKETS.get(key)
+    if t is None:
+        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+def _count(flat: torch.Tensor, plan: _Plan, n_experts: int, k: int, counts: torch.Tensor,
+           offsets: torch.Tensor) -> torch.Tensor:
+    """The two-launch path's first step: counts, offsets and BASE (nchunks, E) int32."""
+    device = flat.device
+    chunk_counts = torch.empty((plan.nchunks, n_experts), device=device, dtype=torch.int32)
+    base = torch.empty((plan.nchunks, n_experts), device=device, dtype=torch.int32)  # (nchunks, E)
+    _count_kernel[(plan.nchunks,)](flat, chunk_counts, base, counts, offsets, _ticket(device), flat.numel(),
+                                   plan.place_meta["CT"] * k, **plan.count_meta)
+    return base
+
+
+def route_counts(flat: torch.Tensor, t: int, k: int, n_experts: int,
+                 counts_dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts (E,) and offsets (E+1,) int32 of the flat (T*k,) ids: one launch."""
+    counts = torch.empty(n_experts, device=flat.device, dtype=counts_dtype)  # (E,)
+    offsets = torch.empty(n_experts + 1, device=flat.device, dtype=torch.int32)  # (E+1,)
+    if flat.numel() == 0:
+        return counts.zero_(), offsets.zero_()
+    _count(flat, _plan(t, k, n_experts, 1, False), n_experts, k, counts, offsets)
+    return counts, offsets
+
+
 def route_and_permute(x: torch.Tensor | None, flat: torch.Tensor, t: int, k: int, n_experts: int,
                       counts_dtype: torch.dtype = torch.int32):
     """x (T, H) with a unit last stride (None: routing only), flat ids (T*k,) int32/int64 in
     [0, E). Returns x_sorted (T*k, H) or None, row_map (T*k,) int64, pos (T*k,) int32,
-    counts (E,) ``counts_dtype``, offsets (E+1,) int32: two launches."""
+    counts (E,) ``counts_dtype``, offsets (E+1,) int32: one launch or two (module docstring)."""
     device = flat.device
     n = flat.numel()
-    counts, offsets, base, ct = _count(flat, t, k, n_experts, counts_dtype)
+    h = x.shape[1] if x is not None else 1
+    counts = torch.empty(n_experts, device=device, dtype=counts_dtype)  # (E,)
+    offsets = torch.empty(n_experts + 1, device=device, dtype=torch.int32)  # (E+1,)
     pos = torch.empty(n, device=device, dtype=torch.int32)  # (T*k,)
     row_map = torch.empty(n, device=device, dtype=torch.int64)  # (T*k,)
-    h = x.shape[1] if x is not None else 1
     out = torch.empty((n, h), device=device, dtype=x.dtype) if x is not None else None  # (T*k, H)
     if n == 0:
-        return out, row_map, pos, counts, offsets
-    k_pad = triton.next_power_of_2(k)
-    block_h, span, warps = _copy_config(h, k_pad, ct)
+        return out, row_map, pos, counts.zero_(), offsets.zero_()
     copy = x is not None and h > 0
-    grid = (triton.cdiv(t, ct), triton.cdiv(h, span) if copy else 1)
-    _place_kernel[grid](x if copy else flat, flat, base, pos, row_map, out if copy else flat, t, h,
-                        x.stride(0) if copy else 0, E=n_experts, K=k, K_PAD=k_pad, CT=ct, M=ct * k_pad, SPAN=span,
-                        BLOCK_H=block_h, COPY=copy, num_warps=warps)
+    plan = _plan(t, k, n_experts, h, copy)
+    src, dst, stride = (x, out, x.stride(0)) if copy else (flat, flat, 0)
+    if plan.one_launch:
+        _route_place_kernel[plan.grid](src, flat, pos, row_map, dst, counts, offsets, n, t, h, stride,
+                                       **plan.place_meta)
+    else:
+        base = _count(flat, plan, n_experts, k, counts, offsets)
+        _place_kernel[plan.grid](src, flat, base, pos, row_map, dst, t, h, stride, **plan.place_meta)
     return out, row_map, pos, counts, offsets
