@@ -10,9 +10,10 @@ Impls (each a forward, and forward+backward through ``torch.autograd.grad``):
   ``triton_unpermute`` (``unpermute(..., pos=pos)``), ``triton_permute_unpermute``
   (permute, then unpermute of its output: an identity expert): the MoE layer's calls
   (``ParallelDispatch``); ``triton_unpermute_row_map``: unpermute from a row_map (one more
-  launch, the inversion); ``triton_permute_unpermute_two_launch_routing``, at shapes where
-  the routing takes its one-launch path (``moe_dispatch_route.ONE_LAUNCH_MAX``), the same with
-  the two-launch path forced: the two side by side say where the bound should be;
+  launch, the inversion); ``triton_permute_unpermute_one_launch_routing``, at shapes where
+  the routing's one-launch path applies under ``moe_dispatch_route.ONE_LAUNCH_BOUND`` (off in
+  the library: ``ONE_LAUNCH_MAX`` 0), the same with it switched on: the two side by side say
+  whether it should be on;
 - ``torch_ref_*``: ``permute_ref`` / ``unpermute_ref`` (argsort + gather; argsort + fp32
   weighted sum); ``torch_moe_index_path_permute_unpermute``: ``MoE.forward`` without the
   kernels (``expert_slots``, ``x[slots // k]``, ``zeros.index_add_``);
@@ -182,16 +183,21 @@ def impls_of(t: int, h: int, n_exp: int, k: int, dtype, device) -> dict:
         rows, _, _, p = permute(x, ids, n_experts=n_exp, routing=True)
         return unpermute(rows, None, w, pos=p)
 
-    def permute_unpermute_two_launches():  # the routing's other path, for the threshold's choice
-        bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, 0
+    def permute_unpermute_one_launch():  # the routing's other path, for the threshold's choice
+        bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, route.ONE_LAUNCH_BOUND
         try:
             return permute_unpermute()
         finally:
             route.ONE_LAUNCH_MAX = bound
 
     two = {}
-    if route._plan(t, k, n_exp, h, True).one_launch:
-        two["triton_permute_unpermute_two_launch_routing"] = ("permute_unpermute", permute_unpermute_two_launches,
+    bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, route.ONE_LAUNCH_BOUND
+    try:
+        one_launch_here = route._plan(t, k, n_exp, h, True).one_launch
+    finally:
+        route.ONE_LAUNCH_MAX = bound
+    if one_launch_here and not route._plan(t, k, n_exp, h, True).one_launch:
+        two["triton_permute_unpermute_one_launch_routing"] = ("permute_unpermute", permute_unpermute_one_launch,
                                                               [x, w])
     return {
         "triton_permute": ("permute", lambda: permute(x, ids, n_experts=n_exp, routing=True)[0], [x]),

@@ -38,9 +38,9 @@ def _ids(t: int, k: int, e: int, seed: int = 0, repeats: bool = False) -> torch.
 
 @pytest.fixture(params=["one_launch", "two_launches"])
 def routing_path(request, monkeypatch):
-    """Both routing paths: the one-launch bound as shipped (every shape below takes it) or 0."""
-    if request.param == "two_launches":
-        monkeypatch.setattr(route, "ONE_LAUNCH_MAX", 0)
+    """Both routing paths: the one-launch path switched on (every shape below takes it under
+    ONE_LAUNCH_BOUND) or the two-launch path the library ships (ONE_LAUNCH_MAX 0)."""
+    monkeypatch.setattr(route, "ONE_LAUNCH_MAX", route.ONE_LAUNCH_BOUND if request.param == "one_launch" else 0)
     return request.param
 
 
@@ -172,12 +172,15 @@ _CPU_CHECKS = (
     ["aten.min", "aten._local_scalar_dense", "aten.max", "aten._local_scalar_dense"] if DEVICE == "cpu" else [])
 
 
-@pytest.mark.parametrize("t,k,e,routing_launches", [(24, 2, 8, ["_route_place_kernel"]),
-                                                    (24, 8, 256, ["_count_kernel", "_place_kernel"])])
-def test_launch_counts(t, k, e, routing_launches, monkeypatch) -> None:
+@pytest.mark.parametrize("t,k,e,one_launch,routing_launches", [
+    (24, 2, 8, False, ["_count_kernel", "_place_kernel"]), (24, 2, 8, True, ["_route_place_kernel"]),
+    (24, 8, 256, True, ["_count_kernel", "_place_kernel"])])
+def test_launch_counts(t, k, e, one_launch, routing_launches, monkeypatch) -> None:
     """Every op's launches, and no torch op besides allocations and views (no zeros, cumsum,
     index, bincount; no zero-filled gradients for the integer outputs) forward or backward:
-    permute 1 launch (few experts) or 2, unpermute(pos=) 1, backward 1 each."""
+    permute 2 launches as shipped (1 with the one-launch path on, at few experts),
+    unpermute(pos=) 1, backward 1 each."""
+    monkeypatch.setattr(route, "ONE_LAUNCH_MAX", route.ONE_LAUNCH_BOUND if one_launch else 0)
     h = 40
     ids = _ids(t, k, e)
     x = torch.randn(t, h, device=DEVICE, requires_grad=True)
@@ -196,7 +199,7 @@ def test_launch_counts(t, k, e, routing_launches, monkeypatch) -> None:
 
 
 def test_moe_layer_launches(monkeypatch) -> None:
-    """The layer's Triton path: forward = routing + copy (one launch at 4 experts), combine;
+    """The layer's Triton path as shipped: forward = routing + copy (two launches), combine;
     backward = unpermute backward, combine (permute's backward). No inversion, no bincount
     beyond the router's statistics. Capacity mode keeps torch's path (the kernels are dropless)."""
     torch.manual_seed(0)
@@ -207,7 +210,7 @@ def test_moe_layer_launches(monkeypatch) -> None:
     with mode:
         out = moe(x)
         launches, ops = mode.take()
-        assert launches == ["_route_place_kernel", "_combine_kernel"], launches
+        assert launches == ["_count_kernel", "_place_kernel", "_combine_kernel"], launches
         assert ops.count("aten.bincount") == 1, ops  # the router's statistics only (torch's path: 2)
         out.sum().backward()
         assert sorted(mode.take()[0]) == ["_combine_kernel", "_unpermute_bwd_kernel"]
@@ -249,12 +252,12 @@ def test_gpu_bf16_forward_backward_and_cuda_graph(t, h, k, e, routing_path) -> N
     w = torch.randn(t, k, device="cuda", generator=g).softmax(-1).requires_grad_()
     dout = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
 
-    def step():
+    def step(x, w):
         rows, _, _, pos = md.permute(x, ids, e, routing=True)
         out = md.unpermute(rows, None, w, pos=pos)
-        return (out, *torch.autograd.grad(out, [x, w], dout))
+        return (out.detach(), *torch.autograd.grad(out, [x, w], dout))
 
-    eager = step()
+    eager = step(x, w)
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     rows, row_map = md.permute_ref(xr, ids)
     ref_out = md.unpermute_ref(rows, row_map, wr)
@@ -266,19 +269,24 @@ def test_gpu_bf16_forward_backward_and_cuda_graph(t, h, k, e, routing_path) -> N
     for name, a, s, r in zip(("out", "dx", "dw"), eager, same, ref):
         check_against_torch(f"gpu fused {name}", a, s, r, ATOL[torch.bfloat16])
 
+    # The captured leaves are new and first used on the side stream: a leaf whose gradient
+    # node was made on the default stream (x, w above) makes the capture depend on that
+    # stream, which CUDA refuses (cudaErrorStreamCaptureImplicit; torch's AccumulateGrad
+    # stream warning says the same).
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()  # warm-up off the capture stream: compiles, allocator, this stream's ticket
+        xc, wc = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        step(xc, wc)  # warm-up off the capture stream: compiles, allocator, this stream's ticket
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static = step()
+        static = step(xc, wc)
     with torch.no_grad():
-        x.mul_(-1)
-        w.copy_(w.flip(-1))
+        xc.mul_(-1)
+        wc.copy_(wc.flip(-1))
         ids.copy_(ids.flip(0))
     graph.replay()
-    again = step()
+    again = step(xc, wc)
     for a, b in zip(static, again):
         assert torch.equal(a, b)

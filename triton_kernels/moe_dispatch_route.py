@@ -1,5 +1,5 @@
-"""MoE routing fused with the permute copy: one launch (few experts) or two, from expert ids
-to sorted rows.
+"""MoE routing fused with the permute copy: two launches (one for few experts, off: measured
+slower, see ``ONE_LAUNCH_MAX``), from expert ids to sorted rows.
 
 The math (stable counting sort of the T*k flat entries ``i = t*k + j`` by expert, as in
 ``moe_dispatch.py``'s docstring, equal to ``torch.argsort(ids.flatten(), stable=True)``)::
@@ -15,12 +15,13 @@ same id (a (CT*K_PAD)^2 comparison), and the program copies its tokens' span int
 sorted rows (each token row read once). Programs of span 0 write ``pos`` and ``row_map``.
 Two ways to get BASE (issue 22 item 3: the Mixtral shape, H4096 top-2, is launch-bound):
 
-- **One launch** (``_route_place_kernel``) when ``N_PAD * E_PAD`` is small (Mixtral: 16K
-  entries x 8 experts): every program histograms *all* N ids itself (a one-hot sum in tiles
-  of ``SCAN`` entries), counting those before its chunk apart. The ids (N integers) are read
-  by every program from L2; the comparisons are ``N * E_PAD`` per program, hence the bound.
+- **One launch** (``_route_place_kernel``, only when ``ONE_LAUNCH_MAX`` is raised) when
+  ``N_PAD * E_PAD`` is small (Mixtral: 16K entries x 8 experts): every program histograms
+  *all* N ids itself (a one-hot sum in tiles of ``SCAN`` entries), counting those before
+  its chunk apart. The ids (N integers) are read by every program from L2; the comparisons
+  are ``N * E_PAD`` per program, hence the bound.
   Program (0, 0) writes counts and offsets. No scratch, no atomics, no ticket.
-- **Two launches** otherwise (many experts or tokens: DeepSeek's 64-256 experts, top-8):
+- **Two launches** otherwise (the default; many experts or tokens: DeepSeek's 64-256, top-8):
   1. ``_count_kernel``, one program per chunk: the chunk's per-expert counts into
      ``CHUNK_COUNTS (nchunks, E)``, then a ticket (integer atomic). The program that draws
      the last ticket, which therefore runs after every other program has published its
@@ -57,9 +58,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ENTRIES = 16 if _INTERPRET else 128  # entries (CT * K_PAD) per chunk: the rank tile is its square
 _MAX_TILE = 64 if _INTERPRET else 16384  # elements of a (chunks, experts) scan tile
 _SCAN_TILE = 2048  # elements of a (SCAN entries, E_PAD) one-hot accumulator (two are live)
-# the one-launch path while N_PAD * E_PAD (comparisons per program) is at most this and
-# E_PAD <= 64 (a (CT, K_PAD, E_PAD) select tile); 2^18: 16K entries x 8 experts, 4K x 64
-ONE_LAUNCH_MAX = 1 << 18
+# the one-launch path while N_PAD * E_PAD (comparisons per program) is at most ONE_LAUNCH_MAX
+# and E_PAD <= 64 (a (CT, K_PAD, E_PAD) select tile). Off (0): on an H200 at 8192 tokens x
+# top-2 of 8 (benchmarks/results/moe_permute.json) it was slower than count + place both on
+# the GPU (permute+unpermute forward replayed in a CUDA graph: 169 against 117 us) and per
+# call (293 against 219 us), since every program counts all the ids again. ONE_LAUNCH_BOUND
+# (16K entries x 8 experts, 4K x 64) is what the tests and the benchmark's comparison row use.
+ONE_LAUNCH_BOUND = 1 << 18
+ONE_LAUNCH_MAX = 0
 _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
