@@ -14,7 +14,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from .styles import TPKernels, TPStyle, _GatherOnceColwise, _RowwiseParallel, resolve_style, style_from_rule
+from .styles import (TPKernels, TPStyle, _ColwiseParallel, _GatherOnceColwise, _RowwiseParallel, resolve_style,
+                     style_from_rule)
 
 
 def glob_match(pattern: str, name: str) -> bool:
@@ -85,8 +86,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
     matmul + reduce-scatter (Triton; or NCCL under selective recompute) is first replaced by
     a ``FusedRowwiseLinear`` holding the same parameters; any other module keeps the unfused
     reduce-scatter. Likewise a plain column-parallel ``nn.Linear`` whose input arrives
-    sequence-sharded (``_GatherOnceColwise``, fused) becomes a ``FusedColwiseLinear``."""
+    sequence-sharded (``_GatherOnceColwise``, fused) becomes a ``FusedColwiseLinear``, and one
+    whose output is wanted as a local ``Shard(-1)`` block a ``LocalColwiseLinear`` (its eager
+    forward on local tensors, ``local_linear.py``)."""
     from .gather_once import FusedColwiseLinear
+    from .local_linear import LocalColwiseLinear
     from .matmul_reduce_scatter import FusedRowwiseLinear
 
     plan = {name: resolve_style(style, sequence_parallel, kernels) for name, style in styles.items()}
@@ -98,6 +102,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
             fused = FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim, style.fused_push)
         elif isinstance(style, _GatherOnceColwise) and style.fused:
             fused = FusedColwiseLinear.from_linear(module, style.input_layouts[0].dim)
+        elif isinstance(style, _ColwiseParallel) and style.local_output_block:
+            fused = LocalColwiseLinear.from_linear(module)
         else:
             continue
         parent, _, attr = name.rpartition(".")

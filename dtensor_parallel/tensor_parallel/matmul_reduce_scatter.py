@@ -337,8 +337,18 @@ def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int, push: str = "copy
     """The forward of a row-parallel Linear whose output is scattered on ``dim``: the fused
     op on the local tensors when it can serve (every rank decides alike), else ``F.linear``
     on the DTensors (then the output hook reduce-scatters). ``push="nccl"`` under
-    ``torch.compile`` takes ``F.linear`` too (``rowwise_nccl.py`` says why)."""
+    ``torch.compile`` takes ``F.linear`` too (``rowwise_nccl.py`` says why).
+
+    A plain ``x`` is this rank's ``Shard(-1)`` block, passed on by the style's input hook in
+    eager (``styles._RowwiseParallel``: no DTensor round trip, about 60 us of host time a call);
+    the fused op's output then stays a plain ``Shard(dim)`` block for the output hook."""
     w, b = mod.weight, mod.bias
+    if not isinstance(x, DTensor) and isinstance(w, DTensor):
+        if b is None and w.device_mesh.ndim == 1 and _is_shard(w.placements, 1, 2):
+            out = _rowwise_local(x, w, dim, push)
+            if out is not None:
+                return out
+        x = DTensor.from_local(x, w.device_mesh, [Shard(x.ndim - 1)], run_check=False)
     if (not isinstance(x, DTensor) or not isinstance(w, DTensor) or x.device_mesh.ndim != 1
             or w.device_mesh != x.device_mesh or (push == NCCL and torch.compiler.is_compiling())):
         return F.linear(x, w, b)
@@ -361,6 +371,21 @@ def rowwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int, push: str = "copy
     if b is not None:  # after the sum (Replicate); its gradient is Partial, reduced like the norms'
         out = out + (b if b.dtype == out.dtype else b.to(out.dtype))
     return out
+
+
+def _rowwise_local(x: torch.Tensor, w: DTensor, dim: int, push: str) -> torch.Tensor | None:
+    """The fused op on a plain ``Shard(-1)`` input block and the ``Shard(1)`` weight's local
+    shard: the local ``Shard(dim)`` output, or None where the op cannot serve."""
+    wl = w.to_local(grad_placements=[Shard(1)])  # its gradient: this rank's K shard, complete
+    xl = x
+    if torch.is_autocast_enabled(x.device.type):  # what F.linear does under autocast
+        dtype = torch.get_autocast_dtype(x.device.type)
+        xl, wl = xl.to(dtype), wl.to(dtype)
+    group = w.device_mesh.get_group()
+    if _cannot_serve(xl, wl, dim % x.ndim, group, push) is not None:
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        return matmul_reduce_scatter(xl, wl, dim % x.ndim, group, push=push)
 
 
 class FusedRowwiseLinear(nn.Linear):

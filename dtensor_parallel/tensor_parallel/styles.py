@@ -37,19 +37,26 @@ as Megatron does with its fused QKV projection. With the Triton SP kernels
 (``TPKernels.gathers_in_colwise``) the norm passes its sequence shard on instead, and the
 first column-parallel layer reading it does that one all-gather inside its GEMM
 (``gather_once.py``, ``all_gather_matmul.py``); the layers after it reuse the gathered input.
+
+The norm styles live in ``norm_styles.py``. In eager, where the torch kernels serve, the
+column-parallel layers run on local tensors (``local_linear.py``), the fused row-parallel
+layer takes its input plain, and the norm's gather skips ``redistribute``'s planning
+(``sequence_gather.py``): the same collectives and GEMMs with less host work per layer
+(``benchmarks/tp_host_overhead.py``); compiled blocks keep the DTensor forms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import Placement
 
 from .gather_once import FusedColwiseLinear, gathered_dtensor
+from .matmul_reduce_scatter import FusedRowwiseLinear
 from .sp_reduce_scatter import redistribute_rowwise_output
 
 SEQ_DIM = 1
@@ -99,7 +106,15 @@ class _ColwiseParallel(ColwiseParallel):
     ``redistribute`` even when the DTensor is already replicated; that no-op's backward
     then all-reduces each projection's input gradient separately (q, k and v: three
     all-reduces). Skipping it lets the three partial gradients add up first and leave
-    through the norm's single reduce-scatter (SP) or the one conversion back (no SP)."""
+    through the norm's single reduce-scatter (SP) or the one conversion back (no SP).
+
+    A plain ``nn.Linear`` whose output is wanted as a local ``Shard(-1)`` block
+    (``local_output_block``) is computed on local tensors in eager (``local_linear.py``): its
+    plain output passes the output hook as it is."""
+
+    @property
+    def local_output_block(self) -> bool:
+        return type(self) is _ColwiseParallel and self.use_local_output and tuple(self.output_layouts) == (Shard(-1),)
 
     @staticmethod
     def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
@@ -109,6 +124,12 @@ class _ColwiseParallel(ColwiseParallel):
         if tuple(x.placements) != tuple(desired_input_layouts):
             x = x.redistribute(placements=desired_input_layouts, async_op=True)
         return x
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if not isinstance(outputs, DTensor):  # LocalColwiseLinear: already the local Shard(-1) block
+            return outputs
+        return ColwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
 
 
 class _GatherOnceColwise(_ColwiseParallel):
@@ -166,8 +187,20 @@ class _RowwiseParallel(RowwiseParallel):
             return target.dim
         return None
 
+    def _prepare_input_fn(self, input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        # bound to the instance; a plain input of the fused layer stays plain in eager (it reads
+        # it as its Shard(-1) block: rowwise_forward), sparing a DTensor round trip
+        if (not torch.compiler.is_compiling() and self.fused_scatter_dim is not None
+                and isinstance(mod, FusedRowwiseLinear) and not isinstance(inputs[0], DTensor)
+                and tuple(input_layouts) == tuple(desired_input_layouts) == (Shard(-1),)):
+            return inputs
+        return RowwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh)
+
     def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
         # bound to the instance (torch binds this with partial(self._prepare_output_fn, ...))
+        if not isinstance(outputs, DTensor):  # the fused layer's plain Shard(scatter dim) block
+            return outputs if use_local_output else DTensor.from_local(outputs, device_mesh, output_layouts,
+                                                                        run_check=False)
         if tuple(outputs.placements) != tuple(output_layouts):
             # Partial -> Shard(seq) may take the Triton reduce-scatter (sp_reduce_scatter.py)
             outputs = redistribute_rowwise_output(outputs, output_layouts, self.reduce_scatter)
@@ -274,94 +307,6 @@ class _VocabHeadParallel(_ColwiseParallel):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Norm(TPStyle):
-    """A norm (or any parameter-replicated module) on the residual stream.
-
-    Under SP it runs on the sequence shard and all-gathers its output; with
-    ``gather_output=False`` the output stays sequence-sharded (a post-norm model whose norm
-    output is the residual stream).
-    """
-
-    gather_output: bool = True
-    sequence_dim: int = SEQ_DIM
-    module_types = (nn.Module,)
-
-    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
-        return _NormParallel(sequence_parallel=sequence_parallel,
-                             sequence_dim=self.sequence_dim, gather_output=self.gather_output,
-                             defer_gather=sequence_parallel and kernels.gathers_in_colwise)
-
-
-class _NormParallel(ParallelStyle):
-    """``defer_gather``: an output to gather stays a ``Shard(seq)`` DTensor: the column-parallel
-    layers reading it gather it (once, ``gather_once.py``), DTensor wherever else it must."""
-
-    def __init__(self, *, sequence_parallel: bool, sequence_dim: int, gather_output: bool,
-                 defer_gather: bool = False):
-        super().__init__()
-        self.input_layout = Shard(sequence_dim) if sequence_parallel else Replicate()
-        self.gather_output = gather_output
-        self.defer_gather = defer_gather
-
-    @staticmethod
-    def _replicate_params(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
-        for p_name, p in list(module.named_parameters(recurse=False)):
-            module.register_parameter(p_name, nn.Parameter(distribute_tensor(p, mesh, [Replicate()])))
-
-    def _prepare_input(self, mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-        x, *rest = inputs
-        if isinstance(x, DTensor):
-            if x.placements != (self.input_layout,):
-                x = x.redistribute(placements=[self.input_layout])
-        else:
-            x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
-        return (x, *rest)
-
-    def _prepare_output(self, mod: nn.Module, out: DTensor, mesh: DeviceMesh):
-        if self.gather_output and self.defer_gather:
-            return out  # Shard(seq): gathered by the column-parallel layers after it
-        if self.gather_output:
-            return out.redistribute(placements=[Replicate()])  # stays a DTensor
-        return out.to_local()
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._replicate_params,
-                                 self._prepare_input, self._prepare_output)
-
-
-@dataclass(frozen=True, kw_only=True)
-class HeadNorm(TPStyle):
-    """A norm over each head's features applied to tensor-parallel heads (Qwen3's q_norm /
-    k_norm, OLMo-style per-head norms): its input is this rank's heads, a plain local
-    ``(..., heads/t, head_dim)`` tensor. The weights become ``Replicate`` DTensors and the
-    input is read as ``Shard(head_dim - 1)``, so the norm runs on the local heads and each
-    weight's gradient is ``Partial`` (every rank saw other heads), summed over tp after
-    backward like the SP norms'. The output is local again."""
-
-    heads_dim: int = -2
-    module_types = (nn.Module,)
-
-    def resolve(self, sequence_parallel: bool, kernels: TPKernels = TPKernels()) -> ParallelStyle:
-        return _HeadNormParallel(heads_dim=self.heads_dim)
-
-
-class _HeadNormParallel(ParallelStyle):
-    def __init__(self, *, heads_dim: int):
-        super().__init__()
-        self.heads_dim = heads_dim
-
-    def _prepare_input(self, mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-        x, *rest = inputs
-        if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, mesh, [Shard(self.heads_dim % x.dim())], run_check=False)
-        return (x, *rest)
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, _NormParallel._replicate_params, self._prepare_input,
-                                 lambda mod, out, mesh: out.to_local() if isinstance(out, DTensor) else out)
-
-
-@dataclass(frozen=True, kw_only=True)
 class AttentionSite(TPStyle):
     """The module whose ``forward`` calls ``F.scaled_dot_product_attention``: the attention
     call site. Tensor parallelism leaves it alone (its projections have their own rules);
@@ -374,6 +319,7 @@ class AttentionSite(TPStyle):
 
 
 from .moe_style import MoEParallel  # noqa: E402 - it builds on the classes above
+from .norm_styles import HeadNorm, Norm  # noqa: E402 - likewise
 
 STYLE_NAMES: dict[str, type[TPStyle]] = {
     "attention": AttentionSite,
