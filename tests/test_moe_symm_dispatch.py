@@ -22,7 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from triton_kernels.moe_dispatch_symm import Tables, copy_out_ref, launch_copy_out, launch_exchange, simulate, tables_ref
+from triton_kernels.moe_dispatch_symm import (copy_out_ref, launch_copy_out, simulate, simulate_tables,
+                                              tables_ref)
 
 from .harness import run_distributed
 
@@ -113,17 +114,6 @@ def test_simulated_round_trip_writes_only_the_received_rows(world, t, k, e, h, d
         assert "full" in seen
 
 
-def _tables_on_every_rank(counts: list[torch.Tensor], world: int) -> list[Tables]:
-    e = counts[0].numel()
-    areas = torch.zeros(world, world * e, dtype=torch.int32, device=DEVICE)
-    tabs = [Tables(e, world, DEVICE) for _ in range(world)]
-    for s in range(world):
-        launch_exchange(counts[s], list(areas), None, s, tabs[s], barrier=False, make_tables=False)
-    for s in range(world):
-        launch_exchange(counts[s], list(areas), None, s, tabs[s], push=False, barrier=False)
-    return tabs
-
-
 @pytest.mark.parametrize("world,t,k,e,h,dead,slack", [
     (2, 13, 2, 8, 40, 0, 0), (2, 11, 2, 8, 24, 4, 2), (4, 7, 3, 8, 17, 0, 3), (8, 5, 2, 16, 9, 0, 1)])
 def test_copy_out_kernel_against_reference(world, t, k, e, h, dead, slack) -> None:
@@ -134,7 +124,7 @@ def test_copy_out_kernel_against_reference(world, t, k, e, h, dead, slack) -> No
     rows, counts = _rank_rows(world, t, k, e, h, seed=5 + world, dead=dead)
     ref = tables_ref([c.cpu() for c in counts], world)
     bound = max(len(r["recv_order"]) for r in ref) + slack
-    tabs = _tables_on_every_rank(counts, world)
+    tabs = simulate_tables(counts)
     g = torch.Generator().manual_seed(world)
     el = e // world
     for d in range(world):

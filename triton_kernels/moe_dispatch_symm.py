@@ -304,6 +304,20 @@ def launch_copy_out(area: torch.Tensor, out: torch.Tensor, tables: Tables, rank:
     return out
 
 
+def simulate_tables(counts: list[torch.Tensor]) -> list[Tables]:
+    """Every rank's count exchange and receive tables on one device (``counts[s]`` (E,) of
+    rank s; stacked count areas stand in for the peers', no barrier: each phase on every
+    rank, then the next)."""
+    world, e, dev = len(counts), counts[0].numel(), counts[0].device
+    count_areas = torch.zeros(world, world * e, dtype=torch.int32, device=dev)
+    tabs = [Tables(e, world, dev) for _ in range(world)]
+    for s in range(world):
+        launch_exchange(counts[s], list(count_areas), None, s, tabs[s], barrier=False, make_tables=False)
+    for s in range(world):
+        launch_exchange(counts[s], list(count_areas), None, s, tabs[s], push=False, barrier=False)
+    return tabs
+
+
 def simulate(rows: list[torch.Tensor], counts: list[torch.Tensor], cap: int, experts=None, fill: float = 0.0):
     """Every rank's exchange, pushes and copy-outs on one device, stacked tensors standing in
     for the peers' areas, no barrier (each phase on every rank, then the next). rows[s]
@@ -311,14 +325,9 @@ def simulate(rows: list[torch.Tensor], counts: list[torch.Tensor], cap: int, exp
     the received rows (default: identity). Areas and outputs start as ``fill`` (NaN shows
     what is never written). Returns per rank (recv (cap, H), recv_counts (EL,), info (2,),
     back (N_s, H): the expert outputs at the source's sorted rows)."""
-    world, e, h = len(rows), counts[0].numel(), rows[0].shape[1]
+    world, h = len(rows), rows[0].shape[1]
     dev, dtype = rows[0].device, rows[0].dtype
-    count_areas = torch.zeros(world, world * e, dtype=torch.int32, device=dev)
-    tabs = [Tables(e, world, dev) for _ in range(world)]
-    for s in range(world):
-        launch_exchange(counts[s], list(count_areas), None, s, tabs[s], barrier=False, make_tables=False)
-    for s in range(world):
-        launch_exchange(counts[s], list(count_areas), None, s, tabs[s], push=False, barrier=False)
+    tabs = simulate_tables(counts)
     areas = torch.full((world, cap * h), fill, dtype=dtype, device=dev)
     recv = torch.full((world, cap, h), fill, dtype=dtype, device=dev)
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
