@@ -10,10 +10,9 @@ Impls (each a forward, and forward+backward through ``torch.autograd.grad``):
   ``triton_unpermute`` (``unpermute(..., pos=pos)``), ``triton_permute_unpermute``
   (permute, then unpermute of its output: an identity expert): the MoE layer's calls
   (``ParallelDispatch``); ``triton_unpermute_row_map``: unpermute from a row_map (one more
-  launch, the inversion); ``triton_permute_unpermute_one_launch_routing``, at shapes where
-  the routing's one-launch path applies under ``moe_dispatch_route.ONE_LAUNCH_BOUND`` (off in
-  the library: ``ONE_LAUNCH_MAX`` 0), the same with it switched on: the two side by side say
-  whether it should be on;
+  launch, the inversion). results/moe_permute.json was measured while a one-launch
+  routing was the default: there ``triton_permute_unpermute`` is that path and
+  ``triton_permute_unpermute_two_launch_routing`` the two launches kept since;
 - ``torch_ref_*``: ``permute_ref`` / ``unpermute_ref`` (argsort + gather; argsort + fp32
   weighted sum); ``torch_moe_index_path_permute_unpermute``: ``MoE.forward`` without the
   kernels (``expert_slots``, ``x[slots // k]``, ``zeros.index_add_``);
@@ -62,7 +61,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import median_ms
 from dtensor_parallel.models.moe import expert_slots
-from triton_kernels import moe_dispatch_route as route
 from triton_kernels.moe_dispatch import permute, permute_ref, unpermute, unpermute_ref
 
 PART = "permute_unpermute"
@@ -183,28 +181,11 @@ def impls_of(t: int, h: int, n_exp: int, k: int, dtype, device) -> dict:
         rows, _, _, p = permute(x, ids, n_experts=n_exp, routing=True)
         return unpermute(rows, None, w, pos=p)
 
-    def permute_unpermute_one_launch():  # the routing's other path, for the threshold's choice
-        bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, route.ONE_LAUNCH_BOUND
-        try:
-            return permute_unpermute()
-        finally:
-            route.ONE_LAUNCH_MAX = bound
-
-    two = {}
-    bound, route.ONE_LAUNCH_MAX = route.ONE_LAUNCH_MAX, route.ONE_LAUNCH_BOUND
-    try:
-        one_launch_here = route._plan(t, k, n_exp, h, True).one_launch
-    finally:
-        route.ONE_LAUNCH_MAX = bound
-    if one_launch_here and not route._plan(t, k, n_exp, h, True).one_launch:
-        two["triton_permute_unpermute_one_launch_routing"] = ("permute_unpermute", permute_unpermute_one_launch,
-                                                              [x, w])
     return {
         "triton_permute": ("permute", lambda: permute(x, ids, n_experts=n_exp, routing=True)[0], [x]),
         "triton_unpermute": ("unpermute", lambda: unpermute(y, None, w, pos=pos), [y, w]),
         "triton_unpermute_row_map": ("unpermute", lambda: unpermute(y, row_map, w), [y, w]),
         "triton_permute_unpermute": ("permute_unpermute", permute_unpermute, [x, w]),
-        **two,
         "torch_ref_permute": ("permute", lambda: permute_ref(x, ids)[0], [x]),
         "torch_ref_unpermute": ("unpermute", lambda: unpermute_ref(y, ref_map, w), [y, w]),
         "torch_ref_permute_unpermute": ("permute_unpermute", lambda: unpermute_ref(*permute_ref(x, ids), w), [x, w]),

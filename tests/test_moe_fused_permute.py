@@ -1,13 +1,13 @@
 """The fused local MoE permute (``triton_kernels/moe_dispatch_route.py``, issue 22 item 3):
-routing and the permute copy in one launch (few experts: every program histograms all ids)
-or two (per-chunk counts with a last-program scan, then ranks + copy), the combine reading
-the routing's inverse map directly. Bit-equal to the argsort reference on both paths; the
+routing and the permute copy in two launches (per-chunk counts with a last-program scan, then
+ranks + copy), the combine reading the routing's inverse map directly. Bit-equal to the
+argsort reference; the
 launches of every op forward and backward are counted (spied) together with the torch ops
 between them, so that neither can silently grow back.
 
-Interpreter on CPU (fp32/fp16; chunks of 16 entries, scan tiles of 64 elements and one-hot
-tiles of 2048 there, so several chunks, scan iterations and hidden spans are exercised);
-``pytest -m gpu`` runs bf16 at the issue's shapes, both paths, and a CUDA-graph capture."""
+Interpreter on CPU (fp32/fp16; chunks of 16 entries and scan tiles of 64 elements there, so
+several chunks, scan iterations and hidden spans are exercised); ``pytest -m gpu`` runs bf16
+at the issue's shapes and a CUDA-graph capture."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dtensor_parallel.models.moe import MoE, MoEArgs
 
 from .kernel_checks import ATOL, DEVICE, check_against_torch
 
-KERNELS = [(route, "_route_place_kernel"), (route, "_count_kernel"), (route, "_place_kernel"),
+KERNELS = [(route, "_count_kernel"), (route, "_place_kernel"),
            (rows_mod, "_combine_kernel"), (rows_mod, "_invert_kernel"), (rows_mod, "_unpermute_bwd_kernel")]
 
 
@@ -36,24 +36,13 @@ def _ids(t: int, k: int, e: int, seed: int = 0, repeats: bool = False) -> torch.
     return torch.randn(t, e, generator=g).topk(k, dim=-1).indices.to(DEVICE)
 
 
-@pytest.fixture(params=["one_launch", "two_launches"])
-def routing_path(request, monkeypatch):
-    """Both routing paths: the one-launch path switched on (every shape below takes it under
-    ONE_LAUNCH_BOUND) or the two-launch path the library ships (ONE_LAUNCH_MAX 0)."""
-    monkeypatch.setattr(route, "ONE_LAUNCH_MAX", route.ONE_LAUNCH_BOUND if request.param == "one_launch" else 0)
-    return request.param
-
-
 @pytest.mark.parametrize("t,h,k,e,repeats", [(1, 8, 1, 3, False), (37, 48, 2, 8, False), (53, 40, 3, 10, True),
                                              (29, 72, 8, 64, False), (40, 16, 2, 256, True), (45, 33, 1, 5, False)])
-def test_routing_outputs_are_the_argsort_reference(t, h, k, e, repeats, routing_path) -> None:
+def test_routing_outputs_are_the_argsort_reference(t, h, k, e, repeats) -> None:
     """pos is the inverse of row_map, counts are bincount's (int64), rows are exact copies;
-    E up to 256 (one-hot over padded experts; 256 always takes two launches), k = 1, 3 (padded
-    slots) and 8, one token, odd hidden sizes."""
+    E up to 256, k = 1, 3 (padded slots) and 8, one token, odd hidden sizes."""
     ids = _ids(t, k, e, repeats=repeats)
     x = torch.randn(t, h, device=DEVICE)
-    plan = route._plan(t, k, e, h, True)
-    assert plan.one_launch == (routing_path == "one_launch" and e <= 64)
     rows, row_map, counts, pos = md.permute(x, ids, e, routing=True)
     ref_rows, ref_map = md.permute_ref(x, ids)
     assert torch.equal(row_map, ref_map) and torch.equal(rows, ref_rows)
@@ -65,9 +54,9 @@ def test_routing_outputs_are_the_argsort_reference(t, h, k, e, repeats, routing_
 
 @pytest.mark.parametrize("t,h,k,e,dtype", [(37, 48, 1, 4, torch.float32), (41, 40, 2, 8, torch.float16),
                                            (23, 72, 8, 16, torch.float32), (19, 24, 3, 10, torch.float16)])
-def test_forward_and_backward_against_torch(t, h, k, e, dtype, routing_path) -> None:
+def test_forward_and_backward_against_torch(t, h, k, e, dtype) -> None:
     """permute -> an expert that scales rows -> unpermute(pos=...): output, dx and dweights
-    against the plain-PyTorch references (tolerance rule of kernel_checks), on both paths."""
+    against the plain-PyTorch references (tolerance rule of kernel_checks)."""
     ids = _ids(t, k, e, seed=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
@@ -172,15 +161,11 @@ _CPU_CHECKS = (
     ["aten.min", "aten._local_scalar_dense", "aten.max", "aten._local_scalar_dense"] if DEVICE == "cpu" else [])
 
 
-@pytest.mark.parametrize("t,k,e,one_launch,routing_launches", [
-    (24, 2, 8, False, ["_count_kernel", "_place_kernel"]), (24, 2, 8, True, ["_route_place_kernel"]),
-    (24, 8, 256, True, ["_count_kernel", "_place_kernel"])])
-def test_launch_counts(t, k, e, one_launch, routing_launches, monkeypatch) -> None:
+@pytest.mark.parametrize("t,k,e", [(24, 2, 8), (24, 8, 256)])
+def test_launch_counts(t, k, e, monkeypatch) -> None:
     """Every op's launches, and no torch op besides allocations and views (no zeros, cumsum,
     index, bincount; no zero-filled gradients for the integer outputs) forward or backward:
-    permute 2 launches as shipped (1 with the one-launch path on, at few experts),
-    unpermute(pos=) 1, backward 1 each."""
-    monkeypatch.setattr(route, "ONE_LAUNCH_MAX", route.ONE_LAUNCH_BOUND if one_launch else 0)
+    permute 2 launches, unpermute(pos=) 1, backward 1 each."""
     h = 40
     ids = _ids(t, k, e)
     x = torch.randn(t, h, device=DEVICE, requires_grad=True)
@@ -189,7 +174,7 @@ def test_launch_counts(t, k, e, one_launch, routing_launches, monkeypatch) -> No
     mode = _Launches(monkeypatch)
     with mode:
         rows, row_map, counts, pos = md.permute(x, ids, e, routing=True)
-        assert mode.take() == (routing_launches, _CPU_CHECKS)
+        assert mode.take() == (["_count_kernel", "_place_kernel"], _CPU_CHECKS)
         out = md.unpermute(rows, None, w, pos=pos)
         assert mode.take() == (["_combine_kernel"], [])
         torch.autograd.grad(out, [x, w], dout)
@@ -199,7 +184,7 @@ def test_launch_counts(t, k, e, one_launch, routing_launches, monkeypatch) -> No
 
 
 def test_moe_layer_launches(monkeypatch) -> None:
-    """The layer's Triton path as shipped: forward = routing + copy (two launches), combine;
+    """The layer's Triton path: forward = routing + copy (two launches), combine;
     backward = unpermute backward, combine (permute's backward). No inversion, no bincount
     beyond the router's statistics. Capacity mode keeps torch's path (the kernels are dropless)."""
     torch.manual_seed(0)
@@ -228,7 +213,7 @@ def test_moe_layer_launches(monkeypatch) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("t,h,k,e", [(8192, 4096, 2, 8), (8192, 7168, 8, 64), (4093, 7168, 8, 256),
                                      (4093, 4096, 1, 8)])
-def test_gpu_bf16_exact_at_the_issue_shapes(t, h, k, e, routing_path) -> None:
+def test_gpu_bf16_exact_at_the_issue_shapes(t, h, k, e) -> None:
     ids = _ids(t, k, e)
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
     rows, row_map, counts, pos = md.permute(x, ids, e, routing=True)
@@ -242,7 +227,7 @@ def test_gpu_bf16_exact_at_the_issue_shapes(t, h, k, e, routing_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("t,h,k,e", [(8192, 4096, 2, 8), (2048, 7168, 8, 64)])
-def test_gpu_bf16_forward_backward_and_cuda_graph(t, h, k, e, routing_path) -> None:
+def test_gpu_bf16_forward_backward_and_cuda_graph(t, h, k, e) -> None:
     """bf16 permute -> unpermute(pos=) forward and backward against the references, then the
     same forward+backward captured in a CUDA graph (no host sync on the path) and replayed on
     new inputs copied into the static ones: equal to eager, bit for bit."""

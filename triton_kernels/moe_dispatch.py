@@ -26,8 +26,7 @@ first, and within an expert by flat index, i.e. by token then slot (the same ord
     unpermute:  out[t] = sum_j w[t, j] * y[pos[t*k + j]]
                 grad:   dy[pos[t*k + j]] = w[t, j] * dout[t]    dw[t, j] = <y[pos[t*k + j]], dout[t]>
 
-Kernels. Routing and the permute copy (``moe_dispatch_route.py``): one launch when
-T*k x E is small (every program histograms all ids itself: the Mixtral shape), else two (a
+Kernels. Routing and the permute copy (``moe_dispatch_route.py``): two launches (a
 per-chunk histogram whose last program scans, then ranks + copy); no sort, no float
 atomics: the result is deterministic and equal to the argsort reference bit for bit. The
 row kernels (``moe_dispatch_rows.py``, pinned configs, no autotuner) work token-major on

@@ -1,5 +1,4 @@
-"""MoE routing fused with the permute copy: two launches (one for few experts, off: measured
-slower, see ``ONE_LAUNCH_MAX``), from expert ids to sorted rows.
+"""MoE routing fused with the permute copy: two launches from expert ids to sorted rows.
 
 The math (stable counting sort of the T*k flat entries ``i = t*k + j`` by expert, as in
 ``moe_dispatch.py``'s docstring, equal to ``torch.argsort(ids.flatten(), stable=True)``)::
@@ -13,15 +12,8 @@ of hidden columns. It needs ``BASE[c, e] = offsets[e] + #{entries of e before ch
 an entry's ``pos`` is ``BASE[c, id]`` plus its rank among the chunk's earlier entries of the
 same id (a (CT*K_PAD)^2 comparison), and the program copies its tokens' span into their k
 sorted rows (each token row read once). Programs of span 0 write ``pos`` and ``row_map``.
-Two ways to get BASE (issue 22 item 3: the Mixtral shape, H4096 top-2, is launch-bound):
+BASE comes from the first of the two launches:
 
-- **One launch** (``_route_place_kernel``, only when ``ONE_LAUNCH_MAX`` is raised) when
-  ``N_PAD * E_PAD`` is small (Mixtral: 16K entries x 8 experts): every program histograms
-  *all* N ids itself (a one-hot sum in tiles of ``SCAN`` entries), counting those before
-  its chunk apart. The ids (N integers) are read by every program from L2; the comparisons
-  are ``N * E_PAD`` per program, hence the bound.
-  Program (0, 0) writes counts and offsets. No scratch, no atomics, no ticket.
-- **Two launches** otherwise (the default; many experts or tokens: DeepSeek's 64-256, top-8):
   1. ``_count_kernel``, one program per chunk: the chunk's per-expert counts into
      ``CHUNK_COUNTS (nchunks, E)``, then a ticket (integer atomic). The program that draws
      the last ticket, which therefore runs after every other program has published its
@@ -33,6 +25,12 @@ Two ways to get BASE (issue 22 item 3: the Mixtral shape, H4096 top-2, is launch
      last program reads the counts bypassing L1 (``.cg``).
   2. ``_place_kernel``: rank + copy as above, BASE read from memory.
 
+A one-launch variant (every program histogramming all N ids itself, no scratch, no ticket)
+was built and measured on an H200 at 8192 tokens x top-2 of 8 (issue 22 item 3,
+benchmarks/RESULTS.md): slower than these two launches both on the GPU (permute+unpermute
+forward replayed in a CUDA graph, 169 against 117 us) and per call (293 against 219 us),
+since every program counts all the ids again. It was removed.
+
 No float atomics, no sort: the result is deterministic and bit-equal to the argsort
 reference. The ticket is one int32 per (device, stream) kept here (the kernel resets it);
 two launches at once on one stream cannot happen, on two streams they get two tickets. Under
@@ -40,7 +38,7 @@ CUDA-graph capture a fresh ticket is allocated (its zero-fill is captured with t
 so a ticket is never first created, uninitialised, inside a capture and reused eagerly.
 
 Host cost: the launch geometry of a (T, k, E, H) shape is computed once and cached
-(``_Plan``); a call is the allocations and one or two ``kernel[grid]`` launches.
+(``_Plan``); a call is the allocations and two ``kernel[grid]`` launches.
 """
 
 from __future__ import annotations
@@ -57,15 +55,6 @@ __all__ = ["route_and_permute", "route_counts"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ENTRIES = 16 if _INTERPRET else 128  # entries (CT * K_PAD) per chunk: the rank tile is its square
 _MAX_TILE = 64 if _INTERPRET else 16384  # elements of a (chunks, experts) scan tile
-_SCAN_TILE = 2048  # elements of a (SCAN entries, E_PAD) one-hot accumulator (two are live)
-# the one-launch path while N_PAD * E_PAD (comparisons per program) is at most ONE_LAUNCH_MAX
-# and E_PAD <= 64 (a (CT, K_PAD, E_PAD) select tile). Off (0): on an H200 at 8192 tokens x
-# top-2 of 8 (benchmarks/results/moe_permute.json) it was slower than count + place both on
-# the GPU (permute+unpermute forward replayed in a CUDA graph: 169 against 117 us) and per
-# call (293 against 219 us), since every program counts all the ids again. ONE_LAUNCH_BOUND
-# (16K entries x 8 experts, 4K x 64) is what the tests and the benchmark's comparison row use.
-ONE_LAUNCH_BOUND = 1 << 18
-ONE_LAUNCH_MAX = 0
 _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
@@ -119,43 +108,6 @@ def _write_and_copy(X, POS, ROW_MAP, OUT, pos, flat, ok, c, s, T, H, stride_xt,
             tl.store(OUT + pos64[:, :, None] * H + offs_h[None, None, :],
                      tl.broadcast_to(x[:, None, :], (CT, K_PAD, BLOCK_H)),
                      mask=ok[:, :, None] & h_ok[None, None, :])
-
-
-@triton.jit
-def _route_place_kernel(X, IDS, POS, ROW_MAP, OUT, COUNTS, OFFSETS, N, T, H, stride_xt,
-                        E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                        CT: tl.constexpr, M: tl.constexpr, N_PAD: tl.constexpr, SCAN: tl.constexpr,
-                        SPAN: tl.constexpr, BLOCK_H: tl.constexpr, COPY: tl.constexpr):
-    """The one-launch path. Program (c, s): histogram of all N ids (and of those before chunk
-    c), BASE of the chunk, then ranks, maps and copy as ``_place_kernel``; program (0, 0) also
-    writes COUNTS (E,) and OFFSETS (E+1,)."""
-    c = tl.program_id(0)
-    s = tl.program_id(1)
-    first = c * CT * K  # the chunk's first flat entry
-    experts = tl.arange(0, E_PAD)
-    # one-hot counts accumulated per lane, reduced across the program once after the loop
-    # (a cross-warp reduction per iteration made the loop latency-bound on H200)
-    total2 = tl.zeros([SCAN, E_PAD], tl.int32)
-    before2 = tl.zeros([SCAN, E_PAD], tl.int32)
-    for i0 in range(0, N_PAD, SCAN):
-        offs = i0 + tl.arange(0, SCAN)
-        ids_all = tl.load(IDS + offs, mask=offs < N, other=-1).to(tl.int32)
-        hit = ids_all[:, None] == experts[None, :]  # (SCAN, E_PAD)
-        total2 += hit.to(tl.int32)
-        before2 += (hit & (offs < first)[:, None]).to(tl.int32)
-    total = tl.sum(total2, axis=0)  # (E_PAD,)
-    before = tl.sum(before2, axis=0)
-    start = tl.cumsum(total, axis=0) - total  # (E_PAD,) exclusive scan: offsets
-    if (c == 0) & (s == 0):
-        e_ok = experts < E
-        tl.store(COUNTS + experts, total.to(COUNTS.dtype.element_ty), mask=e_ok)
-        tl.store(OFFSETS + experts, start, mask=e_ok)
-        tl.store(OFFSETS + E, tl.sum(total, axis=0))
-    ids, flat, ok, rank = _chunk_ids(IDS, c, T, K, K_PAD, CT, M)
-    base_e = start + before  # (E_PAD,): BASE[c, e]
-    base = tl.sum(tl.where(ids[:, :, None] == experts[None, None, :], base_e[None, None, :], 0), axis=2)
-    _write_and_copy(X, POS, ROW_MAP, OUT, base + rank, flat, ok, c, s, T, H, stride_xt,
-                    K_PAD, CT, SPAN, BLOCK_H, COPY)
 
 
 @triton.jit
@@ -222,11 +174,10 @@ def _place_kernel(X, IDS, BASE, POS, ROW_MAP, OUT, T, H, stride_xt,
 class _Plan(NamedTuple):
     """The launch geometry of one (T, k, E, H) shape, computed once."""
 
-    one_launch: bool
     nchunks: int
     grid: tuple[int, int]  # (chunks, hidden spans) of the place step
-    place_meta: dict  # constexprs (and num_warps) of _route_place_kernel or _place_kernel
-    count_meta: dict  # those of _count_kernel (the two-launch path and route_counts)
+    place_meta: dict  # constexprs (and num_warps) of _place_kernel
+    count_meta: dict  # those of _count_kernel
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -246,11 +197,9 @@ def _copy_config(h: int, k_pad: int, ct: int) -> tuple[int, int, int]:
     return block_h, span, 4
 
 
-def _make_plan(t: int, k: int, e: int, h: int, copy: bool, one_launch_max: int) -> _Plan:
-    n = t * k
+def _make_plan(t: int, k: int, e: int, h: int, copy: bool) -> _Plan:
     k_pad = triton.next_power_of_2(k)
     e_pad = max(2, triton.next_power_of_2(e))
-    n_pad = max(2, triton.next_power_of_2(n))
     ct = _chunk_tokens(k)
     nchunks = triton.cdiv(t, ct)
     block_h, span, warps = _copy_config(h, k_pad, ct)
@@ -259,18 +208,13 @@ def _make_plan(t: int, k: int, e: int, h: int, copy: bool, one_launch_max: int) 
     count_meta = dict(E=e, CHUNK_PAD=max(2, triton.next_power_of_2(ct * k)), E_PAD=e_pad, NCHUNK_PAD=nchunk_pad,
                       CB=max(1, min(nchunk_pad, _MAX_TILE // e_pad)), FENCE=not _INTERPRET,
                       num_warps=1 if _INTERPRET else 8)
-    one = n_pad * e_pad <= one_launch_max and e_pad <= 64
-    place_meta = dict(K=k, K_PAD=k_pad, CT=ct, M=ct * k_pad, SPAN=span, BLOCK_H=block_h, COPY=copy,
+    place_meta = dict(E=e, K=k, K_PAD=k_pad, CT=ct, M=ct * k_pad, SPAN=span, BLOCK_H=block_h, COPY=copy,
                       num_warps=warps)
-    if one:
-        place_meta.update(E=e, E_PAD=e_pad, N_PAD=n_pad, SCAN=max(2, min(n_pad, _SCAN_TILE // e_pad)))
-    else:
-        place_meta.update(E=e)
-    return _Plan(one, nchunks, grid, place_meta, count_meta)
+    return _Plan(nchunks, grid, place_meta, count_meta)
 
 
 def _plan(t: int, k: int, e: int, h: int, copy: bool) -> _Plan:
-    key = (t, k, e, h, copy, ONE_LAUNCH_MAX)
+    key = (t, k, e, h, copy)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _make_plan(*key)
@@ -289,7 +233,7 @@ def _ticket(device: torch.device) -> torch.Tensor:
 
 def _count(flat: torch.Tensor, plan: _Plan, n_experts: int, k: int, counts: torch.Tensor,
            offsets: torch.Tensor) -> torch.Tensor:
-    """The two-launch path's first step: counts, offsets and BASE (nchunks, E) int32."""
+    """The first launch: counts, offsets and BASE (nchunks, E) int32."""
     device = flat.device
     chunk_counts = torch.empty((plan.nchunks, n_experts), device=device, dtype=torch.int32)
     base = torch.empty((plan.nchunks, n_experts), device=device, dtype=torch.int32)  # (nchunks, E)
@@ -313,7 +257,7 @@ def route_and_permute(x: torch.Tensor | None, flat: torch.Tensor, t: int, k: int
                       counts_dtype: torch.dtype = torch.int32):
     """x (T, H) with a unit last stride (None: routing only), flat ids (T*k,) int32/int64 in
     [0, E). Returns x_sorted (T*k, H) or None, row_map (T*k,) int64, pos (T*k,) int32,
-    counts (E,) ``counts_dtype``, offsets (E+1,) int32: one launch or two (module docstring)."""
+    counts (E,) ``counts_dtype``, offsets (E+1,) int32: two launches (module docstring)."""
     device = flat.device
     n = flat.numel()
     h = x.shape[1] if x is not None else 1
@@ -327,10 +271,6 @@ def route_and_permute(x: torch.Tensor | None, flat: torch.Tensor, t: int, k: int
     copy = x is not None and h > 0
     plan = _plan(t, k, n_experts, h, copy)
     src, dst, stride = (x, out, x.stride(0)) if copy else (flat, flat, 0)
-    if plan.one_launch:
-        _route_place_kernel[plan.grid](src, flat, pos, row_map, dst, counts, offsets, n, t, h, stride,
-                                       **plan.place_meta)
-    else:
-        base = _count(flat, plan, n_experts, k, counts, offsets)
-        _place_kernel[plan.grid](src, flat, base, pos, row_map, dst, t, h, stride, **plan.place_meta)
+    base = _count(flat, plan, n_experts, k, counts, offsets)
+    _place_kernel[plan.grid](src, flat, base, pos, row_map, dst, t, h, stride, **plan.place_meta)
     return out, row_map, pos, counts, offsets
