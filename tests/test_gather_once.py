@@ -102,7 +102,7 @@ def _shared_gather_against_dtensor(shape: tuple, dtype: torch.dtype) -> dict:
             if fused_layers:
                 outs = []
                 for (w, b), lin in zip(params, lins):
-                    mod = gather_once.FusedColwiseLinear.from_linear(lin, 1)
+                    mod = gather_once.FusedColwiseLinear.from_linear(lin, gather_dim=1)
                     mod.weight, mod.bias = w, b
                     outs.append(mod(x))
             else:

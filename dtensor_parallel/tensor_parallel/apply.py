@@ -99,9 +99,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, styles: dict[st
         if type(module) is not nn.Linear:
             continue
         if isinstance(style, _RowwiseParallel) and style.fused_scatter_dim is not None:
-            fused = FusedRowwiseLinear.from_linear(module, style.fused_scatter_dim, style.fused_push)
+            fused = FusedRowwiseLinear.from_linear(module, scatter_dim=style.fused_scatter_dim, push=style.fused_push)
         elif isinstance(style, _GatherOnceColwise) and style.fused:
-            fused = FusedColwiseLinear.from_linear(module, style.input_layouts[0].dim)
+            fused = FusedColwiseLinear.from_linear(module, gather_dim=style.input_layouts[0].dim)
         elif isinstance(style, _ColwiseParallel) and style.local_output_block:
             fused = LocalColwiseLinear.from_linear(module)
         else:

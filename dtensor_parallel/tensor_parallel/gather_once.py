@@ -49,6 +49,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..warn_once import warn_once
 from .all_gather_matmul import all_gather_matmul, cannot_serve
+from .local_linear import SwappedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def colwise_forward(mod: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
     return DTensor.from_local(out, mesh, [Shard(out.ndim - 1)], run_check=False)
 
 
-class FusedColwiseLinear(nn.Linear):
+class FusedColwiseLinear(SwappedLinear):
     """A column-parallel ``nn.Linear`` whose input arrives sequence-sharded and is gathered
     inside its GEMM, or taken already gathered from the input (:func:`colwise_forward`);
     parameters, state dict and all else are nn.Linear's. ``apply_tensor_parallel`` puts one in
@@ -124,14 +125,6 @@ class FusedColwiseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_dim: int = 1, **kw):
         super().__init__(in_features, out_features, bias, **kw)
         self.gather_dim = gather_dim
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, gather_dim: int) -> "FusedColwiseLinear":
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_dim=gather_dim)
-        for name, p in linear.named_parameters(recurse=False):
-            new.register_parameter(name, p)
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return colwise_forward(self, x, self.gather_dim)

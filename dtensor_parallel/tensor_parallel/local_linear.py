@@ -1,4 +1,7 @@
-"""The column-parallel ``nn.Linear`` computed on local tensors in eager mode.
+"""The column-parallel ``nn.Linear`` computed on local tensors in eager mode, and
+``SwappedLinear``, the base of every Linear that ``apply_tensor_parallel`` swaps in for a
+plain one (this one, ``gather_once.FusedColwiseLinear`` and
+``matmul_reduce_scatter.FusedRowwiseLinear``).
 
 Under TP a column-parallel layer's input is a ``Replicate`` DTensor (the norm's gathered
 output under SP, or a replicated activation) and its weight a ``Shard(0)`` DTensor. ``F.linear``
@@ -58,19 +61,26 @@ def colwise_local_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(xl, wl, bl)  # (..., out_features / tp): Shard(-1), local
 
 
-class LocalColwiseLinear(nn.Linear):
-    """A column-parallel ``nn.Linear`` computed on local tensors in eager
-    (:func:`colwise_local_forward`); parameters, state dict and all else are nn.Linear's.
-    ``apply_tensor_parallel`` puts one in a plain Linear's place (holding that Linear's own
-    parameters) when its style wants a local ``Shard(-1)`` output."""
+class SwappedLinear(nn.Linear):
+    """An ``nn.Linear`` subclass that ``apply_tensor_parallel`` puts in a plain Linear's place
+    (:meth:`from_linear`): it holds that Linear's own parameters, so names, state dict and
+    optimizer state are unchanged; only ``forward`` differs."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "LocalColwiseLinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """A ``cls`` (built on the meta device: no memory) holding ``linear``'s parameters;
+        ``kwargs`` go to ``cls``'s constructor."""
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         for name, p in linear.named_parameters(recurse=False):
             new.register_parameter(name, p)
         return new
+
+
+class LocalColwiseLinear(SwappedLinear):
+    """A column-parallel ``nn.Linear`` computed on local tensors in eager
+    (:func:`colwise_local_forward`), put in a plain Linear's place when its style wants a
+    local ``Shard(-1)`` output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return colwise_local_forward(self, x)

@@ -63,6 +63,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import sp_reduce_scatter as sprs
+from .local_linear import SwappedLinear
 from .rowwise_nccl import forward_nccl, nccl_cannot_serve
 
 #: "copy" (copy engine, the default) or "gemm" (the GEMM stores into the peer's slot)
@@ -388,7 +389,7 @@ def _rowwise_local(x: torch.Tensor, w: DTensor, dim: int, push: str) -> torch.Te
         return matmul_reduce_scatter(xl, wl, dim % x.ndim, group, push=push)
 
 
-class FusedRowwiseLinear(nn.Linear):
+class FusedRowwiseLinear(SwappedLinear):
     """A row-parallel ``nn.Linear`` whose forward fuses the matmul with the SP reduce-scatter
     on ``scatter_dim`` (:func:`rowwise_forward`) into one op, communicating by ``push``
     ("copy": Triton over symmetric memory; "nccl": ``rowwise_nccl.py``); parameters, state
@@ -400,15 +401,6 @@ class FusedRowwiseLinear(nn.Linear):
                  push: str = "copy", **kw):
         super().__init__(in_features, out_features, bias, **kw)
         self.scatter_dim, self.push = scatter_dim, push
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scatter_dim: int, push: str = "copy") -> "FusedRowwiseLinear":
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None, scatter_dim=scatter_dim,
-                      push=push)
-        for name, p in linear.named_parameters(recurse=False):
-            new.register_parameter(name, p)
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rowwise_forward(self, x, self.scatter_dim, self.push)
