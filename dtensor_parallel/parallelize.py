@@ -114,7 +114,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     # 3. each stage: EP -> TP/SP -> CP -> recompute -> compile -> DP
     dp_mesh = data_parallel_mesh(mesh, dims)
     dispatch, expert_groups = build_dispatch(model, mesh, dims, plan.expert_parallel,
-                                             kernel_backend(plan, "moe_dispatch", mesh), plan.moe_recv_bound)
+                                             kernel_backend(plan, "moe_dispatch", mesh), plan.moe_recv_bound,
+                                             plan.moe_dispatch_chunks)
     expert_params: dict = {}  # {expert parameter: ranks holding the same shard}
     attention = attention_backends(plan, mesh, say=True) if dims.cp > 1 else None  # (one log line)
     loss_parallel = False

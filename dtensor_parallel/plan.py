@@ -100,6 +100,11 @@ class ParallelPlan:
             routing at a quarter of headroom; a layer whose routing exceeds it is a
             ``ValueError`` naming this field (``expert_parallel/symm_dispatch.py``). The NCCL
             exchange sizes its buffers per call and ignores it.
+        moe_dispatch_chunks: with the symmetric-memory exchange, each MoE layer's tokens in
+            this many chunks, so one chunk's exchange runs on a side stream beside another's
+            grouped GEMMs (and the first beside the shared experts), forward and backward
+            (``expert_parallel/overlap.py``; dropless layers; 1: one exchange a layer, on the
+            compute stream). The NCCL exchange ignores it.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
             ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
             ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).
@@ -138,6 +143,7 @@ class ParallelPlan:
     num_kv_heads: int | None = None
     expert_parallel: int = 1
     moe_recv_bound: float | None = None
+    moe_dispatch_chunks: int = 1
     pipeline_schedule: str | None = None
     virtual_stages: int | None = None
     layers_per_virtual_stage: int | None = None
@@ -182,7 +188,7 @@ class ParallelPlan:
         if self.layers_per_stage is not None and not all(isinstance(c, int) for c in self.layers_per_stage):
             raise ValueError(f"layers_per_stage={self.layers_per_stage!r} must be a list of ints")
         for name in ("micro_batch_size", "global_batch_size", "fused_loss_chunk_tokens", "num_heads", "num_kv_heads",
-                     "virtual_stages", "layers_per_virtual_stage", "expert_parallel"):
+                     "virtual_stages", "layers_per_virtual_stage", "expert_parallel", "moe_dispatch_chunks"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int or None")

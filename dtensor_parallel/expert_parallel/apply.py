@@ -74,17 +74,19 @@ def check_expert_layout(model: nn.Module, dims: ParallelDims, ep: int, styles: d
 
 
 def build_dispatch(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, ep: int, kernels: str,
-                   recv_bound: float | None = None) -> tuple[ParallelDispatch | None, ExpertGroups | None]:
+                   recv_bound: float | None = None, chunks: int = 1
+                   ) -> tuple[ParallelDispatch | None, ExpertGroups | None]:
     """The dispatcher every MoE layer of the model gets, and the expert groups (collective:
     every rank calls it; (None, None) for a model without MoE layers). MoE layers run token
     parallel over tp, so tp (like cp) holds other positions of the same sequences; dp holds
     other sequences: the routing statistics are summed over them. ``recv_bound``:
-    ``ParallelPlan.moe_recv_bound`` (the symmetric-memory exchange's receive bound)."""
+    ``ParallelPlan.moe_recv_bound`` (the symmetric-memory exchange's receive bound);
+    ``chunks``: ``ParallelPlan.moe_dispatch_chunks`` (``overlap.py``)."""
     if not check_experts(model, 1):
         return None, None
     groups = build_expert_groups(mesh, dims, ep) if needs_expert_groups(dims, ep, True) else None
     dispatch = ParallelDispatch(
-        kernels=kernels, groups=groups, recv_bound=recv_bound,
+        kernels=kernels, groups=groups, recv_bound=recv_bound, chunks=chunks,
         seq_groups=tuple(submesh(mesh, d).get_group() for d in ("cp", "tp") if getattr(dims, d) > 1),
         batch_groups=(submesh(mesh, "dp").get_group(),) if dims.dp > 1 else ())
     return dispatch, groups

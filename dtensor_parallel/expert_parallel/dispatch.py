@@ -9,7 +9,8 @@
 - ``run_experts``: with EP, the rows travel to the ranks holding their experts and back
   (:func:`dispatch_combine`: GShard / Megatron's alltoall dispatcher, NCCL; with the Triton
   kernels on GPUs of one host, ``symm_dispatch.symm_dispatch_combine``: symmetric memory, no
-  host sync); without, the layer's local grouped GEMM;
+  host sync; in chunks beside the experts' compute with ``chunks`` > 1: ``overlap.py``);
+  without, the layer's local grouped GEMM;
 - ``sum_over_sequence`` / ``sum_over_batch``: the routing statistics summed over the ranks
   holding the same sequences' other positions (cp, and tp: MoE layers run token parallel
   over tp) and over the ranks holding other sequences (dp).
@@ -37,12 +38,17 @@ class KernelSlots(NamedTuple):
 class ParallelDispatch(LocalDispatch):
     def __init__(self, *, kernels: str = "torch", groups: ExpertGroups | None = None,
                  seq_groups: tuple[dist.ProcessGroup, ...] = (), batch_groups: tuple[dist.ProcessGroup, ...] = (),
-                 exchange: str = "auto", recv_bound: float | None = None):
+                 exchange: str = "auto", recv_bound: float | None = None, chunks: int = 1):
         """``exchange`` (with kernels="triton" and ep > 1): "symm" (symmetric memory; an
         error where it cannot run), "nccl", or "auto" (symm where it can run, else NCCL with
         one log line). ``recv_bound``: the rows a rank may receive per MoE layer, as a multiple
         of its own T*k (default ep: never exceeded; see ``symm_dispatch.py``);
-        ``ParallelPlan.moe_recv_bound`` sets it for ``parallelize``."""
+        ``ParallelPlan.moe_recv_bound`` sets it for ``parallelize``. ``chunks`` > 1: the
+        tokens in that many chunks, each one's exchange beside another's experts
+        (``overlap.py``; the symmetric-memory exchange only, dropless only; elsewhere one
+        exchange a layer); ``ParallelPlan.moe_dispatch_chunks`` sets it."""
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"moe_dispatch chunks={chunks!r} must be an int >= 1 (ParallelPlan.moe_dispatch_chunks)")
         if kernels not in ("torch", "triton"):
             raise ValueError(f"moe_dispatch kernels={kernels!r}: choose 'torch' or 'triton'")
         if exchange not in ("auto", "symm", "nccl"):
@@ -53,13 +59,18 @@ class ParallelDispatch(LocalDispatch):
         self.kernels = kernels
         self.groups = groups if groups is not None and groups.ep > 1 else None
         self.seq_groups, self.batch_groups = tuple(seq_groups), tuple(batch_groups)
-        self.recv_bound = recv_bound
+        self.recv_bound, self.chunks = recv_bound, chunks
         self.exchange = "nccl"
         if kernels == "triton" and self.groups is not None:  # before any collective of the layer
             from .symm_dispatch import choose_exchange
 
             mesh = self.groups.ep_mesh
             self.exchange = choose_exchange(self.groups.ep, mesh.device_type, exchange)
+
+    def experts_of_tokens(self, flat, expert_ids, weights, n_experts, capacity, experts, shared=None):
+        if self.chunks > 1 and self.groups is not None and self.exchange != "nccl" and capacity is None:
+            return _chunked_experts(self, flat, expert_ids, weights, n_experts, experts, shared)
+        return super().experts_of_tokens(flat, expert_ids, weights, n_experts, capacity, experts, shared)
 
     def permute(self, flat, expert_ids, n_experts, capacity):
         if self.kernels != "triton" or capacity is not None:  # the kernels are dropless
@@ -112,6 +123,14 @@ def _symm_dispatch_combine(rows, counts, experts, group, exchange, recv_bound):
     from .symm_dispatch import symm_dispatch_combine
 
     return symm_dispatch_combine(rows, counts, experts, group, exchange, recv_bound)
+
+
+@torch.compiler.disable
+def _chunked_experts(dispatch: ParallelDispatch, flat, expert_ids, weights, n_experts, experts, shared):
+    from .overlap import chunked_experts
+
+    return chunked_experts(dispatch, flat, expert_ids, weights, n_experts, experts, shared, dispatch.chunks,
+                           dispatch.groups.ep_group, dispatch.exchange, dispatch.recv_bound)
 
 
 def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:

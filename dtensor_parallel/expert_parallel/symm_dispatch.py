@@ -20,8 +20,9 @@ rank's T*k rows; default ``ep``, the worst case: every rank's every row to one r
 routing can exceed it, and larger values act as ``ep``; with k distinct experts per token
 ``ep * min(k, E/ep) / k`` is enough, less when k > E/ep). Every rank computes the largest
 receive count on the device; if it exceeds the bound, every rank skips every store of that
-layer (its output is then wrong) and the host raises ``ValueError`` at the next call (the
-check reads a pinned copy: no synchronisation; :meth:`SymmExchange.check` forces it). The
+layer (its output is then wrong) and the host raises ``ValueError`` at a later call, once
+the count's copy to a pinned slot has arrived (an event, never a synchronisation;
+:meth:`SymmExchange.check` forces it). The
 bound sets the receive area, the dispatch output's shape ``(bound, H)`` and so the rows
 over which the experts' element-wise ops run and their activations are kept: a tight bound
 (1.25, say, for balanced routing) saves memory and time at the risk of that error.
@@ -147,8 +148,14 @@ def _align(n: int) -> int:
 class SymmExchange:
     """One MoE layer call's exchange on the GPU (module docstring)."""
 
+    streams = None  # overlap.py's stream pair when the exchange runs beside the experts
+
     def __init__(self, group: dist.ProcessGroup, counts: torch.Tensor, n_rows: int, h: int, dtype: torch.dtype,
-                 bound: int):
+                 bound: int, lane: int = 0, programs: int | None = None):
+        """``lane``: which of the group's workspaces (the chunked exchanges of ``overlap.py``
+        alternate two, so one chunk's rows may travel while another's are still in use);
+        ``programs``: the push's grid cap (default one per SM; fewer leave SMs to a GEMM
+        running beside it)."""
         from triton_kernels.moe_dispatch_symm import Tables, launch_exchange
 
         self.world, self.e, self.n, self.h, self.dtype, self.bound = group.size(), counts.numel(), n_rows, h, dtype, bound
@@ -156,18 +163,20 @@ class SymmExchange:
         self.count_bytes = _align(self.world * self.e * 4)
         self.recv_bytes = _align(bound * h * esize)
         need = self.count_bytes + self.recv_bytes + _align(max(n_rows, 1) * h * esize)
-        ws = _WORKSPACES.get(group.group_name)
+        key = f"{group.group_name}/{lane}"
+        ws = _WORKSPACES.get(key)
         if ws is None or ws.nbytes < need:
             if ws is not None:
                 torch.cuda.synchronize()  # no rank may still use the old buffers
-            _WORKSPACES[group.group_name] = ws = _Workspace(group, 1 << (need - 1).bit_length())
+            _WORKSPACES[key] = ws = _Workspace(group, 1 << (need - 1).bit_length())
         self.ws = ws
-        _raise_if_overflowed(group.group_name)
+        self.programs = min(programs or ws.max_programs, ws.max_programs)
+        _raise_if_overflowed(key)
         self.tables = Tables(self.e, self.world, counts.device)
         launch_exchange(counts, ws.areas(0, torch.int32, self.world * self.e), ws.pads, ws.rank, self.tables,
                         slot=_SLOT)
         self.recv_counts = self.tables.recv_counts
-        _remember_overflow(group.group_name, self.tables.info, bound)
+        _remember_overflow(key, self.tables.info, bound)
 
     def _order(self, direction: str) -> None:
         if self.ws.last_direction == direction:  # keep pushes alternating (the reuse argument)
@@ -185,9 +194,9 @@ class SymmExchange:
         areas = self.ws.areas(self.count_bytes, self.dtype, self.bound * self.h)
         out = self._output(self.bound)  # (bound, H): the received rows; the rest never written
         launch_push(src.contiguous(), self.n, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
-                    self.ws.rank, to_expert=True, out=out, slot=_SLOT, max_programs=self.ws.max_programs)
+                    self.ws.rank, to_expert=True, out=out, slot=_SLOT, max_programs=self.programs)
         return launch_copy_out(areas[self.ws.rank], out, self.tables, self.ws.rank, self.world, self.bound,
-                               to_expert=True, max_programs=self.ws.max_programs)
+                               to_expert=True, max_programs=self.programs)
 
     def to_source(self, src: torch.Tensor) -> torch.Tensor:
         from triton_kernels.moe_dispatch_symm import launch_copy_out, launch_push
@@ -196,45 +205,74 @@ class SymmExchange:
         areas = self.ws.areas(self.count_bytes + self.recv_bytes, self.dtype, max(self.n, 1) * self.h)
         out = self._output(self.n)  # (N, H): every row written (the own ones by the push)
         launch_push(src.contiguous(), 0, areas, self.bound, self.ws.pads, self.ws.ticket, self.tables,
-                    self.ws.rank, to_expert=False, out=out, slot=_SLOT, max_programs=self.ws.max_programs)
+                    self.ws.rank, to_expert=False, out=out, slot=_SLOT, max_programs=self.programs)
         launch_copy_out(areas[self.ws.rank], out, self.tables, self.ws.rank, self.world, self.bound,
-                        to_expert=False, max_programs=self.ws.max_programs)
+                        to_expert=False, max_programs=self.programs)
         return out[:self.n]
 
     def check(self) -> None:
         """Synchronise and raise if this call's routing exceeded the bound."""
         torch.cuda.current_stream().synchronize()
-        _raise_if_overflowed(None, int(self.tables.info[1]), self.bound)
+        _raise_if_exceeded(int(self.tables.info[1]), self.bound)
 
 
-_PENDING: dict[str, tuple[torch.Tensor, int]] = {}
+_PENDING: dict[str, list[tuple[torch.Tensor, int, torch.cuda.Event]]] = {}
 
 
-def _remember_overflow(name: str, info: torch.Tensor, bound: int) -> None:
-    host = _PENDING.get(name, (None, 0))[0]
-    if host is None:
-        host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+def _remember_overflow(key: str, info: torch.Tensor, bound: int) -> None:
+    """Copy this call's largest receive count to a pinned host slot, with an event after it;
+    a later call of the same key checks it against this call's bound once the event has
+    passed (no synchronisation). A slot of its own per call, so a count is never compared
+    with another call's bound (the chunks of ``overlap.py`` have other bounds than a whole
+    layer's)."""
+    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
     host.copy_(info[1:2], non_blocking=True)
-    _PENDING[name] = (host, bound)
+    done = None  # inside a CUDA graph's capture: checked at the next synchronising check only
+    if not torch.cuda.is_current_stream_capturing():
+        done = torch.cuda.Event()
+        done.record()
+    _PENDING.setdefault(key, []).append((host, bound, done))
 
 
-def _raise_if_overflowed(name: str | None, need: int | None = None, bound: int | None = None) -> None:
-    if name is not None and name in _PENDING:
-        host, bound = _PENDING[name]
-        need = int(host[0])  # an earlier call's value (pinned, copied without synchronising)
-    if need is not None and bound is not None and need > bound:
+def _raise_if_overflowed(key: str, synced: bool = False) -> None:
+    """Raise for an earlier call of ``key`` whose count has arrived (its event passed, or
+    every one after a synchronize: ``synced``) and exceeded that call's bound."""
+    pending = _PENDING.get(key, [])
+    arrived = [p for p in pending if synced or (p[2] is not None and p[2].query())]
+    _PENDING[key] = [p for p in pending if not any(p is a for a in arrived)]
+    for host, bound, _ in arrived:
+        _raise_if_exceeded(int(host[0]), bound)
+
+
+def _raise_if_exceeded(need: int, bound: int) -> None:
+    if need > bound:
         raise ValueError(f"moe_dispatch: a rank received {need} expert rows but the receive bound is {bound}; that "
                          f"layer's output was skipped. Raise ParallelPlan(moe_recv_bound=...) ([plan] moe_recv_bound "
                          f"in a recipe; ParallelDispatch(recv_bound=...) directly): a multiple of T*k, None for the "
                          f"worst case ep, which never overflows; or use kernels={{'moe_dispatch': 'torch'}}")
 
 
+def check_and_forget(group: dist.ProcessGroup) -> None:
+    """Synchronise, raise if the group's last calls (every lane) exceeded the receive bound,
+    and forget them (benchmarks: each row starts clean)."""
+    torch.cuda.synchronize()
+    keys = [k for k in _PENDING if k.rpartition("/")[0] == group.group_name]
+    try:
+        for k in keys:
+            _raise_if_overflowed(k, synced=True)
+    finally:
+        for k in keys:
+            _PENDING.pop(k, None)
+
+
 class EmulatedExchange:
     """The same kernels on CPU ranks (interpreter): each push all-gathers its inputs and runs
     every rank's phase on stacked tensors; every rank computes every rank's tables."""
 
+    streams = None
+
     def __init__(self, group: dist.ProcessGroup, counts: torch.Tensor, n_rows: int, h: int, dtype: torch.dtype,
-                 bound: int):
+                 bound: int, lane: int = 0, programs: int | None = None):  # (one emulated area: lanes alike)
         from triton_kernels.moe_dispatch_symm import Tables, launch_exchange
 
         self.group, self.world, self.rank = group, group.size(), group.rank()
@@ -251,7 +289,7 @@ class EmulatedExchange:
         for s in range(self.world):
             launch_exchange(all_counts[s], list(areas), None, s, self.tables[s], push=False, barrier=False)
         self.recv_counts = self.tables[self.rank].recv_counts
-        _raise_if_overflowed(None, int(self.tables[self.rank].info[1]), bound)
+        _raise_if_exceeded(int(self.tables[self.rank].info[1]), bound)
         self.ticket = torch.zeros(1, dtype=torch.int32)
 
     def _push(self, src: torch.Tensor, to_expert: bool) -> torch.Tensor:
@@ -284,6 +322,16 @@ def _gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _crossing(ex, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Under ``overlap.py``'s two streams (``ex.streams``) this backward runs on the side
+    stream (its forward's): the incoming gradient was made on the main one and the result is
+    read there; each is marked for the stream that reads it (``record_stream``)."""
+    if ex.streams is not None:
+        ex.streams.read_on_side(grad)
+        ex.streams.read_on_main(out)
+    return out
+
+
 class _ToExpert(torch.autograd.Function):
     """Dispatch: rows to their experts' ranks; backward: the gradient rows back (reverse copy)."""
 
@@ -294,7 +342,7 @@ class _ToExpert(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.ex.to_source(grad), None
+        return _crossing(ctx.ex, grad, ctx.ex.to_source(grad)), None
 
 
 class _ToSource(torch.autograd.Function):
@@ -307,18 +355,35 @@ class _ToSource(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.ex.to_expert(grad)[:ctx.y_rows], None
+        return _crossing(ctx.ex, grad, ctx.ex.to_expert(grad))[:ctx.y_rows], None
+
+
+def open_exchange(rows: torch.Tensor, counts: torch.Tensor, group: dist.ProcessGroup, exchange: str,
+                  recv_bound: float | None = None, lane: int = 0, programs: int | None = None):
+    """One call's exchange (its counts sent, its tables on the device): a :class:`SymmExchange`
+    or, on CPU ranks, an :class:`EmulatedExchange`, for ``rows`` (N, d) with ``counts`` (E,)."""
+    world = group.size()
+    factor = min(recv_bound, world) if recv_bound is not None else float(world)  # ep: the worst case
+    bound = max(1, math.ceil(factor * rows.shape[0]))
+    cls = SymmExchange if exchange == "symm" else EmulatedExchange
+    return cls(group, counts, rows.shape[0], rows.shape[1], rows.dtype, bound, lane, programs)
+
+
+def to_experts(rows: torch.Tensor, ex) -> torch.Tensor:
+    """Dispatch (autograd): (bound, d) rows of this rank's experts, expert-major, then source."""
+    return _ToExpert.apply(rows, ex)
+
+
+def to_sources(y: torch.Tensor, ex) -> torch.Tensor:
+    """Combine's way back (autograd): the expert outputs to their sources' sorted rows (N, d)."""
+    return _ToSource.apply(y, ex)
 
 
 def symm_dispatch_combine(rows: torch.Tensor, counts: torch.Tensor, experts, group: dist.ProcessGroup,
                           exchange: str, recv_bound: float | None = None) -> torch.Tensor:
     """``dispatch.dispatch_combine`` over symmetric memory (or its CPU emulation): rows (N, d)
     sorted by global expert with ``counts`` (E,); returns the expert outputs in rows' order."""
-    world = group.size()
-    factor = min(recv_bound, world) if recv_bound is not None else float(world)  # ep: the worst case
-    bound = max(1, math.ceil(factor * rows.shape[0]))
-    cls = SymmExchange if exchange == "symm" else EmulatedExchange
-    ex = cls(group, counts, rows.shape[0], rows.shape[1], rows.dtype, bound)
+    ex = open_exchange(rows, counts, group, exchange, recv_bound)
     recv = _ToExpert.apply(rows, ex)  # (bound, d): expert-major, then source
     y = experts(recv, ex.recv_counts)  # reads only the received rows (module docstring)
     return _ToSource.apply(y, ex)

@@ -248,12 +248,25 @@ def grouped_glu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, coun
 class LocalDispatch:
     """How an MoE layer moves its tokens and sums its routing statistics on one device.
 
+    ``experts_of_tokens``: the three below in a row (a layout may overlap them);
     ``permute``: the (token, expert) copies sorted by expert (capacity applied);
     ``run_experts``: the layer's grouped experts over expert-contiguous rows; ``combine``: the
     weighted sum of each token's expert outputs (unpermute); ``sum_over_sequence`` /
     ``sum_over_batch``: a statistics tensor summed over the ranks holding the other
     positions of the same sequences / the other sequences (here: itself).
     """
+
+    def experts_of_tokens(self, flat: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                          capacity: int | None, experts, shared=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's routed experts' weighted output (T, d) in ``flat``'s dtype plus
+        ``shared()`` (the shared experts' output, or None), and the rows per expert (E,):
+        permute, run_experts, combine. Parallel layouts may reorder it to overlap the
+        exchange with compute (``expert_parallel/overlap.py``)."""
+        rows, slots, counts = self.permute(flat, expert_ids, n_experts, capacity)
+        y = self.run_experts(rows, counts, experts)  # (N, d)
+        out = self.combine(y, slots, weights, flat).to(flat.dtype)
+        extra = shared() if shared is not None else None
+        return (out if extra is None else out + extra), counts
 
     def permute(self, flat: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, capacity: int | None):
         """flat (T, d), expert_ids (T, k) -> rows (N, d), slots (N,) = t * k + j, counts (E,)."""
@@ -352,13 +365,9 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, d)  # (T, d)
         expert_ids, weights, self.aux_loss, self.routed_counts = self.route(flat, b)
         capacity = self.capacity(flat.shape[0])
-        rows, slots, counts = self.dispatch.permute(flat, expert_ids, self.args.n_experts, capacity)
+        out, counts = self.dispatch.experts_of_tokens(flat, expert_ids, weights, self.args.n_experts, capacity,
+                                                      self.grouped_experts(), lambda: self.shared_output(flat))
         self.tokens_per_expert = counts.detach()
-        y = self.dispatch.run_experts(rows, counts, self.grouped_experts())  # (N, d)
-        out = self.dispatch.combine(y, slots, weights, flat).to(flat.dtype)
-        shared = self.shared_output(flat)
-        if shared is not None:
-            out = out + shared
         out = out.view(b, s, d)
         aux = self.aux_loss * self.step.aux_loss_scale
         if aux.requires_grad and torch.is_grad_enabled():

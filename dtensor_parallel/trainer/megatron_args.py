@@ -45,6 +45,8 @@ flag                                       overlay key
 --moe-router-enable-expert-bias            model.moe.expert_bias=True (aux-loss-free)
 --moe-router-bias-update-rate X            model.moe.bias_update_rate
 --moe-expert-capacity-factor X             model.moe.capacity_factor (absent: dropless)
+--moe-dispatch-chunks N                    plan.moe_dispatch_chunks *(ours)*: each MoE layer's
+                                           exchange in N chunks beside the expert GEMMs
 --micro-batch-size N                       training.micro_batch_size
 --global-batch-size N                      training.global_batch_size
 --seq-length N                             training.seq_len
@@ -187,6 +189,7 @@ _FLAGS: dict[str, _Flag] = {
     "--moe-router-enable-expert-bias": _f("model", "moe.expert_bias"),
     "--moe-router-bias-update-rate": _f("model", "moe.bias_update_rate", float),
     "--moe-expert-capacity-factor": _f("model", "moe.capacity_factor", float),
+    "--moe-dispatch-chunks": _f("plan", "moe_dispatch_chunks", int),
     "--moe-token-dispatcher-type": _f(None, None, str, ("alltoall",)),
     "--moe-grouped-gemm": _f(None, None),
     "--micro-batch-size": _f("training", "micro_batch_size", int),
