@@ -54,9 +54,10 @@ def _overlap_ms(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) ->
     return total / 1e3
 
 
-def kernel_split(prof, steps: int, wall_s: float, top: int = 12) -> dict:
+def kernel_split(prof, steps: int, wall_s: float, top: int = 12, is_comm=None) -> dict:
     """The per-step split described in the module docstring (``wall_s``: the profiled steps'
-    total wall time)."""
+    total wall time). ``is_comm(name)``: which kernels count as communication (the "nccl_"
+    keys); default: NCCL's."""
     import torch
 
     compute, nccl, per_name = [], [], {}
@@ -65,7 +66,7 @@ def kernel_split(prof, steps: int, wall_s: float, top: int = 12) -> dict:
                 or e.name.startswith("PP:")):
             continue  # (record_function ranges mirrored on the GPU, e.g. the schedules' "PP:0F7", span kernels and gaps)
         iv = (e.time_range.start, e.time_range.end)
-        if "nccl" in e.name.lower():
+        if (is_comm(e.name) if is_comm is not None else "nccl" in e.name.lower()):
             nccl.append(iv)
             continue
         compute.append(iv)

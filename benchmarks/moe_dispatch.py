@@ -77,7 +77,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, without PYTHONPATH
 from dtensor_parallel import build_mesh  # noqa: E402
 from dtensor_parallel.expert_parallel import ParallelDispatch, build_expert_groups, dispatch_combine
-from dtensor_parallel.expert_parallel import symm_dispatch
+from dtensor_parallel.expert_parallel import overlap, symm_dispatch
 from dtensor_parallel.expert_parallel.symm_dispatch import choose_exchange, symm_dispatch_combine
 from dtensor_parallel.mesh import ParallelDims
 from dtensor_parallel.models.moe import MoE, MoEArgs, grouped_swiglu
@@ -169,11 +169,39 @@ def symm_overflow_check(group: dist.ProcessGroup, cuda: bool) -> None:
     """Raise in this row if its last symmetric-memory call exceeded the receive bound, and
     forget it, so the next row starts clean (every rank sees the same largest count)."""
     if cuda:
+        symm_dispatch.check_and_forget(group)
+
+
+def overlap_name(o: tuple[int, int, int]) -> str:
+    return f"chunks{o[0]}_p{o[1]}_s{o[2]}"
+
+
+def _is_exchange_kernel(name: str) -> bool:
+    return any(k in name for k in ("_push_kernel", "_copy_out_kernel", "_exchange_kernel", "nccl"))
+
+
+def profile_calls(fn, group: dist.ProcessGroup, calls: int = 2) -> dict:
+    """``fn`` ``calls`` times under torch.profiler: per call, the exchange's kernels (push,
+    copy-out, counts; NCCL's) against every other kernel, and how long they ran side by side."""
+    from kernel_timeline import kernel_split
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier(group)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-    try:
-        symm_dispatch._raise_if_overflowed(group.group_name)
-    finally:
-        symm_dispatch._PENDING.pop(group.group_name, None)
+        wall = time.perf_counter() - t0
+    split = kernel_split(prof, calls, wall, top=6, is_comm=_is_exchange_kernel)
+    return {"wall_ms": split["wall_ms"], "compute_ms": split["compute_ms"], "exchange_kernels_ms": split["nccl_ms"],
+            "exchange_beside_compute_ms": split["nccl_overlapping_compute_ms"], "top": split["top"]}
+
+
+def symm_overflow_forget(group: dist.ProcessGroup) -> None:
+    for key in [k for k in symm_dispatch._PENDING if k.rpartition("/")[0] == group.group_name]:
+        symm_dispatch._PENDING.pop(key, None)
 
 
 def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emit,
@@ -240,6 +268,9 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
         is_symm = name.startswith("ep_symm")
         if is_symm:
             b = next((b for b in tight_bounds if name.endswith(bound_name(b))), recv_bound)
+            o = next((o for o in overlaps if name.endswith(overlap_name(o))), None)
+            if o is not None:
+                row["chunks"], row["push_programs"], row["gemm_sm_carveout"] = o
             row["recv_bound"] = b if b is not None else float(world)
         try:
             fwd = bench(fwd_fn, barrier=True)
@@ -258,17 +289,24 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
                        remote_GBps_per_gpu=remote / (max(p[0].item() for p in parts) / 2) / 1e6)
         except Exception as e:  # noqa: BLE001 - both ranks should fail alike; if not, this hangs
             row["error"] = err_text(e)
-            symm_dispatch._PENDING.pop(group.group_name, None)
+            symm_overflow_forget(group)
         emit(row)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, device, bench: Bench, emit,
-                      recv_bound: float | None = None, tight_bounds: tuple[float, ...] = ()) -> None:
+                      recv_bound: float | None = None, tight_bounds: tuple[float, ...] = (),
+                      overlaps: tuple[tuple[int, int, int], ...] = (), profile: bool = False) -> None:
     """Both ranks: MoE(dim, E experts, top k) with E/ep local experts, forward+backward,
     through ParallelDispatch(kernels=triton) with the symmetric-memory exchange and with
-    NCCL, and the local grouped SwiGLU alone on T*k rows over the local experts."""
+    NCCL, and the local grouped SwiGLU alone on T*k rows over the local experts.
+    ``overlaps``: (chunks, push programs, SMs carved out of the GEMMs) of rows with the
+    exchange in chunks beside the GEMMs (``moe_ep_triton_symm_chunks<c>_p<p>_s<s>``, issue 22
+    item 4), and the same layer with one shared expert of ``ffn`` with one exchange and with
+    the first overlap's settings. ``profile``: each symmetric-memory row's kernels over 2
+    more calls (``kernel_timeline.kernel_split``: the exchange's kernels against the rest, and
+    how much of them ran beside a compute kernel)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     shape = f"{t} tokens/GPU H{dim} F{ffn} E{n_exp} top{k} {str(dtype).removeprefix('torch.')}, ep{world}"
     try:
@@ -292,26 +330,52 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
         emit({"part": "moe_layer_ep", "impl": "setup", "shape": shape, "error": err_text(e)})
         return
 
-    def layer(exchange: str, bound: float | None = recv_bound):
-        dispatch = ParallelDispatch(kernels="triton", groups=groups, exchange=exchange, recv_bound=bound)
+    shared_moe = None
+    if overlaps:
+        torch.manual_seed(0)
+        with torch.device(device):
+            shared_moe = MoE(dim, MoEArgs(n_experts=n_exp, top_k=k, hidden_dim=ffn, load_balance="none",
+                                          n_shared_experts=1))
+        shared_moe.to(dtype)
+        for name in ("w1", "w2", "w3"):
+            full = getattr(shared_moe, name)
+            setattr(shared_moe, name, torch.nn.Parameter(full.data[rank * el:(rank + 1) * el].clone()))
+
+    def layer(exchange: str, bound: float | None = recv_bound, chunks: int = 1, programs: int | None = None,
+              carveout: int = 0, module=moe):
+        dispatch = ParallelDispatch(kernels="triton", groups=groups, exchange=exchange, recv_bound=bound,
+                                    chunks=chunks)
 
         def fn():
-            moe.dispatch = dispatch
-            return moe(x)
+            module.dispatch = dispatch
+            overlap.OVERLAP_PROGRAMS, overlap.OVERLAP_CARVEOUT = programs or default_programs, carveout
+            return module(x)
         return fn
 
+    default_programs = overlap.OVERLAP_PROGRAMS
+    shared_params = [] if shared_moe is None else [x, *shared_moe.parameters()]
     impls = {
         "moe_ep_triton_symm": (layer("auto"), [x, *params]),
         **{f"moe_ep_triton_symm_{bound_name(b)}": (layer("auto", b), [x, *params]) for b in tight_bounds},
+        **{f"moe_ep_triton_symm_{overlap_name(o)}": (layer("auto", chunks=o[0], programs=o[1], carveout=o[2]),
+                                                       [x, *params]) for o in overlaps},
+        **({} if shared_moe is None else {
+            "moe_shared_ep_triton_symm": (layer("auto", module=shared_moe), shared_params),
+            f"moe_shared_ep_triton_symm_{overlap_name(overlaps[0])}":
+                (layer("auto", chunks=overlaps[0][0], programs=overlaps[0][1], carveout=overlaps[0][2],
+                       module=shared_moe), shared_params)}),
         "moe_ep_triton_nccl": (layer("nccl"), [x, *params]),
         "grouped_swiglu_local_only": (lambda: grouped_swiglu(rows, moe.w1, moe.w3, moe.w2, local_counts),
                                       [rows, moe.w1, moe.w3, moe.w2]),
     }
     for name, (fn, inputs) in impls.items():
         row = {"part": "moe_layer_ep", "impl": name, "shape": shape}
-        is_symm = name.startswith("moe_ep_triton_symm")
+        is_symm = "triton_symm" in name
         if is_symm:
             b = next((b for b in tight_bounds if name.endswith(bound_name(b))), recv_bound)
+            o = next((o for o in overlaps if name.endswith(overlap_name(o))), None)
+            if o is not None:
+                row["chunks"], row["push_programs"], row["gemm_sm_carveout"] = o
             row["recv_bound"] = b if b is not None else float(world)
         try:
             fwd = bench(fn, barrier=True)
@@ -322,10 +386,13 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local)
             row.update(median_ms=fwd, fwd_bwd_ms=both, fwd_bwd_ms_max_rank=max(p[1].item() for p in parts))
+            if profile and is_symm and device.type == "cuda":
+                row["profile_fwd_bwd"] = profile_calls(with_backward(fn, inputs), groups.ep_group)
         except Exception as e:  # noqa: BLE001
             row["error"] = err_text(e)
-            symm_dispatch._PENDING.pop(groups.ep_group.group_name, None)
+            symm_overflow_forget(groups.ep_group)
         emit(row)
+    overlap.OVERLAP_PROGRAMS = default_programs
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -336,7 +403,8 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
 
 
 def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3: list[str],
-               shape_p4: str | None = None, tight_bounds: tuple[float, ...] = ()) -> list[dict]:
+               shape_p4: str | None = None, tight_bounds: tuple[float, ...] = (),
+               overlaps: tuple[tuple[int, int, int], ...] = ()) -> list[dict]:
     by = {(r["part"], r["impl"], r["shape"]): r for r in rows}
     nan = float("nan")
 
@@ -401,6 +469,24 @@ def targets_of(rows: list[dict], shapes_p1: list[str], shape_p2: str, shapes_p3:
                     "value": ratio(get(m, "moe_ep_triton_symm", shape_p4, "fwd_bwd_ms_max_rank"),
                                    get(m, "moe_ep_triton_nccl", shape_p4, "fwd_bwd_ms_max_rank")),
                     "goal": 1.0, "higher_is_better": False})
+        for o in overlaps:
+            c, pr, sm = o
+            out.append({"name": f"{shape_p4}: MoE layer (symmetric memory, {c} chunks beside the GEMMs, pushes on {pr} "
+                                f"programs, {sm} SMs carved out of the GEMMs) fwd+bwd time / local grouped SwiGLU alone",
+                        "value": ratio(get(m, f"moe_ep_triton_symm_{overlap_name(o)}", shape_p4, "fwd_bwd_ms_max_rank"),
+                                       get(m, "grouped_swiglu_local_only", shape_p4, "fwd_bwd_ms_max_rank")),
+                        "goal": 1.15, "higher_is_better": False})
+            out.append({"name": f"{shape_p4}: MoE layer fwd+bwd, {overlap_name(o)} / one exchange (time)",
+                        "value": ratio(get(m, f"moe_ep_triton_symm_{overlap_name(o)}", shape_p4, "fwd_bwd_ms_max_rank"),
+                                       get(m, "moe_ep_triton_symm", shape_p4, "fwd_bwd_ms_max_rank")),
+                        "goal": 1.0, "higher_is_better": False})
+        if overlaps:
+            out.append({"name": f"{shape_p4} + one shared expert: MoE layer fwd+bwd, {overlap_name(overlaps[0])}, the "
+                                "shared expert beside the first exchange / one exchange (time)",
+                        "value": ratio(get(m, f"moe_shared_ep_triton_symm_{overlap_name(overlaps[0])}", shape_p4,
+                                           "fwd_bwd_ms_max_rank"),
+                                       get(m, "moe_shared_ep_triton_symm", shape_p4, "fwd_bwd_ms_max_rank")),
+                        "goal": 1.0, "higher_is_better": False})
         for b in tight_bounds:
             out.append({"name": f"{shape_p4}: MoE layer fwd+bwd, symmetric memory with receive bound {b:g} / NCCL "
                                 "exchange (time)",
@@ -430,6 +516,13 @@ def main() -> None:
                    help="receive bounds of extra symmetric-memory rows beside the --recv-bound ones (issue 22b; "
                         "'' for none)")
     p.add_argument("--no-layer", action="store_true", help="skip the single-GPU MoE layer and the EP layer parts")
+    p.add_argument("--overlaps", default="2:32:0,2:16:16,2:32:32,4:16:16", metavar="C:P[:S][,...]",
+                   help="EP layer rows with the exchange in C chunks beside the GEMMs, pushes on P programs, S SMs "
+                        "carved out of the GEMMs (ParallelPlan.moe_dispatch_chunks; issue 22 item 4); '' for none")
+    p.add_argument("--profile-layer", action="store_true",
+                   help="profile each symmetric-memory EP layer row (the exchange's kernels beside the GEMMs)")
+    p.add_argument("--layer-ep-only", action="store_true",
+                   help="only part 4, the EP layer (skip the single-GPU parts and the bare exchange)")
     p.add_argument("--no-deepseek", action="store_true", help="skip the H7168 top-8 shapes of part 1")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
@@ -501,6 +594,7 @@ def main_all(args, shapes, dtype, t: int) -> None:
         dist.init_process_group("gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     tight = tuple(float(b) for b in args.tight_bounds.split(",") if b.strip())
+    overlaps = tuple((*(int(v) for v in part.split(":")), 0)[:3] for part in args.overlaps.split(",") if part.strip())
     h = shapes[0][1]
     dim, ffn = (64, 128) if args.smoke else (4096, 14336)
     bench = Bench(cuda, args.warmup, args.iters)
@@ -512,7 +606,7 @@ def main_all(args, shapes, dtype, t: int) -> None:
         if rank == 0:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    if rank == 0:  # single-GPU parts; the other ranks wait at the barrier below
+    if rank == 0 and not args.layer_ep_only:  # single-GPU parts; the other ranks wait at the barrier below
         try:
             part_permute(shapes, dtype, device, bench, emit, graph_reps=args.graph_reps if cuda else 0)
         except Exception as e:  # noqa: BLE001
@@ -529,11 +623,12 @@ def main_all(args, shapes, dtype, t: int) -> None:
     ep_shapes = [tuple(int(v) for v in part.split(",")) for part in args.ep_shape.split(";") if part]
     if args.smoke:
         ep_shapes = [(h, ee, ek) for _, ee, ek in ep_shapes]
-    for eh, ee, ek in ep_shapes:
+    for eh, ee, ek in [] if args.layer_ep_only else ep_shapes:
         part_ep(t, eh, ee, ek, dtype, device, bench, emit, args.recv_bound, tight)
     layer_shape = None
     if not args.no_layer:
-        part_moe_layer_ep(t, dim, ffn, 8, 2, dtype, device, bench, emit, args.recv_bound, tight)
+        part_moe_layer_ep(t, dim, ffn, 8, 2, dtype, device, bench, emit, args.recv_bound, tight, overlaps,
+                          args.profile_layer)
         layer_shape = f"{t} tokens/GPU H{dim} F{ffn} E8 top2 {str(dtype).removeprefix('torch.')}, ep{world}"
 
     if rank == 0:
@@ -541,9 +636,11 @@ def main_all(args, shapes, dtype, t: int) -> None:
         targets = targets_of(rows, [shape_name(tt, hh, e, k, dtype) for tt, hh, e, k in shapes],
                              f"T{t} H{dim} F{ffn} E8 top2 {e_str}",
                              [f"{t} tokens/GPU H{eh} E{ee} top{ek} {e_str}, ep{world}" for eh, ee, ek in ep_shapes],
-                             layer_shape, tight)
+                             layer_shape, tight, overlaps)
+        if args.layer_ep_only:
+            targets = [tg for tg in targets if layer_shape and tg["name"].startswith(layer_shape)]
         path = write_results(
-            NAME + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
+            NAME + ("_layer_ep" if args.layer_ep_only else "") + ("_smoke" if args.smoke else ""), rows, targets, world_size=world, smoke=args.smoke,
             grouped_mm=hasattr(torch, "_grouped_mm"), triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
             wall_s=time.perf_counter() - t_start, pinned_configs=pinned_configs(shapes), conventions=_conventions())
         for tg in targets:
