@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_preamble.sh  # $OUT, NCCL settings (NVLink multicast off), PYTHONPATH, $log, $PYTEST, $start
-timeout -k 10 "${T_TESTS:-200}" $PYTEST tests/test_gpu.py -k "copy_engine" 2>&1 | tail -40 | tee -a "$log"
+timeout -k 10 "${T_TESTS:-220}" $PYTEST tests/test_gpu.py -k "copy_engine" 2>&1 | tail -40 | tee -a "$log"
 echo "== tests done at $((SECONDS - start)) s" | tee -a "$log"
 cd benchmarks
 timeout -k 10 "${T_MAIN:-330}" torchrun --standalone --nproc-per-node 2 pipeline.py --profile --name pipeline_p2p \
