@@ -9,6 +9,10 @@ returns per step, in ms:
   kernel posted early spins on its SMs until the peer's data arrives);
 - ``nccl_overlapping_compute_ms``: how much of that NCCL time ran while a compute kernel
   also ran (where SM sharing can slow the compute);
+- ``p2p_wait_ms`` / ``p2p_wait_overlapping_compute_ms``: the copy-engine pipeline P2P's one-thread
+  wait kernels (``pipeline/copy_engine_p2p.py``; on the consumer's stream, or a side stream
+  waiting for a slot's ack), kept out of the compute union like NCCL's kernels;
+  ``memcpy_peer_ms``: peer-to-peer copies (its copy-engine pushes; no SM);
 - ``idle_ms``: the wall time of the steps minus the compute union (bubble, exposed
   communication and host gaps together);
 - ``top``: the compute kernels with the most time, (ms per step, calls per step, name).
@@ -60,7 +64,7 @@ def kernel_split(prof, steps: int, wall_s: float, top: int = 12, is_comm=None) -
     keys); default: NCCL's."""
     import torch
 
-    compute, nccl, per_name = [], [], {}
+    compute, nccl, waits, peer, per_name = [], [], [], [], {}
     for e in prof.events():
         if (e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False)
                 or e.name.startswith("PP:")):
@@ -68,6 +72,12 @@ def kernel_split(prof, steps: int, wall_s: float, top: int = 12, is_comm=None) -
         iv = (e.time_range.start, e.time_range.end)
         if (is_comm(e.name) if is_comm is not None else "nccl" in e.name.lower()):
             nccl.append(iv)
+            continue
+        if "_wait_kernel" in e.name:
+            waits.append(iv)
+            continue
+        if e.name.startswith("Memcpy") and "PtoP" in e.name:
+            peer.append(iv)
             continue
         compute.append(iv)
         ms, n = per_name.get(e.name, (0.0, 0))
@@ -79,6 +89,9 @@ def kernel_split(prof, steps: int, wall_s: float, top: int = 12, is_comm=None) -
         "compute_ms": compute_ms,
         "nccl_ms": sum(b - a for a, b in nccl) / 1e3 / steps,
         "nccl_overlapping_compute_ms": _overlap_ms(nccl, compute) / steps,
+        "p2p_wait_ms": sum(b - a for a, b in waits) / 1e3 / steps,
+        "p2p_wait_overlapping_compute_ms": _overlap_ms(waits, compute) / steps,
+        "memcpy_peer_ms": sum(b - a for a, b in peer) / 1e3 / steps,
         "idle_ms": 1e3 * wall_s / steps - compute_ms,
         "n_compute_kernels": len(compute) // steps,
         "top": [(round(ms / steps, 3), n // steps, name[:100]) for name, (ms, n) in ranked],

@@ -21,7 +21,8 @@ of the same code. ``--profile`` adds, per schedule and rank, where the GPU time 
 steps went (``kernel_timeline.py``: compute kernels, NCCL kernels and how much of them ran
 beside compute, idle), the measurement that tells a slower schedule's causes apart.
 ``--schedules`` keeps some rows; ``--name`` names the JSON (runs under different NCCL
-settings side by side).
+settings side by side). ``--pipeline-p2p nccl,copy_engine`` runs each schedule with each
+P2P transport (``ParallelPlan.pipeline_p2p``; the copy engine's rows end in ``_copy_engine``).
 """
 
 from __future__ import annotations
@@ -135,16 +136,17 @@ def single_gpu_step_s(args, model_args, device) -> float:
 
 
 def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int] | None, device,
-                 p2p_ctas: int = 0, carveout: int = 0) -> dict:
+                 p2p_ctas: int = 0, carveout: int = 0, p2p: str = "nccl") -> dict:
     """One schedule's row; ``p2p_ctas`` > 0 caps the pp communicator's NCCL CTAs
-    (``build_mesh(nccl_max_ctas=...)``), ``carveout`` is ``plan.pipeline_sm_carveout``."""
+    (``build_mesh(nccl_max_ctas=...)``), ``carveout`` is ``plan.pipeline_sm_carveout``, ``p2p``
+    ``plan.pipeline_p2p``."""
     pp = dist.get_world_size()
     mesh = build_mesh(pp=pp, dp_shard=1, nccl_max_ctas={"pp": p2p_ctas} if p2p_ctas else None)
     with torch.device("meta"):
         model = Llama(model_args)
     plan = ParallelPlan(pipeline_schedule=schedule, virtual_stages=virtual, micro_batch_size=1,
                         layers_per_stage=split, compile={"auto": "auto", "on": True, "off": False}[args.compile],
-                        pipeline_sm_carveout=carveout)
+                        pipeline_sm_carveout=carveout, pipeline_p2p=p2p)
     pm = parallelize(model, mesh, plan)
     pm.init_weights(seed=0)
     for m in pm.stage_modules:
@@ -168,14 +170,16 @@ def pipeline_row(args, model_args, schedule: str, virtual: int, split: list[int]
     stats = torch.tensor([bubble, compute, peak], device=device)
     gathered = [torch.zeros_like(stats) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, stats)
+    slots = pm.pipeline.transport.slots if pm.pipeline.transport is not None else None  # copy engine: per channel
     del pm, model
     if cuda:
         torch.cuda.empty_cache()
     extra = {"gpu_time_split_per_rank": split_rows} if split_rows is not None else {}
     return extra | {
-        "impl": row_name(pp, schedule, virtual, split is not None) + variant_suffix(p2p_ctas, carveout),
+        "impl": row_name(pp, schedule, virtual, split is not None) + variant_suffix(p2p_ctas, carveout, p2p),
         "schedule": schedule, "virtual_stages": virtual, "microbatches": args.microbatches,
-        "pp_nccl_max_ctas": p2p_ctas or None, "pipeline_sm_carveout": carveout,
+        "pp_nccl_max_ctas": p2p_ctas or None, "pipeline_sm_carveout": carveout, "pipeline_p2p": p2p,
+        "p2p_slots": slots,
         "layers_per_stage": split or "even",
         "shape": f"llama3-{args.flavour} dims x {args.layers} layers, seq {args.seq}, mb 1 x {args.microbatches}, bf16",
         "median_ms": 1000 * median(times),
@@ -192,8 +196,9 @@ def row_name(pp: int, schedule: str, virtual: int, balanced: bool) -> str:
     return f"pp{pp}_{schedule}_v{virtual}" + ("" if balanced else "_even")
 
 
-def variant_suffix(p2p_ctas: int, carveout: int) -> str:
-    return (f"_ctas{p2p_ctas}" if p2p_ctas else "") + (f"_carveout{carveout}" if carveout else "")
+def variant_suffix(p2p_ctas: int, carveout: int, p2p: str = "nccl") -> str:
+    return ((f"_ctas{p2p_ctas}" if p2p_ctas else "") + (f"_carveout{carveout}" if carveout else "")
+            + ("" if p2p == "nccl" else f"_{p2p}"))
 
 
 def profile_split(step, steps: int) -> list[dict]:
@@ -230,6 +235,8 @@ def main() -> None:
     p.add_argument("--name", default="pipeline", help="results file <name>.json")
     p.add_argument("--variants", default="0:0", help="comma-separated P2P_CTAS:CARVEOUT pairs, each schedule run "
                    "under each: the pp communicator's NCCL CTA cap (0: NCCL's default) and plan.pipeline_sm_carveout")
+    p.add_argument("--pipeline-p2p", default="nccl", help="comma-separated plan.pipeline_p2p values "
+                   "(nccl, copy_engine, auto), each schedule and variant run under each")
     args = p.parse_args()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -248,10 +255,12 @@ def main() -> None:
              "median_ms": 1000 * baseline, "ideal_pp_ms": ideal_ms, "pp": pp}]
     keep = set(args.schedules.split(",")) if args.schedules else None
     variants = [tuple(int(v) for v in pair.split(":")) for pair in args.variants.split(",")]
-    runs = [(sch, v, balanced_split(args.layers, pp, v, sch) if bal else None, ctas, carve)
-            for sch, v, bal in SCHEDULES for ctas, carve in variants if keep is None or row_name(pp, sch, v, bal) in keep]
-    for schedule, virtual, split, ctas, carve in runs:
-        row = pipeline_row(args, model_args, schedule, virtual, split, device, ctas, carve)
+    transports = args.pipeline_p2p.split(",")
+    runs = [(sch, v, balanced_split(args.layers, pp, v, sch) if bal else None, ctas, carve, p2p)
+            for sch, v, bal in SCHEDULES for p2p in transports for ctas, carve in variants
+            if keep is None or row_name(pp, sch, v, bal) in keep]
+    for schedule, virtual, split, ctas, carve, p2p in runs:
+        row = pipeline_row(args, model_args, schedule, virtual, split, device, ctas, carve, p2p)
         row["overhead_vs_ideal"] = row["median_ms"] / ideal_ms - 1
         rows.append(row)
         if dist.get_rank() == 0:
@@ -277,6 +286,14 @@ def targets_from(rows: list[dict], pp: int) -> list[dict]:
     targets = []
     base = row_name(pp, "1f1b", 1, True)
     one = by.get(base)
+    one_ce = by.get(base + "_copy_engine")
+    for r in rows[1:]:
+        if one_ce is not None and r["impl"] != one_ce["impl"] and r.get("pipeline_p2p") == "copy_engine":
+            targets.append({"name": f"{r['impl']} step / {one_ce['impl']} step", "value": r["median_ms"]
+                            / one_ce["median_ms"], "goal": 1.0, "higher_is_better": False})
+        if one is not None and r["impl"] == base + "_copy_engine":
+            targets.append({"name": f"{r['impl']} step / {base} step", "value": r["median_ms"] / one["median_ms"],
+                            "goal": 1.0, "higher_is_better": False})
     for r in rows[1:]:
         if one is not None and r["schedule"] in ("interleaved_1f1b", "zbv"):
             targets.append({"name": f"{r['impl']} step / {base} step", "value": r["median_ms"] / one["median_ms"],

@@ -56,6 +56,7 @@ from .expert_parallel import apply_expert_parallel, build_dispatch, check_expert
 from .loss_head import LossHead, install_loss_head, resolve_fused_loss
 from .mesh import ParallelDims, mesh_device, submesh
 from .parallel_model import ParallelModel
+from .pipeline.p2p_routing import choose_pipeline_p2p
 from .pipeline.runtime import PipelineRuntime
 from .pipeline.split import PassThrough, build_stage_module, stages_using
 from .plan import ParallelPlan
@@ -88,6 +89,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     sp_backend = check_sp_reduce_scatter(plan, mesh)  # 'triton' where it cannot run: an error before any collective
     resolved = validate_layout(model, dims, plan)
     block_names, styles, layout = resolved.block_names, resolved.styles, resolved.pipeline
+    pp_p2p = (choose_pipeline_p2p(plan.pipeline_p2p, submesh(mesh, "pp").mesh.flatten().tolist(), mesh.device_type,
+                                  layout.schedule) if layout is not None else "nccl")  # likewise 'copy_engine'
     compiled = compiles_blocks(plan, mesh.device_type, layout.schedule if layout is not None else None)
     head_name = resolve_fused_loss(model, styles, dims.tp, plan.fused_loss)  # None: the unfused loss
     window = None
@@ -159,7 +162,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
                                    layout.schedule, mesh_device(mesh), loss_sum=loss_sum,
-                                   sm_carveout=plan.pipeline_sm_carveout)
+                                   sm_carveout=plan.pipeline_sm_carveout, p2p=pp_p2p)
         if resolved.tied:
             all_blocks = [layout.blocks_of(s) for s in range(layout.n_stages)]
             using = [set().union(*(stages_using(model, block_names, all_blocks, n) for n in names))

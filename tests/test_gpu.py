@@ -10,6 +10,7 @@ import torch
 
 from .harness import run_distributed
 from .parity import one_step_parity, training_parity
+from .test_pipeline_p2p import P2P_LAYOUTS, p2p_matches_nccl
 from .test_meta_init import _bf16_case
 
 pytestmark = [
@@ -28,6 +29,9 @@ LAYOUTS = {
     "pp2_1f1b": ({"pp": 2}, {"micro_batch_size": 2}),
     "pp2_interleaved_v2": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2}),
     "pp2_zbv": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_schedule": "zbv"}),
+    "pp2_1f1b_copy_engine": ({"pp": 2}, {"micro_batch_size": 2, "pipeline_p2p": "copy_engine"}),
+    # (interleaved and ZBV take the copy engine by default, pipeline_p2p="auto": NCCL pinned here)
+    "pp2_interleaved_v2_nccl": ({"pp": 2}, {"micro_batch_size": 2, "virtual_stages": 2, "pipeline_p2p": "nccl"}),
     "cp2_torch": ({"cp": 2}, {}),
     "cp2_triton": ({"cp": 2}, {"kernels": {"attention": "triton"}}),
     "cp2_sdpa": ({"cp": 2}, {"kernels": {"attention": "sdpa"}}),
@@ -81,3 +85,15 @@ def test_gpu_training_parity_tp_sp() -> None:
 def test_gpu_bf16_fsdp() -> None:
     losses = run_distributed(2, _bf16_case, {"dp_shard": 2}, {}, backend="nccl")
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("slots", [None, 1])
+@pytest.mark.parametrize("layout", list(P2P_LAYOUTS))
+def test_gpu_copy_engine_p2p_bit_exact(layout: str, slots: int | None) -> None:
+    """pipeline_p2p='copy_engine' on the GPUs (symmetric memory, copy-engine pushes, the wait
+    kernel): two steps' losses and every gradient bit-identical to the NCCL path's (eager blocks:
+    the same kernels on both); ``slots=1``: every send after the first waits for its ack."""
+    kind, mesh_kwargs, plan_kwargs = P2P_LAYOUTS[layout]
+    stats = run_distributed(2, p2p_matches_nccl, kind, mesh_kwargs, {**plan_kwargs, "compile": False}, slots=slots,
+                            backend="nccl")
+    assert all(s["sent"] > 0 for s in stats), stats

@@ -176,6 +176,19 @@ def test_bad_recipe_rejected(raw, match):
         config_from_dict(raw)
 
 
+def test_copy_engine_pipeline_p2p_on_several_nodes_is_rejected():
+    """[plan] pipeline_p2p reaches the ParallelPlan; 'copy_engine' with pp over several nodes
+    is an error naming the fix (the library checks this host's GPUs when it runs)."""
+    cfg = config_from_dict({"parallel": {"pp": 2}, "plan": {"pipeline_p2p": "copy_engine"}})
+    assert cfg.parallel_plan().pipeline_p2p == "copy_engine"
+    with pytest.raises(ValueError, match=r"pipeline_p2p='copy_engine' needs the pp ranks on GPUs of one NVLink "
+                                         r"host, but \[cluster\] nodes=2.*'auto'"):
+        config_from_dict({"cluster": {"nodes": 2, "nproc_per_node": 8}, "parallel": {"pp": 2},
+                          "plan": {"pipeline_p2p": "copy_engine"}})
+    with pytest.raises(ValueError, match="pipeline_p2p='nvlink'"):
+        config_from_dict({"plan": {"pipeline_p2p": "nvlink"}})
+
+
 def test_ffn_hidden_dim_and_unsupported_features():
     cfg = config_from_dict({"model": {"ffn_hidden_dim": 768}})
     assert cfg.model.args().ffn_hidden_dim == 768

@@ -10,6 +10,10 @@ Bubble: the stage methods the schedules call for each action (``forward_one_chun
 timed (CUDA events on GPU), so ``busy_s`` is this rank's compute time in the last step and
 ``bubble_s = step_s - busy_s`` its idle time: the pipeline bubble plus exposed P2P waits.
 
+P2P: NCCL through torch's schedules, or (``p2p="copy_engine"``, ``ParallelPlan.pipeline_p2p``)
+the copy engine over symmetric memory (``copy_engine_p2p.py``), routed there while the step runs
+(``p2p_routing.py``); ``"emulated"`` is its CPU emulation for tests.
+
 Loss: each micro-batch's loss is ``sum of token losses / global valid tokens`` and the
 schedule does not rescale gradients (``scale_grads=False``), so the accumulated gradient
 is that of the global mean loss, as on one device. Only the last stage sees losses; the
@@ -30,6 +34,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 
 from ..tensor_parallel.loss import cross_entropy_sum
+from .copy_engine_p2p import CopyEngineP2P, default_slots
+from .p2p_routing import P2PRouter
 from .schedules import SCHEDULES, schedule_class
 
 
@@ -52,7 +58,7 @@ class PipelineRuntime:
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
                  pp_mesh: DeviceMesh, schedule: str, device: torch.device,
                  loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
-                 sm_carveout: int = 0):
+                 sm_carveout: int = 0, p2p: str = "nccl"):
         self.group = pp_mesh.get_group()
         self.stage_ids = stage_ids
         self.loss_sum = loss_sum  # (last stage output, labels) -> summed token loss; the fused loss's head
@@ -65,6 +71,13 @@ class PipelineRuntime:
         self._timer = _BusyTimer(device)
         for stage in self.stages:
             self._timer.wrap(stage)
+        self.p2p = p2p  # "nccl", "copy_engine" or "emulated" (p2p_routing.choose_pipeline_p2p)
+        self.transport: CopyEngineP2P | None = None
+        self._router: P2PRouter | None = None
+        if p2p != "nccl":
+            self.transport = CopyEngineP2P(self.group, slots=1, emulated=p2p == "emulated")
+            self._router = P2PRouter(self.stages, self.transport)
+        self.p2p_slots: int | None = None  # slots per channel; None: copy_engine_p2p.default_slots
         self.is_first = 0 in stage_ids
         self.is_last = n_stages - 1 in stage_ids
         self._schedules: dict[tuple[int, bool], object] = {}
@@ -106,6 +119,14 @@ class PipelineRuntime:
                                        scale_grads=False)
         return self._schedules[key]
 
+    def _p2p(self, n_microbatches: int):
+        """The step's P2P route: torch's NCCL calls as they are, or the copy-engine transport."""
+        if self._router is None:
+            return contextlib.nullcontext()
+        pp = self.group.size()
+        self.transport.want_slots(self.p2p_slots or default_slots(self.schedule_name, pp, self.virtual, n_microbatches))
+        return self._router.step()
+
     def _step_kwargs(self, sched) -> dict:
         params = inspect.signature(sched.step).parameters
         return {"return_outputs": False} if "return_outputs" in params else {}
@@ -124,7 +145,7 @@ class PipelineRuntime:
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
         t0 = time.perf_counter()
-        with sm_carveout(self.sm_carveout):
+        with sm_carveout(self.sm_carveout), self._p2p(n_microbatches):
             sched.step(*args, **kwargs, **(model_kwargs or {}), **self._step_kwargs(sched))
         if n_tokens.is_cuda:
             torch.cuda.synchronize(n_tokens.device)
@@ -138,7 +159,8 @@ class PipelineRuntime:
     def forward(self, x: torch.Tensor, n_microbatches: int, model_kwargs: dict | None = None):
         """Forward only; the logits on the ranks holding the last stage, None elsewhere."""
         sched = self.schedule(n_microbatches, training=False)
-        out = sched.step(*((x,) if self.is_first else ()), **(model_kwargs or {}))
+        with self._p2p(n_microbatches):
+            out = sched.step(*((x,) if self.is_first else ()), **(model_kwargs or {}))
         return out if self.is_last else None
 
     def sum_over_pp(self, t: torch.Tensor) -> torch.Tensor:

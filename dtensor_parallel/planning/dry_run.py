@@ -78,10 +78,12 @@ def world_size_of(cfg) -> int:
 
 def plan_of(cfg, dims: ParallelDims) -> tuple[ParallelPlan, int]:
     """The ParallelPlan a training run of ``cfg`` builds, and its micro-batches per step.
-    Kernels are set to torch: they change no shape, and Triton needs a GPU."""
+    Kernels are set to torch and the pipeline's P2P to NCCL: they change no shape, and Triton and
+    the copy engine need GPUs (the copy engine's receive slots, a few activations per pp
+    neighbour, are not counted)."""
     t = cfg.training
     global_batch = t.global_batch_size or t.micro_batch_size * dims.dp
-    plan = replace(cfg.parallel_plan(global_batch), kernels="torch")
+    plan = replace(cfg.parallel_plan(global_batch), kernels="torch", pipeline_p2p="nccl")
     return plan, global_batch // (t.micro_batch_size * dims.dp)
 
 

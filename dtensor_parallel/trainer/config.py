@@ -415,6 +415,12 @@ def validate(cfg: TrainConfig) -> None:
     if ck.resume == "auto" and not (ck.save or ck.load):
         raise ValueError("[checkpoint] resume='auto' (--resume auto) looks for checkpoints under save or "
                          "load: set --save DIR (or --load DIR)")
+    if cfg.plan.pipeline_p2p == "copy_engine" and p.pp > 1 and (cfg.cluster.nodes > 1 or cfg.cluster.device == "cpu"):
+        # pp is the mesh's outermost dim: on several nodes, a pp group spans them
+        where = f"[cluster] nodes={cfg.cluster.nodes}" if cfg.cluster.nodes > 1 else "[cluster] device='cpu'"
+        raise ValueError(f"[plan] pipeline_p2p='copy_engine' needs the pp ranks on GPUs of one NVLink host, but "
+                         f"{where} (pp={p.pp}): set pipeline_p2p = 'auto' (NCCL where the copy engine cannot "
+                         f"run) or 'nccl'")
     if cfg.plan.sequence_parallel and p.tp == 1:
         # Megatron's behaviour: SP shards activations over tp, so with tp=1 there is nothing to do
         warnings.warn("[plan] sequence_parallel=true with [parallel] tp=1: disabling sequence "
