@@ -60,41 +60,19 @@ def produce_partials(g3: torch.Tensor, w: torch.Tensor, add3: torch.Tensor | Non
 
 def _input_grad_cuda(g3: torch.Tensor, w: torch.Tensor, add3: torch.Tensor | None, group: dist.ProcessGroup
                      ) -> torch.Tensor:
-    """The copy-engine form of ``matmul_reduce_scatter._forward_cuda`` with the addend."""
-    from triton_kernels.sp_reduce_scatter import launch
-
+    """The copy-engine form of ``matmul_reduce_scatter._forward_cuda`` with the addend: the same
+    plan (slot layout), staged pushes and reduce."""
     outer, rows, _ = g3.shape
     k = w.shape[1]
     ws = sprs._workspace(group, outer * rows * k * g3.element_size())
-    key = ("fused", outer, rows, k, g3.dtype)  # the row-parallel op's plan: same slot layout
-    plan = ws.plans.get(key)
-    if plan is None:
-        plan = ws.plans[key] = mrs._FusedPlan(ws, outer, rows, k, g3.dtype)
+    plan = mrs.fused_plan(ws, outer, rows, k, g3.dtype)
     rank, world, r_loc = ws.rank, ws.world, rows // ws.world
     half = ws.begin()
-    main, side = ws.stream, ws.side_stream()
     peer_slots, own = plan.slots[half]
-    side.wait_stream(main)  # after the previous launch (double buffering) and the inputs' producers
-    stage = torch.empty((min(world - 1, 2), outer, r_loc, k), dtype=g3.dtype, device=g3.device)
-    copied: list[torch.cuda.Event] = []
-
-    def dst_for(i: int, c: int) -> torch.Tensor:
-        if i >= 2:  # staging tensor i % 2 is free once push i-2 is done
-            main.wait_event(copied[i - 2])
-        return stage[i % 2]
-
-    def push(i: int, c: int, dst: torch.Tensor) -> None:
-        side.wait_event(main.record_event())
-        with torch.cuda.stream(side):
-            peer_slots[c].copy_(dst)  # copy engine, over NVLink, into peer c's slot `rank`
-        copied.append(side.record_event())
-
-    produce_partials(g3, w, add3, rank, world, own, dst_for, push)
-    main.wait_stream(side)
-    out = torch.empty((outer, r_loc, k), dtype=g3.dtype, device=g3.device)
-    launch(plan.cfg, out, out, 0, r_loc * k, plan.bufs8[half], ws.pads8, rank, world, sprs._SLOT0,
-           push=False, own_from_buf=True)
-    return out
+    pushes = mrs.StagedPush(ws, peer_slots, (outer, r_loc, k), g3.dtype, g3.device)
+    produce_partials(g3, w, add3, rank, world, own, pushes.dst_for, pushes.push)
+    pushes.finish()
+    return mrs.reduce_own(plan, ws, half, outer, r_loc, k, g3)
 
 
 def _input_grad_emulated(g3: torch.Tensor, w: torch.Tensor, add3: torch.Tensor | None,

@@ -131,46 +131,71 @@ class _FusedPlan:
             self.bufs8.append(pad8(bufs))
 
 
-def _forward_cuda(x3: torch.Tensor, wt: torch.Tensor, group: dist.ProcessGroup, push: str) -> torch.Tensor:
+def fused_plan(ws, outer: int, rows: int, n: int, dtype: torch.dtype) -> _FusedPlan:
+    """The workspace's :class:`_FusedPlan` for this shape (built at the first call)."""
+    key = ("fused", outer, rows, n, dtype)
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = _FusedPlan(ws, outer, rows, n, dtype)
+    return plan
+
+
+class StagedPush:
+    """The copy-engine pushes of the peers' chunks: the GEMM of the i-th chunk writes staging
+    tensor i % 2 on the main stream (from i = 2 after push i - 2 is done with it), then the
+    side stream copies it into peer c's slot (the copy engine, over NVLink) while the next
+    chunk's GEMM runs. ``dst_for`` and ``push`` are ``produce_chunks``' two callbacks;
+    :meth:`finish` makes the main stream wait for the last push (the staging tensors are
+    freed after it, so later main-stream work is ordered)."""
+
+    def __init__(self, ws, peer_slots: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device):
+        self.main, self.side, self.peer_slots = ws.stream, ws.side_stream(), peer_slots
+        self.side.wait_stream(self.main)  # after the previous launch (double buffering) and the inputs' producers
+        self.stage = torch.empty((min(ws.world - 1, 2), *shape), dtype=dtype, device=device)
+        self.copied: list[torch.cuda.Event] = []
+
+    def dst_for(self, i: int, c: int) -> torch.Tensor:
+        if i >= 2:  # staging tensor i % 2 is free once push i - 2 is done
+            self.main.wait_event(self.copied[i - 2])
+        return self.stage[i % 2]
+
+    def push(self, i: int, c: int, dst: torch.Tensor) -> None:
+        self.side.wait_event(self.main.record_event())
+        with torch.cuda.stream(self.side):
+            self.peer_slots[c].copy_(dst)  # into peer c's slot `rank`
+        self.copied.append(self.side.record_event())
+
+    def finish(self) -> None:
+        self.main.wait_stream(self.side)
+
+
+def reduce_own(plan: _FusedPlan, ws, half: int, outer: int, r_loc: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The reduce-only kernel: this rank's output (outer, R, N), the fp32 sum in rank order of
+    its own slot and the peers' pushes into it (signal-pad barrier first)."""
     from triton_kernels.sp_reduce_scatter import launch
 
+    out = torch.empty((outer, r_loc, n), dtype=like.dtype, device=like.device)
+    launch(plan.cfg, out, out, 0, r_loc * n, plan.bufs8[half], ws.pads8, ws.rank, ws.world, sprs._SLOT0,
+           push=False, own_from_buf=True)
+    return out
+
+
+def _forward_cuda(x3: torch.Tensor, wt: torch.Tensor, group: dist.ProcessGroup, push: str) -> torch.Tensor:
     outer, rows, _ = x3.shape
     n = wt.shape[1]
     ws = sprs._workspace(group, x3.shape[0] * rows * n * x3.element_size())
-    key = ("fused", outer, rows, n, x3.dtype)
-    plan = ws.plans.get(key)
-    if plan is None:
-        plan = ws.plans[key] = _FusedPlan(ws, outer, rows, n, x3.dtype)
+    plan = fused_plan(ws, outer, rows, n, x3.dtype)
     rank, world, r_loc = ws.rank, ws.world, rows // ws.world
     half = ws.begin()
-    main = ws.stream
     peer_slots, own = plan.slots[half]
-    side = None
     if push == "copy":
-        side = ws.side_stream()
-        side.wait_stream(main)  # after the previous launch (double buffering) and x, w's producers
-        stage = torch.empty((min(world - 1, 2), outer, r_loc, n), dtype=x3.dtype, device=x3.device)
-        copied: list[torch.cuda.Event] = []
-
-        def dst_for(i: int, c: int) -> torch.Tensor:
-            if i >= 2:  # staging tensor i % 2 is free once push i-2 is done
-                main.wait_event(copied[i - 2])
-            return stage[i % 2]
-
-        def after(i: int, c: int, dst: torch.Tensor) -> None:
-            side.wait_event(main.record_event())
-            with torch.cuda.stream(side):
-                peer_slots[c].copy_(dst)  # copy engine, over NVLink
-            copied.append(side.record_event())
-    else:
-        dst_for, after = (lambda i, c: peer_slots[c]), None
-    produce_chunks(x3, wt, rank, world, own, dst_for, after)
-    if side is not None:
-        main.wait_stream(side)  # (stage is freed after this: later main-stream work is ordered)
-    out = torch.empty((outer, r_loc, n), dtype=x3.dtype, device=x3.device)
-    launch(plan.cfg, out, out, 0, r_loc * n, plan.bufs8[half], ws.pads8, rank, world, sprs._SLOT0,
-           push=False, own_from_buf=True)
-    return out
+        pushes = StagedPush(ws, peer_slots, (outer, r_loc, n), x3.dtype, x3.device)
+        produce_chunks(x3, wt, rank, world, own, pushes.dst_for, pushes.push)
+        pushes.finish()
+    else:  # "gemm": each GEMM stores straight into the peer's slot
+        produce_chunks(x3, wt, rank, world, own, lambda i, c: peer_slots[c])
+    return reduce_own(plan, ws, half, outer, r_loc, n, x3)
 
 
 def _forward_emulated(x3: torch.Tensor, wt: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
