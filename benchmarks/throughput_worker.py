@@ -99,12 +99,17 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
 
 
 def profile_summary(prof, cuda: bool, steps: int) -> tuple[str, float, float]:
-    """Top kernels by device time (CPU ops on CPU); (table, NCCL ms/step, all ms/step)."""
+    """Top kernels by device time (CPU ops on CPU); (table, NCCL ms/step, all ms/step). On the
+    GPU, record_function ranges mirrored there ("Optimizer.step#AdamW.step", c10d's
+    "nccl:all_gather...") are left out: they span kernels already counted (counting them
+    doubled the NCCL time of the eager TP2+SP profile of 2026-11-30)."""
     import torch
 
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    events = sorted((e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0),
+    ranges = {e.name for e in prof.events() if cuda and getattr(e, "is_user_annotation", False)}
+    events = sorted((e for e in prof.key_averages()
+                     if e.device_type == kind and getattr(e, attr) > 0 and e.key not in ranges),
                     key=lambda e: -getattr(e, attr))
     total = sum(getattr(e, attr) for e in events) / 1e3 / steps
     nccl = sum(getattr(e, attr) for e in events if "nccl" in e.key.lower()) / 1e3 / steps
