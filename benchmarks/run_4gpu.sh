@@ -8,8 +8,9 @@
 #   sp          the SP reduce-scatter and fused matmul GPU tests, then their benchmark at TP2 and TP4
 #   moe         MoE dispatch at EP4
 #   throughput  benchmarks/train_throughput.py for TP4+SP, PP4 and FSDP4 against TorchTitan
-#   pipeline    PP4 schedules (issue 24): 1F1B, interleaved v=2 (also with the P2P CTA cap and SM
-#               carveout), ZBV, GPipe; 16 layers, 16 micro-batches, the GPU-time split of each
+#   pipeline    PP4 schedules (issue 24): 1F1B, interleaved v=2 and ZBV, each with NCCL P2P and
+#               with the copy engine (plan.pipeline_p2p); 16 layers, 16 micro-batches, the GPU-time
+#               split of each
 # Usage (device tool, kind nvidia-h100-x4): bash benchmarks/run_4gpu.sh tests ring
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ for part in "$@"; do
     moe) NPROC=4 BENCH_TIMEOUT=120 bash benchmarks/run_gpu.sh - "moe_dispatch.py --no-deepseek" || status=1 ;;
     throughput) bash benchmarks/run_throughput.sh tp4sp,pp4,fsdp4 || status=1 ;;
     pipeline) NPROC=4 BENCH_TIMEOUT=540 bash benchmarks/run_gpu.sh - \
-                "pipeline.py --layers 16 --microbatches 16 --profile --variants 0:0,2:2 --name pipeline_pp4 --schedules pp4_1f1b_v1,pp4_interleaved_1f1b_v2,pp4_zbv_v2,pp4_gpipe_v1" || status=1 ;;
+                "pipeline.py --layers 16 --microbatches 16 --profile --pipeline-p2p nccl,copy_engine --name pipeline_pp4 --schedules pp4_1f1b_v1,pp4_interleaved_1f1b_v2,pp4_zbv_v2" || status=1 ;;
     *) echo "unknown part $part (tests, memory, memory2, ring, sp, moe, throughput, pipeline)"; status=2 ;;
   esac
 done

@@ -9,7 +9,9 @@
 #            intranode dispatch / combine ~153 / 158 GB/s), then issue 22's EP8 rows: 8192
 #            tokens a GPU, H4096 top-2 and H7168 top-8 with E 64 (and 256), symmetric memory
 #            against NCCL all_to_all_single in the same run (receive bound 2 x T*k), and the
-#            EP8 MoE layer (E 8: one expert a rank)
+#            EP8 MoE layer (E 8: one expert a rank), also with its exchange in chunks beside the
+#            GEMMs (moe_dispatch.py's default --overlaps: issue 22 item 4, where 7/8 of the rows
+#            cross NVLink, against EP2's half)
 #   sp       the SP reduce-scatter and the fused row-parallel matmul at TP8
 #   memory   the 70B / 405B recipes' layers at their real sizes and TP degrees, cut to fit
 #            the node, measured peak against the estimator (benchmarks/memory_estimate.py)

@@ -9,6 +9,7 @@
     2. PP: split into this rank's stage modules (``pipeline/split.py``)
     3. for each stage module:
          EP      apply_expert_parallel   (expert_parallel/)  shard experts, inject the dispatcher
+                                                             (its exchange in chunks: overlap.py)
          TP/SP   apply_tensor_parallel   (tensor_parallel/)  styles by rule, SP kernels by plan;
                  retie_after_tp          (tied.py)           a tied head takes the embedding's DTensor
          CP      apply_context_parallel  (context_parallel/) ring attention at each attention site
@@ -17,7 +18,8 @@
                                                              "auto": CUDA; never under zero-bubble)
          DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP (each block and the
                                                              input embedding a unit; the root)
-    4. the pipeline runtime over the stages (``pipeline/runtime.py``), and the sum of a tied
+    4. the pipeline runtime over the stages (``pipeline/runtime.py``; its P2P on NCCL or on
+       the copy engine, chosen in step 1: ``pipeline/p2p_routing.py``), and the sum of a tied
        weight's gradients over the stages holding a copy (``tied.py``)
     5. ``ParallelModel``: forward, forward_backward, gradients, state dicts
 
