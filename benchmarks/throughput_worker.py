@@ -91,7 +91,8 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
 
         dims = ParallelDims(pp=lay.pp, dp_shard=lay.dp_shard, cp=lay.cp, tp=lay.tp, world_size=lay.world_size)
         est = max((estimate_memory(model_args(args.shape, args.layers, args.seq), dims, plan, seq_len=args.seq,
-                                   micro_batch_size=1, n_micro=n_micro, pp_rank=r, optimizer="fused")
+                                   micro_batch_size=1, n_micro=n_micro, pp_rank=r, optimizer="fused",
+                                   pipeline_p2p=pm.pipeline.p2p if pm.pipeline is not None else "nccl")
                    for r in range(lay.pp)),
                   key=lambda e: e.peak_bytes)
         info.update(predicted_peak_gib=est.peak_bytes / 2**30, predicted_phase=est.peak_phase)

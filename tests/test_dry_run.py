@@ -99,3 +99,27 @@ def test_plan_command_names_the_fix(tmp_path) -> None:
 def test_plan_command_recipe_error(tmp_path, capsys) -> None:
     assert main(["plan", "recipes/llama3_70b.toml", "--world-size", "48", "--out", str(tmp_path / "p.png")]) == 2
     assert "48" in capsys.readouterr().err
+
+
+def test_dry_run_counts_the_copy_engine_where_a_gpu_run_takes_it() -> None:
+    """p2p_as_run: the copy engine for an interleaved schedule on one node of GPUs (the
+    default pipeline_p2p="auto"), NCCL across nodes, for 1F1B, on the CPU or when asked."""
+    from dtensor_parallel.planning.dry_run import format_report, p2p_as_run, plan_of
+    from dtensor_parallel.trainer.preflight import check_recipe
+
+    recipe = Path(__file__).parent.parent / "recipes" / "llama3_70b.toml"  # PP4, interleaved, 8 nodes
+
+    def resolved(**overlay) -> str:
+        cfg = load_config(recipe, overlay=overlay)
+        dims = check_recipe(cfg, 64, device=False, data=False, layout=False, paths=False)
+        return p2p_as_run(cfg, dims, plan_of(cfg, dims)[1])
+
+    one_node = {"cluster": {"nodes": 1, "nproc_per_node": 64}}
+    assert resolved() == "nccl"  # P2P crosses nodes
+    assert resolved(**one_node) == "copy_engine"
+    assert resolved(cluster={"nodes": 1, "nproc_per_node": 64, "device": "cpu"}) == "nccl"
+    assert resolved(**one_node, plan={"pipeline_p2p": "nccl"}) == "nccl"
+    assert resolved(**one_node, plan={"pipeline_schedule": "1f1b", "virtual_stages": None}) == "nccl"
+    run = dry_run(load_config(recipe, overlay=one_node))
+    assert run.pipeline_p2p == "copy_engine" and all(r.estimate.detail["p2p_rings"] > 0 for r in run.ranks)
+    assert "of receive rings a rank" in format_report(run, 141 << 30, 0.1)

@@ -209,3 +209,23 @@ def test_alternate_selective_policy_drops_wk_wo_w3_outputs() -> None:
                            selective_policy="save_alternate_matmuls")
         drop = dense_layer_bytes_per_token(args, dims, base) - dense_layer_bytes_per_token(args, dims, alt)
         assert drop == 2 * (kv_hd / t + d / t + f / t), (dims, drop)
+
+
+def test_copy_engine_rings_are_counted_where_the_copy_engine_runs() -> None:
+    """pipeline_p2p resolved to the copy engine: every phase holds its receive rings
+    (``copy_engine_p2p.ring_bytes``: 2 rings at PP2, default_slots slots of the stage output,
+    the fp32 residual stream under autocast); NCCL and no pipeline hold none."""
+    from dtensor_parallel.pipeline.copy_engine_p2p import default_slots, ring_bytes
+
+    args = llama3_args("8B", n_layers=8, max_seq_len=4096)
+    plan = ParallelPlan(mixed_precision="bf16", virtual_stages=2, micro_batch_size=1, global_batch_size=8)
+    dims = _dims(pp=2)
+    kw = dict(seq_len=4096, micro_batch_size=1, n_micro=8)
+    nccl = estimate_memory(args, dims, plan, **kw)
+    ce = estimate_memory(args, dims, plan, pipeline_p2p="copy_engine", **kw)
+    rings = ring_bytes(2, default_slots("interleaved_1f1b", 2, 2, 8), 4096 * args.dim * 4)
+    assert rings == 2 * 3 * (64 << 20) and ce.detail["p2p_rings"] == rings and nccl.detail["p2p_rings"] == 0
+    for phase in ("loss/backward", "last block's backward", "end of backward", "optimizer step"):
+        assert ce.detail[f"phase:{phase}"] - nccl.detail[f"phase:{phase}"] == rings, phase
+    flat = estimate_memory(args, _dims(), ParallelPlan(mixed_precision="bf16"), pipeline_p2p="copy_engine", **kw)
+    assert flat.detail["p2p_rings"] == 0  # no pipeline, no rings

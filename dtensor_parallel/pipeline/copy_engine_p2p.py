@@ -93,6 +93,17 @@ def default_slots(schedule: str, pp: int, virtual: int, n_microbatches: int) -> 
     return max(1, min(per_step, 2 * pp - 1))
 
 
+def slot_bytes_for(nbytes: int) -> int:
+    """A slot's size for messages of up to ``nbytes``: the next power of two, 4 KiB at least."""
+    return max(4096, 1 << max(0, math.ceil(math.log2(max(nbytes, 1)))))
+
+
+def ring_bytes(pp: int, slots: int, message_bytes: int) -> int:
+    """The receive rings a rank allocates (the memory estimator counts them): one ring per
+    (neighbour, kind), ``slots`` slots of ``slot_bytes_for(message_bytes)`` each."""
+    return (2 if pp == 2 else 4) * slots * slot_bytes_for(message_bytes)
+
+
 def ring_index(owner: int, other: int, kind: int, world: int) -> int:
     """The ring (0..3) at pp rank ``owner`` for messages of ``kind`` exchanged with ``other``, a
     neighbour: 2 x (0: the previous rank, 1: the next; at pp 2 they are one) + kind."""
@@ -364,8 +375,8 @@ class CopyEngineP2P:
         size = torch.tensor([nbytes, self._want_slots], dtype=torch.int64, device=device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
         nbytes, self.slots = int(size[0]), int(size[1])
-        self.slot_bytes = max(4096, 1 << max(0, math.ceil(math.log2(max(nbytes, 1)))))
-        total = self.rings * self.slots * self.slot_bytes
+        self.slot_bytes = slot_bytes_for(nbytes)
+        total = ring_bytes(self.world, self.slots, nbytes)
         self.mem = _HostMemory(self.group, total) if self.emulated else _CudaMemory(self.group, total)
         if _PAD0 + 2 * self.rings * self.slots > self.mem.pad_slots:
             raise ValueError(f"copy-engine pipeline P2P: {self.slots} slots per channel need "

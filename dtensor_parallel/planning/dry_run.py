@@ -64,6 +64,7 @@ class DryRun:
     cluster: str
     gpus_per_node: int | None
     args: object = None  # the ModelArgs
+    pipeline_p2p: str = "nccl"  # the transport a GPU run takes (p2p_as_run)
 
 
 def world_size_of(cfg) -> int:
@@ -76,11 +77,25 @@ def world_size_of(cfg) -> int:
     return c.nodes * c.nproc_per_node
 
 
+def p2p_as_run(cfg, dims: ParallelDims, n_micro: int) -> str:
+    """The pipeline transport a GPU run of ``cfg`` takes (``p2p_routing.choose_pipeline_p2p``
+    from what the recipe knows: one node of GPUs or not; the schedule): the estimate counts
+    the copy engine's receive rings where it runs."""
+    from ..pipeline.p2p_routing import AUTO_SCHEDULES
+    from .memory import stage_layout
+
+    requested, c = cfg.parallel_plan().pipeline_p2p, cfg.cluster
+    if dims.pp < 2 or requested == "nccl" or c.nodes > 1 or c.device == "cpu":
+        return "nccl"
+    schedule = stage_layout(cfg.model.args(), dims, plan_of(cfg, dims)[0], n_micro).schedule
+    return "copy_engine" if requested == "copy_engine" or schedule in AUTO_SCHEDULES else "nccl"
+
+
 def plan_of(cfg, dims: ParallelDims) -> tuple[ParallelPlan, int]:
     """The ParallelPlan a training run of ``cfg`` builds, and its micro-batches per step.
     Kernels are set to torch and the pipeline's P2P to NCCL: they change no shape, and Triton and
-    the copy engine need GPUs (the copy engine's receive slots, a few activations per pp
-    neighbour, are not counted)."""
+    the copy engine need GPUs (the estimate counts the copy engine's receive rings where a GPU
+    run takes it: :func:`p2p_as_run`)."""
     t = cfg.training
     global_batch = t.global_batch_size or t.micro_batch_size * dims.dp
     plan = replace(cfg.parallel_plan(global_batch), kernels="torch", pipeline_p2p="nccl")
@@ -131,6 +146,7 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
     # parallelize below)
     dims = check_recipe(cfg, world, device=False, data=False, layout=False, paths=False)
     plan, n_micro = plan_of(cfg, dims)
+    p2p = p2p_as_run(cfg, dims, n_micro)
     args = cfg.model.args()
     t = cfg.training
     reports = []
@@ -144,13 +160,13 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
             rename = {f"layers.{a}.": f"layers.{b}." for a, b in zip(src_layers, layers)}
             numels = {_rename(n, rename): v for n, v in numels.items()}
         est = estimate_memory(args, dims, plan, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                              n_micro=n_micro, pp_rank=pp_rank, numels=numels)
+                              n_micro=n_micro, pp_rank=pp_rank, numels=numels, pipeline_p2p=p2p)
         reports.append(RankReport(est, numels, placements, buffer_bytes, built_from=src))
     c = cfg.cluster
     cluster = c.description or f"{world} ranks"
     return DryRun(cfg.name, world, dims, plan, cfg.parallel.ep, t.seq_len, t.micro_batch_size, n_micro,
                   args.num_params(), _model_desc(cfg, args), reports, mesh_groups(dims, cfg.parallel.ep),
-                  cluster, c.nproc_per_node, args)
+                  cluster, c.nproc_per_node, args, p2p)
 
 
 def _position(args, dims: ParallelDims, plan: ParallelPlan, n_micro: int, pp_rank: int) -> tuple[tuple, list[int]]:
@@ -268,6 +284,9 @@ def format_report(run: DryRun, gpu_memory: int, headroom: float) -> str:
                      f"{e.activation_bytes / GIB:>8.2f} {e.logits_bytes / GIB:>8.2f} {e.transient_bytes / GIB:>8.2f} "
                      f"{e.peak_bytes / GIB:>8.2f}  {e.peak_phase}")
     worst = max(run.ranks, key=lambda r: r.estimate.peak_bytes).estimate
+    if worst.detail.get("p2p_rings"):
+        lines.append(f"  (the pipeline's P2P on the copy engine: {fmt_bytes(worst.detail['p2p_rings'])} of receive "
+                     f"rings a rank, in each peak; pipeline_p2p='nccl' has none)")
     lines += ["", "  example shards (global -> local, placements on the mesh):"]
     for name, text in run.ranks[0].placements.items():
         lines.append(f"    {name}: {text}")
@@ -306,7 +325,8 @@ def suggest_fix(cfg, run: DryRun, usable: float) -> str | None:
 
     def peak(dims: ParallelDims, p: ParallelPlan, mbs: int, n_micro: int) -> float:
         return max(estimate_memory(args, dims, p, seq_len=t.seq_len, micro_batch_size=mbs, n_micro=n_micro,
-                                   pp_rank=r).peak_bytes for r in range(dims.pp))
+                                   pp_rank=r, pipeline_p2p=run.pipeline_p2p if dims.pp == d.pp else "nccl").peak_bytes
+                   for r in range(dims.pp))
 
     candidates = []
     if d.tp > 1 and not plan.sequence_parallel:

@@ -307,7 +307,8 @@ def rank_of(dims: ParallelDims, pp_rank: int) -> int:
 
 def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, seq_len: int,
                     micro_batch_size: int, n_micro: int, pp_rank: int = 0,
-                    numels: dict[str, int] | None = None, optimizer: str = "foreach") -> MemoryEstimate:
+                    numels: dict[str, int] | None = None, optimizer: str = "foreach",
+                    pipeline_p2p: str = "nccl") -> MemoryEstimate:
     """Memory of rank (pp_rank, 0, 0, 0, 0) for one training step of ``n_micro``
     micro-batches of ``micro_batch_size`` sequences of ``seq_len`` tokens.
 
@@ -315,6 +316,9 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     run's real ones; by default :func:`local_param_numels`. ``optimizer``: the AdamW
     implementation, "foreach" (torch's default, the trainer's) or "fused" (``fused=True``,
     TorchTitan's default and the throughput benchmark's): its step's temporary.
+    ``pipeline_p2p``: the pipeline's transport as it will run ("copy_engine" where
+    ``p2p_routing.choose_pipeline_p2p`` takes it): the copy engine's receive rings stay
+    allocated from the first message on (``copy_engine_p2p.ring_bytes``).
     """
     if optimizer not in ("foreach", "fused"):
         raise ValueError(f"optimizer={optimizer!r}: choose 'foreach' or 'fused' (AdamW's implementation)")
@@ -337,6 +341,16 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     moe_layers = [i for i in layers if args.is_moe_layer(i)]
     buffers = 4 * args.max_seq_len * args.head_dim + 4 * args.moe.n_experts * len(moe_layers) if has_moe \
         else 4 * args.max_seq_len * args.head_dim
+
+    p2p_rings = 0
+    if pipeline_p2p == "copy_engine" and layout is not None:
+        from ..pipeline.copy_engine_p2p import default_slots, ring_bytes
+        from .activations import _act_bytes
+
+        residual = _act_bytes(plan, dims)[1]  # a stage's output is the residual stream
+        shard = dims.cp * (dims.tp if plan.sequence_parallel else 1)  # a stage boundary's sequence shard
+        message = micro_batch_size * (seq_len // shard) * args.dim * residual
+        p2p_rings = ring_bytes(dims.pp, default_slots(schedule, dims.pp, virtual, n_micro), message)
 
     act = activation_bytes(args, dims, plan, layers, seq_len, micro_batch_size, last)
     per_stage_mb = sum(act.per_layer.values()) / len(stages)  # one stage-micro-batch, mean stage
@@ -365,7 +379,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         bwd_grads = 4 * block
     recompute_t = act.recompute_transient
     accumulating = n_micro > 1 or dims.pp > 1
-    static = pbytes + obytes + buffers
+    static = pbytes + obytes + buffers + p2p_rings  # (the rings: allocated at the first message, then kept)
     earlier_grads = gbytes if accumulating else 0
     if fsdp and dims.pp > 1:
         # torch's pipeline stage turns FSDP's reshard-after-backward and gradient sync off
@@ -386,7 +400,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once; fused: one fp32 temporary the
     # size of the largest local parameter (H200, 8B shape: +1.96 GiB on one GPU, the embedding)
     opt_temp = 4 * n if optimizer == "foreach" else 4 * max(numels.values(), default=0)
-    at_opt = pbytes + gbytes + obytes + buffers + opt_temp
+    at_opt = pbytes + gbytes + obytes + buffers + p2p_rings + opt_temp
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}
     phase = max(phases, key=phases.get)
@@ -397,6 +411,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         logits_bytes=act.loss_peak, transient_bytes=max(gathered + bwd_grads, gathered + recompute_t, opt_temp),
         peak_bytes=phases[phase], peak_phase=phase, layers=layers, stages=stages,
         detail={"in_flight": flight, "accumulating": float(accumulating), "per_stage_microbatch": per_stage_mb,
+                "p2p_rings": p2p_rings,
                 "gathered": gathered, "logits_saved": act.logits_saved, "bwd_grads": bwd_grads, "recompute": recompute_t,
                 **{f"phase:{k}": v for k, v in phases.items()}})
 
