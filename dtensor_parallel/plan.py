@@ -103,8 +103,10 @@ class ParallelPlan:
         moe_dispatch_chunks: with the symmetric-memory exchange, each MoE layer's tokens in
             this many chunks, so one chunk's exchange runs on a side stream beside another's
             grouped GEMMs (and the first beside the shared experts), forward and backward
-            (``expert_parallel/overlap.py``; dropless layers; 1: one exchange a layer, on the
-            compute stream). The NCCL exchange ignores it.
+            (``expert_parallel/overlap.py``; dropless layers; 1, the default: one exchange a
+            layer, on the compute stream). The NCCL exchange ignores it. At EP2 on 2 x H200 two
+            chunks were 7% slower (the exchange is 5% of the layer; RESULTS.md, issue 22): it
+            is meant for EP8 and wider, where the exchange weighs more.
         pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``,
             ``"zero_bubble"`` (interleaved zero bubble) or ``"zbv"`` (zero bubble, V shape).
             ``None``: ``"interleaved_1f1b"`` with virtual stages, else ``"1f1b"`` (Megatron's).
