@@ -199,11 +199,6 @@ def profile_calls(fn, group: dist.ProcessGroup, calls: int = 2) -> dict:
             "exchange_beside_compute_ms": split["nccl_overlapping_compute_ms"], "top": split["top"]}
 
 
-def symm_overflow_forget(group: dist.ProcessGroup) -> None:
-    for key in [k for k in symm_dispatch._PENDING if k.rpartition("/")[0] == group.group_name]:
-        symm_dispatch._PENDING.pop(key, None)
-
-
 def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emit,
             recv_bound: float | None = None, tight_bounds: tuple[float, ...] = ()) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -289,7 +284,7 @@ def part_ep(t: int, h: int, n_exp: int, k: int, dtype, device, bench: Bench, emi
                        remote_GBps_per_gpu=remote / (max(p[0].item() for p in parts) / 2) / 1e6)
         except Exception as e:  # noqa: BLE001 - both ranks should fail alike; if not, this hangs
             row["error"] = err_text(e)
-            symm_overflow_forget(group)
+            symm_dispatch.check_and_forget(group, check=False)
         emit(row)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -390,7 +385,7 @@ def part_moe_layer_ep(t: int, dim: int, ffn: int, n_exp: int, k: int, dtype, dev
                 row["profile_fwd_bwd"] = profile_calls(with_backward(fn, inputs), groups.ep_group)
         except Exception as e:  # noqa: BLE001
             row["error"] = err_text(e)
-            symm_overflow_forget(groups.ep_group)
+            symm_dispatch.check_and_forget(groups.ep_group, check=False)
         emit(row)
     overlap.OVERLAP_PROGRAMS = default_programs
     if device.type == "cuda":

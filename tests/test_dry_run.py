@@ -112,7 +112,7 @@ def test_dry_run_counts_the_copy_engine_where_a_gpu_run_takes_it() -> None:
     def resolved(**overlay) -> str:
         cfg = load_config(recipe, overlay=overlay)
         dims = check_recipe(cfg, 64, device=False, data=False, layout=False, paths=False)
-        return p2p_as_run(cfg, dims, plan_of(cfg, dims)[1])
+        return p2p_as_run(cfg, dims, *plan_of(cfg, dims))
 
     one_node = {"cluster": {"nodes": 1, "nproc_per_node": 64}}
     assert resolved() == "nccl"  # P2P crosses nodes

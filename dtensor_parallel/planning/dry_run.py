@@ -77,17 +77,17 @@ def world_size_of(cfg) -> int:
     return c.nodes * c.nproc_per_node
 
 
-def p2p_as_run(cfg, dims: ParallelDims, n_micro: int) -> str:
+def p2p_as_run(cfg, dims: ParallelDims, plan: ParallelPlan, n_micro: int) -> str:
     """The pipeline transport a GPU run of ``cfg`` takes (``p2p_routing.choose_pipeline_p2p``
     from what the recipe knows: one node of GPUs or not; the schedule): the estimate counts
-    the copy engine's receive rings where it runs."""
+    the copy engine's receive rings where it runs. ``plan``: :func:`plan_of`'s."""
     from ..pipeline.p2p_routing import AUTO_SCHEDULES
     from .memory import stage_layout
 
     requested, c = cfg.parallel_plan().pipeline_p2p, cfg.cluster
     if dims.pp < 2 or requested == "nccl" or c.nodes > 1 or c.device == "cpu":
         return "nccl"
-    schedule = stage_layout(cfg.model.args(), dims, plan_of(cfg, dims)[0], n_micro).schedule
+    schedule = stage_layout(cfg.model.args(), dims, plan, n_micro).schedule
     return "copy_engine" if requested == "copy_engine" or schedule in AUTO_SCHEDULES else "nccl"
 
 
@@ -146,7 +146,7 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
     # parallelize below)
     dims = check_recipe(cfg, world, device=False, data=False, layout=False, paths=False)
     plan, n_micro = plan_of(cfg, dims)
-    p2p = p2p_as_run(cfg, dims, n_micro)
+    p2p = p2p_as_run(cfg, dims, plan, n_micro)
     args = cfg.model.args()
     t = cfg.training
     reports = []
