@@ -21,6 +21,8 @@ valid tokens per rank.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -40,17 +42,30 @@ def data_parallel_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh | Non
 def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: DeviceMesh,
                         *, mixed_precision: str, reshard_after_forward: bool | None,
                         ignored_params: set[nn.Parameter] | None = None,
-                        embeddings: list[nn.Module] = ()) -> None:
-    """Wrap each block, then each of ``embeddings`` as a unit of its own, then the root (which
-    takes the remaining parameters: final norm, head, a tied embedding), with ``fully_shard``.
+                        embeddings: list[nn.Module] = (), heads: list[nn.Module] = ()) -> None:
+    """Wrap each block, each of ``embeddings`` and each of ``heads`` as a unit of its own,
+    then the root (which takes the remaining parameters: the final norm, a tied embedding
+    and head), with ``fully_shard``.
 
-    The root stays gathered from forward to backward: its head runs first in backward, so
-    resharding it would only gather it again at once. The input embedding runs first in
-    forward and last in backward, and its backward needs no weight (it scatters the output
-    gradient by token id): in the root it would hold its whole bf16 weight through the step
-    (1 GiB at Llama 3's vocabulary 128256 x 4096), as a unit of its own it frees it after
-    the forward like a block (TorchTitan shards it the same way). Gathering it again for the
-    backward (FSDP's pre-backward hook) happens when the blocks' activations are gone."""
+    The input embedding runs first in forward and last in backward, and its backward needs
+    no weight (it scatters the output gradient by token id): in the root it would hold its
+    whole bf16 weight through the step (1 GiB at Llama 3's vocabulary 128256 x 4096), as a
+    unit of its own it frees it after the forward like a block (TorchTitan shards it the same
+    way). Gathering it again for the backward (FSDP's pre-backward hook) happens when the
+    blocks' activations are gone.
+
+    The output head as a unit of its own: FSDP reduce-scatters a unit's gradients when the
+    gradient reaches the unit's forward inputs. The root's inputs are token ids, which take
+    no gradient, so whatever the root holds is reduce-scattered in FSDP's end-of-backward
+    callback, after every block, with nothing left to overlap it: for the head that is a
+    4-byte gradient the size of the embedding (2 GiB at Llama 3's vocabulary) on the step's
+    critical path, and its all-gather at the root's pre-forward before the embedding's. As
+    a unit its gradient leaves as soon as the head's backward is done, beside the blocks'
+    backward, and its gather is issued after the last block's (TorchTitan shards its
+    [norm, output] the same way). Heads stay gathered from forward to backward
+    (``reshard_after_forward=False``): the head runs first in backward, so resharding it
+    would only gather it again at once. A head tied to the embedding stays in the root
+    with it (one parameter, one unit)."""
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
         reduce_dtype=torch.float32)
@@ -62,6 +77,10 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: Devi
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, **extra)
     for embedding in embeddings:
         fully_shard(embedding, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, **extra)
+    if os.environ.get("DTP_FSDP_HEAD_IN_ROOT") == "1":  # the layout before, for an A/B in one
+        heads = ()  # benchmark call (benchmarks/run_fsdp_head_gpu.sh); not a user setting
+    for head in heads:
+        fully_shard(head, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, **extra)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, **extra)
     for m in model.modules():
         if isinstance(m, FSDPModule):

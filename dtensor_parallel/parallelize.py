@@ -16,8 +16,9 @@
          recompute apply_recompute       (recompute.py)      checkpoint each block
          compile compile_block           (compiling.py)      per block, and the loss (plan.compile,
                                                              "auto": CUDA; never under zero-bubble)
-         DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP (each block and the
-                                                             input embedding a unit; the root)
+         DP      apply_data_parallel     (data_parallel.py)  FSDP / HSDP / DDP (each block, the
+                                                             input embedding and the untied head
+                                                             a unit; the root)
     4. the pipeline runtime over the stages (``pipeline/runtime.py``; its P2P on NCCL or on
        the copy engine, chosen in step 1: ``pipeline/p2p_routing.py``), and the sum of a tied
        weight's gradients over the stages holding a copy (``tied.py``)
@@ -152,7 +153,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
             apply_data_parallel(module, blocks, dp_mesh, mixed_precision=plan.mixed_precision,
                                 reshard_after_forward=plan.reshard_after_forward,
                                 ignored_params=set(stage_experts) or None,
-                                embeddings=_untied_embeddings(module, present, resolved.tied))
+                                embeddings=_untied(module, present, resolved.tied, VocabEmbedding),
+                                heads=_untied(module, present, resolved.tied, VocabHead))
 
     # 4. the pipeline runtime (tied weights: the stages' copies sum their gradients),
     # 5. the model every layout shares
@@ -179,13 +181,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
                          experts=(expert_params, expert_groups) if expert_groups is not None else None)
 
 
-def _untied_embeddings(module: nn.Module, present: dict, tied: list[list[str]]) -> list[nn.Module]:
-    """The input embeddings that FSDP can shard as units of their own: a tied one shares its
-    weight with the head, which must stay in one unit with it (the root)."""
+def _untied(module: nn.Module, present: dict, tied: list[list[str]], style_type: type) -> list[nn.Module]:
+    """The input embeddings (or output heads) that FSDP can shard as units of their own: a
+    tied one shares its weight with the other, and the two must stay in one unit (the root)."""
     tied_names = {n for group in tied for n in group}
     out = []
     for name, style in present.items():
-        if isinstance(style, VocabEmbedding) and not any(n.startswith(name + ".") for n in tied_names):
+        if isinstance(style, style_type) and not any(n.startswith(name + ".") for n in tied_names):
             out.append(module.get_submodule(name))
     return out
 

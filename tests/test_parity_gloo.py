@@ -73,3 +73,50 @@ def test_gradients_are_sharded_like_their_weights(plan_kwargs: dict) -> None:
     (the whole vocabulary on every tp rank); the optimizer must see it sharded."""
     for mismatched in run_distributed(2, _grads_sharded_like_params, {"tp": 2}, plan_kwargs):
         assert not mismatched, mismatched
+
+
+def _fsdp_reduce_order(kind: str) -> list[str]:
+    """The order in which FSDP reduce-scatters its units' gradients in one backward, each
+    unit named by its first parameter; '<end>' marks FSDP's end-of-backward callback."""
+    import copy
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from .parity import make_batch, make_model, plan_for
+    from dtensor_parallel import build_mesh, parallelize
+
+    ref = make_model(kind)
+    pm = parallelize(copy.deepcopy(ref), build_mesh(dp_shard=2), plan_for(kind))
+    names = {id(p): n for n, p in pm.named_parameters()}
+    order: list[str] = []
+    post_backward, final = FSDPParamGroup.post_backward, FSDPState._root_post_backward_final_callback
+
+    def spy_post_backward(group, *args, **kwargs):
+        order.append(names.get(id(group.fsdp_params[0].sharded_param), "?"))
+        return post_backward(group, *args, **kwargs)
+
+    def spy_final(state):
+        order.append("<end>")
+        return final(state)
+
+    vocab = ref.wte.num_embeddings if kind == "toy" else ref.args.vocab_size
+    x, y = make_batch(vocab, 4, 16)
+    FSDPParamGroup.post_backward, FSDPState._root_post_backward_final_callback = spy_post_backward, spy_final
+    try:
+        pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    finally:
+        FSDPParamGroup.post_backward, FSDPState._root_post_backward_final_callback = post_backward, final
+    return order
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "output.weight"), ("toy", "lm_head.weight")])
+def test_fsdp_reduces_the_head_before_the_blocks(kind: str, head: str) -> None:
+    """The untied output head is an FSDP unit of its own, so its gradient (as large as the
+    embedding's) is reduce-scattered as soon as its backward is done, beside the blocks'
+    backward, not in the end-of-backward callback after all of them (data_parallel.py)."""
+    for order in run_distributed(2, _fsdp_reduce_order, kind):
+        heads = [i for i, n in enumerate(order) if n.endswith(head)]
+        blocks = [i for i, n in enumerate(order) if n.startswith(("layers.", "h."))]
+        assert len(heads) == 1 and blocks, order
+        assert heads[0] < min(blocks) < order.index("<end>"), order

@@ -84,14 +84,17 @@ backward; ``a V`` is 1.96 GiB there). With ``plan.fused_loss`` (``fused_cross_en
 head's weight gradient (``activations.logits_bytes``).
 
 Transients: FSDP all-gathers the current and the prefetched block (2 blocks of unsharded
-bf16 weights) and keeps the root's (final norm, head) gathered for the whole step
-(``reshard_after_forward=False`` on the root); the input embedding is a unit of its own,
+bf16 weights) and keeps the head's and the root's (final norm) gathered for the whole step
+(``reshard_after_forward=False``); the input embedding is a unit of its own,
 resharded after its forward and gathered again at the end of backward
-(``data_parallel.py``); at the loss only the root's are gathered (every block was resharded
-after its forward; the last one is gathered again when the gradient reaches it, after the
-head's backward); in backward a block's unsharded gradient (bf16) and its fp32 copy for the
-reduce-scatter, and the root's unsharded gradients until the end of backward, where the
-embedding's gathered weight and unsharded gradient join them. Without FSDP, autocast caches
+(``data_parallel.py``); at the loss only the head's and the root's are gathered (every block
+was resharded after its forward; the last one is gathered again when the gradient reaches
+it, after the head's backward); the head, a unit of its own, reduce-scatters its gradient
+right after its backward (its unsharded gradient, the fp32 copy and the output shard, with
+every block's activations still there: a phase of its own); in backward a block's
+unsharded gradient (bf16) and its fp32 copy for the reduce-scatter, and the root's
+unsharded gradients until the end of backward, where the embedding's gathered weight and
+unsharded gradient join them. Without FSDP, autocast caches
 a bf16 copy of every weight through forward and backward (so does FSDP when its shard group
 is one rank, which keeps the gathered weights). AdamW (``foreach``) allocates one fp32
 temporary the size of the parameters (``sqrt(exp_avg_sq)``) during ``step()``; fused AdamW
@@ -361,19 +364,24 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     pb = 2 if plan.mixed_precision == "bf16" else 4
     tp_local = _tp_local_numels(args, dims, plan, layers, first, last)
     embedding = tp_local.get("tok_embeddings.weight", 0)  # FSDP: a unit of its own
-    root = sum(v for k, v in tp_local.items() if not k.startswith("layers.")) - embedding
+    head = tp_local.get("output.weight", 0)  # FSDP: a unit of its own too
+    root = sum(v for k, v in tp_local.items() if not k.startswith("layers.")) - embedding - head
     block = max((sum(v for k, v in tp_local.items() if k.startswith(f"layers.{i}.")) for i in layers),
                 default=0)
     fsdp = dims.dp_cp > 1
     keeps_all = (not fsdp and pb == 2) or (fsdp and dims.dp_shard_cp == 1)
-    end_extra = 0.0
+    end_extra = head_rs = head_freed = 0.0
     if keeps_all:  # autocast's cast cache, or FSDP with a one-rank shard group
         gathered = gathered_at_loss = pb * sum(tp_local.values())
         bwd_grads = (pb + 4) * block
     elif fsdp:
-        gathered, gathered_at_loss = pb * (2 * block + root), pb * root
+        gathered, gathered_at_loss = pb * (2 * block + root + head), pb * (root + head)
         bwd_grads = (pb + 4) * block + pb * root
         end_extra = 2 * pb * embedding  # gathered again at the end of backward, and its unsharded gradient
+        # the head's reduce-scatter, right after its backward: its unsharded gradient, the fp32
+        # input of the collective and its output shard
+        head_rs = (pb + 4 + 4 / dims.dp_shard_cp) * head
+        head_freed = pb * head  # its gathered weight: resharded by that post-backward, before the reduce-scatter
     else:  # fp32 without FSDP: the weights themselves
         gathered = gathered_at_loss = 0.0
         bwd_grads = 4 * block
@@ -391,18 +399,22 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         earlier_grads = 4 * stage_numel
         bwd_grads = pb * block + gbytes
     at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
-    at_block_bwd = static + activations - act.logits_saved + gathered + bwd_grads + recompute_t + earlier_grads
+    gathered_bwd = gathered - head_freed  # (after the head's backward)
+    at_block_bwd = static + activations - act.logits_saved + gathered_bwd + bwd_grads + recompute_t + earlier_grads
+    at_head_rs = static + activations - act.logits_saved + gathered_bwd + head_rs + earlier_grads
     # the vocab-parallel embedding's gradient leaves DTensor's backward replicated (the whole
     # vocabulary) until ParallelModel cuts it to its shard; FSDP reshards it itself
     embed_grad = 4 * args.vocab_size * args.dim * (1 - 1 / dims.tp) if first and dims.tp > 1 and not fsdp else 0
     at_bwd_end = static + earlier_grads + gathered + bwd_grads if fsdp and dims.pp > 1 else \
-        static + gbytes + gathered + bwd_grads + embed_grad + end_extra
+        static + gbytes + gathered_bwd + bwd_grads + embed_grad + end_extra
     # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once; fused: one fp32 temporary the
     # size of the largest local parameter (H200, 8B shape: +1.96 GiB on one GPU, the embedding)
     opt_temp = 4 * n if optimizer == "foreach" else 4 * max(numels.values(), default=0)
     at_opt = pbytes + gbytes + obytes + buffers + p2p_rings + opt_temp
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}
+    if head_rs and not (fsdp and dims.pp > 1):  # (under PP the stage's reduce-scatters wait for the last micro-batch)
+        phases["head's reduce-scatter"] = at_head_rs
     phase = max(phases, key=phases.get)
     coords = {"pp": pp_rank, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
     return MemoryEstimate(
