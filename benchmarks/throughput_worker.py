@@ -99,9 +99,24 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
     return step, (lambda t: float(t)), pm.dp_rank, pm.dp_size, info, (pm.module if lay.pp == 1 else None)
 
 
-def profile_summary(prof, cuda: bool, steps: int) -> tuple[str, float, float]:
-    """Top kernels by device time (CPU ops on CPU); (table, NCCL ms/step, all ms/step). On the
-    GPU, record_function ranges mirrored there ("Optimizer.step#AdamW.step", c10d's
+def busy_ms(prof, steps: int) -> float:
+    """Milliseconds a step in which at least one kernel or copy ran on the GPU (the union of
+    their intervals, every stream): against the step time, what the GPU idled."""
+    import torch
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e3 / steps
+
+
+def profile_summary(prof, cuda: bool, steps: int, rows: int = 40) -> tuple[str, float, float]:
+    """Top ``rows`` kernels by device time (CPU ops on CPU); (table, NCCL ms/step, all ms/step).
+    On the GPU, record_function ranges mirrored there ("Optimizer.step#AdamW.step", c10d's
     "nccl:all_gather...") are left out: they span kernels already counted (counting them
     doubled the NCCL time of the eager TP2+SP profile of 2026-11-30)."""
     import torch
@@ -115,7 +130,7 @@ def profile_summary(prof, cuda: bool, steps: int) -> tuple[str, float, float]:
     total = sum(getattr(e, attr) for e in events) / 1e3 / steps
     nccl = sum(getattr(e, attr) for e in events if "nccl" in e.key.lower()) / 1e3 / steps
     lines = [f"{'ms/step':>9} {'%':>6} {'calls':>6}  kernel"]
-    for e in events[:40]:
+    for e in events[:rows]:
         ms = getattr(e, attr) / 1e3 / steps
         lines.append(f"{ms:9.2f} {100 * ms / total:6.2f} {e.count // steps:6d}  {e.key[:120]}")
     return "\n".join(lines) + "\n", nccl, total
@@ -156,22 +171,29 @@ def timed_steps(step, x, y, args, label: str) -> tuple[list[float], list]:
 
 
 def profile_steps(step, x, y, header: str, n: int = 2) -> str:
-    """torch.profiler over n more steps: every rank's NCCL and total kernel time, rank 0's top kernels."""
+    """torch.profiler over n more steps: every rank's step time, NCCL and total kernel time and
+    GPU busy time (:func:`busy_ms`), and every rank's top kernels (``DTP_PROFILE_ROWS``, 40)."""
     import torch
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    _sync()
+    t0 = time.perf_counter()
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(n):
             step(x, y)
         _sync()
-    table, nccl_ms, total_ms = profile_summary(prof, cuda, steps=n)
+    wall = (time.perf_counter() - t0) * 1e3 / n
+    table, nccl_ms, total_ms = profile_summary(prof, cuda, steps=n, rows=int(os.environ.get("DTP_PROFILE_ROWS", 40)))
+    busy = busy_ms(prof, n) if cuda else float("nan")
     per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, (dist.get_rank(), nccl_ms, total_ms))
+    dist.all_gather_object(per_rank, (dist.get_rank(), wall, nccl_ms, total_ms, busy, table))
     return (f"{header}: {n} profiled steps\n"
-            + "".join(f"rank {r}: NCCL kernels {a:.1f} ms/step (overlapped or not) of {b:.1f} ms/step of kernels\n"
-                      for r, a, b in per_rank) + "rank 0:\n" + table)
+            + "".join(f"rank {r}: step {w:.1f} ms (profiled), GPU busy {u:.1f} ms/step, NCCL kernels {a:.1f} "
+                      f"ms/step (overlapped or not) of {b:.1f} ms/step of kernels\n"
+                      for r, w, a, b, u, _ in per_rank)
+            + "".join(f"rank {r}:\n{t}" for r, *_, t in per_rank))
 
 
 def phase_rows(step, x, y, root) -> list[dict] | None:

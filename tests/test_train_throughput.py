@@ -210,3 +210,23 @@ def test_pipeline_balanced_splits():
         assert max(load) - min(load) <= 1.0 + 1e-9, (schedule, split, load)
     with pytest.raises(ValueError, match="--layers >= 8"):
         pipeline.balanced_split(6, 4, 2, "interleaved_1f1b")
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    """throughput_worker.busy_ms: overlapping kernels (two streams) count once, gaps not at
+    all, CPU events and mirrored record_function ranges not at all."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    import throughput_worker
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(a, b, device=cuda, annotation=False):
+        return NS(time_range=NS(start=a, end=b), device_type=device, is_user_annotation=annotation)
+
+    events = [ev(0, 1000), ev(500, 1500), ev(1200, 1300), ev(3000, 4000), ev(0, 9000, cpu),
+              ev(0, 9000, annotation=True)]
+    prof = NS(events=lambda: events)
+    assert throughput_worker.busy_ms(prof, steps=1) == pytest.approx(2.5)  # [0, 1.5] and [3, 4] ms
+    assert throughput_worker.busy_ms(prof, steps=2) == pytest.approx(1.25)
