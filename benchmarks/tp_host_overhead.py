@@ -194,6 +194,8 @@ def worker(rank: int, world: int, port: int, opts, queue) -> None:
         gc.enable()
         med = {p: statistics.median(t[p] for t in times) for p in PHASES + CPU_PHASES}
         entry = {"median_ms": med}
+        if layers == max(opts.layers) and opts.ab_local_norms and world > 1:
+            entry["local_norms_ab"] = local_norms_ab(pm, lambda: timed_step(pm, opt, x, y, marks, cuda), opts)
         if layers == max(opts.layers) and opts.profile_steps:
             run = lambda: timed_step(pm, opt, x, y, marks, cuda)  # noqa: E731
             entry["profile_ops"] = profile_ops(run, opts.profile_steps, cuda)
@@ -205,6 +207,39 @@ def worker(rank: int, world: int, port: int, opts, queue) -> None:
         queue.put(out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def local_norms_ab(pm, run, opts) -> dict:
+    """The eager SP norms on local shards (``norm_styles.py``) against the same norms through
+    DTensor, in one process: rounds alternate the two (``opts.steps`` steps each) so that
+    drift in the machine's speed falls on both; medians of the calling thread's CPU ms a step
+    (on CUDA, where backward runs on autograd's device thread, of the wall ms: host-bound at
+    this width)."""
+    from dtensor_parallel.tensor_parallel.norm_styles import LOCAL_NORM
+
+    norms = [(m, m.__dict__["forward"]) for m in pm.module.modules() if getattr(m, LOCAL_NORM, None)]
+    held = {m: getattr(m, LOCAL_NORM) for m, _ in norms}
+
+    def use_local(on: bool) -> None:
+        for m, wrapper in norms:
+            if on:
+                m.forward = wrapper
+                setattr(m, LOCAL_NORM, held[m])
+            else:
+                del m.forward  # the class's forward, on DTensors
+                delattr(m, LOCAL_NORM)
+
+    key = "step" if opts.device == "cuda" else "cpu_step"
+    ms = {True: [], False: []}
+    for _ in range(opts.ab_local_norms):
+        for on in (False, True):
+            use_local(on)
+            run()  # (one unmeasured step after the switch)
+            for _ in range(opts.steps):
+                ms[on].append(run()[key])
+    use_local(True)
+    return {"norms": len(norms), "measure": key, "local_ms_per_step": statistics.median(ms[True]),
+            "dtensor_ms_per_step": statistics.median(ms[False])}
 
 
 def free_port() -> int:
@@ -260,6 +295,9 @@ def main() -> None:
                          "dispatch cost only; values are garbage)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--name", default=None, help=f"results name (default {NAME}, or tp_host_overhead_cuda)")
+    ap.add_argument("--ab-local-norms", type=int, default=0, metavar="ROUNDS",
+                    help="TP run, largest layer count: alternate the eager SP norms on local shards with the "
+                         "DTensor norms for ROUNDS rounds of --steps steps each (norm_styles.py)")
     opts = ap.parse_args()
     name = opts.name or (NAME if opts.device == "cpu" else "tp_host_overhead_cuda")
     if opts.backend == "fake" and opts.device == "cuda":
@@ -280,6 +318,10 @@ def main() -> None:
     for key, prof in py_profiles.items():
         if prof:
             print(key, json.dumps(prof["tottime_ms_per_step_by_origin"]))
+    ab = tp["layers"][top_layers].get("local_norms_ab")
+    if ab:
+        print(f"{opts.label} {tp_impl}, {top_layers} layers, {ab['measure']} ms: norms on local shards "
+              f"{ab['local_ms_per_step']:.2f}, through DTensor {ab['dtensor_ms_per_step']:.2f} ({ab['norms']} norms)")
 
     path = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
@@ -296,6 +338,7 @@ def main() -> None:
     out = write_results(name, all_rows, targets, out_dir=str(path.parent),
                         profiles={**old.get("profiles", {}), **profiles},
                         python_profiles={**old.get("python_profiles", {}), **py_profiles},
+                        local_norms_ab={**old.get("local_norms_ab", {}), **({opts.label: ab} if ab else {})},
                         config={"dim": opts.dim, "seq": opts.seq, "layers": opts.layers, "steps": opts.steps,
                                 "precision": opts.precision, "recompute": opts.recompute, "kernels": opts.kernels,
                                 "cpu_cores": os.cpu_count()})

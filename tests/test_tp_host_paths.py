@@ -75,3 +75,48 @@ def test_eager_tp_sp_takes_the_local_paths() -> None:
     for local, rowwise, plain in run_distributed(2, _eager_paths):
         assert (local, rowwise) == (5 * n, 2 * n)
         assert plain == 2 * rowwise, plain
+
+
+
+def _local_norms_match_dtensor(plan_kwargs: dict) -> list[str]:
+    """An eager TP2+SP step with the norms on local shards (norm_styles.py) and one with every
+    norm through DTensor (``per_token_norm`` patched to refuse): the loss and every gradient
+    equal bit for bit; and each run's norms saw the input they should (plain shards, DTensors)."""
+    from unittest import mock
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from dtensor_parallel import build_mesh, parallelize
+    from dtensor_parallel.models.llama import RMSNorm
+    from dtensor_parallel.tensor_parallel import norm_styles
+
+    from .parity import make_batch, make_model, plan_for
+
+    ref = make_model("llama")
+    x, y = make_batch(ref.args.vocab_size, 2, 16)
+    forward, seen, results = RMSNorm.forward, [], []
+
+    def spy(self, h):
+        seen[-1].add(isinstance(h, DTensor))
+        return forward(self, h)
+
+    for local in (True, False):
+        seen.append(set())
+        with mock.patch.object(RMSNorm, "forward", spy), \
+                mock.patch.object(norm_styles, "per_token_norm", norm_styles.per_token_norm if local else lambda m: False):
+            pm = parallelize(copy.deepcopy(ref), build_mesh(tp=2),
+                             plan_for("llama", sequence_parallel=True, **plan_kwargs))
+            loss = pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+        results.append((loss, {n: p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                               for n, p in pm.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    bad = [] if torch.equal(l0, l1) else [f"loss {l0.item()} vs {l1.item()}"]
+    bad += [n for n in g0 if not torch.equal(g0[n], g1[n])]
+    return bad + ([] if seen == [{False}, {True}] else [f"norm inputs were DTensors: {seen} (local run, DTensor run)"])
+
+
+def test_eager_sp_norms_on_local_shards_match_dtensor() -> None:
+    for plan_kwargs in ({}, {"recompute": "selective", "mixed_precision": "bf16"}):
+        for bad in run_distributed(2, _local_norms_match_dtensor, plan_kwargs):
+            assert not bad, (plan_kwargs, bad)

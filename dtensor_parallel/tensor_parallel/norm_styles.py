@@ -1,17 +1,79 @@
 """The norm styles: a norm on the residual stream (``norm``) and a per-head norm on
-tensor-parallel heads (``head_norm``). Placements and collectives: the table in ``styles.py``."""
+tensor-parallel heads (``head_norm``). Placements and collectives: the table in ``styles.py``.
+
+Eager SP norms on local tensors. Under SP a residual-stream norm runs on this rank's sequence
+shard with replicated weights. Through DTensor each of its element-wise ops (an RMSNorm has
+eight: the cast, the square, the mean, the epsilon, the rsqrt, two products, the cast back)
+is a sharding propagation on the host, again in the selective recompute, and again for each
+op of its backward. The result is the same local computation: a norm over the last dim treats
+every token alone, so rank r's output is the norm of its shard, and a weight's gradient is this
+rank's partial sum over its tokens (``Partial``, summed over tp after backward like any SP
+norm's: ``grads.reduce_partial_grads``). So in eager, for the norms known to work token by token
+(:func:`per_token_norm`), the forward runs on the local shard with the weights' local tensors
+(``to_local(grad_placements=[Partial()])``) and returns a ``Shard(seq)`` DTensor, as DTensor
+would: the same kernels in the same order, bit for bit, with a few conversions instead of the
+ops' dispatch. Under ``torch.compile``, without SP, and for other modules, the DTensor forms
+run as before.
+"""
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .sequence_gather import gather_sequence
 from .styles import SEQ_DIM, TPKernels, TPStyle
+
+
+def per_token_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm over the last dim only (each token alone): torch's
+    LayerNorm / RMSNorm over one trailing dim, our RMSNorm, and transformers' ``*RMSNorm`` /
+    ``*LayerNorm`` classes (their forward normalizes ``hidden_states`` over the last dim)."""
+    from ..models.llama import RMSNorm
+
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return len(module.normalized_shape) == 1
+    if type(module) is RMSNorm:
+        return True
+    cls = type(module)
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+#: the attribute marking a norm whose forward takes its sequence shard plain in eager: its
+#: (tp mesh, sequence dim)
+LOCAL_NORM = "_dtp_local_norm"
+
+
+def _local_norm_forward(self: nn.Module, x, *args, **kwargs):
+    """The norm's forward on its local sequence shard in eager (module docstring), bound to the
+    norm as its ``forward`` (``types.MethodType``); the class's forward on DTensors wherever
+    that does not apply."""
+    mesh, seq_dim = getattr(self, LOCAL_NORM)
+    shard, params, forward = Shard(seq_dim), self._parameters, type(self).forward.__get__(self)
+    plain = not isinstance(x, DTensor)  # (the input hook passes a plain shard on)
+    if (torch.compiler.is_compiling() or args or kwargs
+            or not (plain or (x.device_mesh == mesh and x.placements == (shard,)))
+            or not all(isinstance(p, DTensor) and p.device_mesh == mesh and p.placements == (Replicate(),)
+                       for p in params.values() if p is not None)):
+        x = DTensor.from_local(x, mesh, [shard], run_check=False) if plain else x
+        return forward(x, *args, **kwargs)
+    held = dict(params)  # (FSDP's unsharded parameters, under 2-D FSDP x TP)
+    for name, p in held.items():
+        if p is not None:
+            params[name] = p.to_local(grad_placements=[Partial()])  # this rank's tokens' share
+    try:
+        # (an alias of a plain input: the norm's own uses of it sum their gradients first,
+        # then join the residual's, in the order DTensor's conversion gives; bit for bit)
+        out = forward(x.view_as(x) if plain else x.to_local())
+    finally:
+        params.update(held)
+    return DTensor.from_local(out, mesh, [shard], run_check=False)  # (SP: the sequence divides evenly)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +113,8 @@ class _NormParallel(ParallelStyle):
 
     def _prepare_input(self, mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         x, *rest = inputs
+        if getattr(mod, LOCAL_NORM, False) and not isinstance(x, DTensor) and not torch.compiler.is_compiling():
+            return inputs  # its forward runs on the plain shard (module docstring)
         if isinstance(x, DTensor):
             if x.placements != (self.input_layout,):
                 x = x.redistribute(placements=[self.input_layout])
@@ -68,8 +132,13 @@ class _NormParallel(ParallelStyle):
         return out.to_local()
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._replicate_params,
-                                 self._prepare_input, self._prepare_output)
+        module = distribute_module(module, device_mesh, self._replicate_params,
+                                   self._prepare_input, self._prepare_output)
+        if (isinstance(self.input_layout, Shard) and device_mesh.ndim == 1 and per_token_norm(module)
+                and "forward" not in module.__dict__):  # (not a forward someone else set on the instance)
+            setattr(module, LOCAL_NORM, (device_mesh, self.input_layout.dim))
+            module.forward = types.MethodType(_local_norm_forward, module)
+        return module
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,8 +40,9 @@ first column-parallel layer reading it does that one all-gather inside its GEMM
 
 The norm styles live in ``norm_styles.py``. In eager, where the torch kernels serve, the
 column-parallel layers run on local tensors (``local_linear.py``), the fused row-parallel
-layer takes its input plain, and the norm's gather skips ``redistribute``'s planning
-(``sequence_gather.py``): the same collectives and GEMMs with less host work per layer
+layer takes its input plain, the SP norms run on their local shards (``norm_styles.py``) and
+the norm's gather skips ``redistribute``'s planning (``sequence_gather.py``): the same
+collectives and GEMMs with less host work per layer
 (``benchmarks/tp_host_overhead.py``); compiled blocks keep the DTensor forms.
 """
 
