@@ -170,6 +170,7 @@ def test_recipe_and_megatron_flags_merge(tmp_path):
     ({"training": {"lr": "fast"}}, r"\[training\] lr='fast' has the wrong type"),
     ({"training": {"lr_decay_style": "step"}}, "choose one of"),
     ({"training": {"seq_len": 4096}}, "max_seq_len"),
+    ({"training": {"gc_interval": -1}}, "gc_interval=-1 must be >= 0"),
 ])
 def test_bad_recipe_rejected(raw, match):
     with pytest.raises(ValueError, match=match):
@@ -426,3 +427,33 @@ def test_compile_auto_is_on_for_cuda_only():
     assert load_config(DEBUG_RECIPE, ["--no-compile"]).parallel_plan().compile is False
     with pytest.raises(ValueError, match="--compile and --no-compile both given"):
         load_config(DEBUG_RECIPE, ["--compile", "--no-compile"])
+
+
+def test_manual_gc_collects_at_the_same_steps_everywhere(tmp_path, monkeypatch):
+    """[training] gc_interval: automatic collection off during the run, one full collection
+    before it, the young generations at the start of every interval-th step, automatic again
+    after; 0 leaves Python's collection alone. Megatron's --manual-gc-interval sets it."""
+    import gc
+
+    from dtensor_parallel.trainer.loop import ManualGC
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
+    assert gc.isenabled()
+    with ManualGC(3) as collector:
+        assert not gc.isenabled()
+        for step in range(8):
+            collector.before(step)
+    assert gc.isenabled() and calls == [2, 1, 1]  # before the run; steps 3 and 6
+    calls.clear()
+    with ManualGC(0) as collector:
+        assert gc.isenabled()
+        for step in range(8):
+            collector.before(step)
+    assert calls == []
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(RECIPE)
+    assert load_config(recipe).training.gc_interval == 50
+    assert load_config(recipe, ["--manual-gc", "--manual-gc-interval", "20"]).training.gc_interval == 20
+    with pytest.raises(ValueError, match="--manual-gc-interval expects an integer >= 1, got '0'"):
+        load_config(recipe, ["--manual-gc-interval", "0"])

@@ -114,6 +114,9 @@ class TrainingConfig:
     (``None``: ``micro_batch_size * dp``, no accumulation). ``max_nonfinite_steps``: a step
     whose loss or gradient norm is not finite is skipped (never applied); this many in a
     row are tolerated, one more stops the run (0: stop at the first; trainer/nonfinite.py).
+    ``gc_interval``: Python's automatic garbage collection is off and every rank collects at
+    the start of every ``gc_interval``-th step, so no rank stalls the others at a moment of its
+    own (TorchTitan's ``gc_freq``, Megatron's ``--manual-gc``); 0: Python's automatic collection.
     """
 
     micro_batch_size: int = 1
@@ -131,6 +134,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     seed: int = 0
     max_nonfinite_steps: int = 3
+    gc_interval: int = 50
 
 
 @dataclass
@@ -362,6 +366,9 @@ def validate(cfg: TrainConfig) -> None:
     if t.max_nonfinite_steps < 0:
         raise ValueError(f"[training] max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: stop at the "
                          f"first non-finite step)")
+    if t.gc_interval < 0:
+        raise ValueError(f"[training] gc_interval={t.gc_interval} must be >= 0 (0: Python's automatic garbage "
+                         f"collection)")
     if t.lr_decay_style not in LR_DECAY_STYLES:
         raise ValueError(f"[training] lr_decay_style={t.lr_decay_style!r}: choose one of {LR_DECAY_STYLES}")
     if not 0 <= t.min_lr <= t.lr:

@@ -2,6 +2,7 @@
 
 One optimizer step::
 
+    collector.before(step)                  # Python's GC, at the same steps on every rank
     x, y = data.batch(step)                 # this dp rank's global_batch / dp sequences
     loss = pm.forward_backward(x, y)        # micro-batched; global mean token loss
     gn = pm.clip_grad_norm_(grad_clip)      # global L2 norm over every placement
@@ -17,6 +18,7 @@ Resuming, and what changed flags do then: resume.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -107,6 +109,34 @@ class StepProfiler:
             self._prof = None
 
 
+class ManualGC:
+    """``[training] gc_interval`` (config.py): Python's automatic garbage collection is off
+    during the run, and every rank collects the young generations at the start of every
+    ``interval``-th step. An automatic collection starts whenever a rank's allocation count
+    says so, at a different moment on each rank; in a synchronous step the others wait for it.
+    (The throughput benchmark turns it off for both libraries, as TorchTitan's trainer does, so
+    the trainer runs the way it was measured.) One full collection before the first step.
+    ``interval`` 0: the automatic collection, untouched."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._was_enabled = gc.isenabled()
+
+    def __enter__(self) -> "ManualGC":
+        if self.interval:
+            gc.collect()
+            gc.disable()
+        return self
+
+    def before(self, step: int) -> None:
+        if self.interval and step > 0 and step % self.interval == 0:
+            gc.collect(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.interval and self._was_enabled:
+            gc.enable()
+
+
 def train(cfg: TrainConfig) -> list[float]:
     """Run ``cfg.training.steps`` optimizer steps; returns the loss of each step (from the
     resumed step on, when resuming)."""
@@ -189,11 +219,13 @@ def _train(cfg: TrainConfig) -> list[float]:
     losses: list[float] = []
     stop: NonFiniteError | None = None
     n_tokens = resumed.tokens
-    with MetricsWriter(lg.metrics_path, enabled=rank == 0, resume_step=start) as writer:
+    with MetricsWriter(lg.metrics_path, enabled=rank == 0, resume_step=start) as writer, \
+            ManualGC(t.gc_interval) as collector:
         try:
             for step in range(start, t.steps):
                 profiler.before(step)
                 t0 = time.perf_counter()
+                collector.before(step)  # (inside the step's time: it is the run's time too)
                 with torch.profiler.record_function("train_step"):
                     x, y = data.batch(step)
                     docs = None if documents is None else documents.ids(x, window_offsets(data, step))

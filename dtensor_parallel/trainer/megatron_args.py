@@ -61,6 +61,9 @@ flag                                       overlay key
 --seed N                                   training.seed
 --max-nonfinite-steps N                    training.max_nonfinite_steps *(ours)*: skipped
                                            non-finite steps in a row before the run stops
+--manual-gc                                accepted: collection is manual by default
+--manual-gc-interval N                     training.gc_interval (N >= 1; 0, Megatron's "never
+                                           between steps": an error; ours 0 is automatic GC)
 --num-layers N                             model.n_layers
 --hidden-size N                            model.dim
 --ffn-hidden-size N                        model.ffn_hidden_dim
@@ -154,6 +157,13 @@ def _kernels_arg(value: str) -> str | dict[str, str]:
 # what the parser's error says the flag expects
 _kernels_arg.__name__ = (f"{'|'.join(KERNEL_BACKENDS)}, or family=backend pairs joined by commas over the "
                          f"families {', '.join(KERNEL_FAMILIES)} (e.g. attention=triton,sp_reduce_scatter=auto)")
+def _positive_int(value: str) -> int:
+    if int(value) < 1:
+        raise ValueError(value)
+    return int(value)
+
+
+_positive_int.__name__ = "an integer >= 1"
 _SHARDING = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 _FLAGS: dict[str, _Flag] = {
     "--tensor-model-parallel-size": _f("parallel", "tp", int),
@@ -207,6 +217,8 @@ _FLAGS: dict[str, _Flag] = {
     "--clip-grad": _f("training", "grad_clip", float),
     "--seed": _f("training", "seed", int),
     "--max-nonfinite-steps": _f("training", "max_nonfinite_steps", int),
+    "--manual-gc": _f(None, None),
+    "--manual-gc-interval": _f("training", "gc_interval", _positive_int),
     "--num-layers": _f("model", "n_layers", int),
     "--hidden-size": _f("model", "dim", int),
     "--ffn-hidden-size": _f("model", "ffn_hidden_dim", int),
