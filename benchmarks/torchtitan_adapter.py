@@ -70,7 +70,8 @@ NOTES = [  # how the two configurations compare: the results JSON's "notes"
     "torchtitan/<layout>/async_tp/compile (--titan-async-tp: enable_async_tensor_parallel, compiled TP layouts); "
     "ours kernels 'triton' swaps the SP reduce-scatter for our symmetric-memory Triton kernel and, under SP, "
     "the all-gather before the column-parallel layers for our fused all-gather + matmul.",
-    "FSDP units: ours each block + the root (embedding, final norm, head; not resharded after forward); "
+    "FSDP units: ours the embedding, each block, the output head (not resharded after forward), the root "
+    "(final norm; not resharded after forward); "
     "TorchTitan the embedding, each block, [norm, output] (not resharded after forward), the root. Both "
     "sum gradients (divide factor 1) and divide the loss by the global token count.",
     "Optimizer: torch.optim.AdamW fused, lr 8e-4, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on every "

@@ -57,15 +57,15 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], dp_mesh: Devi
     The output head as a unit of its own: FSDP reduce-scatters a unit's gradients when the
     gradient reaches the unit's forward inputs. The root's inputs are token ids, which take
     no gradient, so whatever the root holds is reduce-scattered in FSDP's end-of-backward
-    callback, after every block, with nothing left to overlap it: for the head that is a
-    4-byte gradient the size of the embedding (2 GiB at Llama 3's vocabulary) on the step's
-    critical path, and its all-gather at the root's pre-forward before the embedding's. As
-    a unit its gradient leaves as soon as the head's backward is done, beside the blocks'
-    backward, and its gather is issued after the last block's (TorchTitan shards its
-    [norm, output] the same way). Heads stay gathered from forward to backward
-    (``reshard_after_forward=False``): the head runs first in backward, so resharding it
-    would only gather it again at once. A head tied to the embedding stays in the root
-    with it (one parameter, one unit)."""
+    callback, after every block: for the head, a gradient the size of the embedding, and its
+    gathered weight and unsharded gradient held until then. As a unit its gradient leaves as
+    soon as the head's backward is done, beside the blocks' backward, and its weight is
+    resharded then (TorchTitan shards its [norm, output] the same way). Measured on 2 x H200
+    (8B shape, 8K tokens, compiled): CP2's peak, at the end of backward, 25.79 -> 24.81 GiB;
+    FSDP2's, at the loss, unchanged; the step time equal within the runs' spread. Heads stay
+    gathered from forward to backward (``reshard_after_forward=False``): the head runs first
+    in backward, so resharding it would only gather it again at once. A head tied to the
+    embedding stays in the root with it (one parameter, one unit)."""
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
         reduce_dtype=torch.float32)

@@ -84,8 +84,8 @@ backward; ``a V`` is 1.96 GiB there). With ``plan.fused_loss`` (``fused_cross_en
 head's weight gradient (``activations.logits_bytes``).
 
 Transients: FSDP all-gathers the current and the prefetched block (2 blocks of unsharded
-bf16 weights) and keeps the head's and the root's (final norm) gathered for the whole step
-(``reshard_after_forward=False``); the input embedding is a unit of its own,
+bf16 weights) and keeps the root's (final norm) gathered for the whole step and the head's
+until its backward (``reshard_after_forward=False``); the input embedding is a unit of its own,
 resharded after its forward and gathered again at the end of backward
 (``data_parallel.py``); at the loss only the head's and the root's are gathered (every block
 was resharded after its forward; the last one is gathered again when the gradient reaches
@@ -398,6 +398,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         gathered = gathered_at_loss = pb * stage_numel
         earlier_grads = 4 * stage_numel
         bwd_grads = pb * block + gbytes
+        head_freed = 0.0  # (no reshard after backward either: the head stays gathered too)
     at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
     gathered_bwd = gathered - head_freed  # (after the head's backward)
     at_block_bwd = static + activations - act.logits_saved + gathered_bwd + bwd_grads + recompute_t + earlier_grads

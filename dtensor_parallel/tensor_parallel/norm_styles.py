@@ -33,8 +33,10 @@ from .styles import SEQ_DIM, TPKernels, TPStyle
 
 def per_token_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a norm over the last dim only (each token alone): torch's
-    LayerNorm / RMSNorm over one trailing dim, our RMSNorm, and transformers' ``*RMSNorm`` /
-    ``*LayerNorm`` classes (their forward normalizes ``hidden_states`` over the last dim)."""
+    LayerNorm / RMSNorm over one trailing dim (transformers' LMs use ``nn.LayerNorm`` itself),
+    our RMSNorm, and transformers' ``*RMSNorm`` classes (their forward normalizes
+    ``hidden_states`` over the last dim). Not transformers' other ``*LayerNorm`` classes: some
+    normalize the channels of a channels-first image (ConvNeXt's)."""
     from ..models.llama import RMSNorm
 
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -42,7 +44,7 @@ def per_token_norm(module: nn.Module) -> bool:
     if type(module) is RMSNorm:
         return True
     cls = type(module)
-    return cls.__module__.startswith("transformers.") and cls.__name__.endswith(("RMSNorm", "LayerNorm"))
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")
 
 
 #: the attribute marking a norm whose forward takes its sequence shard plain in eager: its
