@@ -237,9 +237,10 @@ def _remember_overflow(key: str, info: torch.Tensor, bound: int) -> None:
 def _raise_if_overflowed(key: str, synced: bool = False) -> None:
     """Raise for an earlier call of ``key`` whose count has arrived (its event passed, or
     every one after a synchronize: ``synced``) and exceeded that call's bound."""
-    pending = _PENDING.get(key, [])
-    arrived = [p for p in pending if synced or (p[2] is not None and p[2].query())]
-    _PENDING[key] = [p for p in pending if not any(p is a for a in arrived)]
+    arrived, waiting = [], []
+    for p in _PENDING.get(key, []):
+        (arrived if synced or (p[2] is not None and p[2].query()) else waiting).append(p)
+    _PENDING[key] = waiting
     for host, bound, _ in arrived:
         _raise_if_exceeded(int(host[0]), bound)
 

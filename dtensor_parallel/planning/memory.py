@@ -348,7 +348,6 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     p2p_rings = 0
     if pipeline_p2p == "copy_engine" and layout is not None:
         from ..pipeline.copy_engine_p2p import default_slots, ring_bytes
-        from .activations import _act_bytes
 
         residual = _act_bytes(plan, dims)[1]  # a stage's output is the residual stream
         shard = dims.cp * (dims.tp if plan.sequence_parallel else 1)  # a stage boundary's sequence shard
@@ -398,7 +397,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         gathered = gathered_at_loss = pb * stage_numel
         earlier_grads = 4 * stage_numel
         bwd_grads = pb * block + gbytes
-        head_freed = 0.0  # (no reshard after backward either: the head stays gathered too)
+        head_rs = head_freed = 0.0  # (no reshard or reduce after each backward: the head stays gathered too)
     at_loss = static + activations + act.loss_peak + gathered_at_loss + earlier_grads
     gathered_bwd = gathered - head_freed  # (after the head's backward)
     at_block_bwd = static + activations - act.logits_saved + gathered_bwd + bwd_grads + recompute_t + earlier_grads
@@ -414,7 +413,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
     at_opt = pbytes + gbytes + obytes + buffers + p2p_rings + opt_temp
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}
-    if head_rs and not (fsdp and dims.pp > 1):  # (under PP the stage's reduce-scatters wait for the last micro-batch)
+    if head_rs:
         phases["head's reduce-scatter"] = at_head_rs
     phase = max(phases, key=phases.get)
     coords = {"pp": pp_rank, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}

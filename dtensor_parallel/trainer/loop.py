@@ -120,9 +120,10 @@ class ManualGC:
 
     def __init__(self, interval: int):
         self.interval = interval
-        self._was_enabled = gc.isenabled()
+        self._was_enabled = True
 
     def __enter__(self) -> "ManualGC":
+        self._was_enabled = gc.isenabled()
         if self.interval:
             gc.collect()
             gc.disable()
