@@ -176,6 +176,45 @@ def test_ring_step_writes_and_merges_through_views():
     assert rel_err(out[:, :, :24], first_o[:, :, :24]) < 1e-6 and rel_err(lse[:, :, :24], first_l[:, :, :24]) < 1e-6
 
 
+@pytest.mark.parametrize("d,backward,docs", [(32, "split", False), (32, "split", True), (24, "split", False),
+                                           (32, "fused", False)])
+def test_backward_into_writes_then_adds_through_views(monkeypatch, d, backward, docs):
+    """``into``: the first block's gradients overwrite the (NaN-filled) buffers, the second
+    block's are added to strided views of them (the ring's half chunks), in the kernels'
+    epilogue (d 32, split) or through the fallback (d 24 runs padded; the fused backward):
+    bit-equal to fresh fp32 gradients summed by PyTorch."""
+    monkeypatch.setattr("triton_kernels.flash_attention._BACKWARD", backward)
+    torch.manual_seed(4)
+    q, k, v = _inputs(2, 4, 2, 48, 48, d, torch.float32)
+    out, lse = flash_attention(q, k, v, causal=True)
+    dout = torch.randn_like(q)
+    kw = {}
+    if docs:
+        ids = torch.tensor([[0] * 10 + [1] * 14 + [2] * 24, [0] * 30 + [1] * 18], dtype=torch.int32)
+        kw = {"doc_q": ids, "doc_k": ids}
+        out, lse = flash_attention(q, k, v, causal=True, **kw)
+    g1 = flash_attention_backward(q, k, v, out, lse, dout, causal=True, grad_dtype=torch.float32, **kw)
+    half = {"doc_q": kw["doc_q"][:, 24:], "doc_k": kw["doc_k"][:, :24]} if docs else {}
+    g2 = flash_attention_backward(q[:, :, 24:], k[:, :, :24], v[:, :, :24], out[:, :, 24:], lse[:, :, 24:].contiguous(),
+                                  dout[:, :, 24:], causal=False, grad_dtype=torch.float32, **half)
+    bufs = tuple(torch.full(t.shape, float("nan")) for t in (q, k, v))
+    got = flash_attention_backward(q, k, v, out, lse, dout, causal=True, into=bufs, **kw)
+    assert all(a is b for a, b in zip(got, bufs))
+    views = (bufs[0][:, :, 24:], bufs[1][:, :, :24], bufs[2][:, :, :24])
+    assert not views[0].is_contiguous()
+    flash_attention_backward(q[:, :, 24:], k[:, :, :24], v[:, :, :24], out[:, :, 24:], lse[:, :, 24:].contiguous(),
+                             dout[:, :, 24:], causal=False, into=views, add_q=True, add_kv=True, **half)
+    want_q = g1[0].clone()
+    want_q[:, :, 24:] += g2[0]
+    want_k, want_v = g1[1].clone(), g1[2].clone()
+    want_k[:, :, :24] += g2[1]
+    want_v[:, :, :24] += g2[2]
+    for name, g, w in zip(("dq", "dk", "dv"), bufs, (want_q, want_k, want_v)):
+        assert torch.equal(g, w), f"{name}: max diff {(g - w).abs().max().item()}"
+    with pytest.raises(ValueError, match="into's dk"):
+        flash_attention_backward(q, k, v, out, lse, dout, causal=True, into=(bufs[0], bufs[0], bufs[2]))
+
+
 def test_errors():
     q, k, v = _inputs(1, 4, 2, 16, 16, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple of kv heads"):

@@ -246,9 +246,21 @@ class _CudaOpsOnCpu:
         return (*self.cpu_backward(do, q, k, v, o, lse[..., :q.shape[2]], 0.0, causal, attn_mask=bias, scale=scale),
                 None)
 
+    refuse_gqa = False  # as a cuDNN that takes no grouped k/v would: a RuntimeError
+    gqa_calls = 0  # calls that took grouped k/v (fewer heads than q), as cuDNN does
+
+    def _grouped(self, q, k, v):
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            if self.refuse_gqa:
+                raise RuntimeError("stand-in: cuDNN takes no grouped k/v")
+            self.gqa_calls += 1
+        return rep, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
     def _scaled_dot_product_cudnn_attention(self, q, k, v, bias, lse_wanted, p, causal, debug, *, scale):
-        assert bias is None and lse_wanted and p == 0 and not debug and q.shape[1] == k.shape[1]
+        assert bias is None and lse_wanted and p == 0 and not debug and q.shape[1] % k.shape[1] == 0
         assert not (causal and q.shape[2] != k.shape[2])
+        _, k, v = self._grouped(q, k, v)
         o, l = self.cpu(q, k, v, 0.0, causal, scale=scale)
         return o, l[..., None], None, None, q.shape[2], k.shape[2], torch.empty(()), torch.empty(()), None
 
@@ -256,7 +268,9 @@ class _CudaOpsOnCpu:
                                                      max_q, max_k, p, causal, *, scale):
         assert bias is None and cum_q is None and cum_k is None and (max_q, max_k) == (q.shape[2], k.shape[2])
         assert lse.shape == (*q.shape[:3], 1) and all(t.is_contiguous() for t in (do, q, k, v, o, lse)) and p == 0
-        return self.cpu_backward(do, q, k, v, o, lse[..., 0], 0.0, causal, scale=scale)
+        (b, hkv, s_k, d), (rep, kr, vr) = k.shape, self._grouped(q, k, v)
+        dq, dk, dv = self.cpu_backward(do, q, kr, vr, o, lse[..., 0], 0.0, causal, scale=scale)
+        return dq, dk.reshape(b, hkv, rep, s_k, d).sum(2), dv.reshape(b, hkv, rep, s_k, d).sum(2)
 
     def _scaled_dot_product_flash_attention(self, q, k, v, p, causal, debug, *, scale):
         assert q.shape[1] == k.shape[1] and not (causal and q.shape[2] != k.shape[2]) and p == 0
@@ -271,20 +285,28 @@ class _CudaOpsOnCpu:
         return self.cpu_backward(do, q, k, v, o, lse, 0.0, causal, scale=scale)
 
 
-@pytest.mark.parametrize("op", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("op", ["cudnn", "cudnn_refusing_gqa", "flash", "efficient"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("docs", [False, True])
 def test_cuda_glue_with_cpu_stand_ins(monkeypatch, op, causal, docs):
-    """The CUDA paths' plumbing (lse padding and shapes, layouts, GQA fold/repeat, masks) on CPU."""
+    """The CUDA paths' plumbing (lse padding and shapes, layouts, GQA fold/repeat/grouped k/v,
+    masks) on CPU. cuDNN's causal blocks take the grouped k/v as they are; a cuDNN that
+    refuses them makes the blocks repeat k/v from then on."""
     import dtensor_parallel.context_parallel.sdpa_blocks as sdpa
 
     def kind(q, masked, causal, s_k):
         square = not causal or q.shape[2] == s_k
-        return op if op != "efficient" and not masked and square else "efficient"
+        return op[:5] if op != "efficient" and not masked and square else "efficient"
 
-    monkeypatch.setattr(sdpa, "aten", _CudaOpsOnCpu())
+    ops = _CudaOpsOnCpu()
+    ops.refuse_gqa = op == "cudnn_refusing_gqa"
+    monkeypatch.setattr(sdpa, "aten", ops)
     monkeypatch.setattr(sdpa, "_kind", kind)
+    monkeypatch.setattr(sdpa, "_CUDNN_GQA", [True])
     _ring_like(torch.float32, "cpu", causal, 4, 2, 16, docs, 1e-5)
+    grouped = op == "cudnn" and causal and not docs  # the only unmasked causal blocks go to cuDNN
+    assert (ops.gqa_calls > 0) == grouped and sdpa._CUDNN_GQA[0] == (op != "cudnn_refusing_gqa" or not causal
+                                                                    or docs)
 
 
 @pytest.mark.gpu
@@ -329,6 +351,8 @@ class TestCuda:
             want = (qr.grad, kr.grad, vr.grad)
         for name, a, w in zip(("dq", "dk", "dv"), got, want):
             assert a.dtype == torch.float32 and rel(a, w) < 3e-2, f"{name}: {rel(a, w):.2e}"
+        if cudnn and causal and not docs and hq > hkv:  # the grouped k/v went to cuDNN as they are
+            assert sdpa._CUDNN_GQA[0], "cuDNN refused grouped k/v: the causal blocks repeat them"
 
     @pytest.mark.parametrize("causal", [False, True])
     @pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])

@@ -156,8 +156,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
               dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float,
-              grad_dtype: torch.dtype | None = None, docs: Documents | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              grad_dtype: torch.dtype | None = None, docs: Documents | None = None,
+              into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, add_q: bool = False,
+              add_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
     for name, t in (("out", out), ("dout", dout)):
         if t.shape != q.shape:
@@ -165,6 +166,11 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     if lse.shape != (b, hq, s_q):
         raise ValueError(f"flash_attention backward: lse shape {tuple(lse.shape)} != {(b, hq, s_q)}")
     d_kernel = _kernel_head_dim(d)
+    if into is not None and (d_kernel != d or _fused_backward(docs)):  # those paths write fresh tensors
+        grads = _backward(q, k, v, out, lse, dout, dlse, causal, scale, torch.float32, docs)
+        for buf, g, add in zip(into, grads, (add_q, add_kv, add_kv)):
+            buf.add_(g) if add else buf.copy_(g)
+        return into
     if d_kernel != d:
         grads = _backward(*(_pad_head(t, d_kernel) for t in (q, k, v, out)), lse, _pad_head(dout, d_kernel),
                           dlse, causal, scale, grad_dtype, docs)
@@ -178,8 +184,11 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         hq, s_q, HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
-    dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype or k.dtype)  # (b, hkv, s_k, d)
-    dv = torch.empty(v.shape, device=v.device, dtype=grad_dtype or v.dtype)  # (b, hkv, s_k, d)
+    if into is None:
+        dk = torch.empty(k.shape, device=k.device, dtype=grad_dtype or k.dtype)  # (b, hkv, s_k, d)
+        dv = torch.empty(v.shape, device=v.device, dtype=grad_dtype or v.dtype)  # (b, hkv, s_k, d)
+    else:
+        dk, dv = into[1], into[2]
     flags = _flags(q.dtype)
     eligible = hopper_eligible(q, k, v, docs is not None, dout)
     flags["TMA"] = _TMA_BACKWARD and eligible
@@ -199,16 +208,18 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
             TMA_REDUCE=tma_reduce, **flags,
         )
         return dq_sum.mul_(scale).to(grad_dtype or q.dtype), dk, dv
-    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype)  # (b, hq, s_q, d)
+    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype) if into is None else into[0]
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, lse), scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
+        ACCUMULATE=into is not None and add_kv,
     )
     _attn_bwd_dq[lambda meta: (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, *_doc_args(docs, lse), scale, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         hq, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
+        ACCUMULATE=into is not None and add_q,
     )
     return dq, dk, dv
 
@@ -332,7 +343,9 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              softmax_scale: float | None = None,
                              grad_dtype: torch.dtype | None = None, doc_q: torch.Tensor | None = None,
                              doc_k: torch.Tensor | None = None, pos_q: torch.Tensor | None = None,
-                             pos_k: torch.Tensor | None = None
+                             pos_k: torch.Tensor | None = None,
+                             into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                             add_q: bool = False, add_kv: bool = False
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, K/V block) pair given the *global* ``out`` and ``lse``.
 
@@ -342,12 +355,22 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``dout`` may be fp32 or the input dtype (dout enters the dots in q's dtype).
     ``grad_dtype`` (default: the input dtype) lets the ring accumulate partials in fp32.
     ``doc_q``/``doc_k``/``pos_q``/``pos_k`` as in the forward; rows with lse -inf and keys that no query of
-    their document sees get zero gradients.
+    their document sees get zero gradients. ``into`` = (dq, dk, dv), the ring's fp32
+    accumulators (views allowed, unit stride in the last dim): the kernels write their
+    gradients there, or add them (``add_q`` for dq, ``add_kv`` for dk/dv), and return those
+    tensors: no fresh tensors and no separate add pass.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     _check_qkv(q, k, v)
     docs = _documents(q, k, causal, "flash_attention_backward", doc_q, doc_k, pos_q, pos_k)
-    return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs)
+    if into is not None:
+        for name, buf, like in zip(("dq", "dk", "dv"), into, (q, k, v)):
+            if buf.shape != like.shape or buf.device != like.device or (buf.numel() and buf.stride(-1) != 1):
+                raise ValueError(f"flash_attention_backward: into's {name} {tuple(buf.shape)} on {buf.device} "
+                                 f"(last stride {buf.stride(-1)}) must have the shape {tuple(like.shape)}, the "
+                                 f"device and a unit last stride")
+    return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs,
+                     into, add_q, add_kv)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,

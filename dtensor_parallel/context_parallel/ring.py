@@ -108,36 +108,35 @@ def _backward(dout, q, k, v, out, lse, doc, pos, causal: bool, scale: float, com
     """dQ stays home; the dK/dV accumulator of each key/value block travels with it. A
     block's accumulator is sent on as soon as this rank has added its share, and the next
     block's arrives while this rank computes on it, so only the last hop (the one that
-    brings each accumulator home) is exposed."""
+    brings each accumulator home) is exposed. The backend writes each block's gradients
+    straight into the fp32 accumulators (step 0, which covers every row and key: the own
+    block) or adds them there (later steps): no zero fill and no add pass of the ring's own."""
     c = q.shape[2] // 2
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     in_flight = None  # (receive buffers, works) of the accumulator of the block held next
     for j, (k_j, v_j, doc_j, pos_j) in _ring_steps([k, v, doc, pos], comm):
-        if pos is not None:
-            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, False, scale,
-                                                **_by_position(doc, doc_j, pos, pos_j))
-            rows, keys = slice(None), slice(None)
-        elif j == comm.rank or not causal:
-            gq, gk, gv = backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale, doc_q=doc, doc_k=doc_j)
-            rows, keys = slice(None), slice(None)
-        elif j < comm.rank:
-            gq, gk, gv = backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale,
-                                                doc_q=doc, doc_k=_half(doc_j, slice(0, c)))
-            rows, keys = slice(None), slice(0, c)
-        else:
-            gq, gk, gv = backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j, out[:, :, c:],
-                                                lse[:, :, c:], False, scale,
-                                                doc_q=_half(doc, slice(c, None)), doc_k=doc_j)
-            rows, keys = slice(c, None), slice(None)
-        dq[:, :, rows] += gq
-        if in_flight is None:  # step 0: the own block's accumulator starts here
-            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-            dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        first = in_flight is None  # step 0: the own block, whose accumulator starts here
+        if first:
+            dk = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+            dv = torch.empty(v.shape, device=v.device, dtype=torch.float32)
         else:
             (dk, dv), works = in_flight
             comm.wait(works)
-        dk[:, :, keys] += gk
-        dv[:, :, keys] += gv
+        acc = {"add_q": not first, "add_kv": not first}
+        if pos is not None:
+            backend.backward_block(dout, q, k_j, v_j, out, lse, False, scale, into=(dq, dk, dv), **acc,
+                                   **_by_position(doc, doc_j, pos, pos_j))
+        elif j == comm.rank or not causal:
+            backend.backward_block(dout, q, k_j, v_j, out, lse, causal, scale, doc_q=doc, doc_k=doc_j,
+                                   into=(dq, dk, dv), **acc)
+        elif j < comm.rank:  # all our queries, j's first chunk of keys
+            backend.backward_block(dout, q, k_j[:, :, :c], v_j[:, :, :c], out, lse, False, scale,
+                                   doc_q=doc, doc_k=_half(doc_j, slice(0, c)),
+                                   into=(dq, dk[:, :, :c], dv[:, :, :c]), **acc)
+        else:  # our second chunk of queries, all of j's keys
+            backend.backward_block(dout[:, :, c:], q[:, :, c:], k_j, v_j, out[:, :, c:], lse[:, :, c:], False,
+                                   scale, doc_q=_half(doc, slice(c, None)), doc_k=doc_j,
+                                   into=(dq[:, :, c:], dk, dv), **acc)
         if comm.size == 1:
             return dq, dk, dv
         in_flight = comm.start([dk, dv])

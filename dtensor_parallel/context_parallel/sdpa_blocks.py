@@ -32,9 +32,10 @@ GQA (hq = rep * hkv), without repeating k/v where it is exact: for a non-causal 
 without a mask, the rep query heads of a group are folded into the query sequence,
 q (b, hq, s, d) -> (b, hkv, rep * s, d), a free reshape; every folded row sees every key,
 so the result is exact and the op's dK/dV are already summed over the group. Under a
-causal or document mask a row's visible keys depend on its position, which the fold loses,
-so k/v are repeated to hq heads (rep x their memory for the call) and dK/dV summed over each
-group. In the ring only the diagonal step is causal.
+causal or document mask a row's visible keys depend on its position, which the fold loses.
+cuDNN's op takes the grouped k/v as they are (``_CUDNN_GQA``); for the other ops k/v are
+repeated to hq heads (rep x their memory for the call) and dK/dV summed over each group
+in fp32. In the ring only the diagonal step is causal.
 
 Documents (``doc_q``/``doc_k``: (b, s) integer ids; a query sees a key of its own document,
 and under ``causal`` only keys at or before it): an additive mask of the query's dtype,
@@ -47,12 +48,30 @@ lse = -inf, out = 0: its running values stay as they were, and no NaN is made.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .blocks import MAX_SCORE_ELEMENTS, merge
+from ..warn_once import warn_once
+from .blocks import MAX_SCORE_ELEMENTS, deliver
 
 aten = torch.ops.aten
 _NEG_INF = float("-inf")
+_log = logging.getLogger(__name__)
+# cuDNN's fused attention takes k/v with fewer heads than q (a divisor: grouped-query attention;
+# pytorch/pytorch#150337), so an unmasked causal block needs no repeat of k/v, and its backward
+# returns dK/dV already summed over each group. Cleared, with one log line, if cuDNN refuses.
+_CUDNN_GQA = [True]
+
+
+def _native_gqa(kind: str, rep: int) -> bool:
+    return rep > 1 and kind == "cudnn" and _CUDNN_GQA[0]
+
+
+def _gqa_refused(err: RuntimeError) -> None:
+    _CUDNN_GQA[0] = False
+    warn_once(_log, "cudnn-gqa", "cuDNN attention refused k/v with fewer heads than q (%s); the ring's "
+              "causal blocks repeat k/v instead", str(err).splitlines()[0][:200])
 
 
 def _kind(q: torch.Tensor, masked: bool, causal: bool, s_k: int) -> str:
@@ -151,12 +170,19 @@ def _attend_backward(kind: str, dout, q, k, v, out, lse, mask, causal: bool, sca
 
 
 def _write(out, lse, out_b, lse_b, accumulate: bool) -> None:
-    """out/lse <- (out_b, lse_b) or their online-softmax merge (``blocks.merge``: fp32, a
-    row with lse = -inf on both sides stays out = 0, lse = -inf), in place."""
-    if accumulate:
-        out_b, lse_b = merge(out, lse, out_b, lse_b)
-    out.copy_(out_b)
-    lse.copy_(lse_b)
+    """out/lse (fp32) <- (out_b, lse_b) (out_b in the op's dtype), or their online-softmax
+    merge, in place: ``out = out e^(lse - lse') + out_b e^(lse_b - lse')`` with lse' =
+    logaddexp(lse, lse_b) (``blocks.merge``'s math; a row with lse = -inf on both sides
+    stays out = 0, lse = -inf). Two passes over ``out`` (a scale, then a multiply-add that
+    promotes out_b inside it), not a fp32 copy of out_b and five temporaries."""
+    if not accumulate:
+        out.copy_(out_b)
+        lse.copy_(lse_b)
+        return
+    new = torch.logaddexp(lse, lse_b)
+    safe = new.masked_fill(torch.isneginf(new), 0.0)
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - safe).unsqueeze(-1))
+    lse.copy_(new)
 
 
 def _row_chunks(b: int, s_q: int, s_k: int) -> list[tuple[int, int]]:
@@ -194,10 +220,17 @@ class SdpaBlocks:
                 o, l = _attend(kind, q.reshape(b, hkv, rep * s_q, d), k, v, None, False, scale)
                 o, l = o.reshape(b, hq, s_q, d), l.reshape(b, hq, s_q)
             else:
-                if rep > 1:
-                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-                o, l = _attend(kind, q, k, v, None, causal, scale)
-            _write(out, lse, o.float(), l.float(), accumulate)
+                o = None
+                if _native_gqa(kind, rep):
+                    try:
+                        o, l = _attend(kind, q, k, v, None, causal, scale)
+                    except RuntimeError as err:
+                        _gqa_refused(err)
+                if o is None:
+                    if rep > 1:
+                        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                    o, l = _attend(kind, q, k, v, None, causal, scale)
+            _write(out, lse, o, l.float(), accumulate)
             return out, lse
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -212,7 +245,7 @@ class SdpaBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
-                       pos_q=None, pos_k=None):
+                       pos_q=None, pos_k=None, into=None, add_q: bool = False, add_kv: bool = False):
         masked = _check_docs(q, k, doc_q, doc_k)
         kind = _kind(q, masked, causal, k.shape[2])
         b, hq, s_q, d = q.shape
@@ -226,12 +259,17 @@ class SdpaBlocks:
             fold = (b, hkv, rep * s_q)
             dq, dk, dv = _attend_backward(kind, dout.reshape(*fold, d), q.reshape(*fold, d), k, v,
                                           out.reshape(*fold, d), lse.reshape(fold), None, False, scale)
-            return dq.reshape(b, hq, s_q, d).float(), dk.float(), dv.float()
+            return deliver(into, add_q, add_kv, dq.reshape(b, hq, s_q, d), dk, dv)
+        if not masked and _native_gqa(kind, rep):  # dK/dV come back summed over each group
+            try:
+                grads = _attend_backward(kind, dout, q, k, v, out, lse, None, causal, scale)
+                return deliver(into, add_q, add_kv, *grads)
+            except RuntimeError as err:
+                _gqa_refused(err)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if not masked:
+        if not masked:  # the op's dtype: promoted where it is summed or delivered
             dq, dk, dv = _attend_backward(kind, dout, q, k, v, out, lse, None, causal, scale)
-            dq, dk, dv = dq.float(), dk.float(), dv.float()
         else:
             dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
             dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
@@ -243,6 +281,7 @@ class SdpaBlocks:
                 dq[:, :, i:j] = gq
                 dk += gk
                 dv += gv
-        if rep > 1:  # sum each group's query heads into its key/value head
-            dk, dv = dk.reshape(b, hkv, rep, s_k, d).sum(2), dv.reshape(b, hkv, rep, s_k, d).sum(2)
-        return dq, dk, dv
+        if rep > 1:  # sum each group's query heads into its key/value head, in fp32
+            dk = dk.reshape(b, hkv, rep, s_k, d).sum(2, dtype=torch.float32)
+            dv = dv.reshape(b, hkv, rep, s_k, d).sum(2, dtype=torch.float32)
+        return deliver(into, add_q, add_kv, dq, dk, dv)

@@ -2,7 +2,8 @@
 
 The forward merges each block into the running fp32 (out, lse) inside the kernel, so no
 low-precision rounding happens between ring steps; the backward is the FlashAttention-2
-backward of one block given the final out and lse, accumulated in fp32.
+backward of one block given the final out and lse, written or added in fp32 into the ring's
+accumulators by the kernels themselves.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ class TritonBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
-                       pos_q=None, pos_k=None):
+                       pos_q=None, pos_k=None, into=None, add_q: bool = False, add_kv: bool = False):
+        # with ``into``, the kernels write (or add) their fp32 gradients straight into the ring's buffers
         return flash_attention_backward(q, k, v, out, lse.contiguous(), dout, causal=causal,
-                                        softmax_scale=scale, grad_dtype=torch.float32,
-                                        **_documents(doc_q, doc_k, pos_q, pos_k))
+                                        softmax_scale=scale, grad_dtype=torch.float32, into=into,
+                                        add_q=add_q, add_kv=add_kv, **_documents(doc_q, doc_k, pos_q, pos_k))
 
 
 def _documents(doc_q, doc_k, pos_q, pos_k) -> dict:
