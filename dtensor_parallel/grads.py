@@ -66,7 +66,10 @@ def reduce_partial_grads(params: Iterable[nn.Parameter]) -> None:
     them itself; without FSDP they would stay partial, and every later op on them
     (clipping, the optimizer) would all-reduce each one implicitly. Like Megatron's
     all-reduce of the sequence-parallel layernorm gradients, they are flattened into one
-    buffer and all-reduced once, after the last micro-batch.
+    buffer and all-reduced once, after the last micro-batch. Each gradient then gets its own
+    copy of its piece: a DTensor over a view at an offset of the buffer has a wrapper whose
+    ``data_ptr()`` is not 0 without a storage, which ``copy.deepcopy`` (of the gradient, so
+    of the model after a step) takes for a real storage and fails on.
     """
     groups: dict[tuple, list[nn.Parameter]] = {}
     for p in params:
@@ -81,7 +84,7 @@ def reduce_partial_grads(params: Iterable[nn.Parameter]) -> None:
                 dist.all_reduce(flat, group=mesh.get_group(dim))
         reduced = [Replicate() if pl.is_partial() else pl for pl in placements]
         for p, piece in zip(group, flat.split([t.numel() for t in locals_])):
-            p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()), mesh, reduced, run_check=False)
+            p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()).clone(), mesh, reduced, run_check=False)
 
 
 @torch.no_grad()

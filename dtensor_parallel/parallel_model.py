@@ -19,6 +19,7 @@ schedule over the micro-batches.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import itertools
 from typing import Callable, Iterator
@@ -178,6 +179,20 @@ class ParallelModel:
 
     def eval(self) -> "ParallelModel":
         return self.train(False)
+
+    def __deepcopy__(self, memo: dict) -> "ParallelModel":
+        """A copy of every attribute (modules, their DTensor parameters and gradients), as
+        ``copy.deepcopy`` would make it; FSDP's modules refuse with torch's own error. Under PP
+        a clear error instead of a pickling failure deep in the schedule."""
+        if self.pipeline is not None:
+            raise TypeError("a pipelined ParallelModel cannot be deep-copied: its schedule and stages hold "
+                            "process groups and communication state. Deep-copy the model before "
+                            "parallelize(), or save and load its state with dtensor_parallel's checkpoint")
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            setattr(twin, name, copy.deepcopy(value, memo))
+        return twin
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for m in self.stage_modules:

@@ -120,3 +120,38 @@ def test_fsdp_reduces_the_head_before_the_blocks(kind: str, head: str) -> None:
         blocks = [i for i, n in enumerate(order) if n.startswith(("layers.", "h."))]
         assert len(heads) == 1 and blocks, order
         assert heads[0] < min(blocks) < order.index("<end>"), order
+
+
+def _deepcopy_after_a_step(mesh_kwargs: dict, plan_kwargs: dict) -> str | list[str]:
+    """Deep-copy the ParallelModel after a step: the names of the parameters whose copied
+    gradient differs from the original, or the error the copy raised."""
+    import copy
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from .parity import make_batch, make_model, plan_for
+    from dtensor_parallel import build_mesh, parallelize
+
+    ref = make_model("llama")
+    pm = parallelize(copy.deepcopy(ref), build_mesh(**mesh_kwargs), plan_for("llama", **plan_kwargs))
+    x, y = make_batch(ref.args.vocab_size, 4, 16)
+    pm.forward_backward(pm.shard_batch(x), pm.shard_batch(y))
+    try:
+        twin = copy.deepcopy(pm)
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        return f"{type(e).__name__}: {e}"
+    full = lambda g: g.full_tensor() if isinstance(g, DTensor) else g  # noqa: E731
+    return [n for (n, p), (_, q) in zip(pm.named_parameters(), twin.named_parameters())
+            if q.grad is None or not torch.equal(full(p.grad), full(q.grad))]
+
+
+def test_deepcopy_after_a_step() -> None:
+    """A user's EMA or evaluation copy: under SP the norms' gradients were DTensors over views
+    into one all-reduced buffer, which ``copy.deepcopy`` failed on ("invalid python storage")
+    after the first step; now each has its own storage. Under PP the copy is refused with an
+    error that names the fix, not a pickling error from inside the schedule."""
+    for mesh_kwargs, plan_kwargs in (({"tp": 2}, {"sequence_parallel": True}), ({"tp": 2}, {})):
+        assert run_distributed(2, _deepcopy_after_a_step, mesh_kwargs, plan_kwargs) == [[], []]
+    pp = run_distributed(2, _deepcopy_after_a_step, {"pp": 2}, {"micro_batch_size": 2, "global_batch_size": 4})
+    assert all(r.startswith("TypeError: a pipelined ParallelModel cannot be deep-copied") for r in pp), pp
