@@ -19,7 +19,10 @@ bf16, causal, batch 1, 32 query heads / 8 kv heads, head dim 128; ``--tokens`` p
   ``ours_triton_1gpu`` compares equal tokens per GPU, where the ring does twice the work).
 
 FLOPs: causal forward 2 * 2 * b * hq * S^2 * d / 2 over the global S, divided by the GPUs;
-forward+backward counts 3.5x the forward (FlashAttention-2's convention). Errors of the
+forward+backward counts 3.5x the forward (FlashAttention-2's convention). ``--queue-ms M``
+queues M ms of GPU work (a sleep kernel) ahead of each timed call, so the host has issued the
+call's work before the GPU reaches it, as in a training step; the default (0) times each call
+from an idle GPU, its host latency to the first kernel included. ``--skip REGEX`` leaves rows out. Errors of the
 forward output against a float64 reference (first config only): max abs difference (bf16
 output rounding dominates it) and the relative Frobenius norm of the difference.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -44,12 +48,30 @@ from common import median, write_results
 HQ, HKV, D = 32, 8, 128
 
 
+QUEUE_MS = 0.0  # --queue-ms: GPU time queued ahead of each timed call (see ``bench``)
+
+
+def _sleep_cycles_per_ms() -> float:
+    """``torch.cuda._sleep`` cycles per ms on this GPU, timed once."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
 def bench(fn, backward: bool, warmup: int = 3, iters: int = 10) -> float:
-    """Median ms of fn (and its backward) with CUDA events."""
+    """Median ms of fn (and its backward) with CUDA events. With ``QUEUE_MS`` > 0 a sleep kernel
+    of that length runs first, so the host issues the call's work while the GPU is still busy,
+    as in a training step, and the time excludes the host's latency to the first kernel."""
     times = []
+    cycles = int(QUEUE_MS * _sleep_cycles_per_ms()) if QUEUE_MS > 0 else 0
     for i in range(warmup + iters):
         dist.barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if cycles:
+            torch.cuda._sleep(cycles)
         start.record()
         out = fn()
         if backward:
@@ -97,7 +119,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--name", default="ring_attention", help="results file name")
+    p.add_argument("--queue-ms", type=float, default=0.0, help="GPU time queued ahead of each timed call "
+                   "(0: the call starts on an idle GPU, its host latency to the first kernel included)")
+    p.add_argument("--skip", metavar="REGEX", help="leave out the rows whose name matches (e.g. the slow "
+                   "fp32 reference ring: 'torch_ring')")
     args = p.parse_args()
+    global QUEUE_MS
+    QUEUE_MS = args.queue_ms
     rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -175,7 +203,9 @@ def main() -> None:
                                           flops_fwd * cp),
         }
         for name, (run, flops) in impls.items():
-            row = {"impl": name, "shape": shape}
+            if args.skip and re.search(args.skip, name):
+                continue
+            row = {"impl": name, "shape": shape, "queue_ms": QUEUE_MS}
             try:
                 fwd, both = run()
                 row.update(median_ms=fwd, fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
@@ -219,7 +249,7 @@ def main() -> None:
         targets = []
         for tokens in args.tokens:
             shape = f"b1 hq{HQ} hkv{HKV} d{D} causal bf16, {tokens} tokens/GPU, S={tokens * cp}"
-            get = lambda n, key: by[(n, shape)].get(key, float("nan"))  # noqa: E731
+            get = lambda n, key: by.get((n, shape), {}).get(key, float("nan"))  # noqa: E731 (--skip: nan)
             targets += [
                 {"name": f"{tokens}: triton 1gpu fwd / sdpa fwd", "value": get("ours_triton_1gpu", "fwd_tflops") / get("sdpa_1gpu", "fwd_tflops"), "goal": 0.9, "higher_is_better": True},
                 {"name": f"{tokens}: triton 1gpu fwd+bwd / sdpa", "value": get("ours_triton_1gpu", "fwd_bwd_tflops") / get("sdpa_1gpu", "fwd_bwd_tflops"), "goal": 0.9, "higher_is_better": True},

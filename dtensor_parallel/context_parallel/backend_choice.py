@@ -37,9 +37,13 @@ MEASURED: dict[str, AttentionBackends] = {
     # 2 x H200, torch 2.11, triton 3.6, 2026-11-30, benchmarks/results/attention_backends_cuda.json:
     # one causal block forward + backward, 8192 tokens, 32 query heads on 8 kv heads, head dim
     # 128, bf16: triton 5.08 ms, sdpa (cuDNN) 4.41 ms (1.15x); documents of 1024 tokens: triton
-    # 1.71 ms, sdpa 33.5 ms (a dense mask through the efficient op: triton 19.5x)
-    "H200": AttentionBackends("sdpa", "triton", "measured on H200: block forward+backward, sdpa (cuDNN) 1.15x "
-                                                "triton; with documents triton 19.5x sdpa"),
+    # 1.71 ms, sdpa 33.5 ms (a dense mask through the efficient op: triton 19.5x).
+    # 1 x H200, 2026-12-01, benchmarks/results/ring_steps_ab.json, after the sdpa blocks took
+    # cuDNN's grouped k/v and the accumulators moved into the backends: each CP2 rank's whole ring
+    # compute (both steps, forward + backward), triton 9.70-9.71 ms against sdpa 7.80-7.92 at 8K
+    # tokens a rank (1.23x), 143.2-143.7 against 113.5-113.8 at 32K (1.26x)
+    "H200": AttentionBackends("sdpa", "triton", "measured on H200: a CP2 rank's ring compute, sdpa (cuDNN) "
+                                                "1.23-1.26x triton; with documents triton 19.5x sdpa per block"),
 }
 
 
