@@ -182,7 +182,8 @@ def test_backward_into_writes_then_adds_through_views(monkeypatch, d, backward, 
     """``into``: the first block's gradients overwrite the (NaN-filled) buffers, the second
     block's are added to strided views of them (the ring's half chunks), in the kernels'
     epilogue (d 32, split) or through the fallback (d 24 runs padded; the fused backward):
-    bit-equal to fresh fp32 gradients summed by PyTorch."""
+    bit-equal to fresh fp32 gradients summed by PyTorch. ``kv_ready`` runs once dK/dV are
+    written, before the dQ kernel where the two kernels run apart."""
     monkeypatch.setattr("triton_kernels.flash_attention._BACKWARD", backward)
     torch.manual_seed(4)
     q, k, v = _inputs(2, 4, 2, 48, 48, d, torch.float32)
@@ -198,8 +199,14 @@ def test_backward_into_writes_then_adds_through_views(monkeypatch, d, backward, 
     g2 = flash_attention_backward(q[:, :, 24:], k[:, :, :24], v[:, :, :24], out[:, :, 24:], lse[:, :, 24:].contiguous(),
                                   dout[:, :, 24:], causal=False, grad_dtype=torch.float32, **half)
     bufs = tuple(torch.full(t.shape, float("nan")) for t in (q, k, v))
-    got = flash_attention_backward(q, k, v, out, lse, dout, causal=True, into=bufs, **kw)
+    seen = []
+
+    def kv_ready():  # dK/dV written; dQ not yet where its kernel runs apart (split, unpadded)
+        seen.append((torch.equal(bufs[1], g1[1]) and torch.equal(bufs[2], g1[2]), bool(torch.isnan(bufs[0]).all())))
+
+    got = flash_attention_backward(q, k, v, out, lse, dout, causal=True, into=bufs, kv_ready=kv_ready, **kw)
     assert all(a is b for a, b in zip(got, bufs))
+    assert seen == [(True, backward == "split" and d == 32)], seen
     views = (bufs[0][:, :, 24:], bufs[1][:, :, :24], bufs[2][:, :, :24])
     assert not views[0].is_contiguous()
     flash_attention_backward(q[:, :, 24:], k[:, :, :24], v[:, :, :24], out[:, :, 24:], lse[:, :, 24:].contiguous(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
               dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float,
               grad_dtype: torch.dtype | None = None, docs: Documents | None = None,
               into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, add_q: bool = False,
-              add_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              add_kv: bool = False, kv_ready: Callable[[], None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
     for name, t in (("out", out), ("dout", dout)):
         if t.shape != q.shape:
@@ -170,10 +172,14 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         grads = _backward(q, k, v, out, lse, dout, dlse, causal, scale, torch.float32, docs)
         for buf, g, add in zip(into, grads, (add_q, add_kv, add_kv)):
             buf.add_(g) if add else buf.copy_(g)
+        if kv_ready is not None:
+            kv_ready()
         return into
     if d_kernel != d:
         grads = _backward(*(_pad_head(t, d_kernel) for t in (q, k, v, out)), lse, _pad_head(dout, d_kernel),
                           dlse, causal, scale, grad_dtype, docs)
+        if kv_ready is not None:
+            kv_ready()
         return tuple(g[..., :d] for g in grads)
     out, dout = _unit_last(out), _unit_last(dout)
     lse = lse.float().contiguous()
@@ -207,6 +213,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
             hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal),
             TMA_REDUCE=tma_reduce, **flags,
         )
+        if kv_ready is not None:
+            kv_ready()
         return dq_sum.mul_(scale).to(grad_dtype or q.dtype), dk, dv
     dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype or q.dtype) if into is None else into[0]
     _attn_bwd_dkdv[lambda meta: (b * hkv, triton.cdiv(s_k, meta["BLOCK_N"]))](
@@ -215,6 +223,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
         ACCUMULATE=into is not None and add_kv,
     )
+    if kv_ready is not None:  # dK/dV are written: the caller's next work goes between the two kernels
+        kv_ready()
     _attn_bwd_dq[lambda meta: (b * hq, triton.cdiv(s_q, meta["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, *_doc_args(docs, lse), scale, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
@@ -345,7 +355,7 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              doc_k: torch.Tensor | None = None, pos_q: torch.Tensor | None = None,
                              pos_k: torch.Tensor | None = None,
                              into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                             add_q: bool = False, add_kv: bool = False
+                             add_q: bool = False, add_kv: bool = False, kv_ready: Callable[[], None] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, K/V block) pair given the *global* ``out`` and ``lse``.
 
@@ -358,7 +368,9 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     their document sees get zero gradients. ``into`` = (dq, dk, dv), the ring's fp32
     accumulators (views allowed, unit stride in the last dim): the kernels write their
     gradients there, or add them (``add_q`` for dq, ``add_kv`` for dk/dv), and return those
-    tensors: no fresh tensors and no separate add pass.
+    tensors: no fresh tensors and no separate add pass. ``kv_ready`` is called on the host once
+    dK/dV's kernel is launched and before dQ's (at the end where one kernel makes both): work
+    the caller issues there, such as sending dK/dV on, overlaps dQ's kernel.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     _check_qkv(q, k, v)
@@ -370,7 +382,7 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                  f"(last stride {buf.stride(-1)}) must have the shape {tuple(like.shape)}, the "
                                  f"device and a unit last stride")
     return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs,
-                     into, add_q, add_kv)
+                     into, add_q, add_kv, kv_ready)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,

@@ -106,23 +106,24 @@ def _forward(q, k, v, doc, pos, causal: bool, scale: float, comm, backend):
 
 def _backward(dout, q, k, v, out, lse, doc, pos, causal: bool, scale: float, comm, backend):
     """dQ stays home; the dK/dV accumulator of each key/value block travels with it. A
-    block's accumulator is sent on as soon as this rank has added its share, and the next
-    block's arrives while this rank computes on it, so only the last hop (the one that
-    brings each accumulator home) is exposed. That hop carries the finished sums, which the op
-    casts to k's dtype anyway, so they travel cast (half the bytes in bf16, the same values).
+    block's accumulator is sent on as soon as this rank has added its share, which the backend
+    signals (``kv_ready``) before it computes the block's dQ: the Triton backend between its
+    dK/dV and dQ kernels, so each hop, the last one home included, travels beside a dQ kernel.
+    The hop home carries the finished sums, which the op casts to k's dtype anyway, so they
+    travel cast (half the bytes in bf16, the same values).
 
     The backend writes step 0's gradients (the own block: every row and key) straight into
     the fp32 accumulators, and adds the later steps' dQ into its accumulator, so the ring
     needs no zero fill and no fp32 copies of a block's gradients. A later step's dK/dV go to
     buffers of their own (no fill) and are added to the arriving accumulator once the kernel
     is done: adding inside the kernel would make it wait for the accumulator's hop, which
-    leaves only when the previous step's compute is done (on 2 x H200, in separate calls, 8K
+    leaves only when the previous step's dK/dV are done (on 2 x H200, in separate calls, 8K
     tokens: 10.34 ms with the add in the kernel, 10.29 after it; sdpa blocks 8.73 and 8.54)."""
     c = q.shape[2] // 2
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    in_flight = None  # (receive buffers, works) of the accumulator of the block held next
+    held: dict = {}  # "acc": this rank's (dK, dV) accumulator; "in_flight": (received, works) of the next
+
     for step, (j, (k_j, v_j, doc_j, pos_j)) in enumerate(_ring_steps([k, v, doc, pos], comm)):
-        first = in_flight is None  # step 0: the own block, whose accumulator starts here
         rows, keys = slice(None), slice(None)
         if pos is not None or j == comm.rank or not causal:
             args = (dout, q, k_j, v_j, out, lse)
@@ -138,20 +139,25 @@ def _backward(dout, q, k, v, out, lse, doc, pos, causal: bool, scale: float, com
             mask, block_causal = {"doc_q": _half(doc, rows), "doc_k": doc_j}, False
         gk = torch.empty(args[2].shape, device=k.device, dtype=torch.float32)
         gv = torch.empty(args[3].shape, device=v.device, dtype=torch.float32)
-        backend.backward_block(*args, block_causal, scale, into=(dq[:, :, rows], gk, gv), add_q=not first,
-                               **mask)
-        if first:
-            dk, dv = gk, gv  # the own block's keys: all of them
-        else:
-            (dk, dv), works = in_flight
-            comm.wait(works)
-            dk[:, :, keys] += gk
-            dv[:, :, keys] += gv
-        if comm.size == 1:
-            return dq, dk, dv
-        home = step == comm.size - 1  # the hop home: the sums are final
-        in_flight = comm.start([dk.to(k.dtype), dv.to(v.dtype)] if home else [dk, dv])
-    (dk, dv), works = in_flight  # after cp hops each accumulator is home
+
+        def kv_ready(step=step, keys=keys, gk=gk, gv=gv) -> None:  # called inside backward_block
+            if step == 0:
+                held["acc"] = (gk, gv)  # the own block's keys: all of them
+            else:
+                (dk, dv), works = held["in_flight"]
+                comm.wait(works)
+                dk[:, :, keys] += gk
+                dv[:, :, keys] += gv
+                held["acc"] = (dk, dv)
+            if comm.size > 1:
+                home = step == comm.size - 1  # the hop home: the sums are final
+                held["in_flight"] = comm.start([t.to(k.dtype) for t in held["acc"]] if home else list(held["acc"]))
+
+        backend.backward_block(*args, block_causal, scale, into=(dq[:, :, rows], gk, gv), add_q=step > 0,
+                               kv_ready=kv_ready, **mask)
+    if comm.size == 1:
+        return dq, *held["acc"]
+    (dk, dv), works = held["in_flight"]  # after cp hops each accumulator is home
     comm.wait(works)
     return dq, dk, dv
 
