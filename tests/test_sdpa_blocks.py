@@ -309,6 +309,26 @@ def test_cuda_glue_with_cpu_stand_ins(monkeypatch, op, causal, docs):
                                                                     or docs)
 
 
+def test_out_of_memory_is_not_a_gqa_refusal(monkeypatch):
+    """cuDNN running out of memory on grouped k/v raises as it is: the blocks do not take it for
+    a refusal of the grouped k/v (repeating them would need more memory, and the switch would
+    stay off for the rest of the run)."""
+    import dtensor_parallel.context_parallel.sdpa_blocks as sdpa
+
+    class _OomOps(_CudaOpsOnCpu):
+        def _scaled_dot_product_cudnn_attention(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("stand-in: out of memory")
+
+    monkeypatch.setattr(sdpa, "aten", _OomOps())
+    monkeypatch.setattr(sdpa, "_kind", lambda q, masked, causal, s_k: "cudnn")
+    monkeypatch.setattr(sdpa, "_CUDNN_GQA", [True])
+    q, k, v = inputs(1, 4, 2, 16, 16, 16, device="cpu")
+    out, lse = torch.empty(1, 4, 16, 16), torch.empty(1, 4, 16)
+    with pytest.raises(torch.OutOfMemoryError):
+        SdpaBlocks.forward_step(q, k, v, out, lse, True, 0.25, accumulate=False)
+    assert sdpa._CUDNN_GQA[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCuda:

@@ -224,6 +224,8 @@ class SdpaBlocks:
                 if _native_gqa(kind, rep):
                     try:
                         o, l = _attend(kind, q, k, v, None, causal, scale)
+                    except torch.OutOfMemoryError:
+                        raise  # not a refusal of the grouped k/v (and repeating them needs more)
                     except RuntimeError as err:
                         _gqa_refused(err)
                 if o is None:
@@ -264,6 +266,8 @@ class SdpaBlocks:
         if not masked and _native_gqa(kind, rep):  # dK/dV come back summed over each group
             try:
                 grads = _attend_backward(kind, dout, q, k, v, out, lse, None, causal, scale)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as err:
                 _gqa_refused(err)
             else:
