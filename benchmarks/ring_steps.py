@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from dtensor_parallel.context_parallel import ring, zigzag_indices
 from dtensor_parallel.context_parallel.blocks import get_backend
 from triton_kernels.flash_attention import flash_attention
 
-from common import median, write_results
+from common import median_ms, write_results
 
 HQ, HKV, D = 32, 8, 128
 
@@ -61,23 +60,10 @@ class _PeerComm:
         pass
 
 
-def _timed(fn, iters: int, warmup: int = 3) -> float:
-    """Median ms per call: CUDA events on a GPU, the wall clock on a CPU (``--device cpu``: a
-    smoke run of the script under ``TRITON_INTERPRET=1``, not a measurement)."""
-    times = []
-    cuda = torch.cuda.is_available()
-    for i in range(warmup + iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3)
-    return median(times)
+def _timed(fn, iters: int) -> float:
+    """Median ms per call after 3 warm-ups: CUDA events on a GPU, the wall clock on a CPU
+    (``--device cpu``: a smoke run of the script under ``TRITON_INTERPRET=1``, not a measurement)."""
+    return median_ms(fn, cuda=torch.cuda.is_available(), warmup=3, iters=iters)
 
 
 def _ring_rank(rank: int, shards: dict, backend: str, scale: float, iters: int) -> dict:

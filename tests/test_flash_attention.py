@@ -178,11 +178,12 @@ def test_ring_step_writes_and_merges_through_views():
 
 @pytest.mark.parametrize("d,backward,docs", [(32, "split", False), (32, "split", True), (24, "split", False),
                                            (32, "fused", False)])
-def test_backward_into_writes_then_adds_through_views(monkeypatch, d, backward, docs):
-    """``into``: the first block's gradients overwrite the (NaN-filled) buffers, the second
-    block's are added to strided views of them (the ring's half chunks), in the kernels'
-    epilogue (d 32, split) or through the fallback (d 24 runs padded; the fused backward):
-    bit-equal to fresh fp32 gradients summed by PyTorch. ``kv_ready`` runs once dK/dV are
+def test_backward_into_writes_and_adds_dq_through_views(monkeypatch, d, backward, docs):
+    """``into``: the first block's gradients overwrite the (NaN-filled) buffers; the second
+    block's dQ is added to a strided view of dq (the ring's half chunk) and its dK/dV
+    overwrite strided views of the other buffers, in the kernels' epilogue (d 32, split) or
+    through the fallback (d 24 runs padded; the fused backward): bit-equal to fresh fp32
+    gradients (dQ summed by PyTorch). ``kv_ready`` runs once dK/dV are
     written, before the dQ kernel where the two kernels run apart."""
     monkeypatch.setattr("triton_kernels.flash_attention._BACKWARD", backward)
     torch.manual_seed(4)
@@ -210,12 +211,12 @@ def test_backward_into_writes_then_adds_through_views(monkeypatch, d, backward, 
     views = (bufs[0][:, :, 24:], bufs[1][:, :, :24], bufs[2][:, :, :24])
     assert not views[0].is_contiguous()
     flash_attention_backward(q[:, :, 24:], k[:, :, :24], v[:, :, :24], out[:, :, 24:], lse[:, :, 24:].contiguous(),
-                             dout[:, :, 24:], causal=False, into=views, add_q=True, add_kv=True, **half)
+                             dout[:, :, 24:], causal=False, into=views, add_q=True, **half)
     want_q = g1[0].clone()
     want_q[:, :, 24:] += g2[0]
     want_k, want_v = g1[1].clone(), g1[2].clone()
-    want_k[:, :, :24] += g2[1]
-    want_v[:, :, :24] += g2[2]
+    want_k[:, :, :24] = g2[1]
+    want_v[:, :, :24] = g2[2]
     for name, g, w in zip(("dq", "dk", "dv"), bufs, (want_q, want_k, want_v)):
         assert torch.equal(g, w), f"{name}: max diff {(g - w).abs().max().item()}"
     with pytest.raises(ValueError, match="into's dk"):

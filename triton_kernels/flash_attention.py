@@ -159,7 +159,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
               dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float,
               grad_dtype: torch.dtype | None = None, docs: Documents | None = None,
               into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, add_q: bool = False,
-              add_kv: bool = False, kv_ready: Callable[[], None] | None = None
+              kv_ready: Callable[[], None] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, hkv, s_q, s_k, d = _check_qkv(q, k, v)
     for name, t in (("out", out), ("dout", dout)):
@@ -170,8 +170,9 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     d_kernel = _kernel_head_dim(d)
     if into is not None and (d_kernel != d or _fused_backward(docs)):  # those paths write fresh tensors
         grads = _backward(q, k, v, out, lse, dout, dlse, causal, scale, torch.float32, docs)
-        for buf, g, add in zip(into, grads, (add_q, add_kv, add_kv)):
-            buf.add_(g) if add else buf.copy_(g)
+        into[0].add_(grads[0]) if add_q else into[0].copy_(grads[0])
+        into[1].copy_(grads[1])
+        into[2].copy_(grads[2])
         if kv_ready is not None:
             kv_ready()
         return into
@@ -221,7 +222,6 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         q, k, v, dout, lse, delta, dk, dv, *_doc_args(docs, lse), scale, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         hq, hkv, hq // hkv, s_q, s_k, HEAD_DIM=d, IS_CAUSAL=bool(causal), HAS_DOCS=docs is not None, **flags,
-        ACCUMULATE=into is not None and add_kv,
     )
     if kv_ready is not None:  # dK/dV are written: the caller's next work goes between the two kernels
         kv_ready()
@@ -355,7 +355,7 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              doc_k: torch.Tensor | None = None, pos_q: torch.Tensor | None = None,
                              pos_k: torch.Tensor | None = None,
                              into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                             add_q: bool = False, add_kv: bool = False, kv_ready: Callable[[], None] | None = None
+                             add_q: bool = False, kv_ready: Callable[[], None] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q, K/V block) pair given the *global* ``out`` and ``lse``.
 
@@ -367,7 +367,8 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``doc_q``/``doc_k``/``pos_q``/``pos_k`` as in the forward; rows with lse -inf and keys that no query of
     their document sees get zero gradients. ``into`` = (dq, dk, dv), the ring's fp32
     accumulators (views allowed, unit stride in the last dim): the kernels write their
-    gradients there, or add them (``add_q`` for dq, ``add_kv`` for dk/dv), and return those
+    gradients there (dq added to the buffer's values with ``add_q``: the ring's dQ accumulates at
+    home; its dK/dV accumulators travel, so it adds those after the kernel) and return those
     tensors: no fresh tensors and no separate add pass. ``kv_ready`` is called on the host once
     dK/dV's kernel is launched and before dQ's (at the end where one kernel makes both): work
     the caller issues there, such as sending dK/dV on, overlaps dQ's kernel.
@@ -382,7 +383,7 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                  f"(last stride {buf.stride(-1)}) must have the shape {tuple(like.shape)}, the "
                                  f"device and a unit last stride")
     return _backward(q, k, v, out, lse, dout, None, causal, _scale(q, softmax_scale), grad_dtype, docs,
-                     into, add_q, add_kv, kv_ready)
+                     into, add_q, kv_ready)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,

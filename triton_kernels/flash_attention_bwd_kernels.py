@@ -137,9 +137,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, offs_n, 
 
 @triton.autotune(
     configs=_DKDV_CONFIGS,
-    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "TMA", "ACCUMULATE"],
+    key=["S_Q", "S_K", "HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "TMA"],
     prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M", _DKDV_MEASURED)},
-    restore_value=["DK", "DV"],  # ACCUMULATE: each config tried must find the caller's sums
 )
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm_scale,
@@ -149,12 +148,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
                    H_Q, H_KV, GROUP, S_Q, S_K,
                    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
-                   ACCUMULATE: tl.constexpr = False):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """One program: BLOCK_N keys of one (batch, kv head); loops over the GROUP query heads that
     share the kv head and over their query blocks, so GQA's dK/dV sum needs no atomics.
-    ACCUMULATE: add to DK/DV's values instead of overwriting them (the ring's accumulators:
-    each program owns its key rows, so a load, an fp32 add and a store, no atomics).
     HAS_DOCS: as ``_attn_fwd``'s KV_LO, KV_HI, Q_LO, Q_HI; only the queries the keys' ranges
     hold are visited. TMA: each query head's Q and dO tiles through device-side descriptors."""
     start_n = tl.program_id(1) * BLOCK_N  # causal: key block 0 has the most queries, runs first
@@ -208,13 +204,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LO, KV_HI, Q_LO, Q_HI, sm
                                  offs_n, S_Q, qk_scale, full_end, end, col_lo, col_hi, KV_LO, KV_HI, 0, 0,
                                  q_desc, do_desc, BLOCK_M, HEAD_DIM, True, IS_CAUSAL, False, UPCAST, PRECISION, TMA)
     dk *= sm_scale
-    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    if ACCUMULATE:
-        dk = tl.load(dk_ptrs, mask=col_ok[:, None], other=0.0).to(tl.float32) + dk
-        dv = tl.load(dv_ptrs, mask=col_ok[:, None], other=0.0).to(tl.float32) + dv
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit

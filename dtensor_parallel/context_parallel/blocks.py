@@ -7,14 +7,14 @@ A backend gives ring attention two functions:
   **in place** (they may be views: the ring passes the second-chunk half of its
   buffers). ``accumulate=False`` overwrites them (the first step); ``True`` merges:
   ``lse' = logaddexp(lse, lse_b)``, ``out' = out e^(lse - lse') + out_b e^(lse_b - lse')``.
-- ``backward_block(dout, q, k, v, out, lse, causal, scale, doc_q, doc_k, into, add_q, add_kv,
+- ``backward_block(dout, q, k, v, out, lse, causal, scale, doc_q, doc_k, into, add_q,
   kv_ready) -> (dq, dk, dv)``: the FlashAttention backward of one block given the *final* out and lse,
   which is exactly that block's share of the gradients: P = exp(S - lse), dV = P^T dO,
   dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q. Without ``into``
   it returns fresh fp32 tensors; with ``into`` = (dq, dk, dv), the ring's fp32 accumulators
-  (views), it writes them there, or adds them (``add_q``, ``add_kv``), and returns those:
-  the ring then needs no zero fill, no fp32 copy of a block's gradients and no add pass
-  of its own (:func:`deliver`; the Triton kernels add in their epilogue). ``kv_ready()``, if
+  (views), it writes them there (adding dQ to the buffer's values with ``add_q``), and
+  returns those: the ring then needs no zero fill, no fp32 copy of a block's gradients and
+  no add pass of its own for dQ (:func:`deliver`; the Triton dQ kernel adds in its epilogue). ``kv_ready()``, if
   given, is called once dK/dV are in ``into``: before dQ's kernel where a backend computes
   them apart (Triton), at the end otherwise; the ring sends the accumulator on from there.
 
@@ -66,8 +66,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torc
     return (out * torch.exp(lse - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1), new)
 
 
-def deliver(into, add_q: bool, add_kv: bool, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-            kv_ready=None):
+def deliver(into, add_q: bool, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, kv_ready=None):
     """A block's gradients as ``backward_block`` returns them: fp32 (``into`` None), or written
     into / added to the caller's fp32 buffers ``into`` in one pass each (an add or a copy
     promotes a bf16 gradient in the same pass, computing in fp32: the sum equals adding its
@@ -75,8 +74,9 @@ def deliver(into, add_q: bool, add_kv: bool, dq: torch.Tensor, dk: torch.Tensor,
     if into is None:
         grads = dq.float(), dk.float(), dv.float()
     else:
-        for buf, g, add in zip(into, (dq, dk, dv), (add_q, add_kv, add_kv)):
-            buf.add_(g) if add else buf.copy_(g)
+        into[0].add_(dq) if add_q else into[0].copy_(dq)
+        into[1].copy_(dk)
+        into[2].copy_(dv)
         grads = into
     if kv_ready is not None:
         kv_ready()
@@ -119,8 +119,7 @@ class TorchBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
-                       pos_q=None, pos_k=None, into=None, add_q: bool = False, add_kv: bool = False,
-                       kv_ready=None):
+                       pos_q=None, pos_k=None, into=None, add_q: bool = False, kv_ready=None):
         rep = q.shape[1] // k.shape[1]
         b, hkv, sk, d = k.shape
         dq = []
@@ -141,7 +140,7 @@ class TorchBlocks:
             dk_c = torch.matmul(ds.transpose(-1, -2), q[:, :, i:j].float()) * scale
             dk[:, :, :n] += dk_c.view(b, hkv, rep, n, d).sum(2)
             dv[:, :, :n] += dv_c.view(b, hkv, rep, n, d).sum(2)
-        return deliver(into, add_q, add_kv, torch.cat(dq, 2), dk, dv, kv_ready)
+        return deliver(into, add_q, torch.cat(dq, 2), dk, dv, kv_ready)
 
 
 def _rows(doc: torch.Tensor | None, i: int, j: int) -> torch.Tensor | None:

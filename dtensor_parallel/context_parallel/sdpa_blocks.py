@@ -247,8 +247,7 @@ class SdpaBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
-                       pos_q=None, pos_k=None, into=None, add_q: bool = False, add_kv: bool = False,
-                       kv_ready=None):
+                       pos_q=None, pos_k=None, into=None, add_q: bool = False, kv_ready=None):
         masked = _check_docs(q, k, doc_q, doc_k)
         kind = _kind(q, masked, causal, k.shape[2])
         b, hq, s_q, d = q.shape
@@ -262,7 +261,7 @@ class SdpaBlocks:
             fold = (b, hkv, rep * s_q)
             dq, dk, dv = _attend_backward(kind, dout.reshape(*fold, d), q.reshape(*fold, d), k, v,
                                           out.reshape(*fold, d), lse.reshape(fold), None, False, scale)
-            return deliver(into, add_q, add_kv, dq.reshape(b, hq, s_q, d), dk, dv, kv_ready=kv_ready)
+            return deliver(into, add_q, dq.reshape(b, hq, s_q, d), dk, dv, kv_ready=kv_ready)
         if not masked and _native_gqa(kind, rep):  # dK/dV come back summed over each group
             try:
                 grads = _attend_backward(kind, dout, q, k, v, out, lse, None, causal, scale)
@@ -271,7 +270,7 @@ class SdpaBlocks:
             except RuntimeError as err:
                 _gqa_refused(err)
             else:
-                return deliver(into, add_q, add_kv, *grads, kv_ready=kv_ready)
+                return deliver(into, add_q, *grads, kv_ready=kv_ready)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if not masked:  # the op's dtype: promoted where it is summed or delivered
@@ -290,4 +289,4 @@ class SdpaBlocks:
         if rep > 1:  # sum each group's query heads into its key/value head, in fp32
             dk = dk.reshape(b, hkv, rep, s_k, d).sum(2, dtype=torch.float32)
             dv = dv.reshape(b, hkv, rep, s_k, d).sum(2, dtype=torch.float32)
-        return deliver(into, add_q, add_kv, dq, dk, dv, kv_ready=kv_ready)
+        return deliver(into, add_q, dq, dk, dv, kv_ready=kv_ready)

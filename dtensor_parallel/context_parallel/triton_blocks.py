@@ -25,13 +25,12 @@ class TritonBlocks:
 
     @staticmethod
     def backward_block(dout, q, k, v, out, lse, causal: bool, scale: float, doc_q=None, doc_k=None,
-                       pos_q=None, pos_k=None, into=None, add_q: bool = False, add_kv: bool = False,
-                       kv_ready=None):
-        # with ``into``, the kernels write (or add) their fp32 gradients straight into the ring's buffers;
+                       pos_q=None, pos_k=None, into=None, add_q: bool = False, kv_ready=None):
+        # with ``into``, the kernels write their fp32 gradients straight into the ring's buffers (dQ added);
         # kv_ready runs between the dK/dV kernel and the dQ kernel
         return flash_attention_backward(q, k, v, out, lse.contiguous(), dout, causal=causal,
                                         softmax_scale=scale, grad_dtype=torch.float32, into=into,
-                                        add_q=add_q, add_kv=add_kv, kv_ready=kv_ready,
+                                        add_q=add_q, kv_ready=kv_ready,
                                         **_documents(doc_q, doc_k, pos_q, pos_k))
 
 
