@@ -7,7 +7,8 @@ this recomputes it with the estimator as it is now (the measured peaks do not ch
 estimator learns something), for every ``ours`` row of the given results files, and writes
 ``results/memory_estimate_throughput.json``: predicted / measured per row (goal within 10%,
 issue 23) and the phase the estimator expects the peak in. Each row's plan is rebuilt the way
-``throughput_worker.build_ours`` builds it (selective recompute, bf16, fused AdamW).
+``throughput_worker.build_ours`` builds it (selective recompute, bf16, fused AdamW or ours with
+bf16 moments).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def estimate_row(row: dict, config: dict) -> dict:
     dims = ParallelDims(pp=lay.pp, dp_shard=lay.dp_shard, cp=lay.cp, tp=lay.tp, world_size=lay.world_size)
     margs = model_args(config["shape"], config["layers"], config["seq"])
     est = max((estimate_memory(margs, dims, plan, seq_len=config["seq"], micro_batch_size=1, n_micro=n_micro,
-                               pp_rank=r, optimizer="fused") for r in range(lay.pp)), key=lambda e: e.peak_bytes)
+                               pp_rank=r, optimizer="bf16_moments" if row.get("moments") == "bf16" else "fused")
+               for r in range(lay.pp)), key=lambda e: e.peak_bytes)
     return {"impl": row["impl"], "measured_peak_gib": row["peak_allocated_gib"],
             "predicted_peak_gib": est.peak_bytes / GIB, "predicted_phase": est.peak_phase,
             "predicted_at_run_time_gib": row.get("predicted_peak_gib"),

@@ -32,7 +32,9 @@ def targets(rows: list[dict]) -> list[dict]:
         mode = "compile" if r["compile"] else "eager"
         fused = "/fused_loss" if r.get("fused_loss") else ""
         alt = r.get("selective_policy") == "save_alternate_matmuls"
-        label = f"{r['layout']} {mode} kernels={r['kernels']}{' fused_loss' if fused else ''}{' alt_mm' if alt else ''}"
+        bf16_moments = " bf16_moments" if r.get("moments") == "bf16" else ""
+        label = (f"{r['layout']} {mode} kernels={r['kernels']}{' fused_loss' if fused else ''}{' alt_mm' if alt else ''}"
+                 f"{bf16_moments}")
         tt = ok.get(f"torchtitan/{r['layout']}/-/{mode}")
         if tt is not None:
             out.append({"name": f"{label}: ours / TorchTitan tokens/s",

@@ -70,8 +70,13 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
     pm = parallelize(model, mesh, plan)
     if not hf:
         pm.init_weights(seed=0)
-    opt = torch.optim.AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                            fused=True)
+    moments = getattr(args, "moments", "fp32")
+    if moments == "bf16":  # ours: the moments in bf16, one Triton kernel a parameter
+        from dtensor_parallel.adamw import AdamW
+        opt = AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, state_dtype="bf16")
+    else:
+        opt = torch.optim.AdamW(pm.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                fused=True)
 
     def step(x, y, mark=lambda phase: None):
         loss = pm.forward_backward(x, y)
@@ -84,14 +89,15 @@ def build_ours(lay: Layout, args, device, hf: bool = False):
 
     fsdp = lay.dp_shard * lay.cp > 1  # parallelize applies FSDP over dp_shard x cp
     info = {"autocast": "FSDP MixedPrecisionPolicy(bf16, fp32)" if fsdp else "torch.autocast(bf16) (no FSDP)",
-            "plan_kernels": plan.kernels}
+            "plan_kernels": plan.kernels, "adamw_moments": moments}
     if not hf:  # the memory estimator's peak for this config (issue 23: within 10% of the measured peak)
         from dtensor_parallel.mesh import ParallelDims
         from dtensor_parallel.planning.memory import estimate_memory
 
         dims = ParallelDims(pp=lay.pp, dp_shard=lay.dp_shard, cp=lay.cp, tp=lay.tp, world_size=lay.world_size)
         est = max((estimate_memory(model_args(args.shape, args.layers, args.seq), dims, plan, seq_len=args.seq,
-                                   micro_batch_size=1, n_micro=n_micro, pp_rank=r, optimizer="fused",
+                                   micro_batch_size=1, n_micro=n_micro, pp_rank=r,
+                                   optimizer="bf16_moments" if moments == "bf16" else "fused",
                                    pipeline_p2p=pm.pipeline.p2p if pm.pipeline is not None else "nccl")
                    for r in range(lay.pp)),
                   key=lambda e: e.peak_bytes)
@@ -224,7 +230,8 @@ def worker(args) -> None:
     lay = parse_layout(args.layout)
     n_micro = args.microbatches if lay.pp > 1 else 1
     margs = model_args(args.shape, args.layers, args.seq)
-    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile, args.fused_loss, args.selective_policy)
+    cfg = RunConfig(args.framework, args.layout, args.kernels, args.compile, args.fused_loss, args.selective_policy,
+                    args.moments)
     torch.manual_seed(0)  # TorchTitan initializes from the global RNG
     if args.framework in ("ours", "hf"):
         step, global_loss, dp_rank, dp_size, info, root = build_ours(lay, args, device, hf=args.framework == "hf")
@@ -301,5 +308,6 @@ def worker_args(argv: list[str]):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fused-loss", action="store_true")
     p.add_argument("--selective-policy", default="save_matmuls")
+    p.add_argument("--moments", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--profile", action="store_true")
     return p.parse_args(argv)

@@ -4,6 +4,7 @@
     python3 benchmarks/train_throughput.py --dry            # CPU smoke: tiny model, gloo
     python3 benchmarks/train_throughput.py --layouts tp2sp --fused-loss off,on   # ours both ways
     python3 benchmarks/train_throughput.py --layouts 1gpu --selective-policy save_matmuls,save_alternate_matmuls
+    python3 benchmarks/train_throughput.py --layouts 1gpu --moments fp32,bf16   # AdamW's moments, ours both ways
     bash benchmarks/run_throughput.sh 1gpu,fsdp2 --compile off   # one device call
 
 A driver launches one ``torchrun`` per (framework, layout, kernels, compile) config, several
@@ -136,17 +137,20 @@ class RunConfig:
     compile: bool
     fused_loss: bool = False  # ours: ParallelPlan.fused_loss (the key says so only when on)
     selective_policy: str = "save_matmuls"  # ours: ParallelPlan.selective_policy (key: /alt_mm)
+    moments: str = "fp32"  # ours: AdamW's moments, torch's fused AdamW or ours in bf16 (key: /bf16_moments)
 
     @property
     def key(self) -> str:
         key = f"{self.framework}/{self.layout}/{self.kernels}/{'compile' if self.compile else 'eager'}"
         key = key + "/fused_loss" if self.fused_loss else key
-        return key + "/alt_mm" if self.selective_policy == "save_alternate_matmuls" else key
+        key = key + "/alt_mm" if self.selective_policy == "save_alternate_matmuls" else key
+        return key + "/bf16_moments" if self.moments == "bf16" else key
 
 
 def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], kernels: list[str],
             fused_losses: tuple[bool, ...] = (False,),
-            policies: tuple[str, ...] = ("save_matmuls",), titan_async_tp: bool = False) -> list[RunConfig]:
+            policies: tuple[str, ...] = ("save_matmuls",), titan_async_tp: bool = False,
+            moments: tuple[str, ...] = ("fp32",)) -> list[RunConfig]:
     """Layout-major, so both frameworks of a layout run close together in time;
     ``fused_losses`` and ``policies`` (selective recompute's) multiply our rows only
     (TorchTitan's loss and recompute policy are its own); ``titan_async_tp`` adds TorchTitan
@@ -166,7 +170,8 @@ def configs(layouts: list[str], frameworks: list[str], compiles: list[bool], ker
                         continue  # (about 20 TFLOP/s in benchmarks/ring_attention.py): not a training path
                     for fused in (fused_losses if fw == "ours" else (False,)):
                         for policy in (policies if fw == "ours" else ("save_matmuls",)):
-                            out.append(RunConfig(fw, name, k, c, fused, policy))
+                            for mom in (moments if fw == "ours" else ("fp32",)):
+                                out.append(RunConfig(fw, name, k, c, fused, policy, mom))
     return out
 
 
@@ -193,7 +198,8 @@ def launch(cfg: RunConfig, gpus: list[str] | None, args, tmp: Path) -> Running:
            "--kernels", cfg.kernels, "--shape", args.shape, "--layers", str(args.layers), "--seq", str(args.seq),
            "--microbatches", str(args.microbatches), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--result", str(result)] + (["--compile"] if cfg.compile else []) + (["--profile"] if args.profile else []) \
-        + (["--fused-loss"] if cfg.fused_loss else []) + ["--selective-policy", cfg.selective_policy]
+        + (["--fused-loss"] if cfg.fused_loss else []) + ["--selective-policy", cfg.selective_policy] \
+        + ["--moments", cfg.moments]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"),
                                                                      os.environ.get("PYTHONPATH")])))
     env["OUT"] = str(args.out_dir)  # where a profile summary goes
@@ -322,6 +328,8 @@ def driver_args(argv: list[str]):
                    "(on: rows keyed .../fused_loss; TorchTitan's rows unchanged)")
     p.add_argument("--selective-policy", default="save_matmuls",
                    help="ours: ParallelPlan.selective_policy, comma-separated (save_alternate_matmuls: rows keyed .../alt_mm)")
+    p.add_argument("--moments", default="fp32", help="ours: AdamW's moments, fp32 (torch's fused AdamW) and/or "
+                   "bf16 (dtensor_parallel.adamw, rows keyed .../bf16_moments), comma-separated")
     p.add_argument("--titan-async-tp", action="store_true",
                    help="also TorchTitan with its async TP on, compiled TP layouts (rows keyed torchtitan/<layout>/async_tp/compile)")
     p.add_argument("--shape", default="8B", choices=sorted(SHAPES))
@@ -350,6 +358,9 @@ def driver_args(argv: list[str]):
     bad = set(args.fused_loss.split(",")) - {"off", "on"}
     if bad:
         p.error(f"--fused-loss {args.fused_loss!r}: use off, on or off,on")
+    bad = set(args.moments.split(",")) - {"fp32", "bf16"}
+    if bad:
+        p.error(f"--moments {sorted(bad)}: use fp32 and/or bf16")
     bad = set(args.selective_policy.split(",")) - {"save_matmuls", "save_alternate_matmuls"}
     if bad:
         p.error(f"--selective-policy {sorted(bad)}: use save_matmuls and/or save_alternate_matmuls")
@@ -376,7 +387,7 @@ def main(argv: list[str]) -> None:
     layouts = [args.profile] if args.profile else args.layouts.split(",")
     cfgs = configs(layouts, args.frameworks.split(","), [c == "on" for c in args.compile.split(",")],
                    args.kernels.split(","), tuple(f == "on" for f in args.fused_loss.split(",")),
-                   tuple(args.selective_policy.split(",")), args.titan_async_tp)
+                   tuple(args.selective_policy.split(",")), args.titan_async_tp, tuple(args.moments.split(",")))
     if args.only:  # e.g. a rerun of some configs after a fix
         cfgs = [c for c in cfgs if re.search(args.only, c.key)]
     if args.dry:  # torch's CP dispatcher has no rule for CPU attention kernels

@@ -5,12 +5,13 @@
     loss = pm.forward_backward(input_ids, labels)
 """
 
+from .adamw import AdamW
 from .document_attention import document_causal_attention
 from .mesh import MESH_DIMS, ParallelDims, build_mesh
 from .parallel_model import ParallelModel
 from .parallelize import parallelize
 from .plan import ParallelPlan
 
-__all__ = ["MESH_DIMS", "ParallelDims", "ParallelModel", "ParallelPlan", "build_mesh", "document_causal_attention",
+__all__ = ["AdamW", "MESH_DIMS", "ParallelDims", "ParallelModel", "ParallelPlan", "build_mesh", "document_causal_attention",
            "parallelize"]
 __version__ = "0.1.0"

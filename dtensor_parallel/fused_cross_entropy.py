@@ -48,13 +48,42 @@ def chunk_tokens_for(vocab_local: int, budget_bytes: int = CHUNK_BYTES) -> int:
     return max(1, budget_bytes // (4 * vocab_local))
 
 
-def _chunk_stats(z: torch.Tensor, local_labels: torch.Tensor, owned: torch.Tensor):
+def chunk_stats_(z: torch.Tensor, local_labels: torch.Tensor, owned: torch.Tensor):
     """(log-sum-exp, target logit or 0 where not owned) of fp32 logits z (c, V), in place."""
     target = z.gather(1, local_labels.unsqueeze(1)).squeeze(1) * owned  # (c,)
     m = z.amax(1)  # (c,)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of -inf: no nan
     lse = z.sub_(m.unsqueeze(1)).exp_().sum(1).log_().add_(m)  # (c,)
     return lse, target
+
+
+def owned_labels(labels: torch.Tensor, vocab_start: int, v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label index in this vocabulary shard, 0 where not owned; whether owned and kept)."""
+    local = labels - vocab_start
+    owned = (labels != IGNORE_INDEX) & (local >= 0) & (local < v_local)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def global_stats(stats: torch.Tensor, vocab_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shards' (2, N) [log-sum-exp; target logit or 0] -> the global (lse, target): one
+    all-gather over ``vocab_group`` (None or one rank: the stats are already global)."""
+    if vocab_group is None or dist.get_world_size(vocab_group) == 1:
+        return stats[0], stats[1]
+    world = dist.get_world_size(vocab_group)
+    every = torch.empty(world * 2, stats.shape[1], device=stats.device, dtype=stats.dtype)
+    dist.all_gather_into_tensor(every, stats, group=vocab_group)
+    every = every.view(world, 2, -1)  # (t, [lse; target], N)
+    return torch.logsumexp(every[:, 0], 0), every[:, 1].sum(0)
+
+
+def softmax_minus_onehot_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, valid: torch.Tensor,
+                          local: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """In place on one chunk's fp32 logits z (c, V/t): ``g (softmax(z) - onehot(label))`` with
+    the global log-sum-exp, the one-hot only where this shard owns the label, zero rows for
+    ignored tokens. The gradient of the summed loss with respect to z."""
+    z.sub_(lse.unsqueeze(1)).exp_()
+    z.mul_((g * valid).unsqueeze(1))
+    return z.scatter_add_(1, local.unsqueeze(1), (-g * owned).unsqueeze(1).to(z.dtype))
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -68,22 +97,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 vocab_group, vocab_start: int) -> torch.Tensor:
         n, v_local = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden)
-        local = labels - vocab_start  # (N,) label index in this shard
-        owned = (labels != IGNORE_INDEX) & (local >= 0) & (local < v_local)
-        local = torch.where(owned, local, torch.zeros_like(local))
+        local, owned = owned_labels(labels, vocab_start, v_local)
         stats = torch.empty(2, n, device=hidden.device, dtype=acc)  # [lse; target]
         for s in range(0, n, chunk):
             z = (hidden[s:s + chunk] @ weight.t()).to(acc)  # (c, V/t)
-            stats[0, s:s + chunk], stats[1, s:s + chunk] = _chunk_stats(z, local[s:s + chunk], owned[s:s + chunk])
+            stats[0, s:s + chunk], stats[1, s:s + chunk] = chunk_stats_(z, local[s:s + chunk], owned[s:s + chunk])
             del z
-        if vocab_group is not None and dist.get_world_size(vocab_group) > 1:
-            world = dist.get_world_size(vocab_group)
-            every = torch.empty(world * 2, n, device=stats.device, dtype=stats.dtype)
-            dist.all_gather_into_tensor(every, stats, group=vocab_group)
-            every = every.view(world, 2, n)  # (t, [lse; target], N)
-            lse, target = torch.logsumexp(every[:, 0], 0), every[:, 1].sum(0)
-        else:
-            lse, target = stats[0], stats[1]
+        lse, target = global_stats(stats, vocab_group)
         valid = labels != IGNORE_INDEX
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
         ctx.save_for_backward(hidden, weight, local, owned, valid, lse)
@@ -101,11 +121,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s:s + ctx.chunk]  # (c, D)
             dz = (h @ weight.t()).to(acc)  # (c, V/t), recomputed
-            dz.sub_(lse[s:s + ctx.chunk].unsqueeze(1)).exp_()  # softmax
-            dz.mul_((g * valid[s:s + ctx.chunk]).unsqueeze(1))  # ignored tokens: zero rows
-            dz.scatter_add_(1, local[s:s + ctx.chunk].unsqueeze(1),
-                            (-g * owned[s:s + ctx.chunk]).unsqueeze(1))  # - onehot(label), where owned
-            dz = dz.to(hidden.dtype)
+            c = slice(s, s + ctx.chunk)
+            dz = softmax_minus_onehot_(dz, lse[c], g, valid[c], local[c], owned[c]).to(hidden.dtype)
             if need_h:
                 torch.matmul(dz, weight, out=grad_h[s:s + ctx.chunk])  # (c, D): this shard's partial sum
             if need_w:

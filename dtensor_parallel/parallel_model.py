@@ -38,7 +38,7 @@ from .loss_head import LossHead
 from .mesh import ParallelDims, mesh_device, submesh
 from .pipeline.runtime import PipelineRuntime
 from .plan import ParallelPlan
-from .tensor_parallel.loss import IGNORE_INDEX, cross_entropy_sum, loss_context
+from .tensor_parallel.loss import IGNORE_INDEX, eager_cross_entropy_sum, loss_context
 from .tied import TiedGradSync, to_empty_keeping_ties
 from .validation import check_sequence
 
@@ -115,7 +115,7 @@ class ParallelModel:
                  state_order: list[str] | None = None, experts: tuple | None = None,
                  tied_sync: TiedGradSync | None = None, tied_names: list[list[str]] | None = None,
                  attention_window: int | None = None, loss_head: LossHead | None = None,
-                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = eager_cross_entropy_sum):
         self.stage_modules = modules
         self.mesh = mesh
         self.plan = plan

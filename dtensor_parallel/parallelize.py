@@ -67,7 +67,7 @@ from .plans.hf import check_hf_attention, hf_attention_window, is_transformers_c
 from .plans.hf_moe import adapt_hf_moe_blocks, check_expert_parallel_support
 from .recompute import apply_recompute
 from .tensor_parallel import apply_tensor_parallel
-from .tensor_parallel.loss import compiled_cross_entropy_sum, cross_entropy_sum
+from .tensor_parallel.loss import compiled_cross_entropy_sum, eager_cross_entropy_sum
 from .tensor_parallel.sp_reduce_scatter import check_sp_reduce_scatter
 from .tensor_parallel.styles import AttentionSite, TPKernels, VocabEmbedding, VocabHead
 from .tied import TiedGradSync, retie_after_tp, separate_stage_copies
@@ -162,7 +162,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan | None = 
     # the fused loss's head: on the last stage (the others hold a pass-through in its place)
     loss_head = next((m for sm in stage_modules for m in sm.modules() if isinstance(m, LossHead)), None)
     loss_sum = (loss_head.output_loss_sum if loss_head is not None
-                else compiled_cross_entropy_sum() if compiled else cross_entropy_sum)
+                else compiled_cross_entropy_sum() if compiled else eager_cross_entropy_sum)
     if layout is not None:
         pipeline = PipelineRuntime(stage_modules, stage_ids, layout.n_stages, submesh(mesh, "pp"),
                                    layout.schedule, mesh_device(mesh), loss_sum=loss_sum,

@@ -182,15 +182,23 @@ def one_step_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, batch: int 
     return loss.item()
 
 
+def _adamw(params, state_dtype: str | None):
+    if state_dtype is None:
+        return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
+    from dtensor_parallel.adamw import AdamW
+    return AdamW(params, lr=3e-3, weight_decay=0.1, state_dtype=state_dtype)
+
+
 def training_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, steps: int = 20,
-                    batch: int = 4, seq: int = 16) -> list[float]:
-    """``steps`` AdamW steps with clipping: the losses track the single-device run."""
+                    batch: int = 4, seq: int = 16, state_dtype: str | None = None) -> list[float]:
+    """``steps`` AdamW steps with clipping: the losses track the single-device run.
+    ``state_dtype``: our AdamW with moments of that dtype on both sides (None: torch's)."""
     torch._dynamo.reset()
     ref = make_model(kind)
     model = copy.deepcopy(ref)
     pm = parallelize(model, build_mesh(**mesh_kwargs), plan_for(kind, **plan_kwargs))
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1)
-    opt = torch.optim.AdamW(pm.parameters(), lr=3e-3, weight_decay=0.1)
+    opt_ref = _adamw(ref.parameters(), state_dtype)
+    opt = _adamw(pm.parameters(), state_dtype)
     vocab = ref.wte.num_embeddings if kind == "toy" else ref.args.vocab_size
     losses, ref_losses = [], []
     for step in range(steps):
@@ -206,5 +214,9 @@ def training_parity(kind: str, mesh_kwargs: dict, plan_kwargs: dict, steps: int 
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} vs single-device {b}"
     assert ref_losses[-1] < ref_losses[0]
-    assert_full_state_dict_matches(pm, ref, rel_tol=1e-4)  # the trained weights, gathered
+    # the trained weights, gathered. bf16 moments: a last-bit difference of a gradient (the
+    # layouts sum in other orders) turns a few moments' rounding the other way, one bf16 unit
+    # (measured 1.6e-4 after 10 steps on tp2_sp_fsdp2; noise drawn per rank instead of from
+    # the value: 2.9e-3)
+    assert_full_state_dict_matches(pm, ref, rel_tol=1e-4 if state_dtype is None else 5e-4)
     return losses

@@ -96,12 +96,12 @@ def test_gpu_compiled_sp_triton_reduce_scatter(fuse: bool) -> None:
 
 def _loss_choice(compile_: bool | str) -> str:
     from dtensor_parallel import build_mesh, parallelize
-    from dtensor_parallel.tensor_parallel.loss import compiled_cross_entropy_sum, cross_entropy_sum
+    from dtensor_parallel.tensor_parallel.loss import compiled_cross_entropy_sum, eager_cross_entropy_sum
 
     from .parity import make_model, plan_for
 
     pm = parallelize(make_model("llama"), build_mesh(dp_shard=2), plan_for("llama", compile=compile_))
-    fns = {compiled_cross_entropy_sum(): "compiled", cross_entropy_sum: "eager"}
+    fns = {compiled_cross_entropy_sum(): "compiled", eager_cross_entropy_sum: "eager"}
     return fns.get(pm._loss_sum_of, "other") + "/" + fns.get(pm.pipeline.loss_sum if pm.pipeline else None, "-")
 
 

@@ -123,3 +123,14 @@ def test_dry_run_counts_the_copy_engine_where_a_gpu_run_takes_it() -> None:
     run = dry_run(load_config(recipe, overlay=one_node))
     assert run.pipeline_p2p == "copy_engine" and all(r.estimate.detail["p2p_rings"] > 0 for r in run.ranks)
     assert "of receive rings a rank" in format_report(run, 141 << 30, 0.1)
+
+
+def test_dry_run_follows_the_moments_dtype() -> None:
+    """``--exp-avg-dtype bf16``: the plan counts 4 B a parameter of AdamW state, not 8."""
+    cfg = load_config(Path(__file__).parent.parent / "recipes" / "llama3_8b.toml")
+    cfg.training.optimizer_state_dtype = "bf16"
+    run, fp32 = dry_run(cfg), _run(Path(__file__).parent.parent / "recipes" / "llama3_8b.toml")
+    for ours, ref in zip(run.ranks, fp32.ranks):
+        n = sum(ours.numels.values())
+        assert (ours.estimate.optimizer_bytes, ref.estimate.optimizer_bytes) == (4 * n, 8 * n)
+        assert ours.estimate.peak_bytes < ref.estimate.peak_bytes

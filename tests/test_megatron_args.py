@@ -125,10 +125,19 @@ def test_unknown_flag_suggests_closest():
     ("--seq-length", "--seq-length expects a value"),
     ("--bf16=true", "--bf16 is a switch"),
     ("--recompute-granularity selective --recompute-method uniform", "--recompute-method"),
+    ("--exp-avg-dtype fp8", "--exp-avg-dtype 'fp8'.*fp32 or bf16"),
+    ("--exp-avg-dtype bf16 --exp-avg-sq-dtype fp32", "one dtype; give both the same"),
+    ("--main-grads-dtype bf16", "gradients stay fp32"),
 ])
 def test_errors_name_the_flag(argv, match):
     with pytest.raises(ValueError, match=match):
         parse_megatron_args(argv)
+
+
+def test_precision_aware_optimizer_flags():
+    line = "--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --main-grads-dtype fp32"
+    assert parse_megatron_args(line) == {"training": {"optimizer_state_dtype": "bf16"}}
+    assert parse_megatron_args("--exp-avg-sq-dtype fp32") == {"training": {"optimizer_state_dtype": "fp32"}}
 
 
 def test_query_groups_follow_megatron():

@@ -165,8 +165,9 @@ def test_fsdp_under_a_pipeline_keeps_the_stage_gathered_and_its_grads_unsharded(
 
 def test_compiled_loss_keeps_the_logits_in_the_compute_dtype() -> None:
     """Compiled (plan.compile True or "auto": the GPU run), the cross entropy keeps the head's
-    bf16 output and adds its bf16 gradient at the backward (a V / t each a token), where the
-    eager loss keeps an fp32 log-softmax and adds 8 V / t; the fused loss keeps neither."""
+    bf16 output and adds its bf16 gradient at the backward (a V / t each a token), as the
+    eager chunked loss does (its Triton kernels); DTensor's cross entropy over an uneven
+    vocabulary split keeps an fp32 log-softmax and adds 8 V / t; the fused loss keeps neither."""
     from dtensor_parallel.planning.activations import logits_bytes
 
     args = llama3_args("8B", n_layers=2)
@@ -175,7 +176,11 @@ def test_compiled_loss_keeps_the_logits_in_the_compute_dtype() -> None:
     for compile_ in (True, "auto"):
         assert logits_bytes(args, ParallelPlan(mixed_precision="bf16", compile=compile_), 1, 2, tokens) == \
             (2 * v * tokens, 2 * v * tokens)
-    assert eager == (4 * v * tokens, 8 * v * tokens)
+    assert eager == (2 * v * tokens, 2 * v * tokens)
+    tp2 = logits_bytes(args, ParallelPlan(mixed_precision="bf16", compile=False), 2, 2, tokens)
+    assert tp2 == (2 * v / 2 * tokens, 2 * v / 2 * tokens)  # the vocabulary shard's
+    tp5 = logits_bytes(args, ParallelPlan(mixed_precision="bf16", compile=False), 5, 2, tokens)
+    assert tp5 == (4 * v / 5 * tokens, 8 * v / 5 * tokens)  # 128256 / 5: uneven shards: F.cross_entropy on DTensor
     assert logits_bytes(args, ParallelPlan(compile=True, fused_loss=True), 1, 2, tokens)[0] == 4 * tokens
 
 
@@ -192,6 +197,22 @@ def test_fused_adamw_needs_one_parameter_sized_temporary() -> None:
     assert foreach - fused == 4 * (sum(numels.values()) - max(numels.values()))
     with pytest.raises(ValueError, match="optimizer="):
         estimate_memory(args, dims, plan, optimizer="sgd", **kw)
+
+
+def test_bf16_moments_halve_the_optimizer_state_and_need_no_temporary() -> None:
+    """Our AdamW with bf16 moments: 4 B a parameter of state instead of 8, and the step updates
+    in place (one Triton kernel a parameter), so the optimizer phase is the static state."""
+    args = llama3_args("8B", n_layers=2)
+    dims = ParallelDims(dp_shard=1, world_size=1)
+    plan = ParallelPlan(mixed_precision="bf16")
+    n = sum(local_param_numels(args, dims, plan, 0, 1).values())
+    kw = dict(seq_len=1024, micro_batch_size=1, n_micro=1)
+    fused = estimate_memory(args, dims, plan, optimizer="fused", **kw)
+    ours = estimate_memory(args, dims, plan, optimizer="bf16_moments", **kw)
+    assert (fused.optimizer_bytes, ours.optimizer_bytes) == (8 * n, 4 * n)
+    assert ours.detail["phase:optimizer step"] == ours.param_bytes + ours.grad_bytes + ours.optimizer_bytes \
+        + ours.buffer_bytes
+    assert ours.peak_bytes < fused.peak_bytes
 
 
 def test_alternate_selective_policy_drops_wk_wo_w3_outputs() -> None:

@@ -43,6 +43,14 @@ def test_training_tracks_single_device(layout: str, kind: str, steps: int) -> No
     run_distributed(world, training_parity, kind, mesh_kwargs, plan_kwargs, steps=steps, batch=8)
 
 
+def test_bf16_moments_track_single_device() -> None:
+    """Our AdamW with bf16 moments: sharded (FSDP), split (TP) and replicated (the norms over
+    tp) moments round as one device's do, so 10 steps track it as torch's AdamW does."""
+    world, mesh_kwargs, plan_kwargs = LAYOUTS["tp2_sp_fsdp2"]
+    run_distributed(world, training_parity, "llama", mesh_kwargs, plan_kwargs, steps=10, batch=8,
+                    state_dtype="bf16")
+
+
 @pytest.mark.parametrize("plan_kwargs", [
     {"micro_batch_size": 1, "global_batch_size": 8},  # 4 accumulated micro-batches per rank
     {"micro_batch_size": 2, "global_batch_size": 8, "sequence_parallel": True},

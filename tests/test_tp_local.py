@@ -78,7 +78,9 @@ def test_tp_collective_counts(sp: bool) -> None:
     reduce-scatters (wo, w2) forward, and the mirror image backward; plain TP does 2
     all-reduces forward and 2 backward. The embedding adds one reduce-scatter (all-reduce
     without SP) and the final norm one all-gather forward (all-reduce backward without
-    SP); the loss-parallel cross entropy adds 3 all-reduces (max, sum of exp, target).
+    SP); the loss-parallel cross entropy adds 3 all-reduces (max, sum of exp, target): DTensor's,
+    which simulated ranks take (on real process groups the chunked loss does one all-gather
+    instead, ``tests/test_cross_entropy.py``).
     Under SP the norm weights' partial gradients are summed by one all-reduce of one
     flat buffer after backward (Megatron does the same)."""
     n_layers = TINY_LLAMA.n_layers

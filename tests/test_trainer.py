@@ -303,16 +303,18 @@ def test_debug_recipe_end_to_end_tp2_fsdp2(tmp_path):
 
 def test_pipeline_pp2_tp2_on_a_token_file_with_profile(tmp_path):
     """PP2 x TP2 on 4 ranks, interleaved 1F1B with 2 virtual stages (4 layers: 1 a stage), 16
-    sequences in micro-batches of 2, reading a token file, rank 0 profiled (the train path
-    of the CLI in the test pool: the launcher itself is tested end to end above)."""
+    sequences in micro-batches of 2, reading a token file, rank 0 profiled, AdamW's moments in
+    bf16 (the train path of the CLI in the test pool: the launcher itself is tested end to end
+    above)."""
     chain = MarkovTokenStream(vocab_size=2048, seq_len=4096, global_batch_size=16, seed=7)
     data = _token_file(tmp_path / "tokens.bin", torch.cat(chain.batch(0)[0].unbind()))  # 65536 learnable tokens
     steps, metrics = 8, tmp_path / "run" / "metrics.jsonl"
     stdout = _train_pool(4, ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
                              "--micro-batch-size", "2", "--train-iters", str(steps), "--lr-warmup-iters", "2",
                              "--data-path", str(data), "--profile", "--profile-ranks", "0",
-                             "--metrics", str(metrics)])
+                             "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16", "--metrics", str(metrics)])
     assert "'pp': 2" in stdout and "'tp': 2" in stdout and "8 micro-batches" in stdout
+    assert "AdamW moments bf16" in stdout
     assert "token file" in stdout
     recs = _records(metrics, steps)
     assert all(0.0 <= r["bubble_frac"] < 1.0 and r["bubble_s"] >= 0.0 for r in recs)

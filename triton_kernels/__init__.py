@@ -1,5 +1,5 @@
-"""Triton kernels: ring-attention flash attention, SP reduce-scatter, MoE dispatch.
-
-Each family lands with its issue (context, SP reduce-scatter, expert parallel); until then
-``ParallelPlan(kernels=...)`` accepts the switch and the PyTorch paths run.
+"""Triton kernels: ring-attention flash attention, SP reduce-scatter, MoE dispatch (each
+behind its ``ParallelPlan(kernels=...)`` family), and two that compute exactly what their
+torch forms do, so they run wherever CUDA is, with no switch: the eager cross entropy
+(``cross_entropy.py``) and AdamW's update (``adamw.py``, ``dtensor_parallel.AdamW``).
 """

@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 
-from ..tensor_parallel.loss import cross_entropy_sum
+from ..tensor_parallel.loss import eager_cross_entropy_sum
 from .copy_engine_p2p import CopyEngineP2P, default_slots
 from .p2p_routing import P2PRouter
 from .schedules import SCHEDULES, schedule_class
@@ -57,7 +57,7 @@ def sm_carveout(n: int):
 class PipelineRuntime:
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
                  pp_mesh: DeviceMesh, schedule: str, device: torch.device,
-                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
+                 loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = eager_cross_entropy_sum,
                  sm_carveout: int = 0, p2p: str = "nccl"):
         self.group = pp_mesh.get_group()
         self.stage_ids = stage_ids

@@ -116,18 +116,20 @@ def activation_bytes(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, la
 
 def logits_bytes(args: ModelArgs, plan: ParallelPlan, t: int, a: int, tokens: float) -> tuple[float, float]:
     """(saved until the loss backward, peak at the loss backward) of the logits of one
-    micro-batch on the last stage. Unfused: log_softmax's fp32 output (4 V / t a token)
-    saved, its gradient and input gradient (8 V / t a token) at the backward; compiled
-    (``plan.compile``), the head's own output (``a V / t``) and its gradient instead. Fused
+    micro-batch on the last stage. Compiled (``plan.compile``): the head's own output (``a V
+    / t`` a token) saved and its gradient at the backward; eager (the chunked cross entropy of
+    ``tensor_parallel/loss.py``, whose Triton kernels run on CUDA), the same; eager over an
+    uneven vocabulary split (``F.cross_entropy`` through DTensor): log_softmax's fp32 output
+    (4 V / t) saved, its gradient and input gradient (8 V / t) at the backward. Fused
     (``plan.fused_loss``; the built-in Llama's head always qualifies): the per-token
     log-sum-exp (4 bytes) saved, and at the backward one chunk's fp32 logits (plus their
     matmul output in the compute dtype below fp32) and, in bf16, the fp32 accumulator of the
     head's weight gradient (``fused_cross_entropy.py``)."""
     v = args.vocab_size / t
     compiled = plan.compile in (True, "auto") and not _splits_backward(plan)  # the GPU run ("auto": on CUDA)
-    if not plan.fused_loss and compiled:
-        # compiled cross entropy (tensor_parallel/loss.py): the logits in the compute dtype
-        # kept, their gradient in that dtype at the backward; no fp32 copy of either
+    if not plan.fused_loss and (compiled or args.vocab_size % t == 0):
+        # compiled or chunked cross entropy (tensor_parallel/loss.py): the logits in the
+        # compute dtype kept, their gradient in that dtype at the backward; no fp32 copy of either
         return a * v * tokens, a * v * tokens
     if not plan.fused_loss:
         return 4 * v * tokens, 8 * v * tokens

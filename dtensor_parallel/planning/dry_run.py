@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .memory import (GIB, MemoryEstimate, activation_alternatives, estimate_memory, fmt_bytes,
+from .memory import (GIB, MemoryEstimate, activation_alternatives, estimate_memory, fmt_bytes, optimizer_of,
                      local_param_numels, parse_bytes)
 from ..mesh import FLATTENED_VIEWS, MESH_DIMS, ParallelDims
 from ..plan import ParallelPlan
@@ -160,7 +160,8 @@ def dry_run(cfg, world_size: int | None = None) -> DryRun:
             rename = {f"layers.{a}.": f"layers.{b}." for a, b in zip(src_layers, layers)}
             numels = {_rename(n, rename): v for n, v in numels.items()}
         est = estimate_memory(args, dims, plan, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                              n_micro=n_micro, pp_rank=pp_rank, numels=numels, pipeline_p2p=p2p)
+                              n_micro=n_micro, pp_rank=pp_rank, numels=numels, pipeline_p2p=p2p,
+                              optimizer=optimizer_of(t))
         reports.append(RankReport(est, numels, placements, buffer_bytes, built_from=src))
     c = cfg.cluster
     cluster = c.description or f"{world} ranks"
@@ -325,7 +326,8 @@ def suggest_fix(cfg, run: DryRun, usable: float) -> str | None:
 
     def peak(dims: ParallelDims, p: ParallelPlan, mbs: int, n_micro: int) -> float:
         return max(estimate_memory(args, dims, p, seq_len=t.seq_len, micro_batch_size=mbs, n_micro=n_micro,
-                                   pp_rank=r, pipeline_p2p=run.pipeline_p2p if dims.pp == d.pp else "nccl").peak_bytes
+                                   pp_rank=r, pipeline_p2p=run.pipeline_p2p if dims.pp == d.pp else "nccl",
+                                   optimizer=optimizer_of(t)).peak_bytes
                    for r in range(dims.pp))
 
     candidates = []

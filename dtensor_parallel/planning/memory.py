@@ -18,8 +18,9 @@ Static state, per local parameter (the rank's shard, see :func:`local_param_nume
 - parameters: fp32 master weights, 4 B (FSDP2 keeps its shards in the parameter dtype;
   under bf16 it all-gathers a bf16 copy per block, counted as a transient);
 - gradients: fp32, 4 B (FSDP2 reduce-scatters in fp32 into fp32 sharded gradients);
-- AdamW: ``exp_avg`` and ``exp_avg_sq`` in fp32, 8 B.
-  So 16 B a parameter, not the 2 B of bf16 weights that rules of thumb count.
+- AdamW: ``exp_avg`` and ``exp_avg_sq`` in fp32, 8 B (4 B with ``optimizer="bf16_moments"``,
+  ``dtensor_parallel/adamw.py``).
+  So 16 B a parameter (12 with bf16 moments), not the 2 B of bf16 weights that rules of thumb count.
 
 Tokens per rank: ``b s / c`` (CP divides the sequence, so every activation, K and V
 included, shrinks by c). Saved activations per token of one dense block (no recompute),
@@ -98,7 +99,8 @@ unsharded gradient join them. Without FSDP, autocast caches
 a bf16 copy of every weight through forward and backward (so does FSDP when its shard group
 is one rank, which keeps the gathered weights). AdamW (``foreach``) allocates one fp32
 temporary the size of the parameters (``sqrt(exp_avg_sq)``) during ``step()``; fused AdamW
-(``optimizer="fused"``) one the size of the largest parameter.
+(``optimizer="fused"``) one the size of the largest parameter; ours with bf16 moments none
+(one Triton kernel a parameter, in place; CUDA).
 
 Peak: with one micro-batch per step, the largest of the loss peak (static + activations +
 logits + the weights gathered at the loss; gradients are None after
@@ -308,6 +310,15 @@ def rank_of(dims: ParallelDims, pp_rank: int) -> int:
     return pp_rank * (dims.world_size // dims.pp)
 
 
+#: AdamW implementations the estimate knows (``estimate_memory(optimizer=...)``)
+OPTIMIZERS = ("foreach", "fused", "bf16_moments")
+
+
+def optimizer_of(training) -> str:
+    """The trainer's AdamW for a ``TrainingConfig``: torch's (foreach) or ours with bf16 moments."""
+    return "bf16_moments" if getattr(training, "optimizer_state_dtype", "fp32") == "bf16" else "foreach"
+
+
 def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, seq_len: int,
                     micro_batch_size: int, n_micro: int, pp_rank: int = 0,
                     numels: dict[str, int] | None = None, optimizer: str = "foreach",
@@ -317,21 +328,22 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
 
     ``numels`` (parameter -> local elements) replaces the analytic shards, e.g. by the dry
     run's real ones; by default :func:`local_param_numels`. ``optimizer``: the AdamW
-    implementation, "foreach" (torch's default, the trainer's) or "fused" (``fused=True``,
-    TorchTitan's default and the throughput benchmark's): its step's temporary.
+    implementation, "foreach" (torch's default, the trainer's), "fused" (``fused=True``,
+    TorchTitan's default and the throughput benchmark's) or "bf16_moments" (ours,
+    ``dtensor_parallel/adamw.py``): its state's bytes and its step's temporary.
     ``pipeline_p2p``: the pipeline's transport as it will run ("copy_engine" where
     ``p2p_routing.choose_pipeline_p2p`` takes it): the copy engine's receive rings stay
     allocated from the first message on (``copy_engine_p2p.ring_bytes``).
     """
-    if optimizer not in ("foreach", "fused"):
-        raise ValueError(f"optimizer={optimizer!r}: choose 'foreach' or 'fused' (AdamW's implementation)")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: choose one of {OPTIMIZERS} (AdamW's implementation)")
     from ..validation import check_degrees
 
     check_degrees(dims, plan, has_moe=args.moe is not None)  # the API's own checks, no model needed
     layout = stage_layout(args, dims, plan, n_micro)
     numels = numels if numels is not None else local_param_numels(args, dims, plan, pp_rank, n_micro)
     n = sum(numels.values())
-    pbytes, gbytes, obytes = 4 * n, 4 * n, 8 * n
+    pbytes, gbytes, obytes = 4 * n, 4 * n, (4 if optimizer == "bf16_moments" else 8) * n
     if layout is None:
         stages, layers, virtual, schedule = [0], list(range(args.n_layers)), 1, None
         first = last = True
@@ -409,7 +421,7 @@ def estimate_memory(args: ModelArgs, dims: ParallelDims, plan: ParallelPlan, *, 
         static + gbytes + gathered_bwd + bwd_grads + embed_grad + end_extra
     # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once; fused: one fp32 temporary the
     # size of the largest local parameter (H200, 8B shape: +1.96 GiB on one GPU, the embedding)
-    opt_temp = 4 * n if optimizer == "foreach" else 4 * max(numels.values(), default=0)
+    opt_temp = {"foreach": 4 * n, "fused": 4 * max(numels.values(), default=0), "bf16_moments": 0}[optimizer]
     at_opt = pbytes + gbytes + obytes + buffers + p2p_rings + opt_temp
     phases = {"loss/backward": at_loss, "last block's backward": at_block_bwd, "end of backward": at_bwd_end,
               "optimizer step": at_opt}

@@ -117,6 +117,9 @@ class TrainingConfig:
     ``gc_interval``: Python's automatic garbage collection is off and every rank collects at
     the start of every ``gc_interval``-th step, so no rank stalls the others at a moment of its
     own (TorchTitan's ``gc_freq``, Megatron's ``--manual-gc``); 0: Python's automatic collection.
+    ``optimizer_state_dtype``: AdamW's moments, "fp32" (torch's AdamW) or "bf16" (ours,
+    stochastically rounded: 12 bytes a parameter of training state instead of 16;
+    ``dtensor_parallel/adamw.py``; Megatron's ``--exp-avg-dtype``/``--exp-avg-sq-dtype bf16``).
     """
 
     micro_batch_size: int = 1
@@ -131,6 +134,7 @@ class TrainingConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer_state_dtype: str = "fp32"
     grad_clip: float = 1.0
     seed: int = 0
     max_nonfinite_steps: int = 3

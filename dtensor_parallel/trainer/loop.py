@@ -163,7 +163,7 @@ def _train(cfg: TrainConfig) -> list[float]:
     pm = parallelize(model, mesh, plan)
     pm.init_weights(t.seed)
     opt = build_optimizer(pm.named_parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                          betas=(t.beta1, t.beta2), eps=t.eps)
+                          betas=(t.beta1, t.beta2), eps=t.eps, state_dtype=t.optimizer_state_dtype)
     sched = build_scheduler(opt, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                             total_steps=t.steps, style=t.lr_decay_style)
     dp_rank = pm.dp_rank
@@ -208,7 +208,8 @@ def _train(cfg: TrainConfig) -> list[float]:
         print(f"[{cfg.name}] world {world} | mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))} | "
               f"Llama {args.num_params() / 1e6:.1f}M params | {flops_tok / 1e6:.1f} MFLOP/token | "
               f"{global_batch} seqs x {t.seq_len} tokens/step, {global_batch // dims.dp // t.micro_batch_size} "
-              f"micro-batches/rank | data: {source} | metrics: {lg.metrics_path}", flush=True)
+              f"micro-batches/rank | AdamW moments {t.optimizer_state_dtype} | data: {source} | "
+              f"metrics: {lg.metrics_path}", flush=True)
     bad_ranks = [r for r in lg.profile_ranks if not 0 <= r < world]
     if lg.profile and bad_ranks and rank == 0:
         warnings.warn(f"--profile-ranks {bad_ranks} not in world of {world}: not profiled")

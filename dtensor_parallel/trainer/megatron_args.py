@@ -58,6 +58,10 @@ flag                                       overlay key
 --adam-beta1 X / --adam-beta2 X            training.beta1 / training.beta2
 --adam-eps X                               training.eps
 --clip-grad X                              training.grad_clip
+--exp-avg-dtype / --exp-avg-sq-dtype T     training.optimizer_state_dtype: fp32|bf16 (AdamW's
+                                           moments; both flags, if given, must agree: ours keeps
+                                           one dtype); --use-precision-aware-optimizer and
+                                           --main-grads-dtype / --main-params-dtype fp32 accepted
 --seed N                                   training.seed
 --max-nonfinite-steps N                    training.max_nonfinite_steps *(ours)*: skipped
                                            non-finite steps in a row before the run stops
@@ -215,6 +219,11 @@ _FLAGS: dict[str, _Flag] = {
     "--adam-beta2": _f("training", "beta2", float),
     "--adam-eps": _f("training", "eps", float),
     "--clip-grad": _f("training", "grad_clip", float),
+    "--use-precision-aware-optimizer": _f(None, None),
+    "--exp-avg-dtype": _f("training", "optimizer_state_dtype", str, ("fp32", "bf16")),
+    "--exp-avg-sq-dtype": _f("training", "optimizer_state_dtype", str, ("fp32", "bf16")),
+    "--main-grads-dtype": _f(None, None, str, ("fp32",)),
+    "--main-params-dtype": _f(None, None, str, ("fp32",)),
     "--seed": _f("training", "seed", int),
     "--max-nonfinite-steps": _f("training", "max_nonfinite_steps", int),
     "--manual-gc": _f(None, None),
@@ -272,6 +281,10 @@ _LLAMA_FLAGS = (("--swiglu",), ("--normalization",), ("--disable-bias-linear",),
 _WHY_NOT: dict[str, str] = {
     "--normalization": "our Llama uses RMSNorm only",
     "--position-embedding-type": "our Llama uses rotary embeddings only",
+    "--exp-avg-dtype": "AdamW's moments are fp32 or bf16 (stochastically rounded) here",
+    "--exp-avg-sq-dtype": "AdamW's moments are fp32 or bf16 (stochastically rounded) here",
+    "--main-grads-dtype": "gradients stay fp32 here; --exp-avg-dtype bf16 saves the optimizer's bytes",
+    "--main-params-dtype": "master weights stay fp32 here; --exp-avg-dtype bf16 saves the optimizer's bytes",
 }
 
 
@@ -336,6 +349,10 @@ def parse_megatron_args(argv: list[str] | str) -> dict[str, dict[str, Any]]:
     raw = _read(argv)
     if "--compile" in raw and "--no-compile" in raw:
         raise ValueError("--compile and --no-compile both given: keep one")
+    moments = {raw[f] for f in ("--exp-avg-dtype", "--exp-avg-sq-dtype") if f in raw}
+    if len(moments) > 1:
+        raise ValueError(f"--exp-avg-dtype {raw['--exp-avg-dtype']} and --exp-avg-sq-dtype "
+                         f"{raw['--exp-avg-sq-dtype']}: our AdamW keeps both moments in one dtype; give both the same")
     out: dict[str, dict[str, Any]] = {}
 
     def put(section: str, key: str, value: Any) -> None:

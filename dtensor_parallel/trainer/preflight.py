@@ -75,6 +75,10 @@ def optimizer_errors(t: TrainingConfig) -> list[str]:
     if not (t.eps > 0 and math.isfinite(t.eps)):
         errors.append(f"[training] eps={t.eps} (--adam-eps) must be a small positive number (typical 1e-8): "
                       f"it keeps Adam's update finite where the second moment is 0")
+    if t.optimizer_state_dtype not in ("fp32", "bf16"):
+        errors.append(f"[training] optimizer_state_dtype={t.optimizer_state_dtype!r} (--exp-avg-dtype / "
+                      f"--exp-avg-sq-dtype): choose 'fp32' (torch's AdamW) or 'bf16' (the moments in bf16, "
+                      f"stochastically rounded)")
     for key, flag in (("lr", "--lr"), ("weight_decay", "--weight-decay"), ("grad_clip", "--clip-grad")):
         v = getattr(t, key)
         if not (v >= 0 and math.isfinite(v)):

@@ -45,6 +45,7 @@ TRACKED: tuple[tuple[str, str, str], ...] = (
     ("beta1", "--adam-beta1", "AdamW's first-moment decay"),
     ("beta2", "--adam-beta2", "AdamW's second-moment decay"),
     ("eps", "--adam-eps", "AdamW's epsilon"),
+    ("optimizer_state_dtype", "--exp-avg-dtype", "the dtype AdamW keeps its moments in (the loaded ones are cast)"),
     ("grad_clip", "--clip-grad", "the gradient-norm clip"),
 )
 

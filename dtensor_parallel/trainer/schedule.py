@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..adamw import AdamW, state_dtype_of
+
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int,
           style: str = "cosine") -> float:
@@ -70,11 +72,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    state_dtype: str = "fp32") -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019) over two groups: decayed matrices
     (projections, embedding, head) and undecayed norm weights / 1-D parameters. Works on
-    DTensor parameters: each rank updates its own shards."""
-    return torch.optim.AdamW(param_groups(named_params, weight_decay), lr=lr, betas=betas, eps=eps)
+    DTensor parameters: each rank updates its own shards. ``state_dtype`` "fp32": torch's
+    AdamW; "bf16": ours with bf16 moments (``dtensor_parallel/adamw.py``)."""
+    groups = param_groups(named_params, weight_decay)
+    if state_dtype_of(state_dtype) is torch.bfloat16:
+        return AdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=torch.bfloat16)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 
