@@ -181,9 +181,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        """``x / rms(x) * weight``, fp32 inside: one fused kernel each way on CUDA (eager; six
+        element-wise and reduction kernels before, 25 ms of an 8B-shaped one-GPU step against
+        TorchTitan's 7 with ``nn.RMSNorm``)."""
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
