@@ -45,9 +45,10 @@ def test_training_tracks_single_device(layout: str, kind: str, steps: int) -> No
 
 def test_bf16_moments_track_single_device() -> None:
     """Our AdamW with bf16 moments: sharded (FSDP), split (TP) and replicated (the norms over
-    tp) moments round as one device's do, so 10 steps track it as torch's AdamW does."""
+    tp) moments round as one device's do, so 6 steps track it as torch's AdamW does (6, not the
+    10 of the 2026-12-01 measurement in parity.py: CI's 15 minutes)."""
     world, mesh_kwargs, plan_kwargs = LAYOUTS["tp2_sp_fsdp2"]
-    run_distributed(world, training_parity, "llama", mesh_kwargs, plan_kwargs, steps=10, batch=8,
+    run_distributed(world, training_parity, "llama", mesh_kwargs, plan_kwargs, steps=6, batch=8,
                     state_dtype="bf16")
 
 
