@@ -15,6 +15,13 @@ pop cancel, and the recompute replays the traced graph, which already holds the 
 so nothing needs replaying: such blocks are traced with
 ``skip_fwd_side_effects_in_bwd_under_checkpoint`` set, for their own calls only (the
 setting stays off for any other code of the process; TorchTitan sets it globally).
+
+The backend is inductor unless ``DTP_COMPILE_BACKEND`` names another
+(:func:`compile_backend`). The CPU test suite sets ``aot_eager_decomp_partition``: Dynamo's
+trace, AOTAutograd, the decompositions and the min-cut partitioner (what recompute saves),
+without inductor's code generation, whose cold C++ builds cost CI 75 s of the compile tests'
+125 s. Generated code is the GPU suite's part (every recipe's layout compiled, inductor),
+and one CPU case keeps inductor (``tests/test_compile.py``).
 """
 
 from __future__ import annotations
@@ -77,10 +84,16 @@ def isolate_compile_cache() -> str | None:
     return base
 
 
+def compile_backend() -> str:
+    """``torch.compile``'s backend for the blocks and the loss: ``$DTP_COMPILE_BACKEND``, else
+    "inductor" (read at each compile, so a test can switch it in a pooled worker)."""
+    return os.environ.get("DTP_COMPILE_BACKEND") or "inductor"
+
+
 def compile_block(block: nn.Module, has_ring: bool) -> None:
     """Compile ``block`` (static shapes); ``has_ring``: it holds a context-parallel
     attention site (see the module docstring)."""
-    block.compile(dynamic=False)
+    block.compile(dynamic=False, backend=compile_backend())
     if not has_ring:
         return
     compiled = block._compiled_call_impl  # what nn.Module.compile installed

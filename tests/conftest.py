@@ -1,5 +1,7 @@
 """Without a GPU, Triton kernels run in the interpreter: the variable must be set before
-triton is first imported (also inherited by the gloo worker processes)."""
+triton is first imported (also inherited by the gloo worker processes). Compiled blocks on
+the CPU trace, partition and run through ``aot_eager_decomp_partition`` instead of inductor's
+C++ code generation (``dtensor_parallel/compiling.py`` says why; one case keeps inductor)."""
 
 import os
 
@@ -7,6 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DTP_COMPILE_BACKEND", "aot_eager_decomp_partition")
 
 
 # Cases on 8 gloo ranks run last, in one block. The harness keeps at most two worker pools

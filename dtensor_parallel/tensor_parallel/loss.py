@@ -169,11 +169,18 @@ def eager_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
                                      vocab_start=rank * local.shape[-1])
 
 
-@functools.cache
 def compiled_cross_entropy_sum():
     """:func:`cross_entropy_sum` under ``torch.compile`` (``plan.compile`` on): inductor fuses
     the fp32 upcast, the log-softmax and the target pick, forward and backward, so neither an
     fp32 copy of the (tokens, vocab) logits nor its fp32 gradient is ever stored (the unchunked
     eager form kept both: 8 GiB at 8K tokens of a 128K vocabulary; TorchTitan compiles its loss the same
-    way). One compiled function for the process; its guards tell shapes and layouts apart."""
-    return torch.compile(cross_entropy_sum, dynamic=False)
+    way). One compiled function a backend (``compiling.compile_backend``) for the process; its
+    guards tell shapes and layouts apart."""
+    from ..compiling import compile_backend
+
+    return _compiled_cross_entropy_sum(compile_backend())
+
+
+@functools.cache
+def _compiled_cross_entropy_sum(backend: str):
+    return torch.compile(cross_entropy_sum, dynamic=False, backend=backend)

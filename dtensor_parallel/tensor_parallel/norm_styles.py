@@ -57,14 +57,16 @@ def _local_norm_forward(self: nn.Module, x, *args, **kwargs):
     norm as its ``forward`` (``types.MethodType``); the class's forward on DTensors wherever
     that does not apply."""
     mesh, seq_dim = getattr(self, LOCAL_NORM)
-    shard, params, forward = Shard(seq_dim), self._parameters, type(self).forward.__get__(self)
+    # (the class's forward called with self: torch 2.11's Dynamo cannot trace function.__get__,
+    # a graph break in every compiled SP block)
+    shard, params, forward = Shard(seq_dim), self._parameters, type(self).forward
     plain = not isinstance(x, DTensor)  # (the input hook passes a plain shard on)
     if (torch.compiler.is_compiling() or args or kwargs
             or not (plain or (x.device_mesh == mesh and x.placements == (shard,)))
             or not all(isinstance(p, DTensor) and p.device_mesh == mesh and p.placements == (Replicate(),)
                        for p in params.values() if p is not None)):
         x = DTensor.from_local(x, mesh, [shard], run_check=False) if plain else x
-        return forward(x, *args, **kwargs)
+        return forward(self, x, *args, **kwargs)
     held = dict(params)  # (FSDP's unsharded parameters, under 2-D FSDP x TP)
     for name, p in held.items():
         if p is not None:
@@ -72,7 +74,7 @@ def _local_norm_forward(self: nn.Module, x, *args, **kwargs):
     try:
         # (an alias of a plain input: the norm's own uses of it sum their gradients first,
         # then join the residual's, in the order DTensor's conversion gives; bit for bit)
-        out = forward(x.view_as(x) if plain else x.to_local())
+        out = forward(self, x.view_as(x) if plain else x.to_local())
     finally:
         params.update(held)
     return DTensor.from_local(out, mesh, [shard], run_check=False)  # (SP: the sequence divides evenly)
