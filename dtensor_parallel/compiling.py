@@ -19,9 +19,10 @@ setting stays off for any other code of the process; TorchTitan sets it globally
 The backend is inductor unless ``DTP_COMPILE_BACKEND`` names another
 (:func:`compile_backend`). The CPU test suite sets ``aot_eager_decomp_partition``: Dynamo's
 trace, AOTAutograd, the decompositions and the min-cut partitioner (what recompute saves),
-without inductor's code generation, whose cold C++ builds cost CI 75 s of the compile tests'
-125 s. Generated code is the GPU suite's part (every recipe's layout compiled, inductor),
-and one CPU case keeps inductor (``tests/test_compile.py``).
+without inductor's code generation: with cold caches its C++ builds took 75 s of the
+compile-heavy test files' 125 s on the 2-core CI machine. Generated code is the GPU suite's
+part (every recipe's layout compiled, inductor), and one CPU case keeps inductor
+(``tests/test_compile.py``).
 """
 
 from __future__ import annotations

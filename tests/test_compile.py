@@ -15,34 +15,26 @@ from .test_matmul_reduce_scatter import SP_TRITON, fused_parity_counting, rowwis
 
 def _parity_and_dynamo_stats(kind: str, mesh_kwargs: dict, plan_kwargs: dict,
                              documents: bool = False, backend: str | None = None) -> tuple[float, int, int]:
+    from unittest import mock
+
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # a fresh cache: the worker compiled other cases' blocks (the recompile limit)
     counters.clear()
-    before = os.environ.get("DTP_COMPILE_BACKEND")
-    if backend:  # (pooled workers: restored below)
-        os.environ["DTP_COMPILE_BACKEND"] = backend
-    try:
+    with mock.patch.dict(os.environ, {"DTP_COMPILE_BACKEND": backend} if backend else {}):  # (pooled workers)
         loss = one_step_parity(kind, mesh_kwargs, {"compile": True, **plan_kwargs}, seq=32 if documents else 16,
                                documents=documents)
-    finally:
-        if before is None:
-            os.environ.pop("DTP_COMPILE_BACKEND", None)
-        else:
-            os.environ["DTP_COMPILE_BACKEND"] = before
-        torch._dynamo.reset()
     if backend == "inductor":  # its FX graph cache looked up each graph: inductor compiled them
         assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1, \
             dict(counters["inductor"])
     return loss, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-# The suite's compiled cases run aot_eager_decomp_partition on the CPU (tests/conftest.py);
-# this one runs inductor's generated code too, on the CPU as on the GPU suite's runs
-@pytest.mark.parametrize("backend", ["inductor"])
-def test_compiled_blocks_parity_with_inductor(backend: str) -> None:
+def test_compiled_blocks_parity_with_inductor() -> None:
+    """The suite's compiled cases run aot_eager_decomp_partition on the CPU (tests/conftest.py);
+    this one runs inductor's generated code too, as the GPU suite does."""
     results = run_distributed(2, _parity_and_dynamo_stats, "llama", {"dp_shard": 2}, {"recompute": "selective"},
-                              False, backend)
+                              False, "inductor")
     assert len({loss for loss, _, _ in results}) == 1, results
     assert all(graphs >= 1 and breaks == 0 for _, graphs, breaks in results), results
 
